@@ -1,0 +1,79 @@
+"""Config helpers: big_vision-style ``get_config(arg)`` variant parsing and validation with field-naming errors.
+
+A config file defines ``get_config(arg=None)``. ``arg`` is what follows ``:`` in ``--config=path.py:arg`` and is
+either a bare variant name (``smoke``) or comma-separated ``key=value`` pairs (``variant=smoke,seed=3``), parsed
+by :func:`parse_arg` against typed defaults.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field is wrong. The message names the field and what to do."""
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    low = value.lower()
+    if low in ("1", "true", "yes", "t", "y"):
+      return True
+    if low in ("0", "false", "no", "f", "n", ""):
+      return False
+    raise ConfigError(f"config arg {key}={value!r}: expected a boolean")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise ConfigError(f"config arg {key}={value!r}: expected {type(default).__name__}") from None
+  return value
+
+
+def parse_arg(arg: str | None, *, variant: str = "", variants: Iterable[str] | None = None,
+              **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``get_config``'s argument.
+
+  ``"smoke"`` → ``variant="smoke"``; ``"variant=smoke,seed=3"`` → both, typed by ``defaults``.
+  ``variants``, when given, lists the valid variant names ("" is the default variant).
+  """
+  out = dict(variant=variant, **defaults)
+  for part in filter(None, (arg or "").split(",")):
+    if "=" not in part:
+      if "variant" in [p.split("=")[0] for p in (arg or "").split(",") if "=" in p]:
+        raise ConfigError(f"config arg {arg!r}: give the variant once")
+      out["variant"] = part.strip()
+      continue
+    key, value = (s.strip() for s in part.split("=", 1))
+    if key not in out:
+      raise ConfigError(f"config arg {key!r} is unknown; valid args: {sorted(out)}")
+    out[key] = _convert(key, value, out[key])
+  if variants is not None:
+    valid = list(variants)
+    if out["variant"] not in valid:
+      names = [v or "(default)" for v in valid]
+      raise ConfigError(f"unknown config variant {out['variant']!r}; valid variants: {names}")
+  return ml_collections.ConfigDict(out)
+
+
+def require(ok: bool, field: str, message: str) -> None:
+  """Raises ConfigError("<field>: <message>") unless ``ok``."""
+  if not ok:
+    raise ConfigError(f"{field}: {message}")
+
+
+def check_choice(value: Any, field: str, choices: Iterable[Any]) -> None:
+  choices = list(choices)
+  require(value in choices, field, f"{value!r} is not one of {choices}")
+
+
+def check_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict, field: str, allowed: Iterable[str]) -> None:
+  """Raises when ``cfg`` has keys outside ``allowed`` (catches typos in dicts built by hand)."""
+  keys = set(cfg.keys())
+  unknown = sorted(keys - set(allowed))
+  require(not unknown, field, f"unknown field(s) {unknown}; valid: {sorted(allowed)}")
+
+
+def positive(value: Any, field: str) -> None:
+  require(value > 0, field, f"must be > 0, got {value!r}")
