@@ -77,3 +77,17 @@ def check_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict, field: str, a
 
 def positive(value: Any, field: str) -> None:
   require(value > 0, field, f"must be > 0, got {value!r}")
+
+
+def load_config_file(spec: str):
+  """Loads ``path.py[:arg]`` the way ``--config`` does (for notebooks, tests and error messages)."""
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  mod_spec = importlib.util.spec_from_file_location(f"lmx_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()

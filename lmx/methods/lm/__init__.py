@@ -1,0 +1,1 @@
+from lmx.methods.lm.run import run  # noqa: F401

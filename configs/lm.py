@@ -1,0 +1,84 @@
+r"""Plain language-model pretraining on an embedded corpus (the runtime's end-to-end proof).
+
+  python launch/run.py --config=configs/lm.py:smoke --workdir=runs/lm-smoke
+  python launch/run.py --config=configs/lm.py --config.train.steps=500
+
+Variants: ``smoke`` (< 1 min on 2 CPU cores), default (a few minutes on a CPU), ``moe`` (CPU-sized
+mixture-of-experts), and accelerator-sized ``125m``, ``1b``, ``moe_1b7b`` (same code, bigger numbers).
+"""
+import ml_collections
+
+from lmx.core.config import parse_arg
+
+VARIANTS = ("", "smoke", "moe", "125m", "1b", "moe_1b7b")
+
+# Logical axis -> mesh axes. Parameters and activations name logical axes; this is the one mapping.
+AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("expert", "expert"),
+    ("length", None),
+)
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
+  c = ml_collections.ConfigDict()
+  c.method = "lm"
+  c.variant = a.variant
+  c.seed = a.seed
+
+  # Mesh axis sizes; -1 fills the remaining devices. One list of logical-axis rules maps parameter names.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
+  c.axis_rules = AXIS_RULES
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=260, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
+      tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"))
+
+  c.data = ml_collections.ConfigDict(dict(
+      corpus="python_docs",  # python_docs | stdlib_docstrings | python (both)
+      seq_len=128, global_batch=32, eval_fraction=0.05, shuffle_seed=0, worker_count=0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=600, log_every=25, eval_every=200, eval_batches=4, ckpt_every=200, ckpt_keep=3,
+      async_checkpointing=True, plot=True))
+
+  if a.variant == "smoke":
+    c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=64)
+    c.data.update(seq_len=64, global_batch=16)
+    c.optim.update(warmup_steps=10)
+    c.train.update(steps=150, log_every=10, eval_every=50, eval_batches=2, ckpt_every=50)
+  elif a.variant == "moe":
+    c.model.update(moe_every=1, n_experts=8, top_k=2, moe_d_ff=128)
+  elif a.variant == "125m":
+    c.model.update(vocab_size=260, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048,
+                   max_seq_len=2048, dtype="bfloat16", attention_impl="auto", remat="dots")
+    c.data.update(seq_len=1024, global_batch=256)
+    c.optim.update(lr=6e-4, warmup_steps=1000)
+    c.train.update(steps=20_000, log_every=50, eval_every=1000, ckpt_every=1000)
+  elif a.variant == "1b":
+    c.model.update(vocab_size=260, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, d_ff=5632,
+                   max_seq_len=4096, dtype="bfloat16", attention_impl="auto", remat="dots")
+    c.mesh.update(data=1, fsdp=-1)
+    c.data.update(seq_len=2048, global_batch=512)
+    c.optim.update(lr=3e-4, warmup_steps=2000)
+    c.train.update(steps=50_000, log_every=50, eval_every=2000, ckpt_every=1000)
+  elif a.variant == "moe_1b7b":
+    c.model.update(vocab_size=260, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, d_ff=1024,
+                   max_seq_len=4096, dtype="bfloat16", attention_impl="auto", remat="dots",
+                   moe_every=1, n_experts=64, top_k=8, moe_d_ff=1024)
+    c.mesh.update(data=1, fsdp=-1, expert=8)
+    c.data.update(seq_len=2048, global_batch=512)
+    c.optim.update(lr=4e-4, warmup_steps=2000)
+    c.train.update(steps=50_000, log_every=50, eval_every=2000, ckpt_every=1000)
+  return c

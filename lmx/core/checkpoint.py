@@ -1,0 +1,150 @@
+"""Orbax checkpoints: state + Grain iterator state + config, saved together, async, keep-N.
+
+``Checkpointer.restore`` restores the newest checkpoint that reads back cleanly onto the shardings of the given
+abstract state (so a different mesh works). A partial or corrupt newest checkpoint is reported, moved aside to
+``<dir>_corrupt/`` (never deleted) and the previous good one is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("lmx.checkpoint")
+
+
+def abstract_like(tree, shardings=None):
+  """ShapeDtypeStructs (with shardings) describing ``tree``; the restore target."""
+  if shardings is None:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+  """One Orbax ``CheckpointManager`` per run.
+
+  Items: ``state`` (any pytree of arrays), ``data`` (a Grain iterator, optional), ``config`` (JSON).
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
+    self.directory = os.path.abspath(directory)
+    self._has_data = None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
+        create=True)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  # -- save ------------------------------------------------------------------------------------------------
+  def save(self, step: int, state: Any, *, data_iter=None, config=None, force: bool = False) -> bool:
+    """Starts saving (asynchronously); returns whether a save was started at this step."""
+    import grain
+
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if config is not None:
+      cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+      items["config"] = ocp.args.JsonSave(_jsonable(cfg))
+    return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  # -- restore ---------------------------------------------------------------------------------------------
+  def all_steps(self) -> list[int]:
+    self._mngr.reload()
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def restore(self, abstract_state: Any, *, data_iter=None, step: int | None = None):
+    """Restores ``(step, state)`` (and the iterator in place), or returns ``None`` when there is none.
+
+    ``abstract_state``: a pytree of ``jax.ShapeDtypeStruct`` with shardings (see :func:`abstract_like`), or of
+    arrays whose shardings are reused. Tries the newest step first; one that fails to read is moved aside.
+    """
+    import grain
+
+    target = jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    for s in steps:
+      items = {"state": ocp.args.StandardRestore(target)}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      try:
+        out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+        _check_finite_structure(out["state"], target)
+        return s, out["state"]
+      except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+        if step is not None:
+          raise
+        self._quarantine(s, e)
+    return None
+
+  def _quarantine(self, step: int, err: Exception) -> None:
+    src = os.path.join(self.directory, str(step))
+    dst_root = self.directory.rstrip("/") + "_corrupt"
+    msg = (f"checkpoint at step {step} in {self.directory} could not be restored "
+           f"({type(err).__name__}: {str(err)[:300]}); ")
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.makedirs(dst_root, exist_ok=True)
+      dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+      shutil.move(src, dst)
+      msg += f"moved it to {dst} (kept, not deleted) and falling back to the previous checkpoint"
+    else:
+      msg += "falling back to the previous checkpoint"
+    log.warning(msg)
+    print(f"WARNING: {msg}", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"lmx_quarantine_{step}")
+    self._mngr.reload()
+
+  def restore_config(self, step: int | None = None) -> dict | None:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception:  # noqa: BLE001
+      return None
+
+  def wait(self) -> None:
+    """Blocks until async saves are finished (call before exiting or reading the directory)."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _check_finite_structure(restored, target) -> None:
+  """Restored leaves must have the target's shapes (a partial write can yield wrong-shaped arrays)."""
+  for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    if tuple(np.shape(r)) != tuple(t.shape):
+      raise ValueError(f"restored shape {np.shape(r)} != expected {t.shape}")
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  return x

@@ -1,0 +1,120 @@
+"""One writer for every scalar: ``metrics.jsonl``, TensorBoard events, and a concise console line.
+
+Only process 0 writes (other processes get a no-op writer), so the same code runs on one host or a pod.
+TensorBoard events come from tensorboardX, which needs no TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def _to_float(v: Any) -> float:
+  return float(np.asarray(jax.device_get(v)).astype(np.float64))
+
+
+def _fmt(v: float) -> str:
+  if not math.isfinite(v):
+    return str(v)
+  a = abs(v)
+  if a != 0 and (a < 1e-3 or a >= 1e5):
+    return f"{v:.3e}"
+  return f"{v:.4g}"
+
+
+class Writer:
+  """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``); prints summaries.
+
+  ``scalars(step, {...})`` records; ``summary(step, {...})`` records and prints one line. Values may be jax
+  arrays (fetched to host here, so call it only every ``log_every`` steps to keep dispatch asynchronous).
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int | None = None, enabled: bool | None = None,
+               tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.total_steps = total_steps
+    self._t0 = time.time()
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = open(self.path, "a", buffering=1)
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # local: keeps import of lmx.core light
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+
+  def scalars(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Records ``metrics`` at ``step``; returns them as floats (host values)."""
+    vals = {f"{prefix}{k}": _to_float(v) for k, v in metrics.items()}
+    if not self.enabled:
+      return vals
+    rec = {"step": int(step), "time": round(time.time() - self._t0, 3), **vals}
+    self._jsonl.write(json.dumps(rec) + "\n")
+    if self._tb is not None:
+      for k, v in vals.items():
+        self._tb.add_scalar(k, v, int(step))
+    return vals
+
+  def summary(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Records and prints one line: ``[step 120/600] loss=2.31 lr=0.003 ...``."""
+    vals = self.scalars(step, metrics, prefix)
+    if self.enabled:
+      total = f"/{self.total_steps}" if self.total_steps else ""
+      body = " ".join(f"{k}={_fmt(v)}" for k, v in vals.items())
+      tqdm.write(f"[step {int(step)}{total}] {body}", file=sys.stdout)
+    return vals
+
+  def text(self, tag: str, text: str, step: int = 0) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def progress(total: int | None = None, desc: str = "", initial: int = 0, **kw) -> tqdm:
+  """A tqdm progress bar with ETA (disabled on processes other than 0 and when LMX_NO_PROGRESS is set)."""
+  disable = jax.process_index() != 0 or bool(os.environ.get("LMX_NO_PROGRESS"))
+  return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, disable=disable,
+              mininterval=1.0, **kw)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads a metrics.jsonl file into a list of records (skips a torn last line)."""
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+  return out

@@ -1,0 +1,127 @@
+"""Embedded text corpora (ship with every Python; no download) and a byte-level tokenizer.
+
+Corpora:
+  ``python_docs``        the Python documentation topics in ``pydoc_data.topics`` (~465k characters).
+  ``stdlib_docstrings``  docstrings of the standard library's modules (ast walk, tests excluded; ~1.8M chars).
+  ``python``             both, concatenated.
+  ``licenses``           ``/usr/share/common-licenses`` (a "legal" domain on Debian images; optional).
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import sysconfig
+from typing import Sequence
+
+import numpy as np
+
+from lmx.core.config import ConfigError
+
+PAD, BOS, EOS, SEP = 256, 257, 258, 259
+VOCAB_SIZE = 260
+
+
+def encode(text: str, *, bos: bool = False, eos: bool = False) -> np.ndarray:
+  """UTF-8 bytes as int32 token ids (0..255), optionally framed by BOS/EOS."""
+  ids = np.frombuffer(text.encode("utf-8", errors="replace"), np.uint8).astype(np.int32)
+  parts = ([np.array([BOS], np.int32)] if bos else []) + [ids] + ([np.array([EOS], np.int32)] if eos else [])
+  return np.concatenate(parts)
+
+
+def decode(ids: Sequence[int]) -> str:
+  """Inverse of :func:`encode`; special tokens are dropped, EOS ends the text."""
+  out = bytearray()
+  for t in np.asarray(ids).tolist():
+    if t == EOS:
+      break
+    if 0 <= t < 256:
+      out.append(t)
+  return out.decode("utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=None)
+def python_docs() -> str:
+  from pydoc_data import topics
+
+  return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_docstrings(max_chars: int | None = None) -> str:
+  """Module, class and function docstrings of the standard library, in sorted file order."""
+  root = sysconfig.get_paths()["stdlib"]
+  docs: list[str] = []
+  total = 0
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idle_test", "site-packages",
+                                                             "__pycache__", "lib2to3", "turtledemo"))
+    for fn in sorted(filenames):
+      if not fn.endswith(".py") or fn.startswith("test_"):
+        continue
+      try:
+        with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+          tree = ast.parse(f.read())
+      except (SyntaxError, UnicodeDecodeError, OSError):
+        continue
+      for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+          d = ast.get_docstring(node)
+          if d and len(d) > 40:
+            docs.append(d)
+            total += len(d)
+      if max_chars and total >= max_chars:
+        return "\n\n".join(docs)
+  return "\n\n".join(docs)
+
+
+def licenses() -> str:
+  root = "/usr/share/common-licenses"
+  if not os.path.isdir(root):
+    raise ConfigError(f"data.corpus='licenses' needs {root} (Debian base-files); it is not on this machine")
+  out = []
+  for fn in sorted(os.listdir(root)):
+    p = os.path.join(root, fn)
+    if os.path.isfile(p) and not os.path.islink(p):
+      with open(p, encoding="utf-8", errors="replace") as f:
+        out.append(f.read())
+  return "\n\n".join(out)
+
+
+CORPORA = {
+    "python_docs": python_docs,
+    "stdlib_docstrings": stdlib_docstrings,
+    "python": lambda: python_docs() + "\n\n" + stdlib_docstrings(),
+    "licenses": licenses,
+}
+
+
+def load_corpus(name: str) -> str:
+  if name not in CORPORA:
+    raise ConfigError(f"data.corpus={name!r} is unknown; valid corpora: {sorted(CORPORA)}")
+  return CORPORA[name]()
+
+
+class TokenWindows:
+  """Random-access source of non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self.tokens = np.asarray(tokens, np.int32)
+    self.seq_len = seq_len
+    self.n = (len(self.tokens) - 1) // seq_len
+    if self.n <= 0:
+      raise ConfigError(f"data.seq_len={seq_len} is longer than the corpus ({len(self.tokens)} tokens)")
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    s = int(i) * self.seq_len
+    return self.tokens[s: s + self.seq_len + 1]
+
+
+def train_eval_windows(corpus: str, seq_len: int, eval_fraction: float):
+  """Splits the encoded corpus (train first, eval tail) into two window sources."""
+  tokens = encode(load_corpus(corpus))
+  n_eval = max(int(len(tokens) * eval_fraction), seq_len + 1)
+  return TokenWindows(tokens[:-n_eval], seq_len), TokenWindows(tokens[-n_eval:], seq_len)
