@@ -109,7 +109,11 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    msg = str(e)
+    if "Traceback" in msg:  # config_flags embeds the config file's traceback: keep its last line
+      last = [line.strip() for line in msg.splitlines() if line.strip()][-1]
+      msg = f"{msg.splitlines()[0].split(':')[0]}: {last.split('ConfigError: ')[-1]}"
+    print(f"error: {msg}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:
     print(f"error: {_explain_override(argv, e)}", file=sys.stderr)
