@@ -5,12 +5,22 @@ their ``out_sharding`` metadata; ``lmx.core.mesh`` maps them to mesh axes with o
 used pure-functionally: ``graphdef, params = nnx.split(model, nnx.Param)`` outside jit and
 ``nnx.merge(graphdef, params)`` inside the step.
 
-Shapes in names: B batch, T time, D model width, H query heads, K kv heads, E head dim, F ffn width,
-V vocab, L layers.
+Mixture of experts: with ``moe_every=k > 0`` every k-th block (blocks k-1, 2k-1, ...) uses the routed
+:class:`lmx.models.moe.MoE` feed-forward instead of SwiGLU; ``aux["aux_loss"]`` is
+``lb_loss_coef · mean_layers(lb_loss) + z_loss_coef · mean_layers(z_loss)`` and ``aux["metrics"]`` holds the
+per-layer routing statistics (``moe/layer{i}/cv``, ...; per expert ``moe/layer{i}/load/e{j}`` when
+``moe_stats_per_expert``) and their means over layers (``moe/cv``, ...).
+
+Generation: :meth:`Transformer.init_cache` and :meth:`Transformer.decode` run the model incrementally with a
+per-layer KV cache [B, S, K, E] (see ``lmx.models.generate``).
+
+Shapes in names: B batch, T time, S cache length, D model width, H query heads, K kv heads, E head dim,
+F ffn width, V vocab, L layers.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -18,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmx.core.config import ConfigError
+from lmx.models import moe as moe_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +49,21 @@ class TransformerConfig:
   dtype: str = "float32"  # activation / compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs only)
-  attention_impl: str = "xla"  # see lmx.kernels.attention
+  attention_impl: str = "xla"  # xla | pallas | cudnn | auto, see lmx.kernels.attention
   init_std: float = 0.02
+  # Mixture of experts (lmx.models.moe). moe_every=0: dense; k: every k-th block is MoE.
+  moe_every: int = 0
+  n_experts: int = 0
+  top_k: int = 2
+  moe_d_ff: int = 0  # 0: d_ff
+  capacity_factor: float = 0.0  # 0: dropless (sort + grouped matmul); > 0: capacity-limited einsum dispatch
+  moe_impl: str = "ragged"  # dropless grouped matmul: ragged (jax.lax.ragged_dot) | tiled (pure-jnp tiles)
+  router_softmax: str = "before"  # before | after top-k
+  norm_topk_prob: bool = False  # renormalise the top-k gates (router_softmax="before")
+  lb_loss_norm: str = "switch"  # switch | gshard | maxtext
+  lb_loss_coef: float = 0.01
+  z_loss_coef: float = 0.001
+  moe_stats_per_expert: bool = True  # log per-expert load and mean router prob per layer
 
   @property
   def kv_heads(self) -> int:
@@ -48,6 +72,18 @@ class TransformerConfig:
   @property
   def head_dim(self) -> int:
     return self.d_head or self.d_model // self.n_heads
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe_d_ff or self.d_ff
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether block ``i`` (0-based) has the MoE feed-forward."""
+    return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
   @classmethod
   def from_config(cls, cfg: Any, prefix: str = "model") -> "TransformerConfig":
@@ -72,6 +108,65 @@ class TransformerConfig:
       raise ConfigError(f"{prefix}: head dim {self.head_dim} must be even for RoPE")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"{prefix}.remat={self.remat!r}; choose one of 'none', 'full', 'dots'")
+    if self.attention_impl not in ("xla", "pallas", "cudnn", "auto"):
+      raise ConfigError(f"{prefix}.attention_impl={self.attention_impl!r}; choose one of "
+                        "'xla', 'pallas', 'cudnn', 'auto'")
+    if self.moe_every < 0:
+      raise ConfigError(f"{prefix}.moe_every={self.moe_every} must be >= 0 (0 = dense)")
+    if self.moe_every > 0:
+      if not self.moe_layers:
+        raise ConfigError(f"{prefix}.moe_every={self.moe_every} > {prefix}.n_layers={self.n_layers}: "
+                          "no block would be MoE")
+      if self.n_experts < 1:
+        raise ConfigError(f"{prefix}.n_experts={self.n_experts} must be >= 1 when {prefix}.moe_every > 0")
+      if not 1 <= self.top_k <= self.n_experts:
+        raise ConfigError(f"{prefix}.top_k={self.top_k} must be in [1, {prefix}.n_experts={self.n_experts}]")
+      if self.capacity_factor < 0:
+        raise ConfigError(f"{prefix}.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+      if self.router_softmax not in moe_lib.ROUTER_SOFTMAX:
+        raise ConfigError(f"{prefix}.router_softmax={self.router_softmax!r}; choose one of "
+                          f"{list(moe_lib.ROUTER_SOFTMAX)}")
+      if self.moe_impl not in moe_lib.DROPLESS_IMPLS:
+        raise ConfigError(f"{prefix}.moe_impl={self.moe_impl!r}; choose one of {list(moe_lib.DROPLESS_IMPLS)}")
+      if self.lb_loss_norm not in moe_lib.LB_NORMS:
+        raise ConfigError(f"{prefix}.lb_loss_norm={self.lb_loss_norm!r}; choose one of {list(moe_lib.LB_NORMS)}")
+
+  def check_mesh(self, axis_sizes, prefix: str = "model", mesh_prefix: str = "mesh") -> None:
+    """Checks the model against mesh axis sizes ({name: size}); raises ConfigError naming the fields.
+
+    Experts must divide evenly over the ``expert`` axis. (Other dimensions that do not divide their mesh
+    axes are replicated by the sharding rules rather than rejected; a dense model uses an ``expert`` axis
+    as one more batch axis.)
+    """
+    ne = dict(axis_sizes).get("expert", 1)
+    if self.moe_every and self.n_experts % ne:
+      raise ConfigError(f"{prefix}.n_experts={self.n_experts} is not divisible by the expert mesh axis "
+                        f"{mesh_prefix}.expert={ne}")
+
+
+# Mesh axes that split activations along the batch: data and fsdp (as "batch" in configs/lm.py AXIS_RULES) and
+# also expert, so that the non-expert compute is not replicated across the expert axis.
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
+
+
+def shard_batch(x):
+  """Constrains activations [B, ...] to be split over the batch mesh axes (data, fsdp, expert) that are set
+  (``jax.set_mesh``) and divide B (dropping axes from the end until they do); a no-op without a mesh. Keeps
+  GSPMD on the FSDP layout (weights gathered, activations batch-sharded) instead of resharding activations
+  along the model width. Expert weights sharded over ``expert`` are then gathered for the MoE matmuls
+  (expert-axis FSDP), which is correct on any mesh; all-to-all expert parallelism is not implemented."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1 and types[a] == jax.sharding.AxisType.Auto)
+  while axes and x.shape[0] % math.prod(sizes[a] for a in axes):
+    axes = axes[:-1]
+  if not axes:
+    return x
+  spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std, dtype) -> nnx.Param:
@@ -138,6 +233,28 @@ class Attention(nnx.Module):
     o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl)
     return jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt))
 
+  def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
+    """Incremental attention: writes this step's k/v at cache slots [start, start+T) and attends to every
+    slot ``<=`` the query's slot that ``kv_valid_BS`` marks as real. Returns ``(y_BTD, new_cache)``."""
+    from lmx.kernels import attention as attention_lib
+
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    x = x_BTD.astype(dt)
+    t = x.shape[1]
+    q_BTHE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
+    k_BTKE = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
+    v_BTKE = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
+    q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
+    k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+    k_BSKE = jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), (0, start, 0, 0))
+    v_BSKE = jax.lax.dynamic_update_slice(cache["v"], v_BTKE.astype(cache["v"].dtype), (0, start, 0, 0))
+    s = k_BSKE.shape[1]
+    slot_T = start + jnp.arange(t)
+    mask_BTS = (jnp.arange(s)[None, None, :] <= slot_T[None, :, None]) & kv_valid_BS[:, None, :]
+    o_BTHE = attention_lib.masked_attention(q_BTHE, k_BSKE.astype(dt), v_BSKE.astype(dt), mask_BTS)
+    y_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt))
+    return y_BTD, {"k": k_BSKE, "v": v_BSKE}
+
 
 class SwiGLU(nnx.Module):
   """Gated feed-forward: (silu(x W1) * x W3) W2."""
@@ -158,18 +275,41 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x)). The ffn is SwiGLU or MoE.
 
-  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+  ``block(x, positions)`` returns ``(x, info)``; ``info`` is the MoE routing dict or ``None`` (dense).
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, moe: bool = False):
     pd = jnp.dtype(cfg.param_dtype)
+    self.is_moe = moe
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
-    self.ffn = SwiGLU(cfg, rngs=rngs)
+    if moe:
+      self.ffn = moe_lib.MoE(
+          cfg.d_model, cfg.expert_d_ff, cfg.n_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
+          router_softmax=cfg.router_softmax, norm_topk_prob=cfg.norm_topk_prob, lb_loss_norm=cfg.lb_loss_norm,
+          dropless_impl=cfg.moe_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=cfg.init_std,
+          out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
+    else:
+      self.ffn = SwiGLU(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT):
+  def _ffn(self, x_BTD, return_routing=False):
+    if self.is_moe:
+      return self.ffn(x_BTD, return_routing=return_routing)
+    return self.ffn(x_BTD), None
+
+  def __call__(self, x_BTD, positions_BT, return_routing: bool = False):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
-    return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+    y_BTD, info = self._ffn(self.ffn_norm(x_BTD), return_routing)
+    return x_BTD + y_BTD, info
+
+  def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
+    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache, start, kv_valid_BS)
+    x_BTD = x_BTD + a_BTD
+    y_BTD, _ = self._ffn(self.ffn_norm(x_BTD))
+    return x_BTD + y_BTD, cache
 
 
 class Transformer(nnx.Module):
@@ -180,36 +320,112 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pd)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
 
-  def __call__(self, tokens_BT, *, positions_BT=None, return_hidden: bool = False):
-    """Returns logits_BTV, or (logits_BTV, hidden_LBTD) with the L+1 residual streams (embeddings first)."""
+  def _logits(self, x_BTD):
+    dt = jnp.dtype(self.cfg.dtype)
+    h_BTD = self.final_norm(x_BTD)
+    w_DV = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+    return jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(dt)).astype(jnp.float32)
+
+  def __call__(self, tokens_BT, *, positions_BT=None, return_hidden: bool = False, return_aux: bool = False,
+               return_routing: bool = False):
+    """Runs the decoder.
+
+    Returns ``logits_BTV``; with ``return_hidden`` also ``hidden_LBTD`` (the L+1 residual streams, embeddings
+    first); with ``return_aux`` also ``aux = {"aux_loss": scalar to add to the loss, "metrics": {name: scalar}}``
+    (zero / empty for a dense model). Order: ``(logits, hidden, aux)`` with the requested ones present.
+    ``return_routing`` (needs ``return_aux``) adds ``aux["routing"] = {"layer{i}": {"experts" [B,T,K],
+    "gates" [B,T,K], "router_logits" [B,T,E]}}`` for every MoE layer, for offline analysis.
+    """
     cfg = self.cfg
+    if tokens_BT.ndim != 2:
+      raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
+    if return_routing and not return_aux:
+      raise ValueError("return_routing=True needs return_aux=True (the records are returned in aux['routing'])")
     b, t = tokens_BT.shape
     if t > cfg.max_seq_len:
       raise ConfigError(f"sequence length {t} exceeds model.max_seq_len={cfg.max_seq_len} (the RoPE table)")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     dt = jnp.dtype(cfg.dtype)
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    x_BTD = shard_batch(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt))
     hidden = [x_BTD]
+    infos = {}
     policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-    for block in self.blocks:
+    for i, block in enumerate(self.blocks):
       if cfg.remat == "none":
-        x_BTD = block(x_BTD, positions_BT)
+        x_BTD, info = block(x_BTD, positions_BT, return_routing)
       else:
-        x_BTD = nnx.remat(lambda blk, x, p: blk(x, p), policy=policy[cfg.remat])(block, x_BTD, positions_BT)
+        x_BTD, info = nnx.remat(lambda blk, x, p: blk(x, p, return_routing),
+                                policy=policy[cfg.remat])(block, x_BTD, positions_BT)
+      x_BTD = shard_batch(x_BTD)
+      if info is not None:
+        infos[i] = info
       if return_hidden:
         hidden.append(x_BTD)
-    h_BTD = self.final_norm(x_BTD)
-    w_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(dt)).astype(jnp.float32)
+    logits_BTV = self._logits(x_BTD)
+    out = (logits_BTV,)
     if return_hidden:
-      return logits_BTV, jnp.stack(hidden)
-    return logits_BTV
+      out += (jnp.stack(hidden),)
+    if return_aux:
+      aux = moe_aux(infos, cfg)
+      if return_routing:
+        aux["routing"] = {f"layer{i}": {k: info[k] for k in ("experts", "gates", "router_logits")}
+                          for i, info in infos.items()}
+      out += (aux,)
+    return out[0] if len(out) == 1 else out
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    """An empty KV cache: one ``{"k", "v"}`` dict of [batch, max_len, K, E] arrays per block."""
+    cfg = self.cfg
+    if max_len > cfg.max_seq_len:
+      raise ConfigError(f"cache length {max_len} (prompt + new tokens) exceeds model.max_seq_len="
+                        f"{cfg.max_seq_len} (the RoPE table)")
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+  def decode(self, tokens_BT, cache, *, start, positions_BT, kv_valid_BS):
+    """Runs T new tokens at cache slots [start, start+T) (shared by all rows) against the cache.
+
+    ``positions_BT`` are the RoPE positions of the new tokens (per row, so left-padded rows can start at 0);
+    ``kv_valid_BS`` marks the cache slots that hold real tokens (False for padding). A query at slot i sees
+    valid slots <= i. Attention here is the masked jnp path whatever ``attention_impl`` says (decoding is
+    memory-bound; the mask is per row). Returns ``(logits_BTV, new_cache)``.
+    """
+    dt = jnp.dtype(self.cfg.dtype)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_BTD, layer_cache = block.decode(x_BTD, positions_BT, layer_cache, start, kv_valid_BS)
+      new_cache.append(layer_cache)
+    return self._logits(x_BTD), new_cache
+
+
+def moe_aux(infos: dict, cfg: TransformerConfig) -> dict:
+  """Combines per-layer MoE infos into ``{"aux_loss", "metrics"}`` (see the module docstring)."""
+  if not infos:
+    return {"aux_loss": jnp.zeros((), jnp.float32), "metrics": {}}
+  metrics = {}
+  scalars = ("lb_loss", "z_loss", "cv", "max_over_mean", "maxvio", "entropy", "dead")
+  if cfg.capacity_factor > 0:
+    scalars += ("dropped_frac",)
+  for i, info in infos.items():
+    for name in scalars:
+      metrics[f"moe/layer{i}/{name}"] = info[name]
+    if cfg.moe_stats_per_expert:
+      for j in range(cfg.n_experts):
+        metrics[f"moe/layer{i}/load/e{j}"] = info["load"][j]
+        metrics[f"moe/layer{i}/mean_prob/e{j}"] = info["mean_prob"][j]
+  for name in scalars:
+    metrics[f"moe/{name}"] = jnp.mean(jnp.stack([info[name] for info in infos.values()]))
+  aux_loss = cfg.lb_loss_coef * metrics["moe/lb_loss"] + cfg.z_loss_coef * metrics["moe/z_loss"]
+  metrics["moe/aux_loss"] = aux_loss
+  return {"aux_loss": aux_loss, "metrics": metrics}
 
 
 def num_params(params) -> int:

@@ -1,0 +1,251 @@
+r"""Language-model train-step benchmark: tokens/s, compiled vs analytic FLOPs, MFU, attention impl timings.
+
+  python benchmarks/lm_step.py                        # CPU-sized dense + MoE (configs/lm.py default and moe)
+  python benchmarks/lm_step.py --size=125m            # accelerator sizes: 125m | 1b | moe_1b7b
+  python benchmarks/lm_step.py --size=125m --batch=16 --seq=1024 --out=benchmarks/results/lm_step_gpu.json
+
+For each model it jits one AdamW train step (the same ``model(tokens, return_aux=True)`` loss as lmx.methods.lm),
+compiles it ahead of time, reads ``cost_analysis()["flops"]``, times ``--steps`` steps after warm-up
+(median, ``block_until_ready``) and reports:
+
+  tokens_per_sec         batch·seq / median step time
+  compiled_flops         XLA's count for one step (per device)
+  analytic_flops_6nd     6·N_active·tokens (N_active: matmul parameters a token touches: attention, the dense
+                         FFN or top_k of the experts plus the router, and the unembedding; not the embedding
+                         lookup)
+  analytic_flops         6·N·D plus attention scores/values, 6·2·B·T²·H·E·L (halved when causal)
+  flops_ratio            compiled_flops / analytic_flops (≈1 means no hidden recomputation or waste;
+                         > 1 with remat, or for a dropless MoE on backends where ragged_dot runs densely)
+  mfu                    analytic_flops / step time / device peak (null when the peak is unknown, e.g. CPU)
+
+and, for every attention impl available on the backend, forward+backward time at the model's attention
+shape. On CPU the Pallas kernel runs in the interpreter (correctness only; its time is not a speed) and cuDNN
+is unavailable. GPU numbers are pending until the benchmark runs on an accelerator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import lm as lm_config  # noqa: E402
+from lmx.kernels import attention as attention_lib  # noqa: E402
+from lmx.models.transformer import Transformer, TransformerConfig  # noqa: E402
+
+# Dense peak FLOP/s per device by (device_kind substring, dtype). Public spec-sheet numbers.
+PEAK_FLOPS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12, ("TPU v5e", "bfloat16"): 197e12,
+    ("TPU v5p", "bfloat16"): 459e12, ("TPU v5", "bfloat16"): 459e12, ("TPU v6", "bfloat16"): 918e12,
+}
+
+
+def device_peak(dtype: str) -> float | None:
+  kind = jax.devices()[0].device_kind
+  for (name, dt), peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower() and dt == dtype:
+      return peak
+  return None
+
+
+def active_params(cfg: TransformerConfig) -> dict:
+  """Matmul parameters per token (total and active), by part."""
+  d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  attn = d * h * e * 2 + d * k * e * 2
+  dense_ffn = 3 * d * cfg.d_ff
+  expert = 3 * d * cfg.expert_d_ff
+  n_moe = len(cfg.moe_layers)
+  n_dense = cfg.n_layers - n_moe
+  unembed = d * cfg.vocab_size
+  total = cfg.n_layers * attn + n_dense * dense_ffn + n_moe * (cfg.n_experts * expert + d * cfg.n_experts)
+  total += unembed + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
+  active = cfg.n_layers * attn + n_dense * dense_ffn + n_moe * (cfg.top_k * expert + d * cfg.n_experts) + unembed
+  return {"total_matmul_params": int(total), "active_matmul_params": int(active)}
+
+
+def _timeit(fn, *args, steps: int, warmup: int = 2):
+  out = None
+  for _ in range(warmup):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), times
+
+
+def bench_train_step(cfg: TransformerConfig, batch: int, seq: int, steps: int) -> dict:
+  """Compiles and times one AdamW step of ``cfg`` at [batch, seq]."""
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  del model
+  tx = optax.adamw(1e-4)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, batch_BT):
+    logits, aux = nnx.merge(graphdef, params)(batch_BT[:, :-1], return_aux=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch_BT[:, 1:]).mean()
+    return ce + aux["aux_loss"]
+
+  def step(params, opt_state, batch_BT):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch_BT)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  compiled_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  mem = compiled.memory_analysis()
+  state = [params, opt_state]
+
+  def run(tokens):
+    state[0], state[1], loss = compiled(state[0], state[1], tokens)
+    return loss
+
+  med, times = _timeit(run, tokens, steps=steps)
+  n = active_params(cfg)
+  n_tok = batch * seq
+  flops_6nd = 6.0 * n["active_matmul_params"] * n_tok
+  attn_flops = 3 * cfg.n_layers * attention_flops(batch, seq, cfg)  # forward + backward = 3x forward
+  analytic = flops_6nd + attn_flops
+  peak = device_peak(cfg.dtype)
+  return {
+      "params": n_params, **n,
+      "batch": batch, "seq": seq, "tokens_per_step": n_tok,
+      "compile_seconds": round(compile_s, 2),
+      "step_seconds_median": med, "step_seconds": [round(t, 5) for t in times],
+      "tokens_per_sec": n_tok / med,
+      "compiled_flops": compiled_flops,
+      "analytic_flops_6nd": flops_6nd,
+      "analytic_flops": analytic,
+      "flops_ratio": compiled_flops / analytic if analytic else None,
+      "achieved_flops_per_sec": analytic / med,
+      "device_peak_flops": peak,
+      "mfu": (analytic / med / peak) if peak else None,
+      "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
+      "argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem else None,
+      "final_loss": float(run(tokens)),
+  }
+
+
+def attention_flops(batch: int, seq: int, cfg: TransformerConfig) -> float:
+  """Forward matmul FLOPs of one causal attention layer (QK^T and PV, visible half)."""
+  return 4.0 * batch * seq * seq * cfg.n_heads * cfg.head_dim / 2
+
+
+def bench_attention(cfg: TransformerConfig, batch: int, seq: int, steps: int) -> dict:
+  """Forward+backward time of each available attention impl at the model's attention shape."""
+  dt = jnp.dtype(cfg.dtype)
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (batch, seq, cfg.n_heads, cfg.head_dim), dt)
+  k = jax.random.normal(ks[1], (batch, seq, cfg.kv_heads, cfg.head_dim), dt)
+  v = jax.random.normal(ks[2], (batch, seq, cfg.kv_heads, cfg.head_dim), dt)
+  out = {"shape": {"batch": batch, "seq": seq, "heads": cfg.n_heads, "kv_heads": cfg.kv_heads,
+                   "head_dim": cfg.head_dim, "dtype": dt.name}}
+  ref = None
+  for impl in attention_lib.available_impls(dt):
+    def loss(q, k, v, impl=impl):
+      return jnp.sum(attention_lib.attention(q, k, v, causal=True, impl=impl).astype(jnp.float32) ** 2)
+    fwd = jax.jit(lambda q, k, v, impl=impl: attention_lib.attention(q, k, v, causal=True, impl=impl))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    interpret = impl == "pallas" and jax.default_backend() == "cpu"
+    n = 1 if interpret else steps
+    try:
+      t_f, _ = _timeit(fwd, q, k, v, steps=n, warmup=1)
+      t_fb, _ = _timeit(fwd_bwd, q, k, v, steps=n, warmup=1)
+      o = fwd(q, k, v).astype(jnp.float32)
+      ref = o if ref is None else ref
+      out[impl] = {"fwd_seconds": t_f, "fwd_bwd_seconds": t_fb,
+                   "max_abs_diff_vs_xla": float(jnp.max(jnp.abs(o - ref))),
+                   "note": "Pallas interpreter on CPU: correctness only, not a speed" if interpret else ""}
+    except Exception as err:  # an impl that cannot run here is reported, not fatal
+      out[impl] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+  return out
+
+
+# size -> (name, configs/lm.py variant, model overrides)
+SIZES = {
+    "cpu": (("dense", "", {}), ("moe", "moe", {}), ("moe_ragged", "moe", {"moe_impl": "ragged"})),
+    "125m": (("125m", "125m", {}),),
+    "1b": (("1b", "1b", {}),),
+    "moe_1b7b": (("moe_1b7b", "moe_1b7b", {}), ("moe_1b7b_tiled", "moe_1b7b", {"moe_impl": "tiled"})),
+}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", default="cpu", choices=sorted(SIZES))
+  ap.add_argument("--batch", type=int, default=0, help="default: 8 on CPU, else 8")
+  ap.add_argument("--seq", type=int, default=0, help="default: 128 on CPU, else the config's data.seq_len")
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--attention_impl", default="", help="override model.attention_impl (default: the config's)")
+  ap.add_argument("--skip_attention", action="store_true")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                "lm_step.json"))
+  args = ap.parse_args(argv)
+  backend = jax.default_backend()
+  results = {
+      "backend": backend, "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+      "jax": jax.__version__, "python": platform.python_version(), "size": args.size,
+      "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {},
+  }
+  if backend == "cpu":
+    results["note"] = ("CPU run (2 shared cores): tokens/s are CPU numbers, MFU unknown (no peak), Pallas runs "
+                       "in the interpreter. GPU numbers are pending: no accelerator was available in this "
+                       "session; run `python benchmarks/lm_step.py --size=125m` on a GPU.")
+  for name, variant, overrides in SIZES[args.size]:
+    c = lm_config.get_config(variant)
+    c.model.update(overrides)
+    if args.attention_impl:
+      c.model.attention_impl = args.attention_impl
+    cfg = TransformerConfig.from_config(c.model)
+    batch = args.batch or 8
+    seq = args.seq or (128 if args.size == "cpu" else int(c.data.seq_len))
+    print(f"[{name}] d_model={cfg.d_model} layers={cfg.n_layers} experts={cfg.n_experts} batch={batch} "
+          f"seq={seq} dtype={cfg.dtype} attention={cfg.attention_impl}", flush=True)
+    r = {"model": {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                                                "vocab_size", "dtype", "remat", "attention_impl", "moe_every",
+                                                "n_experts", "top_k", "moe_d_ff", "capacity_factor",
+                                                "moe_impl")}}
+    r["train_step"] = bench_train_step(cfg, batch, seq, args.steps)
+    ts = r["train_step"]
+    print(f"  {ts['tokens_per_sec']:.0f} tokens/s, step {ts['step_seconds_median'] * 1e3:.1f} ms, compiled/analytic "
+          f"FLOPs {ts['flops_ratio']:.2f}, MFU {ts['mfu']}", flush=True)
+    if not args.skip_attention and name in ("dense", "125m", "1b"):
+      ab = min(batch, 4) if backend == "cpu" else batch
+      r["attention"] = bench_attention(cfg, ab, seq, args.steps)
+      for impl, v in r["attention"].items():
+        if impl != "shape":
+          print(f"  attention {impl}: {v}", flush=True)
+    results["models"][name] = r
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

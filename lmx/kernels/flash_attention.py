@@ -1,0 +1,351 @@
+"""Pallas flash attention (causal or not, grouped-query), forward and backward, with a plain-jnp reference.
+
+``flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal=True, scale=None, block_q=None, block_k=None,
+interpret=None)`` computes softmax attention block by block (online softmax, FlashAttention-2) without
+materialising the [T, S] score matrix. Layout is [batch, time, heads, head_dim] for q and
+[batch, time, kv_heads, head_dim] for k/v; ``H % K == 0`` and query head ``h`` reads kv head ``h // (H // K)``
+(grouped-query attention, MQA when K == 1). With ``causal=True`` and ``S > T`` the mask is aligned bottom-right
+(query ``i`` sees keys ``<= i + S - T``), as in :func:`flash_attention_reference`.
+
+Gradients go through a ``jax.custom_vjp``: the forward kernel saves the per-row logsumexp; the backward pass is
+two kernels, one over query blocks (dQ) and one over key blocks (dK, dV per query head, summed over each GQA
+group outside the kernel). All accumulation is in float32; outputs come back in q's dtype.
+
+The kernels use the generic Pallas API (grid + BlockSpec, refs indexed directly), so the same code lowers to
+Triton on GPU and runs in interpret mode on CPU (``interpret=None`` picks interpret mode on CPU, where
+``interpret=False`` is not supported). It is not tuned for TPU (Mosaic has its own block-shape rules; use
+``impl="xla"`` there). Sequence lengths that are not multiples of the block sizes are padded (padded keys
+are masked); a head dim that is not a power of two is zero-padded (Triton needs power-of-two tiles).
+
+The functions are pure and can be called inside ``jax.shard_map`` (each shard runs the kernel on its local
+batch and heads); :func:`lmx.kernels.attention.attention` does that wrapping itself when a mesh is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+DEFAULT_BLOCK_Q = 64
+DEFAULT_BLOCK_K = 64
+
+
+def flash_attention_reference(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None,
+                              block_q: int | None = None, block_k: int | None = None,
+                              interpret: bool | None = None):
+  """Plain-jnp attention with the same signature and semantics as :func:`flash_attention`.
+
+  Softmax in float32; returns [B, T, H, E] in q's dtype. ``block_q``, ``block_k`` and ``interpret`` are
+  accepted and ignored so the two functions are interchangeable.
+  """
+  del block_q, block_k, interpret
+  _check_shapes(q_BTHE, k_BSKE, v_BSKE, causal)
+  b, t, h, e = q_BTHE.shape
+  s, kh = k_BSKE.shape[1], k_BSKE.shape[2]
+  scale = e ** -0.5 if scale is None else scale
+  q_BTKGE = q_BTHE.reshape(b, t, kh, h // kh, e)
+  s_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  if causal:
+    mask_TS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+    s_BKGTS = jnp.where(mask_TS, s_BKGTS, MASK_VALUE)
+  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+  o_BTKGE = jnp.einsum("bkgts,bske->btkge", p_BKGTS, v_BSKE.astype(jnp.float32))
+  return o_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype)
+
+
+def _check_shapes(q, k, v, causal):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"attention expects rank-4 [B, T, H, E] inputs, got q{q.shape} k{k.shape} v{v.shape}")
+  b, t, h, e = q.shape
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != e:
+    raise ValueError(f"k and v must be [B={b}, S, K, E={e}] with equal shapes, got k{k.shape} v{v.shape}")
+  if h % k.shape[2]:
+    raise ValueError(f"query heads H={h} must be a multiple of kv heads K={k.shape[2]} (grouped-query attention)")
+  if causal and k.shape[1] < t:
+    raise ValueError(f"causal attention needs kv length S={k.shape[1]} >= query length T={t}")
+
+
+def _round_up(x: int, m: int) -> int:
+  return (x + m - 1) // m * m
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels. Refs carry one (batch, head) slice: q/o/do [block_q, E] or [T, E]; k/v [S, E] or [block_k, E].
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, block_q, block_k, offset, kv_len,
+                num_k_blocks):
+  i = pl.program_id(2)
+  q = q_ref[...]
+  e = q.shape[-1]
+  rows = i * block_q + jnp.arange(block_q) + offset  # absolute query positions
+
+  def body(j, carry):
+    o, m, l = carry
+    k = k_ref[pl.ds(j * block_k, block_k), :]
+    v = v_ref[pl.ds(j * block_k, block_k), :]
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+    cols = j * block_k + jnp.arange(block_k)
+    mask = cols[None, :] < kv_len
+    if causal:
+      mask = mask & (rows[:, None] >= cols[None, :])
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l_new = corr * l + jnp.sum(p, axis=-1)
+    o_new = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o_new, m_new, l_new
+
+  if causal:  # key blocks past the last visible key of this query block are skipped
+    upper = jnp.minimum(lax.div((i + 1) * block_q + offset + block_k - 1, block_k), num_k_blocks)
+  else:
+    upper = num_k_blocks
+  init = (jnp.zeros((block_q, e), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  o, m, l = lax.fori_loop(0, upper, body, init)
+  o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal, block_q, block_k,
+               offset, kv_len, num_k_blocks):
+  i = pl.program_id(2)
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  delta = delta_ref[...]
+  rows = i * block_q + jnp.arange(block_q) + offset
+
+  def body(j, dq):
+    k = k_ref[pl.ds(j * block_k, block_k), :]
+    v = v_ref[pl.ds(j * block_k, block_k), :]
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+    cols = j * block_k + jnp.arange(block_k)
+    mask = cols[None, :] < kv_len
+    if causal:
+      mask = mask & (rows[:, None] >= cols[None, :])
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  if causal:
+    upper = jnp.minimum(lax.div((i + 1) * block_q + offset + block_k - 1, block_k), num_k_blocks)
+  else:
+    upper = num_k_blocks
+  dq = lax.fori_loop(0, upper, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, causal, block_q,
+                block_k, offset, kv_len, num_q_blocks):
+  j = pl.program_id(2)
+  k = k_ref[...]
+  v = v_ref[...]
+  cols = j * block_k + jnp.arange(block_k)
+
+  def body(i, carry):
+    dk, dv = carry
+    q = q_ref[pl.ds(i * block_q, block_q), :]
+    do = do_ref[pl.ds(i * block_q, block_q), :]
+    lse = lse_ref[pl.ds(i * block_q, block_q)]
+    delta = delta_ref[pl.ds(i * block_q, block_q)]
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+    rows = i * block_q + jnp.arange(block_q) + offset
+    mask = cols[None, :] < kv_len
+    if causal:
+      mask = mask & (rows[:, None] >= cols[None, :])
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dk, dv
+
+  if causal:  # query blocks entirely before this key block see none of it
+    lower = jnp.maximum(lax.div(j * block_k - offset, block_q), 0)
+  else:
+    lower = 0
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(lower, num_q_blocks, body, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers on padded inputs.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static (hashable) kernel parameters: padded sizes, blocks, mask offsets."""
+
+  b: int
+  tp: int  # padded query length
+  sp: int  # padded kv length
+  h: int
+  kh: int
+  e: int  # padded head dim
+  causal: bool
+  scale: float
+  block_q: int
+  block_k: int
+  interpret: bool
+  offset: int  # S - T (bottom-right causal alignment)
+  kv_len: int  # real kv length S; padded keys are masked
+
+  @property
+  def groups(self) -> int:
+    return self.h // self.kh
+
+  @property
+  def nq(self) -> int:
+    return self.tp // self.block_q
+
+  @property
+  def nk(self) -> int:
+    return self.sp // self.block_k
+
+  def kw(self):
+    return dict(scale=self.scale, causal=self.causal, block_q=self.block_q, block_k=self.block_k,
+                offset=self.offset, kv_len=self.kv_len)
+
+
+def _fwd_call(q, k, v, st: _Static):
+  g = st.groups
+  kernel = functools.partial(_fwd_kernel, num_k_blocks=st.nk, **st.kw())
+  return pl.pallas_call(
+      kernel,
+      grid=(st.b, st.h, st.nq),
+      in_specs=[
+          pl.BlockSpec((None, st.block_q, None, st.e), lambda b, h, i: (b, i, h, 0)),
+          pl.BlockSpec((None, st.sp, None, st.e), lambda b, h, i: (b, 0, h // g, 0)),
+          pl.BlockSpec((None, st.sp, None, st.e), lambda b, h, i: (b, 0, h // g, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, st.block_q, None, st.e), lambda b, h, i: (b, i, h, 0)),
+          pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((st.b, st.h, st.tp), jnp.float32)],
+      interpret=st.interpret,
+      name="flash_attention_fwd",
+  )(q, k, v)
+
+
+def _bwd_call(q, k, v, o, lse, do, st: _Static):
+  g = st.groups
+  delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, num_k_blocks=st.nk, **st.kw()),
+      grid=(st.b, st.h, st.nq),
+      in_specs=[
+          pl.BlockSpec((None, st.block_q, None, st.e), lambda b, h, i: (b, i, h, 0)),
+          pl.BlockSpec((None, st.sp, None, st.e), lambda b, h, i: (b, 0, h // g, 0)),
+          pl.BlockSpec((None, st.sp, None, st.e), lambda b, h, i: (b, 0, h // g, 0)),
+          pl.BlockSpec((None, st.block_q, None, st.e), lambda b, h, i: (b, i, h, 0)),
+          pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i)),
+          pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i)),
+      ],
+      out_specs=pl.BlockSpec((None, st.block_q, None, st.e), lambda b, h, i: (b, i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=st.interpret,
+      name="flash_attention_dq",
+  )(q, k, v, do, lse, delta)
+  dk_h, dv_h = pl.pallas_call(
+      functools.partial(_dkv_kernel, num_q_blocks=st.nq, **st.kw()),
+      grid=(st.b, st.h, st.nk),
+      in_specs=[
+          pl.BlockSpec((None, st.tp, None, st.e), lambda b, h, j: (b, 0, h, 0)),
+          pl.BlockSpec((None, st.block_k, None, st.e), lambda b, h, j: (b, j, h // g, 0)),
+          pl.BlockSpec((None, st.block_k, None, st.e), lambda b, h, j: (b, j, h // g, 0)),
+          pl.BlockSpec((None, st.tp, None, st.e), lambda b, h, j: (b, 0, h, 0)),
+          pl.BlockSpec((None, None, st.tp), lambda b, h, j: (b, h, 0)),
+          pl.BlockSpec((None, None, st.tp), lambda b, h, j: (b, h, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, st.block_k, None, st.e), lambda b, h, j: (b, j, h, 0)),
+          pl.BlockSpec((None, st.block_k, None, st.e), lambda b, h, j: (b, j, h, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((st.b, st.sp, st.h, st.e), jnp.float32)] * 2,
+      interpret=st.interpret,
+      name="flash_attention_dkv",
+  )(q, k, v, do, lse, delta)
+  # Per-query-head dK/dV summed over each GQA group (heads h = kv * G + g).
+  dk = dk_h.reshape(st.b, st.sp, st.kh, g, st.e).sum(3).astype(k.dtype)
+  dv = dv_h.reshape(st.b, st.sp, st.kh, g, st.e).sum(3).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash_padded(q, k, v, st):
+  o, _ = _fwd_call(q, k, v, st)
+  return o
+
+
+def _flash_padded_fwd(q, k, v, st):
+  o, lse = _fwd_call(q, k, v, st)
+  return o, (q, k, v, o, lse)
+
+
+def _flash_padded_bwd(st, res, do):
+  q, k, v, o, lse = res
+  return _bwd_call(q, k, v, o, lse, do, st)
+
+
+_flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd)
+
+
+def flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None,
+                    block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None):
+  """Blockwise (flash) softmax attention as a Pallas kernel; differentiable (custom_vjp).
+
+  Args:
+    q_BTHE: queries [B, T, H, E].
+    k_BSKE, v_BSKE: keys/values [B, S, K, E] with ``H % K == 0``.
+    causal: mask keys after each query (bottom-right aligned when S > T; requires S >= T).
+    scale: score scale, default ``E ** -0.5``.
+    block_q, block_k: tile sizes along T and S (default 64, capped at the padded lengths; powers of two).
+    interpret: run the kernel in the Pallas interpreter; default True on CPU, False elsewhere.
+
+  Returns:
+    [B, T, H, E] in q's dtype.
+  """
+  _check_shapes(q_BTHE, k_BSKE, v_BSKE, causal)
+  b, t, h, e = q_BTHE.shape
+  s = k_BSKE.shape[1]
+  scale = e ** -0.5 if scale is None else float(scale)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  block_q = min(block_q or DEFAULT_BLOCK_Q, _next_pow2(t))
+  block_k = min(block_k or DEFAULT_BLOCK_K, _next_pow2(s))
+  tp, sp, ep = _round_up(t, block_q), _round_up(s, block_k), _next_pow2(e)
+  q, k, v = q_BTHE, k_BSKE, v_BSKE
+  if (tp, ep) != (t, e):
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, ep - e)))
+  if (sp, ep) != (s, e):
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, ep - e)))
+    v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, ep - e)))
+  st = _Static(b=b, tp=tp, sp=sp, h=h, kh=k.shape[2], e=ep, causal=causal, scale=scale, block_q=block_q,
+               block_k=block_k, interpret=bool(interpret), offset=s - t, kv_len=s)
+  o = _flash_padded(q, k, v, st)
+  return o[:, :t, :, :e]
+
+
+def attention_flops(b: int, t: int, s: int, h: int, e: int, *, causal: bool) -> float:
+  """Matmul FLOPs of one attention forward (QK^T and PV); causal counts the visible half."""
+  f = 4.0 * b * t * s * h * e
+  return f / 2 if causal else f
+
+
+__all__ = ["flash_attention", "flash_attention_reference", "attention_flops", "MASK_VALUE"]

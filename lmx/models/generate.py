@@ -1,0 +1,170 @@
+"""Jitted autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p, EOS; fixed shapes.
+
+Prompts are **left-padded**: a batch of prompts of different lengths is a [B, P] array whose row b holds its
+``prompt_lens[b]`` real tokens in the last columns (:func:`left_pad` builds it from lists). All rows then share
+one cache write position per step: the prompt fills cache slots [0, P) in one prefill call, and new token i goes
+to slot P + i. RoPE positions are per row (the first real token of every row has position 0) and padded slots
+are masked out of attention, so a row's result does not depend on how much padding it has.
+
+The loop is a ``lax.while_loop`` over at most ``max_new_tokens`` steps that stops early once every row has
+emitted ``eos_id``; outputs always have the fixed shape [B, max_new_tokens]. After a row's EOS its tokens are
+``pad_id`` and its mask is False.
+
+Returned dict (what RL needs):
+  ``tokens``           [B, P + N]  the left-padded prompt followed by the generated tokens
+  ``new_tokens``       [B, N]      generated tokens (EOS included; ``pad_id`` after it)
+  ``mask``             [B, N]      True for generated tokens up to and including EOS
+  ``sequence_mask``    [B, P + N]  True for real prompt tokens and generated tokens
+  ``logprobs``         [B, N]      log p(token) under the model (temperature 1, no truncation); 0 where masked
+  ``sample_logprobs``  [B, N]      log-prob under the distribution actually sampled (temperature, top-k, top-p)
+  ``lengths``          [B]         number of generated tokens (EOS included)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings (part of the jit cache key)."""
+
+  max_new_tokens: int = 32
+  temperature: float = 1.0  # 0: greedy
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
+  eos_id: int = -1  # -1: none
+  pad_id: int = 0
+
+  def validate(self) -> None:
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
+  """Lists of token ids -> (left-padded int32 [B, P], lengths int32 [B]). ``length`` defaults to the longest."""
+  lens = np.array([len(p) for p in prompts], np.int32)
+  if (lens < 1).any():
+    raise ValueError("every prompt needs at least one token")
+  p = int(length or lens.max())
+  if lens.max() > p:
+    raise ValueError(f"prompt of length {lens.max()} does not fit length={p}")
+  out = np.full((len(prompts), p), pad_id, np.int32)
+  for i, toks in enumerate(prompts):
+    out[i, p - len(toks):] = np.asarray(toks, np.int32)
+  return out, lens
+
+
+def sample_logits(logits_BV, key, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """Samples one token per row. Returns ``(tokens_B int32, logprobs_B)`` where the log-probs are under the
+  sampling distribution (after temperature, top-k and top-p; 0 for greedy)."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros(logits_BV.shape[:1], jnp.float32)
+  l_BV = logits_BV / temperature
+  if top_k and top_k < l_BV.shape[-1]:
+    kth_B1 = jax.lax.top_k(l_BV, top_k)[0][:, -1:]
+    l_BV = jnp.where(l_BV < kth_B1, -jnp.inf, l_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(l_BV, axis=-1)[:, ::-1]
+    p_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(p_BV, axis=-1) - p_BV  # mass of strictly better tokens
+    keep_BV = before_BV < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
+    thresh_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    l_BV = jnp.where(l_BV < thresh_B1, -jnp.inf, l_BV)
+  tok_B = jax.random.categorical(key, l_BV, axis=-1).astype(jnp.int32)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(l_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+  return tok_B, logp_B
+
+
+def _generate(graphdef, sampling: SamplingConfig, params, prompt_BP, prompt_lens_B, key):
+  model = nnx.merge(graphdef, params)
+  b, p = prompt_BP.shape
+  n = sampling.max_new_tokens
+  cache = model.init_cache(b, p + n)
+  pad_B = p - prompt_lens_B
+  prompt_valid_BP = jnp.arange(p)[None, :] >= pad_B[:, None]
+  kv_valid_BS = jnp.concatenate([prompt_valid_BP, jnp.ones((b, n), bool)], axis=1)
+  positions_BP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
+  logits_BPV, cache = model.decode(prompt_BP, cache, start=0, positions_BT=positions_BP, kv_valid_BS=kv_valid_BS)
+
+  def cond(carry):
+    i, done_B = carry[0], carry[3]
+    return (i < n) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, logits_BV, done_B, toks_BN, lp_BN, slp_BN, key = carry
+    key, sub = jax.random.split(key)
+    tok_B, slp_B = sample_logits(logits_BV, sub, temperature=sampling.temperature, top_k=sampling.top_k,
+                                 top_p=sampling.top_p)
+    lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+    live_B = ~done_B
+    tok_B = jnp.where(live_B, tok_B, sampling.pad_id)
+    toks_BN = toks_BN.at[:, i].set(tok_B)
+    lp_BN = lp_BN.at[:, i].set(jnp.where(live_B, lp_B, 0.0))
+    slp_BN = slp_BN.at[:, i].set(jnp.where(live_B, slp_B, 0.0))
+    if sampling.eos_id >= 0:
+      done_B = done_B | (tok_B == sampling.eos_id)
+    pos_B1 = (prompt_lens_B + i)[:, None]
+    logits_B1V, cache = model.decode(tok_B[:, None], cache, start=p + i, positions_BT=pos_B1,
+                                     kv_valid_BS=kv_valid_BS)
+    return i + 1, cache, logits_B1V[:, 0], done_B, toks_BN, lp_BN, slp_BN, key
+
+  init = (jnp.int32(0), cache, logits_BPV[:, -1], jnp.zeros((b,), bool),
+          jnp.full((b, n), sampling.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b, n), jnp.float32), key)
+  steps, _, _, _, toks_BN, lp_BN, slp_BN, _ = jax.lax.while_loop(cond, body, init)
+  # Mask: generated tokens up to and including the first EOS (and only the steps actually run).
+  idx_N = jnp.arange(n)
+  if sampling.eos_id >= 0:
+    is_eos_BN = toks_BN == sampling.eos_id
+    first_eos_B = jnp.where(jnp.any(is_eos_BN, axis=1), jnp.argmax(is_eos_BN, axis=1), n)
+    lengths_B = jnp.minimum(first_eos_B + 1, steps)
+  else:
+    lengths_B = jnp.full((b,), steps)
+  mask_BN = idx_N[None, :] < lengths_B[:, None]
+  toks_BN = jnp.where(mask_BN, toks_BN, sampling.pad_id)
+  return {
+      "tokens": jnp.concatenate([prompt_BP, toks_BN], axis=1),
+      "new_tokens": toks_BN,
+      "mask": mask_BN,
+      "sequence_mask": jnp.concatenate([prompt_valid_BP, mask_BN], axis=1),
+      "logprobs": jnp.where(mask_BN, lp_BN, 0.0),
+      "sample_logprobs": jnp.where(mask_BN, slp_BN, 0.0),
+      "lengths": lengths_B.astype(jnp.int32),
+  }
+
+
+@functools.lru_cache(maxsize=64)
+def make_generate_fn(graphdef, sampling: SamplingConfig):
+  """Jitted ``fn(params, prompt_BP, prompt_lens_B, key) -> dict`` (see the module docstring).
+
+  ``params`` is the state from ``nnx.split(model)`` (or ``nnx.split(model, nnx.Param)`` when the graphdef was
+  split the same way); one compilation per (graphdef, sampling, shapes).
+  """
+  sampling.validate()
+  return jax.jit(functools.partial(_generate, graphdef, sampling))
+
+
+def generate(model: nnx.Module, prompt_BP, prompt_lens_B, key, **sampling_kwargs):
+  """Convenience wrapper: splits ``model``, builds :class:`SamplingConfig` from kwargs and runs the jitted
+  sampler. Prompts are left-padded (see :func:`left_pad`)."""
+  graphdef, state = nnx.split(model)
+  prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+  prompt_lens_B = jnp.asarray(prompt_lens_B, jnp.int32)
+  if prompt_BP.ndim != 2 or prompt_lens_B.shape != prompt_BP.shape[:1]:
+    raise ValueError(f"prompt must be [B, P] with lengths [B], got {prompt_BP.shape} and {prompt_lens_B.shape}")
+  fn = make_generate_fn(graphdef, SamplingConfig(**sampling_kwargs))
+  return fn(state, prompt_BP, prompt_lens_B, key)

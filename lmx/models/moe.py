@@ -1,0 +1,300 @@
+"""Mixture-of-experts feed-forward (Flax NNX) with pure routing, dispatch, loss and statistics functions.
+
+A token's router logits ``z = x W_r`` (float32) choose ``top_k`` of ``n_experts`` SwiGLU experts; the output is
+the gate-weighted sum of the chosen experts' outputs.
+
+Routing (:func:`route`):
+  ``router_softmax="before"``: p = softmax(z); top-k of p; gates = the chosen p (renormalised to sum to 1 when
+  ``norm_topk_prob``), as in OLMoE / Switch.
+  ``router_softmax="after"``: top-k of z; gates = softmax over the k chosen logits (Mixtral).
+  Either way the full ``softmax(z)`` is what the load-balancing loss and the statistics use.
+
+Dispatch:
+  dropless (``capacity_factor=0``, default): the N·k (token, expert) assignments are sorted by expert and the
+  three expert matmuls are grouped matmuls over the sorted rows; nothing is dropped. ``impl="ragged"`` uses
+  ``jax.lax.ragged_dot`` with per-expert group sizes (a grouped GEMM where the backend has one; CPU runs it
+  densely over all experts, E/k times the useful FLOPs); ``impl="tiled"`` pads each expert's rows to tiles and
+  runs batched matmuls (pure jnp, near-ideal FLOPs, weight gathers of [tiles, D, F]: for small/medium models).
+  capacity (``capacity_factor=c > 0``): per sequence (group of T tokens) each expert takes at most
+  ``C = ceil(c·T·k/E)`` assignments, first choices before second choices, earlier tokens first; overflowing
+  assignments are dropped (their gate weight is lost; the residual stream carries the token). Dispatch and
+  combine are one-hot einsums [B, T, E, C] (GShard/Switch style), which shard cleanly over ``expert``.
+
+Losses (pure functions; the transformer averages them over MoE layers and multiplies by the coefficients):
+  :func:`load_balancing_loss` ``E · Σ_e f_e · P_e`` with ``P_e`` = mean router probability of expert e and
+  ``f_e`` by ``lb_loss_norm``: ``switch`` = fraction of all N·k assignments (Σf = 1; balanced → 1),
+  ``gshard`` = fraction of tokens whose first choice is e (Σf = 1; balanced → 1), ``maxtext`` = assignments
+  per token (Σf = k; balanced → k).
+  :func:`router_z_loss` ``mean_t (logsumexp_e z_te)²`` (ST-MoE).
+
+Statistics (:func:`routing_stats`): per-expert load share and mean router probability, CV of the loads,
+max/mean, MaxVio, normalised entropy H(load)/log E, dead experts, and the dropped fraction (capacity mode).
+
+Shapes: B batch, T time, N = B·T tokens, D model width, F expert width, E experts, K top-k, C capacity,
+A = N·K assignments.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROUTER_SOFTMAX = ("before", "after")
+LB_NORMS = ("switch", "gshard", "maxtext")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions.
+
+
+def route(logits_NE, top_k: int, *, softmax: str = "before", norm_topk_prob: bool = False):
+  """Top-k routing. Returns ``(experts_NK int32, gates_NK float32, probs_NE float32)``.
+
+  ``probs_NE`` is the full softmax of the logits (for losses and statistics); ``gates_NK`` weight the chosen
+  experts' outputs, in decreasing order of preference.
+  """
+  if softmax not in ROUTER_SOFTMAX:
+    raise ValueError(f"router softmax {softmax!r}; choose one of {ROUTER_SOFTMAX} (model.router_softmax)")
+  logits_NE = logits_NE.astype(jnp.float32)
+  n_experts = logits_NE.shape[-1]
+  if not 1 <= top_k <= n_experts:
+    raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}] (model.top_k, model.n_experts)")
+  probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+  if softmax == "before":
+    gates_NK, experts_NK = jax.lax.top_k(probs_NE, top_k)
+    if norm_topk_prob:
+      gates_NK = gates_NK / jnp.sum(gates_NK, axis=-1, keepdims=True)
+  else:
+    top_logits_NK, experts_NK = jax.lax.top_k(logits_NE, top_k)
+    gates_NK = jax.nn.softmax(top_logits_NK, axis=-1)
+  return experts_NK.astype(jnp.int32), gates_NK, probs_NE
+
+
+def expert_counts(experts_NK, n_experts: int):
+  """Number of assignments per expert [E] (float32)."""
+  return jnp.sum(jax.nn.one_hot(experts_NK, n_experts, dtype=jnp.float32), axis=tuple(range(experts_NK.ndim)))
+
+
+def load_balancing_loss(probs_NE, experts_NK, *, norm: str = "switch"):
+  """Auxiliary load-balancing loss ``E · Σ_e f_e · P_e`` (see the module docstring for ``norm``).
+
+  Gradients flow through ``P_e`` (the mean router probabilities) only; ``f_e`` is a count.
+  """
+  if norm not in LB_NORMS:
+    raise ValueError(f"load-balancing norm {norm!r}; choose one of {LB_NORMS} (model.lb_loss_norm)")
+  n, e = probs_NE.shape
+  k = experts_NK.shape[-1]
+  p_E = jnp.mean(probs_NE, axis=0)
+  if norm == "gshard":
+    f_E = expert_counts(experts_NK[:, :1], e) / n
+  elif norm == "switch":
+    f_E = expert_counts(experts_NK, e) / (n * k)
+  else:
+    f_E = expert_counts(experts_NK, e) / n
+  return e * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
+
+
+def router_z_loss(logits_NE):
+  """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
+  lse_N = jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)
+  return jnp.mean(lse_N * lse_N)
+
+
+def routing_stats(experts_NK, probs_NE, *, dropped_frac=None):
+  """Routing statistics of one layer from the chosen experts and router probabilities.
+
+  Returns a dict of arrays: ``load`` [E] (share of assignments, sums to 1), ``mean_prob`` [E], and scalars
+  ``cv`` (std/mean of the counts), ``max_over_mean``, ``maxvio`` ((max − mean)/mean, DeepSeek-V3),
+  ``entropy`` (H(load)/log E, 1 = balanced), ``dead`` (experts with no assignment), ``dropped_frac``.
+  """
+  e = probs_NE.shape[-1]
+  counts_E = expert_counts(experts_NK, e)
+  mean = jnp.mean(counts_E)
+  load_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
+  plogp = jnp.where(load_E > 0, load_E * jnp.log(jnp.where(load_E > 0, load_E, 1.0)), 0.0)
+  stats = {
+      "load": load_E,
+      "mean_prob": jnp.mean(probs_NE.astype(jnp.float32), axis=0),
+      "cv": jnp.std(counts_E) / jnp.maximum(mean, 1e-9),
+      "max_over_mean": jnp.max(counts_E) / jnp.maximum(mean, 1e-9),
+      "maxvio": (jnp.max(counts_E) - mean) / jnp.maximum(mean, 1e-9),
+      "entropy": -jnp.sum(plogp) / math.log(e) if e > 1 else jnp.ones(()),
+      "dead": jnp.sum(counts_E == 0).astype(jnp.float32),
+      "dropped_frac": jnp.zeros((), jnp.float32) if dropped_frac is None else dropped_frac,
+  }
+  return stats
+
+
+def _swiglu_dense(x_ND, w1_DF, w3_DF, w2_FD):
+  return (jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)) @ w2_FD
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def ragged_swiglu(xs_AD, group_sizes_E, w1_EDF, w3_EDF, w2_EFD):
+  """SwiGLU over expert-sorted rows with ``jax.lax.ragged_dot`` (row block e uses expert e's weights)."""
+  h1_AF = jax.lax.ragged_dot(xs_AD, w1_EDF, group_sizes_E)
+  h3_AF = jax.lax.ragged_dot(xs_AD, w3_EDF, group_sizes_E)
+  return jax.lax.ragged_dot(jax.nn.silu(h1_AF) * h3_AF, w2_EFD, group_sizes_E)
+
+
+def tiled_swiglu(xs_AD, group_sizes_E, w1_EDF, w3_EDF, w2_EFD, tile: int | None = None):
+  """SwiGLU over expert-sorted rows as batched matmuls on fixed-size tiles (pure jnp, megablox-style).
+
+  Each expert's rows are padded to a multiple of ``tile`` rows, so every tile belongs to one expert; tiles
+  are multiplied by their expert's weights (gathered per tile). FLOPs are within ``E·tile`` rows of the ideal,
+  whereas backends without a grouped-GEMM kernel (e.g. CPU) run ``ragged_dot`` densely over all experts.
+  Memory: the gathered weights are [n_tiles, D, F], so this suits small/medium models (``moe_impl="tiled"``).
+  """
+  a, d = xs_AD.shape
+  e = w1_EDF.shape[0]
+  m = tile or min(128, max(8, _next_pow2(-(-a // e))))
+  n_tiles = -(-a // m) + e  # upper bound on sum_e ceil(g_e / m)
+  padded_E = (group_sizes_E + m - 1) // m * m
+  pad_end_E = jnp.cumsum(padded_E)
+  pad_start_E = pad_end_E - padded_E
+  start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+  expert_A = jnp.repeat(jnp.arange(e), group_sizes_E, total_repeat_length=a)
+  pos_A = pad_start_E[expert_A] + jnp.arange(a) - start_E[expert_A]
+  xp_RD = jnp.zeros((n_tiles * m, d), xs_AD.dtype).at[pos_A].set(xs_AD, unique_indices=True)
+  tile_expert = jnp.clip(jnp.searchsorted(pad_end_E, jnp.arange(n_tiles) * m, side="right"), 0, e - 1)
+  x_TMD = xp_RD.reshape(n_tiles, m, d)
+  h_TMF = jax.nn.silu(jnp.einsum("tmd,tdf->tmf", x_TMD, w1_EDF[tile_expert])) * jnp.einsum(
+      "tmd,tdf->tmf", x_TMD, w3_EDF[tile_expert])
+  y_RD = jnp.einsum("tmf,tfd->tmd", h_TMF, w2_EFD[tile_expert]).reshape(n_tiles * m, d)
+  return y_RD[pos_A]
+
+
+DROPLESS_IMPLS = ("ragged", "tiled")
+
+
+def dropless_dispatch(x_ND, experts_NK, gates_NK, w1_EDF, w3_EDF, w2_EFD, *, impl: str = "ragged"):
+  """Dropless MoE: sort assignments by expert, grouped matmuls, unsort, gate-weighted sum.
+
+  ``impl="ragged"``: ``jax.lax.ragged_dot``; ``impl="tiled"``: :func:`tiled_swiglu`. Returns [N, D] in x's dtype.
+  """
+  if impl not in DROPLESS_IMPLS:
+    raise ValueError(f"dropless impl {impl!r}; choose one of {DROPLESS_IMPLS} (model.moe_impl)")
+  n, d = x_ND.shape
+  e = w1_EDF.shape[0]
+  k = experts_NK.shape[-1]
+  flat_A = experts_NK.reshape(-1)
+  order_A = jnp.argsort(flat_A, stable=True)
+  token_A = order_A // k
+  xs_AD = jnp.take(x_ND, token_A, axis=0)
+  group_sizes_E = jnp.bincount(flat_A, length=e).astype(jnp.int32)
+  ffn = ragged_swiglu if impl == "ragged" else tiled_swiglu
+  ys_AD = ffn(xs_AD, group_sizes_E, w1_EDF, w3_EDF, w2_EFD)
+  y_AD = jnp.zeros_like(ys_AD).at[order_A].set(ys_AD, unique_indices=True)
+  y_NKD = y_AD.reshape(n, k, d)
+  out = jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), gates_NK)
+  return out.astype(x_ND.dtype)
+
+
+def capacity(tokens_per_group: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
+  """Expert capacity per group: ceil(capacity_factor · tokens · k / E), at least 1."""
+  return max(1, int(math.ceil(capacity_factor * tokens_per_group * top_k / n_experts)))
+
+
+def capacity_dispatch(x_BTD, experts_BTK, gates_BTK, w1_EDF, w3_EDF, w2_EFD, *, capacity_factor: float):
+  """Capacity-factor MoE with one-hot einsum dispatch per sequence (group = one batch row).
+
+  Returns ``(out_BTD, dropped_frac)``; dropped assignments contribute nothing.
+  """
+  b, t, d = x_BTD.shape
+  e = w1_EDF.shape[0]
+  k = experts_BTK.shape[-1]
+  c = capacity(t, e, k, capacity_factor)
+  onehot_BKTE = jax.nn.one_hot(jnp.swapaxes(experts_BTK, 1, 2), e, dtype=jnp.int32)  # priority: k, then t
+  pos_BKTE = jnp.cumsum(onehot_BKTE.reshape(b, k * t, e), axis=1).reshape(b, k, t, e) * onehot_BKTE - 1
+  keep_BKTE = (pos_BKTE >= 0) & (pos_BKTE < c)
+  dispatch_BKTEC = jax.nn.one_hot(jnp.where(keep_BKTE, pos_BKTE, -1), c, dtype=x_BTD.dtype)  # -1 → zeros
+  dispatch_BTEC = jnp.sum(dispatch_BKTEC, axis=1)
+  combine_BTEC = jnp.einsum("bktec,btk->btec", dispatch_BKTEC.astype(jnp.float32), gates_BTK)
+  xin_BECD = jnp.einsum("btec,btd->becd", dispatch_BTEC, x_BTD)
+  h_BECF = jax.nn.silu(jnp.einsum("becd,edf->becf", xin_BECD, w1_EDF)) * jnp.einsum(
+      "becd,edf->becf", xin_BECD, w3_EDF)
+  y_BECD = jnp.einsum("becf,efd->becd", h_BECF, w2_EFD)
+  out_BTD = jnp.einsum("btec,becd->btd", combine_BTEC, y_BECD.astype(jnp.float32)).astype(x_BTD.dtype)
+  dropped = jnp.sum(pos_BKTE >= c).astype(jnp.float32) / (b * t * k)  # chosen but over capacity
+  return out_BTD, dropped
+
+
+def dense_reference(x_ND, experts_NK, gates_NK, w1_EDF, w3_EDF, w2_EFD):
+  """Per-token loop reference: Σ_k gate_k · FFN_{expert_k}(x) (for tests; O(N·K) gathers of weights)."""
+  def one(x_D, ex_K, g_K):
+    w1, w3, w2 = w1_EDF[ex_K], w3_EDF[ex_K], w2_EFD[ex_K]
+    h_KF = jax.nn.silu(jnp.einsum("d,kdf->kf", x_D, w1)) * jnp.einsum("d,kdf->kf", x_D, w3)
+    return jnp.einsum("kf,kfd,k->d", h_KF, w2, g_K)
+  return jax.vmap(one)(x_ND, experts_NK, gates_NK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Module.
+
+
+class MoE(nnx.Module):
+  """Top-k routed SwiGLU experts. ``moe(x_BTD)`` returns ``(y_BTD, info)``.
+
+  ``info`` holds scalars ``lb_loss``, ``z_loss`` and the :func:`routing_stats`; with ``return_routing=True``
+  also ``experts`` [B, T, K], ``gates`` [B, T, K] and ``router_logits`` [B, T, E] per token.
+  Expert weights carry the logical axis ``expert`` (and ``embed``/``mlp``); the router is ``(embed, None)``.
+  """
+
+  def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, *, capacity_factor: float = 0.0,
+               router_softmax: str = "before", norm_topk_prob: bool = False, lb_loss_norm: str = "switch",
+               dropless_impl: str = "ragged", dtype="float32", param_dtype="float32", init_std: float = 0.02,
+               out_std: float | None = None, rngs: nnx.Rngs):
+    if router_softmax not in ROUTER_SOFTMAX:
+      raise ValueError(f"router_softmax={router_softmax!r}; choose one of {ROUTER_SOFTMAX}")
+    if lb_loss_norm not in LB_NORMS:
+      raise ValueError(f"lb_loss_norm={lb_loss_norm!r}; choose one of {LB_NORMS}")
+    if not 1 <= top_k <= n_experts:
+      raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
+    if dropless_impl not in DROPLESS_IMPLS:
+      raise ValueError(f"dropless_impl={dropless_impl!r}; choose one of {DROPLESS_IMPLS}")
+    self.dropless_impl = dropless_impl
+    self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
+    self.router_softmax, self.norm_topk_prob, self.lb_loss_norm = router_softmax, norm_topk_prob, lb_loss_norm
+    self.dtype = jnp.dtype(dtype)
+    pd = jnp.dtype(param_dtype)
+    out_std = init_std if out_std is None else out_std
+
+    def p(shape, axes, std, dt=pd):
+      return nnx.Param(std * jax.random.normal(rngs.params(), shape, dt), out_sharding=axes, eager_sharding=False)
+
+    self.router = p((d_model, n_experts), ("embed", None), init_std, jnp.float32)
+    self.w1 = p((n_experts, d_model, d_ff), ("expert", "embed", "mlp"), init_std)
+    self.w3 = p((n_experts, d_model, d_ff), ("expert", "embed", "mlp"), init_std)
+    self.w2 = p((n_experts, d_ff, d_model), ("expert", "mlp", "embed"), out_std)
+
+  def __call__(self, x_BTD, *, return_routing: bool = False):
+    if x_BTD.ndim != 3 or x_BTD.shape[-1] != self.w1.shape[1]:
+      raise ValueError(f"MoE input must be [B, T, D={self.w1.shape[1]}], got {x_BTD.shape}")
+    b, t, d = x_BTD.shape
+    dt = self.dtype
+    x = x_BTD.astype(dt)
+    logits_NE = x.reshape(b * t, d).astype(jnp.float32) @ self.router[...]
+    experts_NK, gates_NK, probs_NE = route(logits_NE, self.top_k, softmax=self.router_softmax,
+                                           norm_topk_prob=self.norm_topk_prob)
+    w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+    if self.capacity_factor > 0:
+      y_BTD, dropped = capacity_dispatch(x, experts_NK.reshape(b, t, -1), gates_NK.reshape(b, t, -1), w1, w3, w2,
+                                         capacity_factor=self.capacity_factor)
+    else:
+      y_BTD = dropless_dispatch(x.reshape(b * t, d), experts_NK, gates_NK, w1, w3, w2,
+                                impl=self.dropless_impl).reshape(b, t, d)
+      dropped = None
+    info = routing_stats(jax.lax.stop_gradient(experts_NK), jax.lax.stop_gradient(probs_NE),
+                         dropped_frac=dropped)
+    info["lb_loss"] = load_balancing_loss(probs_NE, experts_NK, norm=self.lb_loss_norm)
+    info["z_loss"] = router_z_loss(logits_NE)
+    if return_routing:
+      info["experts"] = experts_NK.reshape(b, t, -1)
+      info["gates"] = gates_NK.reshape(b, t, -1)
+      info["router_logits"] = logits_NE.reshape(b, t, -1)
+    return y_BTD, info
