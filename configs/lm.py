@@ -14,7 +14,7 @@ VARIANTS = ("", "smoke", "moe", "125m", "1b", "moe_1b7b")
 
 # Logical axis -> mesh axes. Parameters and activations name logical axes; this is the one mapping.
 AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
     ("vocab", "model"),
     ("mlp", "model"),
@@ -60,7 +60,8 @@ def get_config(arg=None):
     c.train.update(steps=150, log_every=10, eval_every=50, eval_batches=2, ckpt_every=50)
   elif a.variant == "moe":
     # Every block MoE: 8 SwiGLU experts of width 128, top-2, dropless; routing statistics in metrics.
-    c.model.update(moe_every=1, n_experts=8, top_k=2, moe_d_ff=128, capacity_factor=0.0,
+    # moe_impl="tiled": pure-jnp tiled grouped matmul, ~5x faster than ragged_dot on CPU (which runs densely).
+    c.model.update(moe_every=1, n_experts=8, top_k=2, moe_d_ff=128, capacity_factor=0.0, moe_impl="tiled",
                    router_softmax="before", norm_topk_prob=False, lb_loss_norm="switch",
                    lb_loss_coef=0.01, z_loss_coef=0.001, moe_stats_per_expert=True)
   elif a.variant == "125m":
@@ -79,7 +80,7 @@ def get_config(arg=None):
   elif a.variant == "moe_1b7b":
     c.model.update(vocab_size=260, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, d_ff=1024,
                    max_seq_len=4096, dtype="bfloat16", attention_impl="auto", remat="dots",
-                   moe_every=1, n_experts=64, top_k=8, moe_d_ff=1024, capacity_factor=0.0,
+                   moe_every=1, n_experts=64, top_k=8, moe_d_ff=1024, capacity_factor=0.0, moe_impl="ragged",
                    router_softmax="before", norm_topk_prob=False, lb_loss_norm="switch",
                    lb_loss_coef=0.01, z_loss_coef=0.001, moe_stats_per_expert=False)  # OLMoE-like
     c.mesh.update(data=1, fsdp=-1, expert=8)

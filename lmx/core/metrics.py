@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Mapping
@@ -38,7 +39,8 @@ class Writer:
   """
 
   def __init__(self, workdir: str, *, total_steps: int | None = None, enabled: bool | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, console_exclude: str | None = None):
+    self.console_exclude = re.compile(console_exclude) if console_exclude else None
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps = total_steps
     self._t0 = time.time()
@@ -71,7 +73,8 @@ class Writer:
     vals = self.scalars(step, metrics, prefix)
     if self.enabled:
       total = f"/{self.total_steps}" if self.total_steps else ""
-      body = " ".join(f"{k}={_fmt(v)}" for k, v in vals.items())
+      body = " ".join(f"{k}={_fmt(v)}" for k, v in vals.items()
+                      if not (self.console_exclude and self.console_exclude.search(k)))
       tqdm.write(f"[step {int(step)}{total}] {body}", file=sys.stdout)
     return vals
 

@@ -60,6 +60,7 @@ def build(config, mesh):
 def run(config, workdir: str) -> dict:
   mcfg = validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
+  mcfg.check_mesh(dict(mesh.shape))
   rules = config.axis_rules
   dcfg = config.data
   divisor = mesh_lib.batch_size_divisor(mesh, rules)
@@ -98,7 +99,8 @@ def run(config, workdir: str) -> dict:
     return {"ce": ce, "bits_per_byte": ce / np.log(2)}
 
   os.makedirs(workdir, exist_ok=True)
-  writer = Writer(workdir, total_steps=config.train.steps)
+  # Per-expert routing scalars go to metrics.jsonl and TensorBoard, not to the console line.
+  writer = Writer(workdir, total_steps=config.train.steps, console_exclude=r"/(load|mean_prob)/e\d+$")
   with jax.set_mesh(mesh):
     n_params = num_params(jax.eval_shape(init_params, jax.random.key(0)))
   writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))
