@@ -1,0 +1,87 @@
+"""Evaluation protocol (datm.md §9): train K fresh ConvNets on a (synthetic or real) training set, test them.
+
+K networks are trained in parallel with ``vmap`` (same data, different init, shuffle and DSA keys):
+SGD with momentum 0.9, weight decay 5e-4, batch ``batch`` (128 in DATM), DSA on every batch, soft cross-entropy
+against the given targets (softmax(Ŷ) for DATM, one-hot for real data / MTT), and the learning rate ×0.1 after
+half the epochs with the momentum buffer reset (the reference re-creates its optimiser there). The result is
+the final test accuracy of each network; report mean ± std.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmx.methods.datm import dsa
+from lmx.methods.datm.experts import accuracy, epoch_batches, map_stacked
+from lmx.models import convnet
+
+
+@functools.partial(jax.jit, static_argnames=("strategy", "momentum", "weight_decay", "apply_fn", "use_vmap"))
+def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
+                apply_fn=convnet.apply, use_vmap=True):
+  def one(params, mom, idx_B, mask_B, key):
+    xb = dsa.augment(key, x_all[idx_B], strategy)
+
+    def loss_fn(p):
+      logp = jax.nn.log_softmax(apply_fn(p, xb))
+      return -jnp.sum(jnp.sum(t_all[idx_B] * logp, -1) * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
+
+    g = jax.grad(loss_fn)(params)
+    mom = jax.tree.map(lambda m, gi, p: momentum * m + gi + weight_decay * p, mom, g, params)
+    return jax.tree.map(lambda p, m: p - lr * m, params, mom), mom
+
+  return map_stacked(one, (0, 0, 0, 0, 0), use_vmap)(params_K, mom_K, idx_KB, mask_KB, keys_K)
+
+
+def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *, num_classes: int, model_cfg,
+                   num_nets: int, epochs: int, lr: float, batch: int, dsa_strategy: tuple[str, ...],
+                   momentum: float = 0.9, weight_decay: float = 5e-4, use_vmap: bool = True,
+                   progress: Optional[Callable] = None, desc: str = "eval") -> np.ndarray:
+  """Trains ``num_nets`` fresh networks on (x_train, targets) and returns their test accuracies (num_nets,)."""
+  x_all = jnp.asarray(x_train_NHWC, jnp.float32)
+  t_all = jnp.asarray(targets_NC, jnp.float32)
+  n = x_all.shape[0]
+  batch = min(batch, n)
+  image_shape = tuple(x_all.shape[1:])
+  init = jax.jit(jax.vmap(lambda k: convnet.init_params(k, image_shape, num_classes, depth=model_cfg.depth,
+                                                        width=model_cfg.width, norm=model_cfg.norm)))
+  root = jax.random.key(seed)
+  params = init(jax.random.split(jax.random.fold_in(root, 0), num_nets))
+  mom = jax.tree.map(jnp.zeros_like, params)
+  step_keys = jax.jit(lambda ep, steps: jax.random.split(jax.random.fold_in(root, ep + 1), (steps, num_nets)),
+                      static_argnums=1)
+  kw = dict(strategy=tuple(dsa_strategy), momentum=float(momentum), weight_decay=float(weight_decay),
+            use_vmap=bool(use_vmap))
+  bar = progress(epochs, desc) if progress else None
+  cur_lr = jnp.float32(lr)
+  for ep in range(epochs):
+    if ep == epochs // 2 + 1:
+      cur_lr = jnp.float32(lr * 0.1)
+      mom = jax.tree.map(jnp.zeros_like, mom)
+    rngs = [np.random.default_rng([seed, k, ep, 5]) for k in range(num_nets)]
+    bm = [epoch_batches(r, n, batch) for r in rngs]
+    idx_KSB, mask_KSB = np.stack([b[0] for b in bm]), np.stack([b[1] for b in bm])
+    keys_SK = step_keys(ep, idx_KSB.shape[1])
+    for s in range(idx_KSB.shape[1]):
+      params, mom = _train_step(params, mom, x_all, t_all, idx_KSB[:, s], mask_KSB[:, s], keys_SK[s], cur_lr, **kw)
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  return accuracy(params, x_test_NHWC, y_test_N)
+
+
+def summarize(accs) -> dict[str, float]:
+  accs = np.asarray(accs, np.float64)
+  return {"mean": float(accs.mean()), "std": float(accs.std()), "n": int(accs.size),
+          "all": [float(a) for a in accs]}
+
+
+def random_subset(seed: int, y_N: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:
+  """``ipc`` random real images per class (indices grouped by class)."""
+  rng = np.random.default_rng([seed, 4])
+  return np.concatenate([rng.choice(np.flatnonzero(y_N == c), ipc, replace=False) for c in range(num_classes)])

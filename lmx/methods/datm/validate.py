@@ -1,0 +1,53 @@
+"""Early checks of a DATM config: every error names the field and the fix (no JAX work is done here)."""
+from __future__ import annotations
+
+from lmx.core.config import ConfigError, check_choice, positive, require
+from lmx.datasets.images import DATASETS
+from lmx.methods.datm.dsa import parse_strategy
+
+# Training images per class (the smallest class) for datasets whose size is known without loading them.
+TRAIN_PER_CLASS = {"mnist5k": 400, "digits": 142, "mnist": 5421, "fashion_mnist": 6000, "cifar10": 5000,
+                   "cifar100": 500, "tiny_imagenet": 500}
+
+
+def validate(c) -> None:
+  """Raises ConfigError for inconsistent or out-of-range settings."""
+  check_choice(c.method, "method", ["datm"])
+  check_choice(c.data.dataset, "data.dataset", DATASETS)
+  try:
+    parse_strategy(c.data.dsa_strategy)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  check_choice(c.model.norm, "model.norm", ["instancenorm", "none"])
+  positive(c.model.depth, "model.depth")
+  positive(c.model.width, "model.width")
+  e, d, v = c.experts, c.distill, c.eval
+  for name in ("num", "epochs", "batch", "parallel"):
+    positive(e[name], f"experts.{name}")
+  positive(e.lr, "experts.lr")
+  for name in ("ipc", "iterations", "syn_steps", "expert_epochs", "batch_syn", "log_every", "ckpt_every"):
+    positive(d[name], f"distill.{name}")
+  per_class = TRAIN_PER_CLASS.get(c.data.dataset)
+  if per_class is not None:
+    require(d.ipc <= per_class, "distill.ipc",
+            f"{d.ipc} images per class requested but {c.data.dataset} has only {per_class} training images "
+            "in its smallest class; lower distill.ipc")
+  check_choice(d.init, "distill.init", ["correct", "real", "noise"])
+  check_choice(d.lr_param, "distill.lr_param", ["log", "raw"])
+  require(0 < d.lr_min < d.lr_init < d.lr_max, "distill.lr_init",
+          f"need 0 < lr_min ({d.lr_min}) < lr_init ({d.lr_init}) < lr_max ({d.lr_max})")
+  require(0 <= d.min_start_epoch < d.max_start_epoch, "distill.max_start_epoch",
+          f"the window [min_start_epoch={d.min_start_epoch}, max_start_epoch={d.max_start_epoch}) is empty")
+  if d.sequential:
+    require(d.min_start_epoch < d.current_max_start_epoch <= d.max_start_epoch, "distill.current_max_start_epoch",
+            f"{d.current_max_start_epoch} must lie in (min_start_epoch, max_start_epoch]")
+    positive(d.expansion_end, "distill.expansion_end")
+  need = d.max_start_epoch - 1 + d.expert_epochs
+  require(need <= e.epochs, "experts.epochs",
+          f"{e.epochs} epochs, but the last start epoch {d.max_start_epoch - 1} + expert_epochs {d.expert_epochs} "
+          f"needs {need}; raise experts.epochs or lower distill.max_start_epoch")
+  require(d.soft_labels or not d.learn_labels, "distill.learn_labels",
+          "hard labels (soft_labels=False) cannot be learned; set learn_labels=False")
+  positive(v.num, "eval.num")
+  positive(v.epochs, "eval.epochs")
+  positive(v.batch, "eval.batch")

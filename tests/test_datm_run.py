@@ -1,0 +1,119 @@
+"""DATM configs, validation errors, expert buffers, evaluation helpers and (slow) the smoke pipeline."""
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import datm as datm_config
+from lmx.core.config import ConfigError
+from lmx.methods.datm import experts as E
+from lmx.methods.datm import evaluate as EV
+from lmx.methods.datm.validate import validate
+
+
+@pytest.mark.parametrize("variant", datm_config.VARIANTS)
+def test_every_variant_builds_and_validates(variant):
+  c = datm_config.get_config(variant)
+  assert c.method == "datm"
+  if variant.startswith("cifar"):
+    name, ipc = variant.split("_ipc")
+    assert c.data.dataset == name and c.distill.ipc == int(ipc) and c.data.zca
+    assert c.model.width == 128 and c.experts.gsam and c.eval.epochs == 1000
+
+
+def test_paper_table_values():
+  c = datm_config.get_config("cifar10_ipc1")
+  d = c.distill
+  assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.lr_y, d.threshold) == (
+      80, 2, 4, 100.0, 1e-7, 5.0, 1.1)
+  assert not d.sequential
+  c = datm_config.get_config("cifar100_ipc50")
+  assert c.distill.init == "real" and c.distill.min_start_epoch == 20 and c.distill.max_start_epoch == 70
+  c = datm_config.get_config("cifar10_ipc10")
+  assert c.distill.sequential and c.distill.current_max_start_epoch == 10 and c.distill.expansion_end == 1000
+  m = datm_config.get_config("mtt")
+  assert not m.distill.soft_labels and m.distill.init == "real" and not m.distill.sequential
+
+
+def test_bad_input_names_the_field():
+  c = datm_config.get_config("")
+  c.distill.ipc = 401
+  with pytest.raises(ConfigError, match="distill.ipc"):
+    validate(c)
+  c = datm_config.get_config("")
+  c.data.dataset = "imagenet42"
+  with pytest.raises(ConfigError, match="data.dataset"):
+    validate(c)
+  c = datm_config.get_config("")
+  c.distill.max_start_epoch = 20
+  with pytest.raises(ConfigError, match="experts.epochs"):
+    validate(c)
+  with pytest.raises(ConfigError, match="variant"):
+    datm_config.get_config("cifar10_ipc7")
+
+
+def test_expert_buffer_round_trip_and_mismatch(tmp_path):
+  c = datm_config.get_config("smoke")
+  params = {"conv0": {"kernel": np.ones((2, 3, 3, 3, 1, 4), np.float32)}, "fc": {"bias": np.zeros((2, 3, 10))}}
+  meta = E.expected_meta(c, (8, 8, 1), 10)
+  E.save_buffer(str(tmp_path), E.ExpertBuffer(params, meta))
+  buf = E.load_buffer(str(tmp_path), meta, min_epochs=2)
+  assert buf.num_experts == 2 and buf.num_epochs == 2
+  assert buf.snapshot(1, 2)["conv0"]["kernel"].shape == (3, 3, 1, 4)
+  with pytest.raises(ConfigError, match="experts.dir.*width"):
+    E.load_buffer(str(tmp_path), dict(meta, width=99), min_epochs=2)
+  with pytest.raises(ConfigError, match="image_shape"):
+    E.load_buffer(str(tmp_path), dict(meta, image_shape=[28, 28, 1]), min_epochs=2)
+  with pytest.raises(ConfigError, match="expert_epochs"):
+    E.load_buffer(str(tmp_path), meta, min_epochs=5)
+  with pytest.raises(ConfigError, match="no expert buffer"):
+    E.load_buffer(str(tmp_path / "nothing"), meta, min_epochs=1)
+
+
+def test_epoch_batches_cover_everything_once():
+  idx, mask = E.epoch_batches(np.random.default_rng(0), 10, 4)
+  assert idx.shape == (3, 4) and mask.sum() == 10
+  assert sorted(idx.ravel()[mask.ravel() > 0].tolist()) == list(range(10))
+
+
+def test_gsam_reduces_to_sgd_direction_without_perturbation():
+  loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+  p = {"w": jnp.array([0.5, 2.0])}
+  _, g = E.gsam_grad(loss, p, rho=0.0, alpha=0.3)
+  np.testing.assert_allclose(g["w"], jax.grad(loss)(p)["w"], rtol=1e-6)
+
+
+def test_random_subset_is_stratified():
+  y = np.repeat(np.arange(3), 5)
+  idx = EV.random_subset(0, y, 3, 2)
+  assert np.bincount(y[idx]).tolist() == [2, 2, 2]
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
+  R = importlib.import_module("lmx.methods.datm.run")  # the package attribute `run` is the function
+  c = datm_config.get_config("smoke")
+  c.distill.iterations = 10
+  c.eval.update(epochs=10, full=False)
+  wd = str(tmp_path / "w")
+  r = R.run(c, wd)
+  for k in ("distilled", "random"):
+    assert 0.0 <= r[k]["mean"] <= 1.0 and r[k]["n"] == c.eval.num
+  assert r["seconds_per_iteration"] > 0 and r["compile_seconds"] > 0
+  assert os.path.exists(os.path.join(wd, "plots", "distilled_images.png"))
+  saved = json.load(open(os.path.join(wd, "results.json")))
+  assert saved["iterations"] == 10
+  x1 = np.load(os.path.join(wd, "synthetic.npz"))["x"]
+  # a rerun reuses the experts and the finished checkpoint: no new iterations, same images
+  r2 = R.run(c, wd)
+  assert r2["iterations_this_run"] == 0 and r2["resumed_from"] == 10
+  np.testing.assert_array_equal(np.load(os.path.join(wd, "synthetic.npz"))["x"], x1)
+  # a buffer for another model is refused
+  c.model.width = 4
+  c.experts.dir = os.path.join(wd, "experts")
+  with pytest.raises(ConfigError, match="width"):
+    R.run(c, str(tmp_path / "w2"))
