@@ -1,6 +1,6 @@
 r"""Seconds and memory per DATM distillation iteration: rolled ``lax.scan`` vs unrolled, with and without remat.
 
-    PYTHONPATH=. python benchmarks/datm_step.py [--shapes=default,cifar] [--iters=3] [--out=benchmarks/results/datm_step.json]
+    PYTHONPATH=. python benchmarks/datm_step.py [--shapes=default,cifar] [--iters=3] [--out=FILE.json]
 
 Shapes:
   default  the default config's meta-step (MNIST 28×28×1, ConvNet-3 width 16, IPC 10, batch_syn 50, N 10, DSA)
@@ -13,7 +13,6 @@ them (GPU). The expert snapshots are synthetic (random perturbations); timing do
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -56,7 +56,8 @@ def _base() -> ml_collections.ConfigDict:
       lr_init=0.01, lr_param="log", lr_min=1e-4, lr_max=1.0,
       unroll=True, remat=False, log_every=10, ckpt_every=50, max_nonfinite=20)
   c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,
-                random=True, full=True, init=False, vmap=False)
+                random=True, full=True, vmap=False,
+                init=False)  # init=True: also evaluate the initial synthetic set (learned α, before image updates)
   return c
 
 
@@ -72,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.experts.update(num=3, epochs=5, batch=32, parallel=3)
     d.update(ipc=1, iterations=30, syn_steps=5, batch_syn=10, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_y=5.0, log_every=5, ckpt_every=10)
-    c.eval.update(num=3, epochs=40, full_epochs=1)
+    c.eval.update(num=3, epochs=40, full_epochs=1, full=False)
   elif a.variant == "ipc1":
     d.update(ipc=1, batch_syn=10, syn_steps=10, min_start_epoch=0, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_lr=1e-7, lr_y=5.0, threshold=1.1, iterations=300)

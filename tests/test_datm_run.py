@@ -98,10 +98,10 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
   R = importlib.import_module("lmx.methods.datm.run")  # the package attribute `run` is the function
   c = datm_config.get_config("smoke")
   c.distill.iterations = 10
-  c.eval.update(epochs=10, full=False)
+  c.eval.update(epochs=10, full=False, init=True)
   wd = str(tmp_path / "w")
   r = R.run(c, wd)
-  for k in ("distilled", "random"):
+  for k in ("distilled", "random", "initial"):
     assert 0.0 <= r[k]["mean"] <= 1.0 and r[k]["n"] == c.eval.num
   assert r["seconds_per_iteration"] > 0 and r["compile_seconds"] > 0
   assert os.path.exists(os.path.join(wd, "plots", "distilled_images.png"))

@@ -175,8 +175,9 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   return state, stats
 
 
-def run_eval(config, data, state, writer) -> dict:
-  """Distilled, random-real and full-data accuracies (mean ± std over ``eval.num`` networks)."""
+def run_eval(config, data, state, writer, syn0=None) -> dict:
+  """Distilled, random-real and full-data accuracies (mean ± std over ``eval.num`` networks); with
+  ``eval.init`` also the initial synthetic set (same labels/step-size protocol, before any image update)."""
   v, d = config.eval, config.distill
   strategy = dsa.parse_strategy(config.data.dsa_strategy)
   c = data.num_classes
@@ -190,6 +191,11 @@ def run_eval(config, data, state, writer) -> dict:
   accs = evaluate.train_and_test(config.seed + 11, x_syn, targets, data.x_test_NHWC, data.y_test_N, epochs=v.epochs,
                                  lr=lr, desc="eval distilled", **common)
   out["distilled"] = evaluate.summarize(accs)
+  if v.init and syn0 is not None:
+    accs = evaluate.train_and_test(config.seed + 11, np.asarray(syn0["x"]),
+                                   np.asarray(D.targets_of(jnp.asarray(syn0["y"]), d.soft_labels)), data.x_test_NHWC,
+                                   data.y_test_N, epochs=v.epochs, lr=lr, desc="eval initial set", **common)
+    out["initial"] = evaluate.summarize(accs)
   onehot = np.eye(c, dtype=np.float32)
   if v.random:
     idx = evaluate.random_subset(config.seed + 2, data.y_train_N, c, d.ipc)
@@ -248,11 +254,11 @@ def run(config, workdir: str) -> dict:
     experts_s = time.time() - t0
     syn0, y_int = init_synthetic(config, data, buf)
     state, stats = distill_loop(config, buf, syn0, workdir, writer)
-    evals = run_eval(config, data, state, writer)
+    evals = run_eval(config, data, state, writer, syn0)
     results = {
         "method": "mtt" if not config.distill.soft_labels else "datm", "variant": config.variant,
         "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
-        "model": dict(config.model), **{k: evals[k] for k in ("distilled", "random", "full") if k in evals},
+        "model": dict(config.model), **{k: evals[k] for k in ("distilled", "random", "full", "initial") if k in evals},
         "learned_lr": evals["eval_lr_distilled"], **stats,
         "experts": {"num": buf.num_experts, "epochs": buf.num_epochs, "seconds_this_run": experts_s,
                     "final_test_acc_mean": float(np.mean(buf.meta.get("final_test_acc", [float("nan")])))},
