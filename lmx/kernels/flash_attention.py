@@ -82,6 +82,16 @@ def _next_pow2(x: int) -> int:
 # Kernels. Refs carry one (batch, head) slice: q/o/do [block_q, E] or [T, E]; k/v [S, E] or [block_k, E].
 
 
+def _block_scores(q, k, j, rows, *, scale, causal, block_k, kv_len):
+  """Scaled scores of a query block against key block ``j`` and the mask of keys it may attend to."""
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+  cols = j * block_k + jnp.arange(block_k)
+  mask = cols[None, :] < kv_len
+  if causal:
+    mask = mask & (rows[:, None] >= cols[None, :])
+  return s, mask
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, block_q, block_k, offset, kv_len,
                 num_k_blocks):
   i = pl.program_id(2)
@@ -93,11 +103,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, block_q, 
     o, m, l = carry
     k = k_ref[pl.ds(j * block_k, block_k), :]
     v = v_ref[pl.ds(j * block_k, block_k), :]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    cols = j * block_k + jnp.arange(block_k)
-    mask = cols[None, :] < kv_len
-    if causal:
-      mask = mask & (rows[:, None] >= cols[None, :])
+    s, mask = _block_scores(q, k, j, rows, scale=scale, causal=causal, block_k=block_k, kv_len=kv_len)
     s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     corr = jnp.exp(m - m_new)
@@ -129,11 +135,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale
   def body(j, dq):
     k = k_ref[pl.ds(j * block_k, block_k), :]
     v = v_ref[pl.ds(j * block_k, block_k), :]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    cols = j * block_k + jnp.arange(block_k)
-    mask = cols[None, :] < kv_len
-    if causal:
-      mask = mask & (rows[:, None] >= cols[None, :])
+    s, mask = _block_scores(q, k, j, rows, scale=scale, causal=causal, block_k=block_k, kv_len=kv_len)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
@@ -152,7 +154,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   j = pl.program_id(2)
   k = k_ref[...]
   v = v_ref[...]
-  cols = j * block_k + jnp.arange(block_k)
 
   def body(i, carry):
     dk, dv = carry
@@ -160,11 +161,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     do = do_ref[pl.ds(i * block_q, block_q), :]
     lse = lse_ref[pl.ds(i * block_q, block_q)]
     delta = delta_ref[pl.ds(i * block_q, block_q)]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
     rows = i * block_q + jnp.arange(block_q) + offset
-    mask = cols[None, :] < kv_len
-    if causal:
-      mask = mask & (rows[:, None] >= cols[None, :])
+    s, mask = _block_scores(q, k, j, rows, scale=scale, causal=causal, block_k=block_k, kv_len=kv_len)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
