@@ -131,7 +131,7 @@ def test_nonfinite_loss_is_skipped(stepper):
   np.testing.assert_array_equal(new["syn"]["y"], bad["syn"]["y"])
 
 
-@pytest.mark.parametrize("lr_param", ["log", "raw"])
+@pytest.mark.parametrize("lr_param", ["log", "log_sgd", "raw"])
 def test_step_size_stays_positive_and_bounded(lr_param):
   inner = dataclasses.replace(SPEC, lr_param=lr_param, dsa_strategy=(), syn_steps=2)
   outer = D.OuterSpec(lr_img=0.0, lr_lr=1e3, lr_y=0.0, threshold=1e9, lr_min=1e-4, lr_max=0.5)
@@ -166,3 +166,18 @@ def test_soft_label_init_averages_only_correct_experts():
   out = D.soft_label_init(logits, np.array([0]))
   np.testing.assert_allclose(out, [[3.0, 0.5]])
   assert out.argmax(-1)[0] == 0
+
+
+def test_log_sgd_step_size_moves_like_raw_sgd():
+  """'log_sgd' preconditions ρ = log α so that one small outer step changes α as raw-α SGD does."""
+  p0, p1, syn = _tiny()
+  outer = D.OuterSpec(lr_img=0.0, lr_lr=1e-4, lr_y=0.0, threshold=1e9, lr_min=1e-4, lr_max=1.0)
+  moved = {}
+  for lr_param in ("raw", "log_sgd"):
+    inner = dataclasses.replace(SPEC, lr_param=lr_param, dsa_strategy=(), syn_steps=2)
+    s = dict(syn, lr=jnp.float32(D.lr_raw_from_value(0.2, lr_param)))
+    state = D.init_state(s, D.make_optimizer(outer, inner))
+    _, m = D.meta_step(state, p0, p1, jax.random.key(0), inner=inner, outer=outer)
+    moved[lr_param] = float(m["lr"]) - 0.2
+  assert moved["raw"] != 0.0
+  np.testing.assert_allclose(moved["log_sgd"], moved["raw"], rtol=1e-2)

@@ -10,7 +10,8 @@ One distillation iteration:
   5. SGD updates (images: momentum 0.5, step size: 0.5, labels: 0.9), all skipped when L > threshold or when
      anything is non-finite.
 
-The step size α is parametrised so it cannot go negative (``lr_param='log'``: α = exp(ρ); ``'raw'``: α = ρ
+The step size α is parametrised so it cannot go negative (``lr_param='log'``: α = exp(ρ); ``'log_sgd'``: α = exp(ρ)
+with ρ's gradient divided by α² so that α moves as the paper's raw-α SGD at every α; ``'raw'``: α = ρ
 clipped to [lr_min, lr_max]) and is clipped to [lr_min, lr_max] after every update (the blow-up guard).
 """
 from __future__ import annotations
@@ -54,11 +55,11 @@ def soft_cross_entropy(logits_BC: jax.Array, targets_BC: jax.Array) -> jax.Array
 
 def lr_value(lr_raw: jax.Array, lr_param: str) -> jax.Array:
   """The step size α from its parameter: exp(ρ) for 'log', ρ itself for 'raw'."""
-  return jnp.exp(lr_raw) if lr_param == "log" else lr_raw
+  return jnp.exp(lr_raw) if lr_param.startswith("log") else lr_raw
 
 
 def lr_raw_from_value(lr: float, lr_param: str) -> float:
-  return math.log(lr) if lr_param == "log" else float(lr)
+  return math.log(lr) if lr_param.startswith("log") else float(lr)
 
 
 def targets_of(y_NC: jax.Array, soft_labels: bool) -> jax.Array:
@@ -164,7 +165,8 @@ def init_state(syn: Syn, tx: optax.GradientTransformation) -> dict[str, Any]:
 
 
 def clip_lr(lr_raw: jax.Array, outer: OuterSpec, lr_param: str) -> jax.Array:
-  lo, hi = (math.log(outer.lr_min), math.log(outer.lr_max)) if lr_param == "log" else (outer.lr_min, outer.lr_max)
+  lo, hi = ((math.log(outer.lr_min), math.log(outer.lr_max)) if lr_param.startswith("log")
+            else (outer.lr_min, outer.lr_max))
   return jnp.clip(lr_raw, lo, hi)
 
 
@@ -177,6 +179,8 @@ def meta_step(state: dict[str, Any], theta_start, theta_target, key: jax.Array, 
   """
   tx = make_optimizer(outer, inner)
   loss, grads = jax.value_and_grad(meta_loss)(state["syn"], theta_start, theta_target, key, inner, apply_fn)
+  if inner.lr_param == "log_sgd":  # precondition ρ by 1/α²: dα ≈ α·dρ = lr_lr·∂L/∂α, the paper's raw-α SGD step
+    grads = dict(grads, lr=grads["lr"] * jnp.exp(-2.0 * state["syn"]["lr"]))
   updates, new_opt = tx.update(grads, state["opt"], state["syn"])
   new_syn = optax.apply_updates(state["syn"], updates)
   new_syn["lr"] = clip_lr(new_syn["lr"], outer, inner.lr_param)

@@ -33,7 +33,7 @@ def validate(c) -> None:
             f"{d.ipc} images per class requested but {c.data.dataset} has only {per_class} training images "
             "in its smallest class; lower distill.ipc")
   check_choice(d.init, "distill.init", ["correct", "real", "noise"])
-  check_choice(d.lr_param, "distill.lr_param", ["log", "raw"])
+  check_choice(d.lr_param, "distill.lr_param", ["log", "log_sgd", "raw"])
   require(0 < d.lr_min < d.lr_init < d.lr_max, "distill.lr_init",
           f"need 0 < lr_min ({d.lr_min}) < lr_init ({d.lr_init}) < lr_max ({d.lr_max})")
   require(0 <= d.min_start_epoch < d.max_start_epoch, "distill.max_start_epoch",
