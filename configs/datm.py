@@ -53,7 +53,7 @@ def _base() -> ml_collections.ConfigDict:
       sequential=True, current_max_start_epoch=3, expansion_end=80, batch_syn=50,
       lr_img=100.0, lr_lr=1e-5, lr_y=2.0, momentum_img=0.5, momentum_lr=0.5, momentum_y=0.9,
       threshold=1.0, init="correct", soft_labels=True, learn_labels=True, learn_lr=True,
-      lr_init=0.01, lr_param="log", lr_min=1e-4, lr_max=1.0,
+      lr_init=0.01, lr_param="log_sgd", lr_min=1e-4, lr_max=1.0,
       unroll=True, remat=False, log_every=10, ckpt_every=50, max_nonfinite=20)
   c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,
                 random=True, full=True, vmap=False,
@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.update(ipc=ipc, syn_steps=n, expert_epochs=m, min_start_epoch=tmin, current_max_start_epoch=tcur,
              max_start_epoch=tmax, sequential=bool(sg), expansion_end=max(sg, 1),
              batch_syn=min(bsyn, ipc * (100 if name == "cifar100" else 10)), lr_img=float(lr_img), lr_lr=lr_lr,
-             lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_param="log", lr_max=10.0,
+             lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_param="log_sgd", lr_max=10.0,
              unroll=False, remat=True, log_every=50, ckpt_every=500)
     c.eval.update(epochs=1000, full_epochs=50, vmap=True)
   from lmx.methods.datm.validate import validate  # pylint: disable=g-import-not-at-top
