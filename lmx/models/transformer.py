@@ -220,16 +220,21 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"),
                      cfg.init_std / (2 * cfg.n_layers) ** 0.5, pd)
 
-  def __call__(self, x_BTD, positions_BT):
-    from lmx.kernels import attention as attention_lib  # local import: kernels import models lazily
-
+  def _qkv(self, x_BTD, positions_BT):
+    """Query/key/value projections in the compute dtype, RoPE applied to q and k."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x = x_BTD.astype(dt)
     q_BTHE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
     k_BTKE = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
     v_BTKE = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
-    q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
-    k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+    return (apply_rope(q_BTHE, positions_BT, cfg.rope_theta), apply_rope(k_BTKE, positions_BT, cfg.rope_theta),
+            v_BTKE)
+
+  def __call__(self, x_BTD, positions_BT):
+    from lmx.kernels import attention as attention_lib  # local import: kernels import models lazily
+
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
     o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl)
     return jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt))
 
@@ -239,13 +244,8 @@ class Attention(nnx.Module):
     from lmx.kernels import attention as attention_lib
 
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    x = x_BTD.astype(dt)
-    t = x.shape[1]
-    q_BTHE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
-    k_BTKE = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
-    v_BTKE = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
-    q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
-    k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+    t = x_BTD.shape[1]
+    q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
     k_BSKE = jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), (0, start, 0, 0))
     v_BSKE = jax.lax.dynamic_update_slice(cache["v"], v_BTKE.astype(cache["v"].dtype), (0, start, 0, 0))
     s = k_BSKE.shape[1]
