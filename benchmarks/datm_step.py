@@ -34,8 +34,9 @@ SHAPES = {
 }
 
 
-def bench(shape: dict, unroll: bool, remat: bool, iters: int) -> dict:
+def bench(shape: dict, unroll: bool, remat: bool, iters: int, conv: str = "auto") -> dict:
   """Compiles and times one meta-step configuration."""
+  convnet.set_default_conv_impl(conv)
   key = jax.random.key(0)
   p0 = convnet.init_params(key, shape["image"], 10, depth=3, width=shape["width"])
   p1 = jax.tree.map(lambda a: a + 0.01 * jnp.sign(a), p0)
@@ -64,7 +65,7 @@ def bench(shape: dict, unroll: bool, remat: bool, iters: int) -> dict:
     dev_peak = stats.get("peak_bytes_in_use")
   except Exception:  # noqa: BLE001
     pass
-  return {"loop": "unrolled" if unroll else "scan", "remat": remat, "compile_seconds": round(compile_s, 2),
+  return {"loop": "unrolled" if unroll else "scan", "remat": remat, "conv": convnet.resolve_conv_impl(conv), "compile_seconds": round(compile_s, 2),
           "seconds_per_iteration": round(sec, 4),
           "xla_temp_MiB": round(getattr(mem, "temp_size_in_bytes", 0) / 2**20, 1) if mem else None,
           "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -77,6 +78,7 @@ def main():
   ap.add_argument("--shapes", default="default,cifar")
   ap.add_argument("--variants", default="unrolled,unrolled+remat,scan,scan+remat")
   ap.add_argument("--iters", type=int, default=3)
+  ap.add_argument("--conv", default="xla,im2col", help="convolution implementations to compare (model.conv_impl)")
   ap.add_argument("--out", default="benchmarks/results/datm_step.json")
   args = ap.parse_args()
   results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
@@ -84,8 +86,8 @@ def main():
              "cpu_count": os.cpu_count(), "iters": args.iters, "runs": []}
   for shape_name in args.shapes.split(","):
     shape = SHAPES[shape_name]
-    for var in args.variants.split(","):
-      r = bench(shape, unroll=var.startswith("unrolled"), remat=var.endswith("+remat"), iters=args.iters)
+    for var, conv in [(v, c) for v in args.variants.split(",") for c in args.conv.split(",")]:
+      r = bench(shape, unroll=var.startswith("unrolled"), remat=var.endswith("+remat"), iters=args.iters, conv=conv)
       r = {"shape": shape_name, **{k: v for k, v in shape.items()}, **r}
       results["runs"].append(r)
       print(json.dumps(r), flush=True)

@@ -43,7 +43,8 @@ def _base() -> ml_collections.ConfigDict:
   c.data = dict(dataset="mnist5k", zca=False, zca_eps=0.1, data_dir="",
                 # DSA strategy; MNIST drops 'flip' (digits are not mirror-symmetric), CIFAR uses all six groups.
                 dsa_strategy="color_crop_cutout_scale_rotate")
-  c.model = dict(depth=3, width=16, norm="instancenorm")
+  # conv_impl 'auto': im2col (patches × matmul) on CPU, where XLA's convolution backward is slow; native elsewhere.
+  c.model = dict(depth=3, width=16, norm="instancenorm", conv_impl="auto")
   # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
   c.experts = dict(num=3, epochs=8, lr=0.01, batch=64, momentum=0.0, weight_decay=0.0, dsa=True,
                    gsam=False, gsam_rho=0.01, gsam_alpha=0.3, parallel=3, dir="",

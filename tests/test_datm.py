@@ -181,3 +181,24 @@ def test_log_sgd_step_size_moves_like_raw_sgd():
     moved[lr_param] = float(m["lr"]) - 0.2
   assert moved["raw"] != 0.0
   np.testing.assert_allclose(moved["log_sgd"], moved["raw"], rtol=1e-2)
+
+
+@pytest.mark.parametrize("hw,cin,pad", [(28, 1, 3), (8, 4, 1), (5, 3, 1)])
+def test_im2col_conv_matches_xla_conv_to_second_order(hw, cin, pad):
+  """The CPU-fast im2col convolution is the same function as XLA's: values, gradients and the second-order
+  meta-gradient through an SGD step all agree (float64)."""
+  with jax.enable_x64(True):
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(k1, (2, hw, hw, cin), jnp.float64)
+    w = jax.random.normal(k2, (3, 3, cin, 5), jnp.float64)
+    np.testing.assert_allclose(convnet.conv_im2col(x, w, pad), convnet.conv_xla(x, w, pad), rtol=1e-12, atol=1e-12)
+
+    def meta(conv):
+      def f(x, w):
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w, pad))))(w)
+        return jnp.sum(jnp.square(w - 0.1 * g))
+      return jax.grad(f, argnums=(0, 1))(x, w)
+    for a, b in zip(meta(convnet.conv_im2col), meta(convnet.conv_xla)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  with pytest.raises(ValueError, match="conv_impl"):
+    convnet.set_default_conv_impl("winograd")

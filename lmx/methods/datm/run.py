@@ -135,6 +135,29 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   temp_bytes = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else None
   root = jax.random.key(config.seed)
   skipped = nonfinite_run = 0
+  pending: list[tuple[int, dict, dict]] = []  # metrics stay on device until a log/checkpoint step (no per-step sync)
+
+  def drain(it_done: int) -> None:
+    """Fetches the pending metrics in one transfer, logs them and checks for a run of non-finite losses."""
+    nonlocal skipped, nonfinite_run
+    fetched = jax.device_get([m for _, m, _ in pending])
+    for (it, _, extra), m in zip(pending, fetched):
+      m = {k: float(v) for k, v in m.items()}
+      skipped += int(m["skipped"])
+      nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
+      if (it + 1) % d.log_every == 0 or it == start:
+        writer.scalars(it + 1, {**m, **extra}, prefix="distill/")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", refresh=False)
+      if nonfinite_run >= d.max_nonfinite:
+        pending.clear()
+        ckpt.save(it_done, state, config=config, force=True)  # skipped updates: this is the last good state
+        ckpt.close()
+        raise FloatingPointError(
+            f"distillation: {nonfinite_run} consecutive non-finite meta-losses at iteration {it + 1} (updates "
+            "were skipped, the last good state is checkpointed); lower distill.lr_img / distill.lr_y or "
+            "distill.lr_max")
+    pending.clear()
+
   loop_t0 = time.time()
   bar = metrics.progress(d.iterations, "distill", initial=start)
   for it in range(start, d.iterations):
@@ -146,20 +169,13 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
     th_s = jax.tree.map(jnp.asarray, buf.snapshot(e, t))
     th_t = jax.tree.map(jnp.asarray, buf.snapshot(e, t + d.expert_epochs))
     state, m = compiled(state, th_s, th_t, jax.random.fold_in(root, it))
-    m = {k: float(v) for k, v in m.items()}
-    skipped += int(m["skipped"])
-    nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
+    pending.append((it, m, {"start_epoch": t, "window_upper": ub, "expert": e}))
     bar.update(1)
-    if (it + 1) % d.log_every == 0 or it == start:
-      writer.scalars(it + 1, {**m, "start_epoch": t, "window_upper": ub, "expert": e}, prefix="distill/")
-      bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", refresh=False)
-    if nonfinite_run >= d.max_nonfinite:
-      ckpt.save(it + 1, state, config=config, force=True)
-      ckpt.close()
-      raise FloatingPointError(
-          f"distillation: {nonfinite_run} consecutive non-finite meta-losses at iteration {it + 1} (updates were "
-          "skipped, the last good state is checkpointed); lower distill.lr_img / distill.lr_y or distill.lr_max")
-    if (it + 1) % d.ckpt_every == 0 and it + 1 < d.iterations:
+    last = it + 1 == d.iterations
+    if (it + 1) % d.log_every == 0 or it == start or last or (it + 1) % d.ckpt_every == 0 \
+        or len(pending) >= d.max_nonfinite:
+      drain(it + 1)
+    if (it + 1) % d.ckpt_every == 0 and not last:
       ckpt.save(it + 1, state, config=config)
   jax.block_until_ready(state)
   loop_s = time.time() - loop_t0
@@ -245,6 +261,7 @@ def run(config, workdir: str) -> dict:
   """Runs the whole DATM pipeline; returns the results dict (also written to ``workdir/results.json``)."""
   t_start = time.time()
   validate(config)
+  convnet.set_default_conv_impl(config.model.conv_impl)
   os.makedirs(workdir, exist_ok=True)
   data = load_data(config)
   writer = metrics.Writer(workdir, total_steps=config.distill.iterations)
@@ -258,7 +275,7 @@ def run(config, workdir: str) -> dict:
     results = {
         "method": "mtt" if not config.distill.soft_labels else "datm", "variant": config.variant,
         "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
-        "model": dict(config.model), **{k: evals[k] for k in ("distilled", "random", "full", "initial") if k in evals},
+        "model": dict(config.model), "conv_impl": convnet.resolve_conv_impl(config.model.conv_impl), **{k: evals[k] for k in ("distilled", "random", "full", "initial") if k in evals},
         "learned_lr": evals["eval_lr_distilled"], **stats,
         "experts": {"num": buf.num_experts, "epochs": buf.num_epochs, "seconds_this_run": experts_s,
                     "final_test_acc_mean": float(np.mean(buf.meta.get("final_test_acc", [float("nan")])))},

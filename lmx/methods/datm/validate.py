@@ -4,6 +4,7 @@ from __future__ import annotations
 from lmx.core.config import ConfigError, check_choice, positive, require
 from lmx.datasets.images import DATASETS
 from lmx.methods.datm.dsa import parse_strategy
+from lmx.models.convnet import CONV_IMPLS
 
 # Training images per class (the smallest class) for datasets whose size is known without loading them.
 TRAIN_PER_CLASS = {"mnist5k": 400, "digits": 142, "mnist": 5421, "fashion_mnist": 6000, "cifar10": 5000,
@@ -19,6 +20,7 @@ def validate(c) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check_choice(c.model.norm, "model.norm", ["instancenorm", "none"])
+  check_choice(c.model.conv_impl, "model.conv_impl", list(CONV_IMPLS))
   positive(c.model.depth, "model.depth")
   positive(c.model.width, "model.width")
   e, d, v = c.experts, c.distill, c.eval
