@@ -1,6 +1,7 @@
-r"""Seconds and memory per DATM distillation iteration: rolled ``lax.scan`` vs unrolled, with and without remat.
+r"""Seconds and memory per DATM distillation iteration: rolled ``lax.scan`` vs unrolled, with and without remat,
+for XLA's native convolution (the baseline) and the im2col convolution (``model.conv_impl``).
 
-    PYTHONPATH=. python benchmarks/datm_step.py [--shapes=default,cifar] [--iters=3] [--out=FILE.json]
+    PYTHONPATH=. python benchmarks/datm_step.py [--shapes=default,cifar] [--conv=xla,im2col] [--iters=3] [--out=F]
 
 Shapes:
   default  the default config's meta-step (MNIST 28×28×1, ConvNet-3 width 16, IPC 10, batch_syn 50, N 10, DSA)
