@@ -55,7 +55,8 @@ def _base() -> ml_collections.ConfigDict:
       lr_img=100.0, lr_lr=1e-5, lr_y=2.0, momentum_img=0.5, momentum_lr=0.5, momentum_y=0.9,
       threshold=1.0, init="correct", soft_labels=True, learn_labels=True, learn_lr=True,
       lr_init=0.01, lr_param="log_sgd", lr_min=1e-4, lr_max=1.0,
-      unroll=True, remat=False, log_every=10, ckpt_every=50, max_nonfinite=20)
+      unroll=True, remat=False, log_every=10, ckpt_every=50, max_nonfinite=20,
+      spike_factor=0.0)  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
   # init: also evaluate the initial synthetic set (real images + soft labels, learned α, no image updates), so a
   # run shows what the trajectory matching adds on top of DATM's initialisation (≈60 s at the default).
   c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,

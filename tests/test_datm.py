@@ -131,6 +131,22 @@ def test_nonfinite_loss_is_skipped(stepper):
   np.testing.assert_array_equal(new["syn"]["y"], bad["syn"]["y"])
 
 
+def test_spike_guard_skips_an_outsized_image_gradient():
+  """spike_factor > 0: an image gradient far above its running mean is skipped (state unchanged); off by default."""
+  p0, p1, syn = _tiny()
+  for factor, expect_skip in ((0.0, False), (10.0, True)):
+    outer = D.OuterSpec(lr_img=10.0, lr_lr=1e-5, lr_y=2.0, threshold=10.0, spike_factor=factor)
+    state = D.init_state(syn, D.make_optimizer(outer, SPEC))
+    state["gx_mean"] = jnp.float32(1e-9)  # pretend earlier gradients were tiny
+    new, m = D.meta_step(state, p0, p1, jax.random.key(0), inner=SPEC, outer=outer)
+    assert float(m["spike"]) == float(expect_skip) and float(m["skipped"]) == float(expect_skip)
+    if expect_skip:
+      for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+        np.testing.assert_array_equal(a, b)
+    else:
+      assert float(new["gx_mean"]) > 1e-9  # the running mean follows accepted updates
+
+
 @pytest.mark.parametrize("lr_param", ["log", "log_sgd", "raw"])
 def test_step_size_stays_positive_and_bounded(lr_param):
   inner = dataclasses.replace(SPEC, lr_param=lr_param, dsa_strategy=(), syn_steps=2)

@@ -143,6 +143,7 @@ class OuterSpec:
   lr_min: float = 1e-5
   lr_max: float = 1.0
   lr_init: float = 0.01
+  spike_factor: float = 0.0  # > 0: skip an update whose ‖∇X‖ exceeds spike_factor × its running mean (0 = off)
 
 
 def make_optimizer(outer: OuterSpec, inner: InnerSpec) -> optax.GradientTransformation:
@@ -161,7 +162,8 @@ def make_optimizer(outer: OuterSpec, inner: InnerSpec) -> optax.GradientTransfor
 def init_state(syn: Syn, tx: optax.GradientTransformation) -> dict[str, Any]:
   """The distillation state: synthetic set + optimiser state."""
   syn = {k: jnp.asarray(v, jnp.float32) for k, v in syn.items()}
-  return {"syn": syn, "opt": tx.init(syn)}
+  # gx_mean: running mean of the image-gradient norm over accepted updates (the spike guard's reference).
+  return {"syn": syn, "opt": tx.init(syn), "gx_mean": jnp.zeros((), jnp.float32)}
 
 
 def clip_lr(lr_raw: jax.Array, outer: OuterSpec, lr_param: str) -> jax.Array:
@@ -174,8 +176,9 @@ def meta_step(state: dict[str, Any], theta_start, theta_target, key: jax.Array, 
               outer: OuterSpec, apply_fn: Callable = convnet.apply):
   """One distillation iteration: (state, θ*_t, θ*_{t+M}, key) -> (state, metrics). Pure; jit it once.
 
-  The update (parameters *and* optimiser state) is skipped when the loss exceeds ``outer.threshold`` or when the
-  loss or any gradient is not finite.
+  The update (parameters *and* optimiser state) is skipped when the loss exceeds ``outer.threshold``, when the
+  loss or any gradient is not finite, or (``outer.spike_factor`` > 0, not in the reference code) when the image
+  gradient's norm exceeds spike_factor × its running mean over accepted updates.
   """
   tx = make_optimizer(outer, inner)
   loss, grads = jax.value_and_grad(meta_loss)(state["syn"], theta_start, theta_target, key, inner, apply_fn)
@@ -185,11 +188,17 @@ def meta_step(state: dict[str, Any], theta_start, theta_target, key: jax.Array, 
   new_syn = optax.apply_updates(state["syn"], updates)
   new_syn["lr"] = clip_lr(new_syn["lr"], outer, inner.lr_param)
   finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  ok = finite & (loss <= outer.threshold)
-  new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), {"syn": new_syn, "opt": new_opt}, state)
+  gx = optax.tree.norm(grads["x"])
+  gx_mean = state["gx_mean"]
+  spike = (outer.spike_factor > 0) & (gx_mean > 0) & (gx > outer.spike_factor * gx_mean)
+  ok = finite & (loss <= outer.threshold) & ~spike
+  new_gx_mean = jnp.where(gx_mean > 0, 0.9 * gx_mean + 0.1 * gx, gx)
+  new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
+                           {"syn": new_syn, "opt": new_opt, "gx_mean": new_gx_mean}, state)
   metrics = {"loss": loss, "skipped": 1.0 - ok.astype(jnp.float32), "nonfinite": 1.0 - finite.astype(jnp.float32),
+             "spike": spike.astype(jnp.float32),
              "lr": lr_value(new_state["syn"]["lr"], inner.lr_param),
-             "grad_norm_x": optax.tree.norm(grads["x"]), "grad_norm_y": optax.tree.norm(grads["y"]),
+             "grad_norm_x": gx, "grad_norm_y": optax.tree.norm(grads["y"]),
              "grad_lr": grads["lr"]}
   return new_state, metrics
 

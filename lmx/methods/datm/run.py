@@ -38,7 +38,7 @@ def specs(config) -> tuple[D.InnerSpec, D.OuterSpec]:
                       lr_param=d.lr_param)
   outer = D.OuterSpec(lr_img=d.lr_img, lr_lr=d.lr_lr, lr_y=d.lr_y, momentum_img=d.momentum_img,
                       momentum_lr=d.momentum_lr, momentum_y=d.momentum_y, threshold=float(d.threshold),
-                      lr_min=d.lr_min, lr_max=d.lr_max, lr_init=d.lr_init)
+                      lr_min=d.lr_min, lr_max=d.lr_max, lr_init=d.lr_init, spike_factor=float(d.spike_factor))
   return inner, outer
 
 
@@ -134,16 +134,17 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   mem = compiled.memory_analysis()
   temp_bytes = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else None
   root = jax.random.key(config.seed)
-  skipped = nonfinite_run = 0
+  skipped = spikes = nonfinite_run = 0
   pending: list[tuple[int, dict, dict]] = []  # metrics stay on device until a log/checkpoint step (no per-step sync)
 
   def drain(it_done: int) -> None:
     """Fetches the pending metrics in one transfer, logs them and checks for a run of non-finite losses."""
-    nonlocal skipped, nonfinite_run
+    nonlocal skipped, spikes, nonfinite_run
     fetched = jax.device_get([m for _, m, _ in pending])
     for (it, _, extra), m in zip(pending, fetched):
       m = {k: float(v) for k, v in m.items()}
       skipped += int(m["skipped"])
+      spikes += int(m["spike"])
       nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
       if (it + 1) % d.log_every == 0 or it == start:
         writer.scalars(it + 1, {**m, **extra}, prefix="distill/")
@@ -185,7 +186,7 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   ckpt.close()
   ran = d.iterations - start
   stats = {"iterations": d.iterations, "iterations_this_run": ran, "resumed_from": start,
-           "skipped_updates_this_run": skipped,
+           "skipped_updates_this_run": skipped, "spike_skips_this_run": spikes,
            "seconds_per_iteration": loop_s / ran if ran else None, "compile_seconds": compile_s,
            "distill_seconds": loop_s, "xla_temp_bytes": temp_bytes}
   return state, stats

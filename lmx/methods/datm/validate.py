@@ -35,6 +35,8 @@ def validate(c) -> None:
             f"{d.ipc} images per class requested but {c.data.dataset} has only {per_class} training images "
             "in its smallest class; lower distill.ipc")
   check_choice(d.init, "distill.init", ["correct", "real", "noise"])
+  require(d.spike_factor == 0 or d.spike_factor > 1, "distill.spike_factor",
+          f"{d.spike_factor}: use 0 (off) or a factor > 1 (e.g. 10)")
   check_choice(d.lr_param, "distill.lr_param", ["log", "log_sgd", "raw"])
   require(0 < d.lr_min < d.lr_init < d.lr_max, "distill.lr_init",
           f"need 0 < lr_min ({d.lr_min}) < lr_init ({d.lr_init}) < lr_max ({d.lr_max})")
