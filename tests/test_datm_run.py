@@ -148,7 +148,8 @@ def test_run_of_nonfinite_losses_stops_with_checkpoint(tmp_path, monkeypatch):
   def nan_step(state, theta_start, theta_target, key, *, inner, outer, apply_fn=None):
     del theta_start, theta_target, key, inner, outer, apply_fn
     nan = jnp.float32(jnp.nan)
-    return state, {"loss": nan, "skipped": jnp.float32(1), "nonfinite": jnp.float32(1), "lr": jnp.float32(0.01),
+    return state, {"loss": nan, "skipped": jnp.float32(1), "nonfinite": jnp.float32(1), "spike": jnp.float32(0),
+                   "lr": jnp.float32(0.01),
                    "grad_norm_x": nan, "grad_norm_y": nan, "grad_lr": nan}
   monkeypatch.setattr(R.D, "meta_step", nan_step)
   c = _tiny_smoke(10)

@@ -144,7 +144,7 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
     for (it, _, extra), m in zip(pending, fetched):
       m = {k: float(v) for k, v in m.items()}
       skipped += int(m["skipped"])
-      spikes += int(m["spike"])
+      spikes += int(m.get("spike", 0.0))
       nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
       if (it + 1) % d.log_every == 0 or it == start:
         writer.scalars(it + 1, {**m, **extra}, prefix="distill/")
