@@ -66,7 +66,8 @@ def bench(shape: dict, unroll: bool, remat: bool, iters: int, conv: str = "auto"
     dev_peak = stats.get("peak_bytes_in_use")
   except Exception:  # noqa: BLE001
     pass
-  return {"loop": "unrolled" if unroll else "scan", "remat": remat, "conv": convnet.resolve_conv_impl(conv), "compile_seconds": round(compile_s, 2),
+  return {"loop": "unrolled" if unroll else "scan", "remat": remat, "conv": convnet.resolve_conv_impl(conv),
+          "compile_seconds": round(compile_s, 2),
           "seconds_per_iteration": round(sec, 4),
           "xla_temp_MiB": round(getattr(mem, "temp_size_in_bytes", 0) / 2**20, 1) if mem else None,
           "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
