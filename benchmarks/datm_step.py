@@ -1,10 +1,12 @@
 r"""Seconds and memory per DATM distillation iteration: rolled ``lax.scan`` vs unrolled, with and without remat,
-for XLA's native convolution (the baseline) and the im2col convolution (``model.conv_impl``).
+for XLA's native convolution (the baseline), the im2col convolution and 'mixed' (im2col for the first layer only)
+(``model.conv_impl``).
 
-    PYTHONPATH=. python benchmarks/datm_step.py [--shapes=default,cifar] [--conv=xla,im2col] [--iters=3] [--out=F]
+    PYTHONPATH=. python benchmarks/datm_step.py [--shapes=default,cifar] [--conv=xla,im2col,mixed] [--iters=3] [--out=F]
 
 Shapes:
   default  the default config's meta-step (MNIST 28×28×1, ConvNet-3 width 16, IPC 10, batch_syn 50, N 10, DSA)
+  default25  the same with N 25 inner steps (the paper's N/M ratio at M = 2; --config.distill.syn_steps=25)
   cifar    CIFAR-shaped (32×32×3, ConvNet-3 width 128, IPC 10 = 100 images, batch_syn 100, N 20, DSA)
 
 For each: compile seconds, steady-state seconds per iteration (mean of ``--iters`` after one warm-up), XLA's
@@ -30,6 +32,8 @@ from lmx.models import convnet
 SHAPES = {
     "default": dict(image=(28, 28, 1), width=16, ipc=10, batch_syn=50, syn_steps=10,
                     strategy="color_crop_cutout_scale_rotate"),
+    "default25": dict(image=(28, 28, 1), width=16, ipc=10, batch_syn=50, syn_steps=25,
+                      strategy="color_crop_cutout_scale_rotate"),
     "cifar": dict(image=(32, 32, 3), width=128, ipc=10, batch_syn=100, syn_steps=20,
                   strategy="color_crop_cutout_flip_scale_rotate"),
 }
@@ -80,7 +84,7 @@ def main():
   ap.add_argument("--shapes", default="default,cifar")
   ap.add_argument("--variants", default="unrolled,unrolled+remat,scan,scan+remat")
   ap.add_argument("--iters", type=int, default=3)
-  ap.add_argument("--conv", default="xla,im2col", help="convolution implementations to compare (model.conv_impl)")
+  ap.add_argument("--conv", default="xla,im2col,mixed", help="convolution implementations to compare (model.conv_impl)")
   ap.add_argument("--out", default="benchmarks/results/datm_step.json")
   args = ap.parse_args()
   results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),

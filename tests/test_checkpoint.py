@@ -87,3 +87,24 @@ def test_grain_iterator_state_round_trip(tmp_path):
 def test_no_checkpoint_returns_none(tmp_path):
   with ckpt_lib.Checkpointer(str(tmp_path / "empty")) as ck:
     assert ck.restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)}) is None
+
+
+def test_other_state_layout_is_a_clear_error_and_touches_nothing(tmp_path):
+  """A complete checkpoint of a differently laid out state (older code, other config) is not corruption: restore
+  stops with a message naming the differences and leaves the checkpoint where it is."""
+  d = str(tmp_path / "ck")
+  with ckpt_lib.Checkpointer(d) as ck:
+    ck.save(3, {"x": jnp.ones((4, 2)), "opt": {"mu": jnp.zeros(2)}})
+  new_layout = {"x": jax.ShapeDtypeStruct((4, 2), jnp.float32), "opt": {"mu": jax.ShapeDtypeStruct((2,), jnp.float32)},
+                "gx_mean": jax.ShapeDtypeStruct((), jnp.float32)}
+  other_shape = {"x": jax.ShapeDtypeStruct((8, 2), jnp.float32), "opt": {"mu": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  for target, words in [(new_layout, "missing ['gx_mean']"), (other_shape, "['x']: saved (4, 2), expected (8, 2)")]:
+    with ckpt_lib.Checkpointer(d) as ck:
+      with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+        ck.restore(target)
+    assert words in str(e.value) and "step 3" in str(e.value)
+  assert os.path.isdir(os.path.join(d, "3")) and not os.path.exists(d + "_corrupt")
+  with ckpt_lib.Checkpointer(d) as ck:  # the right layout still restores
+    step, st = ck.restore({"x": jax.ShapeDtypeStruct((4, 2), jnp.float32),
+                           "opt": {"mu": jax.ShapeDtypeStruct((2,), jnp.float32)}})
+  assert step == 3 and float(st["x"].sum()) == 8.0

@@ -218,3 +218,23 @@ def test_im2col_conv_matches_xla_conv_to_second_order(hw, cin, pad):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
   with pytest.raises(ValueError, match="conv_impl"):
     convnet.set_default_conv_impl("winograd")
+
+
+def test_conv_impls_give_the_same_network_and_auto_resolves_per_use():
+  """xla / im2col / mixed are one function at the model level (logits and parameter gradients), and on CPU
+  'auto' means 'mixed' for training and 'im2col' inside the meta-step (the fastest measured for each)."""
+  with jax.enable_x64(True):
+    p = jax.tree.map(lambda a: a.astype(jnp.float64),
+                     convnet.init_params(jax.random.key(0), (28, 28, 1), 10, depth=2, width=8))
+    x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1), jnp.float64)
+    loss = lambda p, impl: jnp.sum(jnp.tanh(convnet.apply(p, x, conv_impl=impl)))
+    ref_v, ref_g = jax.value_and_grad(loss)(p, "xla")
+    for impl in ("im2col", "mixed"):
+      v, g = jax.value_and_grad(loss)(p, impl)
+      np.testing.assert_allclose(v, ref_v, rtol=1e-10)
+      for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  if jax.default_backend() == "cpu":
+    assert convnet.resolve_conv_impl("auto") == "mixed"
+    assert convnet.resolve_conv_impl("auto", second_order=True) == "im2col"
+  assert convnet.resolve_conv_impl("xla", second_order=True) == "xla"

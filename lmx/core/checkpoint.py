@@ -2,7 +2,9 @@
 
 ``Checkpointer.restore`` restores the newest checkpoint that reads back cleanly onto the shardings of the given
 abstract state (so a different mesh works). A partial or corrupt newest checkpoint is reported, moved aside to
-``<dir>_corrupt/`` (never deleted) and the previous good one is used.
+``<dir>_corrupt/`` (never deleted) and the previous good one is used. A complete checkpoint whose state has a
+different layout (other keys or shapes: written by another version of the code or another config) is not
+corruption: restoring stops with :class:`CheckpointMismatchError`, naming the differences, and touches nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lmx.core.config import ConfigError
+
 log = logging.getLogger("lmx.checkpoint")
+
+
+class CheckpointMismatchError(ConfigError):
+  """The workdir holds a readable checkpoint of a differently shaped state (other code version or config)."""
 
 
 def abstract_like(tree, shardings=None):
@@ -75,6 +83,8 @@ class Checkpointer:
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
             np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
     steps = [step] if step is not None else self.all_steps()[::-1]
+    if steps:
+      self._check_layout(steps[0], target)
     for s in steps:
       items = {"state": ocp.args.StandardRestore(target)}
       if data_iter is not None:
@@ -88,6 +98,34 @@ class Checkpointer:
           raise
         self._quarantine(s, e)
     return None
+
+  def _check_layout(self, step: int, target: Any) -> None:
+    """Raises :class:`CheckpointMismatchError` if ``step``'s saved state has other keys or shapes than ``target``.
+
+    Reads only Orbax's metadata. Unreadable metadata is left to ``restore`` (a partial write: quarantined).
+    """
+    try:
+      from etils import epath
+
+      meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+      saved = _layout(getattr(meta, "tree", meta))
+    except Exception:  # noqa: BLE001
+      return
+    if not saved:
+      return
+    want = _layout(target)
+    missing = sorted(set(want) - set(saved))
+    unexpected = sorted(set(saved) - set(want))
+    shapes = [f"{k}: saved {saved[k]}, expected {want[k]}" for k in sorted(set(want) & set(saved))
+              if saved[k] is not None and saved[k] != want[k]]
+    if not (missing or unexpected or shapes):
+      return
+    parts = ([f"missing {', '.join(missing[:5])}"] if missing else []) + \
+            ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else []) + shapes[:5]
+    raise CheckpointMismatchError(
+        f"the checkpoint at step {step} in {self.directory} holds a differently laid out state "
+        f"({'; '.join(parts)}): it was written by another version of lmx or another config. Resume it with the "
+        f"code and config that wrote it, or start afresh in a new --workdir (the checkpoint was left untouched)")
 
   def _quarantine(self, step: int, err: Exception) -> None:
     src = os.path.join(self.directory, str(step))
@@ -138,6 +176,16 @@ def _check_finite_structure(restored, target) -> None:
   for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
     if tuple(np.shape(r)) != tuple(t.shape):
       raise ValueError(f"restored shape {np.shape(r)} != expected {t.shape}")
+
+
+def _layout(tree) -> dict[str, tuple[int, ...] | None]:
+  """{key path: shape} of a pytree of arrays, ShapeDtypeStructs or Orbax ArrayMetadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, leaf in leaves:
+    shape = getattr(leaf, "shape", None)
+    out[jax.tree_util.keystr(path)] = tuple(shape) if shape is not None else None
+  return out
 
 
 def _jsonable(x):

@@ -17,6 +17,7 @@ clipped to [lr_min, lr_max]) and is clipped to [lr_min, lr_max] after every upda
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -92,6 +93,8 @@ def minibatch_schedule(key: jax.Array, n: int, steps: int, batch: int) -> jax.Ar
 def inner_loop(syn: Syn, theta_start, key: jax.Array, spec: InnerSpec,
                apply_fn: Callable = convnet.apply):
   """θ̂_N after N SGD steps on synthetic minibatches, differentiable w.r.t. ``syn`` (exactly)."""
+  if apply_fn is convnet.apply:  # 'auto' → the convolution measured fastest when differentiated through SGD steps
+    apply_fn = functools.partial(convnet.apply, conv_impl=convnet.resolve_conv_impl(second_order=True))
   x_NHWC = syn["x"]
   y_NC = syn["y"] if spec.learn_labels else jax.lax.stop_gradient(syn["y"])
   lr_raw = syn["lr"] if spec.learn_lr else jax.lax.stop_gradient(syn["lr"])

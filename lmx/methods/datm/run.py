@@ -276,7 +276,8 @@ def run(config, workdir: str) -> dict:
     results = {
         "method": "mtt" if not config.distill.soft_labels else "datm", "variant": config.variant,
         "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
-        "model": dict(config.model), "conv_impl": convnet.resolve_conv_impl(config.model.conv_impl),
+        "model": dict(config.model), "conv_impl": {"training": convnet.resolve_conv_impl(config.model.conv_impl),
+                      "meta_step": convnet.resolve_conv_impl(config.model.conv_impl, second_order=True)},
         **{k: evals[k] for k in ("distilled", "random", "full", "initial") if k in evals},
         "learned_lr": evals["eval_lr_distilled"], **stats,
         "experts": {"num": buf.num_experts, "epochs": buf.num_epochs, "seconds_this_run": experts_s,
