@@ -6,7 +6,9 @@ r"""Seconds per first-order SGD step of K ConvNets (DATM's expert training and e
 Compares ``model.conv_impl`` = xla (XLA's native convolution, the baseline), im2col (patches × matmul in every
 layer) and mixed (im2col in the first layer, whose input has ≤ 4 channels; native elsewhere), each with the K
 networks as an unrolled loop inside one jit and with ``vmap``, in the same process. The step is
-``evaluate._train_step``: DSA on the batch, soft cross-entropy, SGD with momentum and weight decay.
+``evaluate._train_step``: DSA on the batch (its own jitted call), soft cross-entropy, SGD with momentum and weight
+decay. ``dsa=fused`` rows are the baseline for that split: the same augmentation and step traced into one jitted
+computation (how lmx ran before session 3), where XLA:CPU recomputes the resampling inside the convolutions.
 
 Shapes:
   default  the default config's evaluation step: MNIST 28×28×1, ConvNet-3 width 16, 5 nets × batch 128
@@ -16,6 +18,7 @@ Shapes:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmx.methods.datm import dsa
+from lmx.methods.datm import evaluate
 from lmx.methods.datm.evaluate import _train_step
 from lmx.models import convnet
 
@@ -37,10 +41,21 @@ SHAPES = {
 }
 
 
-def bench(shape: dict, conv: str, use_vmap: bool, iters: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("strategy", "momentum", "weight_decay", "use_vmap"))
+def _fused_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
+                use_vmap):
+  """The baseline: augmentation and SGD step in one jitted computation."""
+  xb = jax.vmap(lambda k, i: dsa.augment(k, x_all[i], strategy))(keys_K, idx_KB)
+  return evaluate._sgd_step(params_K, mom_K, xb, t_all, idx_KB, mask_KB, lr, momentum=momentum,  # pylint: disable=protected-access
+                            weight_decay=weight_decay, use_vmap=use_vmap)
+
+
+def bench(shape: dict, conv: str, use_vmap: bool, iters: int, fused: bool = False) -> dict:
   """Compiles and times one (convolution, loop/vmap) configuration of the training step."""
   convnet.set_default_conv_impl(conv)
-  _train_step.clear_cache()  # the default convolution is read at trace time
+  evaluate.clear_caches()  # the default convolution is read at trace time
+  _fused_step.clear_cache()
+  fn = _fused_step if fused else _train_step
   k, b, n = shape["nets"], shape["batch"], 2000
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n,) + shape["image"]), jnp.float32)
@@ -52,14 +67,15 @@ def bench(shape: dict, conv: str, use_vmap: bool, iters: int) -> dict:
   keys = jax.random.split(jax.random.key(1), k)
   kw = dict(strategy=dsa.parse_strategy(shape["strategy"]), momentum=0.9, weight_decay=5e-4, use_vmap=use_vmap)
   t0 = time.time()
-  out = _train_step(params, mom, x, t, idx, mask, keys, jnp.float32(0.01), **kw)
+  out = fn(params, mom, x, t, idx, mask, keys, jnp.float32(0.01), **kw)
   jax.block_until_ready(out)
   compile_s = time.time() - t0
   t0 = time.time()
   for _ in range(iters):
-    out = _train_step(params, mom, x, t, idx, mask, keys, jnp.float32(0.01), **kw)
+    out = fn(params, mom, x, t, idx, mask, keys, jnp.float32(0.01), **kw)
   jax.block_until_ready(out)
   return {"conv": convnet.resolve_conv_impl(conv), "nets": "vmap" if use_vmap else "loop",
+          "dsa": "fused" if fused else "separate",
           "compile_seconds": round(compile_s, 2), "seconds_per_step": round((time.time() - t0) / iters, 4)}
 
 
@@ -76,8 +92,8 @@ def main():
   for shape_name in args.shapes.split(","):
     shape = SHAPES[shape_name]
     for conv in args.conv.split(","):
-      for use_vmap in (False, True):
-        r = {"shape": shape_name, **shape, **bench(shape, conv, use_vmap, args.iters)}
+      for use_vmap, fused in ((False, False), (False, True), (True, False)):
+        r = {"shape": shape_name, **shape, **bench(shape, conv, use_vmap, args.iters, fused)}
         results["runs"].append(r)
         print(json.dumps(r), flush=True)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

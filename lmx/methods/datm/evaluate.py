@@ -20,12 +20,21 @@ from lmx.methods.datm.experts import accuracy, epoch_batches, map_stacked
 from lmx.models import convnet
 
 
-@functools.partial(jax.jit, static_argnames=("strategy", "momentum", "weight_decay", "apply_fn", "use_vmap"))
-def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
-                apply_fn=convnet.apply, use_vmap=True):
-  def one(params, mom, idx_B, mask_B, key):
-    xb = dsa.augment(key, x_all[idx_B], strategy)
+@functools.partial(jax.jit, static_argnames=("strategy",))
+def augment_batches(x_all, idx_KB, keys_K, *, strategy):
+  """DSA-augmented minibatches (K, B, H, W, C): ``x_all[idx_KB[k]]`` augmented with ``keys_K[k]``.
 
+  A separate jitted call on purpose: inside the training step XLA:CPU fuses the augmentation's resampling into the
+  convolutions' operands and recomputes it, which measured 1.6-1.8x slower per step than augmenting first
+  (benchmarks/convnet_train_step.py). Nothing is differentiated through it here.
+  """
+  return jax.vmap(lambda k, i: dsa.augment(k, x_all[i], strategy))(keys_K, idx_KB)
+
+
+@functools.partial(jax.jit, static_argnames=("momentum", "weight_decay", "apply_fn", "use_vmap"))
+def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, weight_decay,
+              apply_fn=convnet.apply, use_vmap=True):
+  def one(params, mom, xb, idx_B, mask_B):
     def loss_fn(p):
       logp = jax.nn.log_softmax(apply_fn(p, xb))
       return -jnp.sum(jnp.sum(t_all[idx_B] * logp, -1) * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
@@ -34,7 +43,22 @@ def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, s
     mom = jax.tree.map(lambda m, gi, p: momentum * m + gi + weight_decay * p, mom, g, params)
     return jax.tree.map(lambda p, m: p - lr * m, params, mom), mom
 
-  return map_stacked(one, (0, 0, 0, 0, 0), use_vmap)(params_K, mom_K, idx_KB, mask_KB, keys_K)
+  return map_stacked(one, (0, 0, 0, 0, 0), use_vmap)(params_K, mom_K, xb_KB, idx_KB, mask_KB)
+
+
+def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
+                apply_fn=convnet.apply, use_vmap=True):
+  """One SGD step of K networks: DSA on each network's minibatch (own key), soft cross-entropy, momentum + wd."""
+  xb_KB = augment_batches(x_all, idx_KB, keys_K, strategy=strategy) if strategy else \
+      jax.vmap(lambda i: x_all[i])(jnp.asarray(idx_KB))
+  return _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, momentum=momentum,
+                   weight_decay=weight_decay, apply_fn=apply_fn, use_vmap=use_vmap)
+
+
+def clear_caches() -> None:
+  """Drops compiled steps (the default convolution is read at trace time; benchmarks switch it)."""
+  augment_batches.clear_cache()
+  _sgd_step.clear_cache()
 
 
 def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *, num_classes: int, model_cfg,

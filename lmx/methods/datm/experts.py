@@ -169,8 +169,7 @@ def make_train_step(*, lr: float, momentum: float, weight_decay: float, dsa_stra
                     apply_fn: Callable = convnet.apply, use_vmap: bool = True):
   """A jitted step for E experts at once: (params_E, mom_E, x, y, idx_EB, mask_EB, keys_E) -> (params, mom, loss_E)."""
 
-  def one(params, mom, x_all, y_all, idx_B, mask_B, key):
-    xb = dsa.augment(key, x_all[idx_B], dsa_strategy)
+  def one(params, mom, xb, y_all, idx_B, mask_B):
     loss_fn = lambda p: masked_ce(apply_fn(p, xb), y_all[idx_B], mask_B)
     if gsam:
       loss, g = gsam_grad(loss_fn, params, rho=rho, alpha=gsam_alpha)
@@ -182,7 +181,16 @@ def make_train_step(*, lr: float, momentum: float, weight_decay: float, dsa_stra
       g = mom
     return jax.tree.map(lambda p, gi: p - lr * gi, params, g), mom, loss
 
-  return jax.jit(map_stacked(one, (0, 0, None, None, 0, 0, 0), use_vmap))
+  sgd = jax.jit(map_stacked(one, (0, 0, 0, None, 0, 0), use_vmap))
+  # DSA as its own jitted call: fused into the step, XLA:CPU recomputes the resampling inside the convolutions
+  # (see evaluate.augment_batches).
+  augment = jax.jit(jax.vmap(lambda key, x_all, idx_B: dsa.augment(key, x_all[idx_B], dsa_strategy),
+                             in_axes=(0, None, 0)))
+
+  def step(params_E, mom_E, x_all, y_all, idx_EB, mask_EB, keys_E):
+    return sgd(params_E, mom_E, augment(keys_E, x_all, idx_EB), y_all, idx_EB, mask_EB)
+
+  return step
 
 
 def epoch_batches(rng: np.random.Generator, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
