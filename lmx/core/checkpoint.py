@@ -179,12 +179,14 @@ def _check_finite_structure(restored, target) -> None:
 
 
 def _layout(tree) -> dict[str, tuple[int, ...] | None]:
-  """{key path: shape} of a pytree of arrays, ShapeDtypeStructs or Orbax ArrayMetadata."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  """{'a/b/0': shape} of a pytree of arrays, ShapeDtypeStructs or Orbax ArrayMetadata.
+
+  Keys come from Orbax's own flattening, so a NamedTuple in the target and the dict Orbax stores for it agree.
+  """
   out = {}
-  for path, leaf in leaves:
+  for path, leaf in ocp.tree.to_flat_dict(tree).items():
     shape = getattr(leaf, "shape", None)
-    out[jax.tree_util.keystr(path)] = tuple(shape) if shape is not None else None
+    out["/".join(str(k) for k in path)] = tuple(shape) if shape is not None else None
   return out
 
 
