@@ -8,7 +8,7 @@ Variants
   ipc1, ipc50      MNIST-5k at IPC 1 (early window) and IPC 50 (late window).
   ipc10_n25        the default with N = 25 inner steps (the paper's inner-steps-per-expert-epoch ratio), a rolled
                    scan with per-step remat (same speed as unrolling at N = 25, 6× shorter compile) and the opt-in
-                   spike guard (distill.spike_factor = 10); ≈ 10 minutes on 2 cores.
+                   spike guard (distill.spike_factor = 10); ≈ 8 minutes on 2 cores (466 s measured).
   mtt              MTT preset of the same code: hard labels, real init, no window growth, no loss threshold.
   cifar10_ipc{1,10,50,500,1000}, cifar100_ipc{1,10,50,100}
                    the DATM paper's hyperparameters (datm.md §8.1) for an accelerator: ZCA, ConvNet-3 width 128,
