@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import environment, record
 from lmx.methods.datm import dsa
 from lmx.methods.datm import evaluate
 from lmx.methods.datm.evaluate import _train_step
@@ -45,7 +43,7 @@ SHAPES = {
 def _fused_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
                 use_vmap):
   """The baseline: augmentation and SGD step in one jitted computation."""
-  xb = jax.vmap(lambda k, i: dsa.augment(k, x_all[i], strategy))(keys_K, idx_KB)
+  xb = dsa.augment_batches(keys_K, x_all, idx_KB, strategy)  # inlined into this jit: the fused form
   return evaluate._sgd_step(params_K, mom_K, xb, t_all, idx_KB, mask_KB, lr, momentum=momentum,  # pylint: disable=protected-access
                             weight_decay=weight_decay, use_vmap=use_vmap)
 
@@ -54,6 +52,7 @@ def bench(shape: dict, conv: str, use_vmap: bool, iters: int, fused: bool = Fals
   """Compiles and times one (convolution, loop/vmap) configuration of the training step."""
   convnet.set_default_conv_impl(conv)
   evaluate.clear_caches()  # the default convolution is read at trace time
+  dsa.augment_batches.clear_cache()
   _fused_step.clear_cache()
   fn = _fused_step if fused else _train_step
   k, b, n = shape["nets"], shape["batch"], 2000
@@ -74,7 +73,7 @@ def bench(shape: dict, conv: str, use_vmap: bool, iters: int, fused: bool = Fals
   for _ in range(iters):
     out = fn(params, mom, x, t, idx, mask, keys, jnp.float32(0.01), **kw)
   jax.block_until_ready(out)
-  return {"conv": convnet.resolve_conv_impl(conv), "nets": "vmap" if use_vmap else "loop",
+  return {"conv": convnet.resolve_conv_impl(conv), "mapping": "vmap" if use_vmap else "loop",
           "dsa": "fused" if fused else "separate",
           "compile_seconds": round(compile_s, 2), "seconds_per_step": round((time.time() - t0) / iters, 4)}
 
@@ -86,19 +85,13 @@ def main():
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--out", default="benchmarks/results/convnet_train_step.json")
   args = ap.parse_args()
-  results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-             "jax": jax.__version__, "host": platform.processor() or platform.machine(),
-             "cpu_count": os.cpu_count(), "iters": args.iters, "runs": []}
+  results = environment(iters=args.iters)
   for shape_name in args.shapes.split(","):
     shape = SHAPES[shape_name]
     for conv in args.conv.split(","):
       for use_vmap, fused in ((False, False), (False, True), (True, False)):
         r = {"shape": shape_name, **shape, **bench(shape, conv, use_vmap, args.iters, fused)}
-        results["runs"].append(r)
-        print(json.dumps(r), flush=True)
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-          json.dump(results, f, indent=1, default=str)
+        record(results, r, args.out)
   print(f"wrote {args.out}")
 
 

@@ -16,15 +16,13 @@ them (GPU). The expert snapshots are synthetic (random perturbations); timing do
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import environment, record
 from lmx.methods.datm import distill as D
 from lmx.methods.datm import dsa
 from lmx.models import convnet
@@ -87,19 +85,13 @@ def main():
   ap.add_argument("--conv", default="xla,im2col,mixed", help="convolution implementations to compare (model.conv_impl)")
   ap.add_argument("--out", default="benchmarks/results/datm_step.json")
   args = ap.parse_args()
-  results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-             "jax": jax.__version__, "host": platform.processor() or platform.machine(),
-             "cpu_count": os.cpu_count(), "iters": args.iters, "runs": []}
+  results = environment(iters=args.iters)
   for shape_name in args.shapes.split(","):
     shape = SHAPES[shape_name]
     for var, conv in [(v, c) for v in args.variants.split(",") for c in args.conv.split(",")]:
       r = bench(shape, unroll=var.startswith("unrolled"), remat=var.endswith("+remat"), iters=args.iters, conv=conv)
       r = {"shape": shape_name, **{k: v for k, v in shape.items()}, **r}
-      results["runs"].append(r)
-      print(json.dumps(r), flush=True)
-      os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-      with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=str)
+      record(results, r, args.out)
   print(f"wrote {args.out}")
 
 

@@ -6,6 +6,8 @@ and differentiable w.r.t. the images; shapes are preserved. Constants follow ``P
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Callable, Sequence
 
@@ -176,6 +178,17 @@ def augment(key: jax.Array, x_NHWC: jax.Array, strategy: str | Sequence[str] = D
   if not _groups(strategy):
     return x_NHWC
   return apply_params(x_NHWC, draw(key, x_NHWC.shape, strategy))
+
+
+@functools.partial(jax.jit, static_argnames=("strategy",))
+def augment_batches(keys_K: jax.Array, x_all: jax.Array, idx_KB: jax.Array, strategy: tuple[str, ...]) -> jax.Array:
+  """K augmented minibatches (K, B, H, W, C): ``augment(keys_K[k], x_all[idx_KB[k]], strategy)``.
+
+  Expert training and evaluation call this as its own jitted function before their SGD step, on purpose: traced
+  into the step, XLA:CPU fuses the resampling into the convolutions' operands and recomputes it (slower per step,
+  benchmarks/convnet_train_step.py; the results are bitwise the same either way).
+  """
+  return jax.vmap(lambda k, i: augment(k, x_all[i], strategy))(keys_K, idx_KB)
 
 
 def choose_group(key: jax.Array, strategy: str | Sequence[str] = DEFAULT_STRATEGY) -> jax.Array:

@@ -20,17 +20,6 @@ from lmx.methods.datm.experts import accuracy, epoch_batches, map_stacked
 from lmx.models import convnet
 
 
-@functools.partial(jax.jit, static_argnames=("strategy",))
-def augment_batches(x_all, idx_KB, keys_K, *, strategy):
-  """DSA-augmented minibatches (K, B, H, W, C): ``x_all[idx_KB[k]]`` augmented with ``keys_K[k]``.
-
-  A separate jitted call on purpose: inside the training step XLA:CPU fuses the augmentation's resampling into the
-  convolutions' operands and recomputes it, which measured 1.6-1.8x slower per step than augmenting first
-  (benchmarks/convnet_train_step.py). Nothing is differentiated through it here.
-  """
-  return jax.vmap(lambda k, i: dsa.augment(k, x_all[i], strategy))(keys_K, idx_KB)
-
-
 @functools.partial(jax.jit, static_argnames=("momentum", "weight_decay", "apply_fn", "use_vmap"))
 def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, weight_decay,
               apply_fn=convnet.apply, use_vmap=True):
@@ -49,15 +38,13 @@ def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, w
 def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
                 apply_fn=convnet.apply, use_vmap=True):
   """One SGD step of K networks: DSA on each network's minibatch (own key), soft cross-entropy, momentum + wd."""
-  xb_KB = augment_batches(x_all, idx_KB, keys_K, strategy=strategy) if strategy else \
-      jax.vmap(lambda i: x_all[i])(jnp.asarray(idx_KB))
+  xb_KB = dsa.augment_batches(keys_K, x_all, idx_KB, tuple(strategy))
   return _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, momentum=momentum,
                    weight_decay=weight_decay, apply_fn=apply_fn, use_vmap=use_vmap)
 
 
 def clear_caches() -> None:
   """Drops compiled steps (the default convolution is read at trace time; benchmarks switch it)."""
-  augment_batches.clear_cache()
   _sgd_step.clear_cache()
 
 

@@ -182,13 +182,9 @@ def make_train_step(*, lr: float, momentum: float, weight_decay: float, dsa_stra
     return jax.tree.map(lambda p, gi: p - lr * gi, params, g), mom, loss
 
   sgd = jax.jit(map_stacked(one, (0, 0, 0, None, 0, 0), use_vmap))
-  # DSA as its own jitted call: fused into the step, XLA:CPU recomputes the resampling inside the convolutions
-  # (see evaluate.augment_batches).
-  augment = jax.jit(jax.vmap(lambda key, x_all, idx_B: dsa.augment(key, x_all[idx_B], dsa_strategy),
-                             in_axes=(0, None, 0)))
-
   def step(params_E, mom_E, x_all, y_all, idx_EB, mask_EB, keys_E):
-    return sgd(params_E, mom_E, augment(keys_E, x_all, idx_EB), y_all, idx_EB, mask_EB)
+    xb_EB = dsa.augment_batches(keys_E, x_all, idx_EB, tuple(dsa_strategy))  # own jit: see augment_batches
+    return sgd(params_E, mom_E, xb_EB, y_all, idx_EB, mask_EB)
 
   return step
 
