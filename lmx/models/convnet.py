@@ -101,8 +101,8 @@ def _instance_norm(h_NHWC, scale_C, bias_C):
 
 CONV_IMPLS = ("auto", "xla", "im2col", "mixed")
 # 'mixed': im2col for convolutions with at most this many input channels (the first layer), XLA's native
-# convolution for the rest. Measured on XLA:CPU (640 MNIST images, width 16): the native filter gradient of a
-# 1-channel conv is 3.7× slower than im2col, while im2col of a 16-channel conv is 5-8× slower than native.
+# convolution for the rest: on XLA:CPU the native filter gradient of a 1-channel conv is slow, and im2col of a
+# 16-channel conv is slower than native (benchmarks/convnet_train_step.py compares the three whole steps).
 MIXED_MAX_CIN = 4
 _DEFAULT_IMPL = ["auto"]
 
