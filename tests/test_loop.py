@@ -1,4 +1,6 @@
-"""Train loop: resume after k steps is bitwise equal to an uninterrupted run; NaN guard keeps the last good ckpt."""
+"""The shared loop on 8 fake devices: bitwise resume (Grain, Grain workers, on-device data), a frozen teacher
+swapped without recompiling, hook cadence, the NaN guard. References are NumPy re-computations or an
+uninterrupted run of the same loop."""
 import json
 import os
 
@@ -9,12 +11,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmx.core import checkpoint as ckpt_lib
 from lmx.core import config as config_lib
 from lmx.core import data as data_lib
 from lmx.core import loop
 from lmx.core import mesh as mesh_lib
+from lmx.core.rng import np_stream
 from lmx.methods import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +33,15 @@ def _lm_config(steps=12):
   return cfg
 
 
-def _final_state(workdir, step):
+def _saved_state(workdir, step):
   return ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) and la
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _records(workdir):
@@ -47,7 +58,13 @@ class Interrupt(Exception):
   pass
 
 
-def test_resume_is_bitwise_equal(tmp_path, monkeypatch):
+def _die_at(n):
+  def hook(step, state, writer):
+    raise Interrupt()
+  return loop.every(n, hook, name="die", at_end=False)
+
+
+def test_lm_resume_is_bitwise_equal(tmp_path, monkeypatch):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   lm.run(_lm_config(), a)
 
@@ -67,32 +84,200 @@ def test_resume_is_bitwise_equal(tmp_path, monkeypatch):
   res = lm.run(_lm_config(), b)
   assert res["resumed_from"] == 4
 
-  sa, sb = _final_state(a, 12), _final_state(b, 12)
-  for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _assert_trees_equal(_saved_state(a, 12), _saved_state(b, 12))
   ra, rb = _records(a), _records(b)
   after = {k: v for k, v in ra.items() if k[0] > 6}
   assert after and all(rb[k] == v for k, v in after.items())  # same losses, same data order
 
 
+# ----------------------------------------------------------------------------------------- a two-model step
+
+
+def _teacher_step(counter):
+  def step(state, frozen, x_BD, rng):
+    counter["traces"] += 1  # runs at trace time only: counts compilations of the step
+    del rng
+
+    def loss_fn(w):
+      return jnp.mean((x_BD @ w - x_BD @ frozen["w_teacher"]) ** 2)
+
+    loss, g = jax.value_and_grad(loss_fn)(state["w"])
+    return dict(state, w=state["w"] - 0.1 * g), {"loss": loss}
+  return step
+
+
+class Batches:
+  """A resumable host iterator (not Grain): batch i is a pure function of i."""
+
+  def __init__(self, b=8, d=8):
+    self.i, self.b, self.d = 0, b, d
+
+  def __next__(self):
+    x = np_stream(0, "x", self.i).standard_normal((self.b, self.d)).astype(np.float32)
+    self.i += 1
+    return x
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, s):
+    self.i = s["i"]
+
+
+def test_frozen_teacher_is_an_argument_swapped_without_recompiling(tmp_path):
+  mesh = mesh_lib.make_mesh(dict(data=4, model=2))
+  col = NamedSharding(mesh, P(None, "model"))
+  rng = np.random.default_rng(0)
+  t1, t2 = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+  counter = {"traces": 0}
+  holder = {}
+
+  def swap(step, state, writer):
+    assert int(state["step"]) == step
+    if step == 3:
+      holder["loop"].set_frozen({"w_teacher": t2})
+
+  lp = loop.Loop(step_fn=_teacher_step(counter), init_fn=lambda k: {"w": jnp.zeros((8, 4))},
+                 state_shardings={"w": col}, frozen={"w_teacher": t1}, frozen_shardings={"w_teacher": col},
+                 data=Batches(), mesh=mesh, workdir=str(tmp_path), total_steps=6, seed=0, log_every=1,
+                 ckpt_every=100, hooks=[loop.every(3, swap, at_end=False)])
+  holder["loop"] = lp
+  res = lp.run()
+  assert counter["traces"] == 1  # one compilation for both teachers
+  assert lp.frozen["w_teacher"].sharding.spec == P(None, "model")
+  assert res.state["w"].sharding.spec == P(None, "model")
+  # NumPy reference: 3 SGD steps towards teacher 1, then 3 towards teacher 2, on the same data stream.
+  w, src = np.zeros((8, 4)), Batches()
+  for i in range(6):
+    x = next(src).astype(np.float64)
+    wt = t1 if i < 3 else t2
+    w = w - 0.1 * 2 * x.T @ (x @ w - x @ wt) / (8 * 4)
+  np.testing.assert_allclose(np.asarray(res.state["w"]), w, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="shapes"):
+    lp.set_frozen({"w_teacher": np.zeros((4, 4), np.float32)})
+
+
+# ----------------------------------------------------------------------------------------- on-device data
+
+
+def _producer_loop(workdir, *, total=12, hooks=()):
+  """Linear regression whose data the step draws from its rng (no data source), Adam on a sharded w."""
+  mesh = mesh_lib.make_mesh(dict(data=2, fsdp=4))
+  sh = NamedSharding(mesh, P("fsdp"))
+  w_true = jnp.linspace(-1.0, 1.0, 16)
+  tx = optax.adam(0.1)
+
+  def loss_fn(params, frozen, batch, rng):
+    assert batch is None and frozen is None
+    x_BD = jax.random.normal(rng, (32, 16))
+    return jnp.mean((x_BD @ params["w"] - x_BD @ w_true) ** 2), {}
+
+  shardings = loop.optax_shardings({"w": sh}, tx, {"w": jax.ShapeDtypeStruct((16,), jnp.float32)}, mesh)
+  return loop.Loop(step_fn=loop.optax_step(loss_fn, tx), init_fn=lambda k: loop.optax_state({"w": jnp.zeros(16)}, tx),
+                   state_shardings=shardings, mesh=mesh, workdir=workdir, total_steps=total, seed=3, log_every=2,
+                   ckpt_every=4, async_checkpointing=True, hooks=hooks)
+
+
+def test_on_device_producer_resumes_bitwise(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  ref = _producer_loop(a).run()
+  with pytest.raises(Interrupt):
+    _producer_loop(b, hooks=[_die_at(7)]).run()
+  res = _producer_loop(b).run()
+  assert res.resumed_from == 4
+  _assert_trees_equal(ref.state, res.state)
+  losses = [json.loads(line)["train/loss"] for line in open(os.path.join(a, "metrics.jsonl"))]
+  assert losses[-1] < 0.2 * losses[0]  # it learns: the data really comes from the step's rng
+  assert res.state["params"]["w"].sharding.spec == P("fsdp")
+
+
+def test_grain_workers_resume_bitwise(tmp_path):
+  """Grain with 2 worker processes: the checkpointed iterator state continues the same data order."""
+  mesh = mesh_lib.make_mesh(dict(data=-1))
+  xs = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+
+  def make(workdir, hooks=()):
+    ds = data_lib.make_dataset(xs, global_batch=8, seed=1)
+    batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=2),
+                                     mesh_lib.batch_sharding(mesh, ()))
+
+    def step(state, frozen, x_BD, rng):  # a running sum of everything seen: any reordering changes it
+      return dict(state, s=state["s"] + jnp.sum(x_BD, 0) * (state["step"] + 1)), {"loss": jnp.sum(x_BD)}
+
+    return loop.Loop(step_fn=step, init_fn=lambda k: {"s": jnp.zeros(4)}, data=batches, mesh=mesh,
+                     workdir=workdir, total_steps=10, seed=0, log_every=5, ckpt_every=3, hooks=hooks)
+
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  ref = make(a).run()
+  with pytest.raises(Interrupt):
+    make(b, hooks=[_die_at(5)]).run()
+  res = make(b).run()
+  assert res.resumed_from == 3
+  # NumPy reference of the same order: Grain's seeded shuffle, batches of 8 in sequence.
+  it = data_lib.make_iterator(data_lib.make_dataset(xs, global_batch=8, seed=1))
+  expect = sum(np.asarray(next(it)).sum(0) * (i + 1) for i in range(10))
+  np.testing.assert_allclose(np.asarray(res.state["s"]), expect, rtol=1e-5)
+  _assert_trees_equal(ref.state, res.state)
+
+
+# ----------------------------------------------------------------------------------------- hooks and the guard
+
+
+def test_hooks_run_on_their_cadence_with_the_current_state(tmp_path):
+  mesh = mesh_lib.make_mesh(dict(data=-1), devices=jax.devices()[:1])
+  seen = {"a": [], "b": []}
+
+  def step(state, frozen, batch, rng):
+    return dict(state, x=state["x"] + 1.0), {"loss": state["x"]}
+
+  def hook_a(step, state, writer):
+    seen["a"].append((step, int(state["step"]), float(state["x"])))
+    return {"x": state["x"]}
+
+  def hook_b(step, state, writer):
+    seen["b"].append(step)
+
+  res = loop.train(step_fn=step, init_fn=lambda k: {"x": jnp.zeros(())}, mesh=mesh, workdir=str(tmp_path),
+                   total_steps=10, seed=0, log_every=4, ckpt_every=100,
+                   hooks=[loop.every(3, hook_a, name="a"), loop.every(4, hook_b, at_end=False)])
+  assert seen["a"] == [(3, 3, 3.0), (6, 6, 6.0), (9, 9, 9.0), (10, 10, 10.0)]
+  assert seen["b"] == [4, 8]
+  assert res.hook_metrics["a"] == {"a/x": 10.0}
+  recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in recs if "a/x" in r] == [3, 6, 9, 10]
+  assert [r["train/loss"] for r in recs if "train/loss" in r] == [1.5, 5.5, 8.5]  # window means of 0..3, 4..7, 8..9
+
+
 def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path):
-  cfg = ml_collections.ConfigDict(dict(
-      method="toy", seed=0, train=dict(log_every=1, ckpt_every=2, ckpt_keep=3, async_checkpointing=False)))
   mesh = mesh_lib.make_mesh(dict(data=-1), devices=jax.devices()[:1])
   xs = np.ones((40, 1), np.float32)
   xs[13] = np.nan  # batch 6 (batch size 2) holds a NaN
   ds = data_lib.make_dataset(xs, global_batch=2, seed=0, shuffle=False)
   batches = data_lib.GlobalBatches(data_lib.make_iterator(ds), mesh_lib.batch_sharding(mesh, ()))
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, frozen, batch, rng):
     return jnp.mean((batch * params["w"] - 1.0) ** 2), {}
 
   tx = optax.sgd(0.1)
   with pytest.raises(loop.NonFiniteLossError, match=r"NaN/Inf at step 6 .*last good checkpoint \(step 6\)"):
-    loop.train(config=cfg, workdir=str(tmp_path), mesh=mesh, init_params=lambda k: {"w": jnp.zeros((1,))},
-               loss_fn=loss_fn, params_shardings={"w": mesh_lib.replicated(mesh)}, tx=tx,
-               schedule=lambda s: 0.1, batches=batches, total_steps=20)
+    loop.train(step_fn=loop.optax_step(loss_fn, tx), init_fn=lambda k: loop.optax_state({"w": jnp.zeros(1)}, tx),
+               data=batches, mesh=mesh, workdir=str(tmp_path), total_steps=20, seed=0, log_every=1, ckpt_every=2,
+               async_checkpointing=False)
   with ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")) as ck:
     assert ck.all_steps() == [2, 4, 6]
-    state = _final_state(str(tmp_path), 6)
-  assert np.isfinite(np.asarray(state["params"]["w"])).all()
+  w6 = np.asarray(_saved_state(str(tmp_path), 6)["params"]["w"])
+  assert np.isfinite(w6).all() and w6[0] == pytest.approx(1 - 0.8 ** 6)  # SGD on (w - 1)^2 from 0, lr 0.1
+
+
+def test_nan_patience_tolerates_a_short_run_of_bad_steps(tmp_path):
+  """patience 3: two isolated NaN steps are skipped (params unchanged there), training goes on."""
+  mesh = mesh_lib.make_mesh(dict(data=-1), devices=jax.devices()[:1])
+
+  def step(state, frozen, batch, rng):
+    bad = (state["step"] == 2) | (state["step"] == 3)
+    return dict(state, x=state["x"] + 1.0), {"loss": jnp.where(bad, jnp.nan, 0.0)}
+
+  res = loop.train(step_fn=step, init_fn=lambda k: {"x": jnp.zeros(())}, mesh=mesh, workdir=str(tmp_path),
+                   total_steps=8, seed=0, log_every=1, ckpt_every=100, nan_patience=3)
+  assert float(res.state["x"]) == 6.0 and int(res.state["guard"]["bad"]) == 2
+  assert int(res.state["guard"]["max_run"]) == 2 and int(res.state["guard"]["first"]) == 2

@@ -43,7 +43,6 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
     self.directory = os.path.abspath(directory)
-    self._has_data = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
         create=True)
@@ -99,7 +98,30 @@ class Checkpointer:
         self._quarantine(s, e)
     return None
 
-  def _check_layout(self, step: int, target: Any) -> None:
+  def restore_subset(self, target: Any, *, step: int | None = None):
+    """Restores part of a saved state: ``target`` is a dict tree of ``ShapeDtypeStruct`` (with the shardings to
+    restore onto, e.g. another mesh) naming the subtrees to read, e.g. ``{"params": abstract_params}``; the rest
+    of the checkpoint (optimiser moments, method extras) is not read. Returns ``(step, subtree)``.
+
+    Raises :class:`CheckpointMismatchError` when the saved subtree has other keys or shapes, and
+    ``FileNotFoundError`` when there is no checkpoint (or not that step).
+    """
+    steps = self.all_steps()
+    if step is None and not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}: point at a run that has saved one")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; saved steps: {steps}")
+    target = abstract_like(target) if not all(
+        isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target)) else target
+    self._check_layout(step, target, subset=True)
+    path = os.path.join(self.directory, str(step), "state")
+    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    _check_finite_structure(out, target)
+    return step, out
+
+  def _check_layout(self, step: int, target: Any, subset: bool = False) -> None:
     """Raises :class:`CheckpointMismatchError` if ``step``'s saved state has other keys or shapes than ``target``.
 
     Reads only Orbax's metadata. Unreadable metadata is left to ``restore`` (a partial write: quarantined).
@@ -115,7 +137,7 @@ class Checkpointer:
       return
     want = _layout(target)
     missing = sorted(set(want) - set(saved))
-    unexpected = sorted(set(saved) - set(want))
+    unexpected = [] if subset else sorted(set(saved) - set(want))
     shapes = [f"{k}: saved {saved[k]}, expected {want[k]}" for k in sorted(set(want) & set(saved))
               if saved[k] is not None and saved[k] != want[k]]
     if not (missing or unexpected or shapes):

@@ -1,27 +1,45 @@
-"""The generic train loop: sharded init, restore-if-present, jitted donated step, eval/log/checkpoint, NaN guard.
+"""The one training loop: sharded init or restore, one compiled step, hooks on a cadence, checkpoints, NaN guard.
 
-A method supplies pure functions: ``init_params(key) -> params`` (a pure dict), ``loss_fn(params, batch, rng)
--> (loss, metrics)``, optionally ``eval_fn(params) -> metrics``; and the shardings of its params. The loop owns
-the train state ``{"params", "opt_state", "step", "rng", "bad_steps", "first_bad_step"}``.
+A method supplies
+  ``init_fn(key) -> parts``                      its part of the train state (params, optimiser, EMA, env state...)
+  ``step_fn(state, frozen, batch, rng) -> (state, metrics)``
+                                                 pure; ``state`` is the parts plus the loop's ``step`` (int32)
+  ``frozen``                                     inputs the step reads but does not train (a teacher, a reference
+                                                 policy): jit arguments with their own shardings, so
+                                                 :meth:`Loop.set_frozen` swaps them without recompiling
+  ``data``                                       a Grain iterator, :class:`lmx.core.data.GlobalBatches`, any
+                                                 iterator with ``get_state``/``set_state`` (JSON-able state), or
+                                                 ``None`` when the step makes its own data on device
+  ``hooks``                                      :func:`every` ``(k, fn)``: ``fn(step, state, writer)`` after
+                                                 every k-th step (evaluate, plot, sample, refresh a reference...)
 
-Determinism: the step's rng is ``fold_in(key(seed), step)`` and the data iterator's position is checkpointed, so
-a resumed run is bitwise equal to an uninterrupted one on CPU.
+The loop owns ``state["step"]`` and ``state["guard"]`` (non-finite bookkeeping). A step whose ``finite_keys``
+metrics (default ``loss``, ``grad_norm``) are NaN/Inf leaves the method's parts unchanged; ``nan_patience``
+consecutive such steps stop the run with :class:`NonFiniteLossError`, keeping the last good checkpoint.
+
+Determinism: the step's rng is ``fold_in(rng_stream(seed, "step"), step)`` and the data position is saved with
+every checkpoint, so a resumed run is bitwise equal to an uninterrupted one on CPU.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from lmx.core import checkpoint as ckpt_lib
 from lmx.core.mesh import replicated
 from lmx.core.metrics import Writer, progress
+from lmx.core.rng import rng_stream
+
+LOOP_KEYS = ("step", "guard")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -35,147 +53,271 @@ def host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """``fn(step, state, writer) -> dict | None`` after every ``every``-th step (and the last when ``at_end``).
+
+  A returned dict is logged (one console line) under ``<name>/``.
+  """
+  name: str
+  every: int
+  fn: Callable
+  at_end: bool = True
+
+  def due(self, step: int, total: int) -> bool:
+    return step % self.every == 0 or (self.at_end and step == total)
+
+
+def every(k: int, fn: Callable, *, name: str | None = None, at_end: bool = True) -> Hook:
+  """A hook running ``fn`` every ``k`` steps."""
+  if int(k) <= 0:
+    raise ValueError(f"hook cadence must be > 0, got {k}")
+  return Hook(name or getattr(fn, "__name__", "hook"), int(k), fn, at_end)
+
+
 @dataclasses.dataclass
 class TrainResult:
   state: Any
   last_metrics: dict
-  eval_metrics: dict
+  hook_metrics: dict  # name -> the last dict that hook returned
   steps_per_sec: float
   compile_seconds: float
   resumed_from: int | None
+  temp_bytes: int | None  # compiled step's scratch memory (XLA memory analysis), where the backend reports it
 
 
-def state_shardings(params_shardings, abstract_opt_state, tx, mesh):
-  """Shardings for the whole train state: optimizer moments follow their params, the rest is replicated."""
-  rep = replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, params_shardings,
-                                 transform_non_params=lambda _: rep)
-  return {"params": params_shardings, "opt_state": opt_sh, "step": rep, "rng": rep, "bad_steps": rep,
-          "first_bad_step": rep}
+# ------------------------------------------------------------------------------------------ optax train state
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable):
-  """Pure ``step(state, batch) -> (state, metrics)``. A non-finite loss or gradient leaves params unchanged."""
+def optax_state(params, tx: optax.GradientTransformation) -> dict:
+  """The usual parts: ``{"params", "opt_state"}``."""
+  return {"params": params, "opt_state": tx.init(params)}
 
-  def step(state, batch):
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+
+def optax_shardings(params_shardings, tx: optax.GradientTransformation, abstract_params, mesh) -> dict:
+  """Shardings of :func:`optax_state`: optimiser moments follow their params, the rest is replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+  return {"params": params_shardings, "opt_state": opt_sh}
+
+
+def optax_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable | None = None):
+  """``step(state, frozen, batch, rng)`` for ``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``."""
+
+  def step(state, frozen, batch, rng):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    gnorm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-        "bad_steps": state["bad_steps"] + (~finite).astype(jnp.int32),
-        "first_bad_step": jnp.where((state["bad_steps"] == 0) & ~finite, state["step"], state["first_bad_step"]),
-    }
-    metrics = {"loss": loss, **metrics, "grad_norm": gnorm, "lr": schedule(state["step"])}
-    return new_state, metrics
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    if schedule is not None:
+      metrics["lr"] = schedule(state["step"])
+    return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state), metrics
 
   return step
 
 
-def train(*, config, workdir: str, mesh, init_params: Callable, loss_fn: Callable, params_shardings,
-          tx: optax.GradientTransformation, schedule: Callable, batches, total_steps: int,
-          eval_fn: Callable | None = None, writer: Writer | None = None, items_per_step: int = 0,
-          item_name: str = "tokens") -> TrainResult:
-  """Runs (or resumes) training for ``total_steps`` steps. See the module docstring."""
-  tcfg = config.train
-  own_writer = writer is None
-  writer = writer or Writer(workdir, total_steps=total_steps)
-  rep = replicated(mesh)
-  seed = int(config.seed)
+# ------------------------------------------------------------------------------------------ the loop
 
-  def init_state(key):
-    params = init_params(key)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)), "bad_steps": jnp.zeros((), jnp.int32),
-            "first_bad_step": jnp.full((), -1, jnp.int32)}
 
-  key = jax.random.key(seed)
-  with jax.set_mesh(mesh):
-    abstract = jax.eval_shape(init_state, key)
-    shardings = state_shardings(params_shardings, abstract["opt_state"], tx, mesh)
-    target = ckpt_lib.abstract_like(abstract, shardings)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.ckpt_keep,
-                                 async_save=tcfg.get("async_checkpointing", True))
-    restored = ckpt.restore(target, data_iter=batches.iterator)
-    if restored is not None:
-      start, state = restored
-      writer.summary(start, {"resumed_from_step": start})
-    else:
-      start = 0
-      state = jax.jit(init_state, out_shardings=shardings)(key)
+def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss", "grad_norm")) -> Callable:
+  """``(state, frozen, batch) -> (state, metrics)``: the step with its rng, step count and NaN guard."""
+  base = rng_stream(seed, "step")
 
-    def step_with_key(state, batch):
-      s = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
-      new, m = make_train_step(loss_fn, tx, schedule)(s, batch)
-      return dict(new, rng=jax.random.key_data(new["rng"])), m
+  def wrapped(state, frozen, batch):
+    new, metrics = step_fn(state, frozen, batch, jax.random.fold_in(base, state["step"]))
+    checks = [jnp.all(jnp.isfinite(metrics[k])) for k in finite_keys if k in metrics]
+    ok = jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+    parts = [k for k in state if k not in LOOP_KEYS]
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), {k: new[k] for k in parts}, {k: state[k] for k in parts})
+    g, bad = state["guard"], (~ok).astype(jnp.int32)
+    run = (g["run"] + 1) * bad
+    guard = {"bad": g["bad"] + bad, "run": run, "max_run": jnp.maximum(g["max_run"], run),
+             "first": jnp.where((g["bad"] == 0) & (bad > 0), state["step"], g["first"])}
+    return {**kept, "step": state["step"] + 1, "guard": guard}, metrics
 
-    step_fn = jax.jit(step_with_key, in_shardings=(shardings, batches.sharding), out_shardings=(shardings, rep),
-                      donate_argnums=(0,))
+  return wrapped
 
-    last, eval_metrics, acc, n_acc = {}, {}, None, 0
-    compile_s, t_window, steps_window, t_run, steps_run = 0.0, time.time(), 0, 0.0, 0
-    pbar = progress(total_steps, desc=f"{config.method} train", initial=start)
-    step = start
+
+def _loop_parts() -> dict:
+  z = jnp.zeros((), jnp.int32)
+  return {"step": z, "guard": {"bad": z, "run": z, "max_run": z, "first": jnp.full((), -1, jnp.int32)}}
+
+
+class _JsonState:
+  """Adapts an iterator with JSON-able ``get_state``/``set_state`` to Grain's checkpoint handler (bytes)."""
+
+  def __init__(self, it):
+    self.it = it
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.it.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.it.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _checkpointable(data):
+  if data is None:
+    return None
+  import grain
+
+  it = getattr(data, "iterator", data)
+  if isinstance(it, grain.DatasetIterator):
+    return it
+  if not (hasattr(data, "get_state") and hasattr(data, "set_state")):
+    raise TypeError(f"data source {type(data).__name__} has no get_state/set_state: a resumed run could not "
+                    "continue its data order; wrap it or make the data on device (data=None)")
+  return _JsonState(data)
+
+
+class Loop:
+  """Runs (or resumes) ``total_steps`` steps; see the module docstring. ``run()`` returns a :class:`TrainResult`."""
+
+  def __init__(self, *, step_fn: Callable, init_fn: Callable, mesh, workdir: str, total_steps: int, seed: int,
+               state_shardings=None, frozen=None, frozen_shardings=None, data=None, hooks: Sequence[Hook] = (),
+               config=None, writer: Writer | None = None, log_every: int = 10, ckpt_every: int = 100,
+               ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
+               finite_keys: Sequence[str] = ("loss", "grad_norm"), desc: str = "train", items_per_step: int = 0,
+               item_name: str = "tokens", postfix: Sequence[str] = ("loss",)):
+    self.mesh, self.workdir, self.total_steps, self.seed = mesh, workdir, int(total_steps), int(seed)
+    self.init_fn, self.data, self.hooks, self.config = init_fn, data, tuple(hooks), config
+    self.log_every, self.ckpt_every, self.nan_patience = int(log_every), int(ckpt_every), int(nan_patience)
+    self.desc, self.items_per_step, self.item_name, self.postfix = desc, items_per_step, item_name, tuple(postfix)
+    self.writer = writer
+    rep = replicated(mesh)
+    with jax.set_mesh(mesh):
+      abstract = jax.eval_shape(init_fn, rng_stream(self.seed, "init"))
+    self.state_shardings = {**(jax.tree.map(lambda _: rep, abstract) if state_shardings is None
+                               else state_shardings), **jax.tree.map(lambda _: rep, _loop_parts())}
+    on_mesh = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding)  # noqa: E731
+    self.frozen_shardings = (jax.tree.map(lambda x: x.sharding if on_mesh(x) else rep, frozen)
+                             if frozen_shardings is None else frozen_shardings)
+    self.frozen = None
+    self._frozen_avals = None
+    if frozen is not None:
+      self.set_frozen(frozen)
+    self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys)
+    self._ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=ckpt_keep,
+                                       async_save=async_checkpointing)
+    self._compiled = None
+
+  def set_frozen(self, frozen) -> None:
+    """Places new frozen inputs on their shardings; same shapes and dtypes as before (no recompilation)."""
+    avals = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.dtype(x.dtype)), frozen)
+    if self._frozen_avals is not None and avals != self._frozen_avals:
+      raise ValueError("frozen inputs must keep their tree, shapes and dtypes (they are arguments of one "
+                       "compiled step)")
+    # A copy: frozen inputs taken from the train state (a reference policy) must outlive its donated buffers.
+    self.frozen = jax.device_put(frozen, self.frozen_shardings, may_alias=False)
+    self._frozen_avals = avals
+
+  def _init_state(self, key):
+    return {**self.init_fn(key), **_loop_parts()}
+
+  def _next_batch(self):
+    return None if self.data is None else next(self.data)
+
+  def compile(self, state, batch):
+    """The step compiled ahead of time for ``state``, the frozen inputs and ``batch`` (what ``run`` calls)."""
+    rep = replicated(self.mesh)
+    batch_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else rep, batch)
+    jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
+                     out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    return jitted.lower(state, self.frozen, batch).compile()
+
+  def fresh_state(self):
+    """A new sharded train state (the method's parts and the loop's)."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._init_state, out_shardings=self.state_shardings)(rng_stream(self.seed, "init"))
+
+  def restore_or_init(self):
+    """``(start_step, state)``: the newest readable checkpoint (data position restored too) or a fresh state."""
+    key = rng_stream(self.seed, "init")
+    with jax.set_mesh(self.mesh):
+      abstract = jax.eval_shape(self._init_state, key)
+      restored = self._ckpt.restore(ckpt_lib.abstract_like(abstract, self.state_shardings),
+                                    data_iter=_checkpointable(self.data))
+    return restored if restored is not None else (0, self.fresh_state())
+
+  def run(self) -> TrainResult:
+    own_writer = self.writer is None
+    writer = self.writer or Writer(self.workdir, total_steps=self.total_steps)
+    total, ckpt_data = self.total_steps, _checkpointable(self.data)
+    res = TrainResult(None, {}, {}, float("nan"), 0.0, None, None)
+    pbar = None
     try:
-      while step < total_steps:
-        batch = next(batches)
-        t0 = time.time()
-        state, m = step_fn(state, batch)
-        if step == start:
-          jax.block_until_ready(m)
-          compile_s = time.time() - t0
-          t_window, steps_window = time.time(), 0
-        acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
-        n_acc += 1
-        step += 1
-        steps_window += 1
-        pbar.update(1)
-        log_now = step % tcfg.log_every == 0 or step == total_steps
-        ckpt_now = step % tcfg.ckpt_every == 0 or step == total_steps
-        eval_now = eval_fn is not None and (step % tcfg.eval_every == 0 or step == total_steps)
-        if log_now or ckpt_now:
-          _check_finite(state, ckpt, workdir)
-        if log_now:
-          vals = {k: host(v) / n_acc for k, v in acc.items()}
-          dt = time.time() - t_window
-          if step - start > 1 and dt > 0:
-            vals["steps_per_sec"] = steps_window / dt
-            if items_per_step:
-              vals[f"{item_name}_per_sec"] = steps_window * items_per_step / dt
-            t_run += dt
-            steps_run += steps_window
-          last = writer.summary(step, vals, prefix="train/")
-          pbar.set_postfix(loss=f"{vals['loss']:.4f}")
-          acc, n_acc, t_window, steps_window = None, 0, time.time(), 0
-        if eval_now:
-          eval_metrics = writer.summary(step, eval_fn(state["params"]), prefix="eval/")
-        if ckpt_now:
-          ckpt.save(step, state, data_iter=batches.iterator, config=config)
+      start, state = self.restore_or_init()
+      if start:
+        res.resumed_from = start
+        writer.summary(start, {"resumed_from_step": start})
+      pbar = progress(total, desc=self.desc, initial=min(start, total))
+      acc, n_acc, t_window, steps_window, t_run, steps_run = None, 0, time.time(), 0, 0.0, 0
+      step = start
+      with jax.set_mesh(self.mesh):
+        while step < total:
+          batch = self._next_batch()
+          if self._compiled is None:
+            t0 = time.time()
+            self._compiled = self.compile(state, batch)
+            res.compile_seconds = time.time() - t0
+            mem = self._compiled.memory_analysis()
+            res.temp_bytes = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else None
+            t_window = time.time()
+          state, m = self._compiled(state, self.frozen, batch)
+          acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
+          n_acc, step, steps_window = n_acc + 1, step + 1, steps_window + 1
+          pbar.update(1)
+          log_now = step % self.log_every == 0 or step == total
+          ckpt_now = step % self.ckpt_every == 0 or step == total
+          if log_now or ckpt_now:
+            self._check_finite(state)
+          if log_now:
+            vals = {k: host(v) / n_acc for k, v in acc.items()}
+            dt = time.time() - t_window
+            if step - start > 1 and dt > 0:
+              vals["steps_per_sec"] = steps_window / dt
+              if self.items_per_step:
+                vals[f"{self.item_name}_per_sec"] = steps_window * self.items_per_step / dt
+              t_run, steps_run = t_run + dt, steps_run + steps_window
+            res.last_metrics = writer.summary(step, vals, prefix="train/")
+            pbar.set_postfix({k: f"{vals[k]:.4g}" for k in self.postfix if k in vals}, refresh=False)
+            acc, n_acc, steps_window, t_window = None, 0, 0, time.time()
+          t_hooks = time.time()
+          for hook in self.hooks:
+            if hook.due(step, total):
+              out = hook.fn(step, state, writer)
+              if out:
+                res.hook_metrics[hook.name] = writer.summary(step, out, prefix=f"{hook.name}/")
+          t_window += time.time() - t_hooks  # steps/s counts training only
+          if ckpt_now:
+            self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config)
+      res.state = state
+      res.steps_per_sec = steps_run / t_run if t_run else float("nan")
     finally:
-      pbar.close()
-      ckpt.wait()
-      ckpt.close()
+      if pbar is not None:
+        pbar.close()
+      self._ckpt.close()
       if own_writer:
         writer.close()
-  return TrainResult(state=state, last_metrics=last, eval_metrics=eval_metrics,
-                     steps_per_sec=steps_run / t_run if t_run else float("nan"), compile_seconds=compile_s,
-                     resumed_from=start if restored is not None else None)
+    return res
 
-
-def _check_finite(state, ckpt, workdir) -> None:
-  bad = int(host(state["bad_steps"]))
-  if bad:
-    first = int(host(state["first_bad_step"]))
-    last_good = ckpt.latest_step()
-    where = (f"the last good checkpoint (step {last_good}) is kept in {os.path.join(workdir, 'checkpoints')}"
+  def _check_finite(self, state) -> None:
+    g = jax.tree.map(lambda x: int(host(x)), state["guard"])
+    if g["max_run"] < self.nan_patience:
+      return
+    last_good = self._ckpt.latest_step()
+    where = (f"the last good checkpoint (step {last_good}) is kept in {self._ckpt.directory}"
              if last_good is not None else "no checkpoint had been written yet")
+    runs = f"{g['max_run']} consecutive" if self.nan_patience > 1 else f"{g['bad']}"
     raise NonFiniteLossError(
-        f"loss or gradient became NaN/Inf at step {first} ({bad} bad step(s)); training stopped and {where}. "
-        "Lower optim.lr, check the data, or raise optim.clip_norm's strictness, then rerun to resume.")
+        f"loss or gradient became NaN/Inf at step {g['first']} ({runs} bad step(s); their updates were skipped); "
+        f"training stopped and {where}. Lower the learning rate, check the data, or tighten gradient clipping, "
+        "then rerun to resume.")
+
+
+def train(**kwargs) -> TrainResult:
+  """``Loop(**kwargs).run()``."""
+  return Loop(**kwargs).run()

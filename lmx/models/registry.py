@@ -1,0 +1,140 @@
+"""Model registry keyed by ``config.model.name``, and ``load_run``: a model and its parameters from another run.
+
+``build_model(model_cfg, **context)`` gives a :class:`Model` (init, apply, shardings) for any registered name, so
+a config names its model and any method can build it; ``load_run(workdir)`` rebuilds the model a run trained
+(from the config saved with its checkpoints) and restores its parameters only, onto any mesh — a teacher, a
+continual-pretraining base or a routing analysis starts from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from lmx.core import mesh as mesh_lib
+from lmx.core.checkpoint import Checkpointer, abstract_like
+from lmx.core.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A built model: ``init(key) -> params`` (a pure dict) and ``apply(params, *inputs, **kw)``.
+
+  ``cfg`` is the model's static config; ``graphdef`` the NNX graph for NNX models (None for pure functions);
+  ``shardings(mesh, rules)`` the params' NamedShardings from their logical axis names.
+  """
+  name: str
+  cfg: Any
+  init: Callable
+  apply: Callable
+  shardings: Callable
+  graphdef: Any = None
+
+  def abstract_params(self):
+    return jax.eval_shape(self.init, jax.random.key(0))
+
+
+_BUILDERS: dict[str, Callable[..., Model]] = {}
+
+
+def register(name: str):
+  """Decorator: ``@register("transformer") def build(model_cfg, **context) -> Model``."""
+
+  def deco(fn):
+    _BUILDERS[name] = fn
+    return fn
+
+  return deco
+
+
+def model_names() -> list[str]:
+  return sorted(_BUILDERS)
+
+
+def build_model(model_cfg, **context) -> Model:
+  """Builds ``model_cfg.name`` (default ``transformer``) with the builder's context (e.g. image shape)."""
+  name = model_cfg.get("name", "transformer") if hasattr(model_cfg, "get") else "transformer"
+  if name not in _BUILDERS:
+    raise ConfigError(f"model.name={name!r} is not a registered model; valid names: {model_names()}")
+  return _BUILDERS[name](model_cfg, **context)
+
+
+def nnx_shardings(abstract_module: nnx.Module) -> Callable:
+  """``shardings(mesh, rules)`` from an abstract NNX module's logical-axis metadata."""
+
+  def shardings(mesh, rules):
+    return mesh_lib.param_shardings(nnx.split(abstract_module, nnx.Param)[1], mesh, rules)
+
+  return shardings
+
+
+@register("transformer")
+def _transformer(model_cfg, *, axis_rules=None) -> Model:
+  from lmx.models.transformer import Transformer, TransformerConfig
+
+  try:
+    cfg = TransformerConfig.from_config(model_cfg, axis_rules=axis_rules)
+  except TypeError:  # from_config without rules
+    cfg = TransformerConfig.from_config(model_cfg)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef = nnx.split(abstract, nnx.Param)[0]
+
+  def init(key):
+    return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=key)), nnx.Param)[1])
+
+  def apply(params, tokens_BT, **kw):
+    return nnx.merge(graphdef, params)(tokens_BT, **kw)
+
+  return Model("transformer", cfg, init, apply, nnx_shardings(abstract), graphdef)
+
+
+@register("convnet")
+def _convnet(model_cfg, *, image_shape, num_classes) -> Model:
+  from lmx.models import convnet
+
+  depth, width, norm = int(model_cfg.depth), int(model_cfg.width), model_cfg.norm
+  conv_impl = model_cfg.get("conv_impl", "auto")
+  init = functools.partial(convnet.init_params, image_shape_HWC=tuple(image_shape), num_classes=int(num_classes),
+                           depth=depth, width=width, norm=norm)
+
+  def apply(params, x_NHWC, **kw):
+    return convnet.apply(params, x_NHWC, **{"conv_impl": conv_impl, **kw})
+
+  def shardings(mesh, rules):
+    del rules
+    return jax.tree.map(lambda _: mesh_lib.replicated(mesh), jax.eval_shape(init, jax.random.key(0)))
+
+  return Model("convnet", dict(depth=depth, width=width, norm=norm, conv_impl=conv_impl), init,
+               apply, shardings)
+
+
+def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=None, subtree: str = "params",
+             **context):
+  """``(config, model, params)`` of the run in ``workdir`` at ``step`` (default: its newest checkpoint).
+
+  Only ``state[subtree]`` is read (not the optimiser), placed on ``mesh`` (default: the run's own mesh config
+  on this host's devices) by ``axis_rules`` (default: the run's). ``context`` goes to the model builder.
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"load_run: {workdir!r} has no checkpoints/ directory; name a workdir of an lmx run")
+  with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+    steps = ckpt.all_steps()
+    step = (steps[-1] if steps else None) if step is None else step
+    raw = ckpt.restore_config(step) if step is not None else None
+    if raw is None:
+      raise FileNotFoundError(f"load_run: no readable checkpoint with a config in {ckpt_dir} (steps: {steps})")
+    config = ml_collections.ConfigDict(raw)
+    rules = tuple(tuple(r) for r in (axis_rules if axis_rules is not None else config.get("axis_rules", ())))
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.get("mesh", {"data": -1}))
+    kw = dict(context, axis_rules=rules) if config.model.get("name", "transformer") == "transformer" else context
+    model = build_model(config.model, **kw)
+    with jax.set_mesh(mesh):
+      target = abstract_like(model.abstract_params(), model.shardings(mesh, rules))
+    _, out = ckpt.restore_subset({subtree: target}, step=step)
+  return config, model, out[subtree]
