@@ -41,9 +41,13 @@ def write_results(workdir: str, results: Mapping[str, Any], name: str = RESULTS_
     return path
   os.makedirs(workdir, exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(jsonable(results), f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(jsonable(results), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+  finally:  # a failed write (disk full, an error while converting) leaves neither half a file nor the temp file
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
 
 
