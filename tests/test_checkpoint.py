@@ -108,3 +108,86 @@ def test_other_state_layout_is_a_clear_error_and_touches_nothing(tmp_path):
     step, st = ck.restore({"x": jax.ShapeDtypeStruct((4, 2), jnp.float32),
                            "opt": {"mu": jax.ShapeDtypeStruct((2,), jnp.float32)}})
   assert step == 3 and float(st["x"].sum()) == 8.0
+
+
+def _spy_reads(monkeypatch) -> list[str]:
+  """Records the name of every array Orbax deserialises (all its array handlers), to see what a restore reads."""
+  import orbax.checkpoint as ocp
+
+  seen = []
+  for cls in (ocp.type_handlers.ArrayHandler, ocp.type_handlers.NumpyHandler, ocp.type_handlers.ScalarHandler):
+    orig = cls.deserialize
+
+    async def spy(self, infos, *a, _orig=orig, **kw):
+      seen.extend(str(i.name) for i in infos)
+      return await _orig(self, infos, *a, **kw)
+
+    monkeypatch.setattr(cls, "deserialize", spy)
+  return seen
+
+
+def _three_steps(d):
+  """Steps 1, 2, 3, each with values of its own: params w = s, optimiser mu = -s, a step counter = s."""
+  mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, model=2))
+  sh = NamedSharding(mesh, P("fsdp", "model"))
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    for s in (1, 2, 3):
+      w = np.arange(8 * 4, dtype=np.float32).reshape(8, 4) + 100 * s
+      ck.save(s, {"params": {"w": jax.device_put(w, sh), "b": jnp.full((4,), s, jnp.float32)},
+                  "opt": {"mu": jnp.full((8, 4), -s, jnp.float32)}, "step": jnp.int32(s)})
+
+
+def _abstract(sharding=None):
+  sds = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+  return {"params": {"w": sds((8, 4)), "b": sds((4,))}, "opt": {"mu": sds((8, 4))}, "step": sds((), jnp.int32)}
+
+
+def test_restore_a_named_step(tmp_path):
+  d = str(tmp_path / "ck")
+  _three_steps(d)
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    assert ck.all_steps() == [1, 2, 3]
+    step, st = ck.restore(_abstract(), step=2)
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(st["params"]["w"]),
+                                  np.arange(32, dtype=np.float32).reshape(8, 4) + 200)
+    np.testing.assert_array_equal(np.asarray(st["params"]["b"]), np.full((4,), 2.0))
+    np.testing.assert_array_equal(np.asarray(st["opt"]["mu"]), np.full((8, 4), -2.0))
+    assert int(st["step"]) == 2
+    assert ck.restore(_abstract())[0] == 3  # without a step: the newest
+    with pytest.raises(FileNotFoundError):
+      ck.restore(_abstract(), step=7)
+  # A missing step is not corruption: nothing was moved aside.
+  assert sorted(os.listdir(d)) == ["1", "2", "3"] and not os.path.exists(d + "_corrupt")
+
+
+def test_restore_subset_reads_only_the_named_subtree(tmp_path, monkeypatch):
+  d = str(tmp_path / "ck")
+  _three_steps(d)
+  mesh2 = mesh_lib.make_mesh(dict(model=-1), devices=jax.devices()[:2])  # another mesh than the writer's
+  sh = NamedSharding(mesh2, P(None, "model"))
+  target = {"params": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sh),
+                       "b": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(mesh2, P()))}}
+  seen = _spy_reads(monkeypatch)
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    step, out = ck.restore_subset(target, step=2)
+    assert step == 2 and set(out) == {"params"} and set(out["params"]) == {"w", "b"}
+    assert sorted(seen) == ["params.b", "params.w"]  # the optimiser and the step counter were never read
+    np.testing.assert_array_equal(np.asarray(out["params"]["w"]),
+                                  np.arange(32, dtype=np.float32).reshape(8, 4) + 200)
+    assert out["params"]["w"].sharding == sh
+    seen.clear()
+    step, out = ck.restore_subset({"opt": {"mu": jax.ShapeDtypeStruct((8, 4), jnp.float32)}})
+    assert step == 3 and sorted(seen) == ["opt.mu"]
+    np.testing.assert_array_equal(np.asarray(out["opt"]["mu"]), np.full((8, 4), -3.0))
+    # Another shape or a key the checkpoint lacks: a clear mismatch, not a quarantine; a missing step: not found.
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"params/w: saved \(8, 4\), expected \(4, 8\)"):
+      ck.restore_subset({"params": {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)}})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="missing params/ema"):
+      ck.restore_subset({"params": {"ema": jax.ShapeDtypeStruct((4,), jnp.float32)}})
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 9.*saved steps: \\[1, 2, 3\\]"):
+      ck.restore_subset(target, step=9)
+  assert not os.path.exists(d + "_corrupt")
+  with ckpt_lib.Checkpointer(str(tmp_path / "empty")) as ck:
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+      ck.restore_subset(target)
