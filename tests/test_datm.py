@@ -217,7 +217,7 @@ def test_im2col_conv_matches_xla_conv_to_second_order(hw, cin, pad):
     for a, b in zip(meta(convnet.conv_im2col), meta(convnet.conv_xla)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
   with pytest.raises(ValueError, match="conv_impl"):
-    convnet.set_default_conv_impl("winograd")
+    convnet.resolve_conv_impl("winograd")
 
 
 def test_conv_impls_give_the_same_network_and_auto_resolves_per_use():

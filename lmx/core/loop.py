@@ -181,12 +181,12 @@ class Loop:
                config=None, writer: Writer | None = None, log_every: int = 10, ckpt_every: int = 100,
                ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
                finite_keys: Sequence[str] = ("loss", "grad_norm"), desc: str = "train", items_per_step: int = 0,
-               item_name: str = "tokens", postfix: Sequence[str] = ("loss",)):
+               item_name: str = "tokens", log_prefix: str = "train/", postfix: Sequence[str] = ("loss",)):
     self.mesh, self.workdir, self.total_steps, self.seed = mesh, workdir, int(total_steps), int(seed)
     self.init_fn, self.data, self.hooks, self.config = init_fn, data, tuple(hooks), config
     self.log_every, self.ckpt_every, self.nan_patience = int(log_every), int(ckpt_every), int(nan_patience)
     self.desc, self.items_per_step, self.item_name, self.postfix = desc, items_per_step, item_name, tuple(postfix)
-    self.writer = writer
+    self.writer, self.log_prefix = writer, log_prefix
     rep = replicated(mesh)
     with jax.set_mesh(mesh):
       abstract = jax.eval_shape(init_fn, rng_stream(self.seed, "init"))
@@ -282,7 +282,7 @@ class Loop:
               if self.items_per_step:
                 vals[f"{self.item_name}_per_sec"] = steps_window * self.items_per_step / dt
               t_run, steps_run = t_run + dt, steps_run + steps_window
-            res.last_metrics = writer.summary(step, vals, prefix="train/")
+            res.last_metrics = writer.summary(step, vals, prefix=self.log_prefix)
             pbar.set_postfix({k: f"{vals[k]:.4g}" for k in self.postfix if k in vals}, refresh=False)
             acc, n_acc, steps_window, t_window = None, 0, 0, time.time()
           t_hooks = time.time()

@@ -1,13 +1,17 @@
 """Classification losses written once: masked integer-label and soft-target cross-entropy (float32).
 
 ``mask`` (same shape as the per-example loss, 1 = counts; non-negative weights also work) averages over the
-valid positions only; an all-zero mask gives 0, not NaN. Logits of any float dtype are upcast to float32 before
-the log-softmax.
+valid positions only; an all-zero mask gives 0, not NaN. Logits below float32 (bfloat16, float16) are upcast to
+float32 before the log-softmax; float64 stays float64 (finite-difference tests need it).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def _at_least_f32(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _masked_mean(per_example, mask):
@@ -18,7 +22,7 @@ def _masked_mean(per_example, mask):
   if tuple(mask.shape) != tuple(per_example.shape):
     raise ValueError(f"loss mask has shape {tuple(mask.shape)}, but the per-example loss has shape "
                      f"{tuple(per_example.shape)}; pass one mask entry per label")
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(per_example.dtype)
   # An all-zero mask gives 0 (not 0/0); a positive total is divided as is, so fractional weights (summing below
   # 1) still give their weighted mean.
   total = jnp.sum(mask)
@@ -27,15 +31,15 @@ def _masked_mean(per_example, mask):
 
 def cross_entropy(logits_NC, labels_N, mask_N=None) -> jax.Array:
   """Mean of −log softmax(logits)[label] over the (masked) leading axes; ``logits_[..., C]``, ``labels_[...]``."""
-  logp = jax.nn.log_softmax(logits_NC.astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(_at_least_f32(logits_NC), axis=-1)
   ll = jnp.take_along_axis(logp, labels_N[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return _masked_mean(-ll, mask_N)
 
 
 def soft_cross_entropy(logits_NC, targets_NC, mask_N=None) -> jax.Array:
   """Mean of −Σ_c targets · log softmax(logits) over the (masked) leading axes (targets are probabilities)."""
-  logp = jax.nn.log_softmax(logits_NC.astype(jnp.float32), axis=-1)
-  return _masked_mean(-jnp.sum(targets_NC.astype(jnp.float32) * logp, axis=-1), mask_N)
+  logp = jax.nn.log_softmax(_at_least_f32(logits_NC), axis=-1)
+  return _masked_mean(-jnp.sum(targets_NC.astype(logp.dtype) * logp, axis=-1), mask_N)
 
 
 def next_token_loss(logits_BTV, tokens_BT, mask_BT=None) -> jax.Array:

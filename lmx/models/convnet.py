@@ -11,8 +11,9 @@ stats. A 1-channel 28×28 input uses padding 3 in the first conv (→ 32×32), a
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,14 +105,6 @@ CONV_IMPLS = ("auto", "xla", "im2col", "mixed")
 # convolution for the rest: on XLA:CPU the native filter gradient of a 1-channel conv is slow, and im2col of a
 # 16-channel conv is slower than native (benchmarks/convnet_train_step.py compares the three whole steps).
 MIXED_MAX_CIN = 4
-_DEFAULT_IMPL = ["auto"]
-
-
-def set_default_conv_impl(impl: str) -> None:
-  """Sets the convolution used by ``apply`` when its ``conv_impl`` is None (``model.conv_impl`` in configs)."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"model.conv_impl={impl!r}: expected one of {list(CONV_IMPLS)}")
-  _DEFAULT_IMPL[0] = impl
 
 
 def conv_xla(x_NHWC: jax.Array, kernel_HWIO: jax.Array, pad: int) -> jax.Array:
@@ -136,14 +129,15 @@ def conv_im2col(x_NHWC: jax.Array, kernel_HWIO: jax.Array, pad: int) -> jax.Arra
   return out.reshape(n, ho, wo, co)
 
 
-def resolve_conv_impl(impl: str | None = None, *, second_order: bool = False) -> str:
+def resolve_conv_impl(impl: str = "auto", *, second_order: bool = False) -> str:
   """The convolution 'auto' stands for, per backend and use.
 
   On accelerators: 'xla' (cuDNN / TPU convolutions). On CPU, measured fastest per use (benchmarks/):
   'mixed' for ordinary training (first-order: expert training, evaluation) and 'im2col' when differentiating
-  through SGD steps (``second_order``: DATM's inner loop). None means the process default.
+  through SGD steps (``second_order``: DATM's inner loop).
   """
-  impl = impl or _DEFAULT_IMPL[0]
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl={impl!r}: expected one of {list(CONV_IMPLS)}")
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "xla"
@@ -151,12 +145,19 @@ def resolve_conv_impl(impl: str | None = None, *, second_order: bool = False) ->
   return impl
 
 
-def apply(params: Params, x_NHWC: jax.Array, conv_impl: str | None = None) -> jax.Array:
+@functools.lru_cache(maxsize=None)
+def apply_with(conv_impl: str = "auto", *, second_order: bool = False) -> Callable:
+  """``apply`` with the convolution fixed (resolved for this backend and use); one object per choice, so jitted
+  functions that take it as a static argument compile once."""
+  return functools.partial(apply, conv_impl=resolve_conv_impl(conv_impl, second_order=second_order))
+
+
+def apply(params: Params, x_NHWC: jax.Array, conv_impl: str = "auto") -> jax.Array:
   """Logits (N, num_classes) of the ConvNet with parameters ``params`` on images ``x_NHWC``.
 
   ``conv_impl``: 'xla' (native convolution), 'im2col' (patches × matmul), 'mixed' (im2col where the input has
-  ≤ ``MIXED_MAX_CIN`` channels, native elsewhere) or 'auto' (see ``resolve_conv_impl``); None uses the process
-  default (``set_default_conv_impl``). All give the same function.
+  ≤ ``MIXED_MAX_CIN`` channels, native elsewhere) or 'auto' (see ``resolve_conv_impl``). All give the same
+  function.
   """
   impl = resolve_conv_impl(conv_impl)
   h = x_NHWC

@@ -17,7 +17,6 @@ clipped to [lr_min, lr_max]) and is clipped to [lr_min, lr_max] after every upda
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
@@ -26,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lmx.core.losses import soft_cross_entropy
+from lmx.core.rng import np_stream
 from lmx.methods.datm import dsa
 from lmx.models import convnet
 
@@ -47,11 +48,6 @@ class InnerSpec:
 
 
 # ----------------------------------------------------------------------------------------------- small pieces
-
-
-def soft_cross_entropy(logits_BC: jax.Array, targets_BC: jax.Array) -> jax.Array:
-  """Batch mean of −Σ targets · log_softmax(logits)."""
-  return -jnp.mean(jnp.sum(targets_BC * jax.nn.log_softmax(logits_BC), axis=-1))
 
 
 def lr_value(lr_raw: jax.Array, lr_param: str) -> jax.Array:
@@ -90,11 +86,13 @@ def minibatch_schedule(key: jax.Array, n: int, steps: int, batch: int) -> jax.Ar
 # ----------------------------------------------------------------------------------------------- inner loop
 
 
-def inner_loop(syn: Syn, theta_start, key: jax.Array, spec: InnerSpec,
-               apply_fn: Callable = convnet.apply):
-  """θ̂_N after N SGD steps on synthetic minibatches, differentiable w.r.t. ``syn`` (exactly)."""
-  if apply_fn is convnet.apply:  # 'auto' → the convolution measured fastest when differentiated through SGD steps
-    apply_fn = functools.partial(convnet.apply, conv_impl=convnet.resolve_conv_impl(second_order=True))
+def inner_loop(syn: Syn, theta_start, key: jax.Array, spec: InnerSpec, apply_fn: Callable | None = None):
+  """θ̂_N after N SGD steps on synthetic minibatches, differentiable w.r.t. ``syn`` (exactly).
+
+  ``apply_fn`` defaults to the ConvNet with the convolution measured fastest when differentiated through SGD
+  steps on this backend (``convnet.apply_with("auto", second_order=True)``).
+  """
+  apply_fn = apply_fn or convnet.apply_with("auto", second_order=True)
   x_NHWC = syn["x"]
   y_NC = syn["y"] if spec.learn_labels else jax.lax.stop_gradient(syn["y"])
   lr_raw = syn["lr"] if spec.learn_lr else jax.lax.stop_gradient(syn["lr"])
@@ -124,7 +122,7 @@ def inner_loop(syn: Syn, theta_start, key: jax.Array, spec: InnerSpec,
 
 
 def meta_loss(syn: Syn, theta_start, theta_target, key: jax.Array, spec: InnerSpec,
-              apply_fn: Callable = convnet.apply) -> jax.Array:
+              apply_fn: Callable | None = None) -> jax.Array:
   """The normalised parameter-matching loss of one iteration as a function of the synthetic state."""
   theta_hat = inner_loop(syn, theta_start, key, spec, apply_fn)
   return matching_loss(theta_hat, theta_start, theta_target)
@@ -176,7 +174,7 @@ def clip_lr(lr_raw: jax.Array, outer: OuterSpec, lr_param: str) -> jax.Array:
 
 
 def meta_step(state: dict[str, Any], theta_start, theta_target, key: jax.Array, *, inner: InnerSpec,
-              outer: OuterSpec, apply_fn: Callable = convnet.apply):
+              outer: OuterSpec, apply_fn: Callable | None = None):
   """One distillation iteration: (state, θ*_t, θ*_{t+M}, key) -> (state, metrics). Pure; jit it once.
 
   The update (parameters *and* optimiser state) is skipped when the loss exceeds ``outer.threshold``, when the
@@ -201,7 +199,7 @@ def meta_step(state: dict[str, Any], theta_start, theta_target, key: jax.Array, 
   metrics = {"loss": loss, "skipped": 1.0 - ok.astype(jnp.float32), "nonfinite": 1.0 - finite.astype(jnp.float32),
              "spike": spike.astype(jnp.float32),
              "lr": lr_value(new_state["syn"]["lr"], inner.lr_param),
-             "grad_norm_x": gx, "grad_norm_y": optax.tree.norm(grads["y"]),
+             "grad_norm": optax.tree.norm(grads), "grad_norm_x": gx, "grad_norm_y": optax.tree.norm(grads["y"]),
              "grad_lr": grads["lr"]}
   return new_state, metrics
 
@@ -222,12 +220,12 @@ def window_upper_bound(it: int, *, min_start: int, max_start: int, sequential: b
 
 def sample_start_epoch(seed: int, it: int, lo: int, hi: int) -> int:
   """t ~ U{lo, …, hi−1}, a pure function of (seed, it) so a resumed run draws the same epochs."""
-  return int(np.random.default_rng([seed, it, 1]).integers(lo, hi))
+  return int(np_stream(seed, "start_epoch", it).integers(lo, hi))
 
 
 def expert_for(seed: int, it: int, num_experts: int) -> int:
   """Experts in a shuffled order, reshuffled after each pass; a pure function of (seed, it)."""
-  order = np.random.default_rng([seed, it // num_experts, 2]).permutation(num_experts)
+  order = np_stream(seed, "expert_order", it // num_experts).permutation(num_experts)
   return int(order[it % num_experts])
 
 
@@ -270,3 +268,59 @@ def soft_label_init(logits_EnC: np.ndarray, y_n: np.ndarray) -> np.ndarray:
   none = correct_En.sum(0) == 0
   correct_En[:, none] = 1.0
   return ((correct_En[..., None] * logits_EnC).sum(0) / correct_En.sum(0)[:, None]).astype(np.float32)
+
+
+class ExpertWindows:
+  """The distillation's data source: iteration ``it`` yields the expert segment (θ*_t, θ*_{t+M}) it matches.
+
+  Expert and start epoch are pure functions of (seed, it) (:func:`expert_for`, :func:`sample_start_epoch` within
+  :func:`window_upper_bound`), so the position ``{"it": it}`` is the whole state (``get_state``/``set_state``:
+  the shared loop checkpoints it). Batches are host arrays: ``theta_start``, ``theta_target`` and the scalars
+  ``start_epoch``, ``window_upper``, ``expert`` (logged as metrics).
+  """
+
+  def __init__(self, buf, config):
+    self.buf, self.seed, self.d, self.it = buf, int(config.seed), config.distill, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    d, it = self.d, self.it
+    e = expert_for(self.seed, it, self.buf.num_experts)
+    ub = window_upper_bound(it, min_start=d.min_start_epoch, max_start=d.max_start_epoch, sequential=d.sequential,
+                            current_max_start=d.current_max_start_epoch, expansion_end=d.expansion_end)
+    t = sample_start_epoch(self.seed, it, d.min_start_epoch, ub)
+    self.it += 1
+    return {"theta_start": self.buf.snapshot(e, t), "theta_target": self.buf.snapshot(e, t + d.expert_epochs),
+            "start_epoch": np.float32(t), "window_upper": np.float32(ub), "expert": np.float32(e)}
+
+  def get_state(self) -> dict:
+    return {"it": self.it}
+
+  def set_state(self, state: dict) -> None:
+    self.it = int(state["it"])
+
+
+def make_step(inner: InnerSpec, outer: OuterSpec, apply_fn: Callable | None = None):
+  """The loop's ``step(state, frozen, batch, rng)``: one :func:`meta_step` on the batch's expert segment.
+
+  ``state`` holds the distillation parts (``syn``, ``opt``, ``gx_mean``) and ``counts`` of updates skipped by
+  the loss threshold and by the spike guard (non-finite steps are counted by the loop's guard).
+  """
+
+  def step(state, frozen, batch, rng):
+    del frozen
+    parts = {k: state[k] for k in ("syn", "opt", "gx_mean")}
+    new, m = meta_step(parts, batch["theta_start"], batch["theta_target"], rng, inner=inner, outer=outer,
+                       apply_fn=apply_fn)
+    counts = {"skipped": state["counts"]["skipped"] + m["skipped"], "spikes": state["counts"]["spikes"] + m["spike"]}
+    extra = {k: batch[k] for k in ("start_epoch", "window_upper", "expert")}
+    return dict(state, **new, counts=counts), {**m, **extra}
+
+  return step
+
+
+def init_loop_state(syn: Syn, tx: optax.GradientTransformation) -> dict[str, Any]:
+  """:func:`init_state` plus the skip counters of :func:`make_step`."""
+  return {**init_state(syn, tx), "counts": {"skipped": jnp.zeros((), jnp.float32), "spikes": jnp.zeros((), jnp.float32)}}

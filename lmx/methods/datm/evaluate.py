@@ -15,20 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmx.core.losses import soft_cross_entropy
+from lmx.core.rng import np_stream, rng_stream
 from lmx.methods.datm import dsa
 from lmx.methods.datm.experts import accuracy, epoch_batches, map_stacked
 from lmx.models import convnet
 
 
 @functools.partial(jax.jit, static_argnames=("momentum", "weight_decay", "apply_fn", "use_vmap"))
-def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, weight_decay,
-              apply_fn=convnet.apply, use_vmap=True):
+def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, weight_decay, apply_fn,
+              use_vmap=True):
   def one(params, mom, xb, idx_B, mask_B):
-    def loss_fn(p):
-      logp = jax.nn.log_softmax(apply_fn(p, xb))
-      return -jnp.sum(jnp.sum(t_all[idx_B] * logp, -1) * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
-
-    g = jax.grad(loss_fn)(params)
+    g = jax.grad(lambda p: soft_cross_entropy(apply_fn(p, xb), t_all[idx_B], mask_B))(params)
     mom = jax.tree.map(lambda m, gi, p: momentum * m + gi + weight_decay * p, mom, g, params)
     return jax.tree.map(lambda p, m: p - lr * m, params, mom), mom
 
@@ -36,23 +34,24 @@ def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, w
 
 
 def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
-                apply_fn=convnet.apply, use_vmap=True):
+                apply_fn, use_vmap=True):
   """One SGD step of K networks: DSA on each network's minibatch (own key), soft cross-entropy, momentum + wd."""
   xb_KB = dsa.augment_batches(keys_K, x_all, idx_KB, tuple(strategy))
   return _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, momentum=momentum,
                    weight_decay=weight_decay, apply_fn=apply_fn, use_vmap=use_vmap)
 
 
-def clear_caches() -> None:
-  """Drops compiled steps (the default convolution is read at trace time; benchmarks switch it)."""
-  _sgd_step.clear_cache()
-
-
 def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *, num_classes: int, model_cfg,
                    num_nets: int, epochs: int, lr: float, batch: int, dsa_strategy: tuple[str, ...],
                    momentum: float = 0.9, weight_decay: float = 5e-4, use_vmap: bool = True,
                    progress: Optional[Callable] = None, desc: str = "eval") -> np.ndarray:
-  """Trains ``num_nets`` fresh networks on (x_train, targets) and returns their test accuracies (num_nets,)."""
+  """Trains ``num_nets`` fresh networks on (x_train, targets) and returns their test accuracies (num_nets,).
+
+  Randomness comes from the named streams of ``seed`` only — network inits ``eval_init``, minibatch order
+  ``eval_order``, augmentation ``eval_dsa`` — so two calls with one seed (two arms of a comparison) train
+  networks from the same initialisations with the same order and augmentation streams (paired), and two seeds
+  share nothing.
+  """
   x_all = jnp.asarray(x_train_NHWC, jnp.float32)
   t_all = jnp.asarray(targets_NC, jnp.float32)
   n = x_all.shape[0]
@@ -60,30 +59,26 @@ def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *
   image_shape = tuple(x_all.shape[1:])
   init = jax.jit(jax.vmap(lambda k: convnet.init_params(k, image_shape, num_classes, depth=model_cfg.depth,
                                                         width=model_cfg.width, norm=model_cfg.norm)))
-  root = jax.random.key(seed)
-  params = init(jax.random.split(jax.random.fold_in(root, 0), num_nets))
+  params = init(jax.random.split(rng_stream(seed, "eval_init"), num_nets))
   mom = jax.tree.map(jnp.zeros_like, params)
-  step_keys = jax.jit(lambda ep, steps: jax.random.split(jax.random.fold_in(root, ep + 1), (steps, num_nets)),
-                      static_argnums=1)
   kw = dict(strategy=tuple(dsa_strategy), momentum=float(momentum), weight_decay=float(weight_decay),
-            use_vmap=bool(use_vmap))
+            use_vmap=bool(use_vmap), apply_fn=convnet.apply_with(model_cfg.conv_impl))
   bar = progress(epochs, desc) if progress else None
   cur_lr = jnp.float32(lr)
   for ep in range(epochs):
     if ep == epochs // 2 + 1:
       cur_lr = jnp.float32(lr * 0.1)
       mom = jax.tree.map(jnp.zeros_like, mom)
-    rngs = [np.random.default_rng([seed, k, ep, 5]) for k in range(num_nets)]
-    bm = [epoch_batches(r, n, batch) for r in rngs]
+    bm = [epoch_batches(np_stream(seed, "eval_order", k, ep), n, batch) for k in range(num_nets)]
     idx_KSB, mask_KSB = np.stack([b[0] for b in bm]), np.stack([b[1] for b in bm])
-    keys_SK = step_keys(ep, idx_KSB.shape[1])
+    keys_SK = jax.random.split(rng_stream(seed, "eval_dsa", ep), (idx_KSB.shape[1], num_nets))
     for s in range(idx_KSB.shape[1]):
       params, mom = _train_step(params, mom, x_all, t_all, idx_KSB[:, s], mask_KSB[:, s], keys_SK[s], cur_lr, **kw)
     if bar is not None:
       bar.update(1)
   if bar is not None:
     bar.close()
-  return accuracy(params, x_test_NHWC, y_test_N)
+  return accuracy(params, x_test_NHWC, y_test_N, kw["apply_fn"])
 
 
 def summarize(accs) -> dict[str, float]:
@@ -92,7 +87,6 @@ def summarize(accs) -> dict[str, float]:
           "all": [float(a) for a in accs]}
 
 
-def random_subset(seed: int, y_N: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:
-  """``ipc`` random real images per class (indices grouped by class)."""
-  rng = np.random.default_rng([seed, 4])
+def random_subset(rng: np.random.Generator, y_N: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:
+  """``ipc`` random real images per class (indices grouped by class), drawn with ``rng``."""
   return np.concatenate([rng.choice(np.flatnonzero(y_N == c), ipc, replace=False) for c in range(num_classes)])

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmx.core.config import ConfigError
+from lmx.core.losses import cross_entropy
+from lmx.core.rng import np_stream, rng_stream
 from lmx.methods.datm import dsa
 from lmx.models import convnet
 
@@ -123,12 +125,6 @@ def load_buffer(directory: str, expect: dict[str, Any], *, min_epochs: int, min_
 # ----------------------------------------------------------------------------------------------- training
 
 
-def masked_ce(logits_BC, y_B, mask_B):
-  """Cross-entropy averaged over the valid (mask = 1) examples of a padded batch."""
-  ll = jnp.take_along_axis(jax.nn.log_softmax(logits_BC), y_B[:, None], axis=1)[:, 0]
-  return -jnp.sum(ll * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
-
-
 def gsam_grad(loss_fn: Callable, params, *, rho: float, alpha: float, adaptive: bool = True):
   """FTD's GSAM gradient (datm.md §5): g′ − α·(g − proj_{g′} g) with g′ taken at the ascent point."""
   loss, g = jax.value_and_grad(loss_fn)(params)
@@ -166,11 +162,15 @@ def map_stacked(fn: Callable, in_axes: tuple, use_vmap: bool) -> Callable:
 
 def make_train_step(*, lr: float, momentum: float, weight_decay: float, dsa_strategy: tuple[str, ...],
                     gsam: bool = False, rho: float = 0.01, gsam_alpha: float = 0.3,
-                    apply_fn: Callable = convnet.apply, use_vmap: bool = True):
-  """A jitted step for E experts at once: (params_E, mom_E, x, y, idx_EB, mask_EB, keys_E) -> (params, mom, loss_E)."""
+                    apply_fn: Callable | None = None, use_vmap: bool = True):
+  """A jitted step for E experts at once: (params_E, mom_E, x, y, idx_EB, mask_EB, keys_E) -> (params, mom, loss_E).
+
+  The loss is cross-entropy over the valid (mask = 1) examples of each padded batch.
+  """
+  apply_fn = apply_fn or convnet.apply_with("auto")
 
   def one(params, mom, xb, y_all, idx_B, mask_B):
-    loss_fn = lambda p: masked_ce(apply_fn(p, xb), y_all[idx_B], mask_B)
+    loss_fn = lambda p: cross_entropy(apply_fn(p, xb), y_all[idx_B], mask_B)
     if gsam:
       loss, g = gsam_grad(loss_fn, params, rho=rho, alpha=gsam_alpha)
     else:
@@ -205,19 +205,14 @@ def _predictor(apply_fn: Callable):
   return jax.jit(jax.vmap(lambda p, x: jnp.argmax(apply_fn(p, x), -1), in_axes=(0, None)))
 
 
-def accuracy(params_E, x_NHWC, y_N, apply_fn: Callable = convnet.apply, chunk: int = 1000) -> np.ndarray:
+def accuracy(params_E, x_NHWC, y_N, apply_fn: Callable | None = None, chunk: int = 1000) -> np.ndarray:
   """Test accuracy of each of E stacked networks."""
-  fwd = _predictor(apply_fn)
+  fwd = _predictor(apply_fn or convnet.apply_with("auto"))
   correct = 0
   for s in range(0, len(x_NHWC), chunk):
     pred = np.asarray(fwd(params_E, x_NHWC[s:s + chunk]))
     correct = correct + (pred == y_N[None, s:s + chunk]).sum(1)
   return correct / len(x_NHWC)
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _epoch_keys(root, ids_E, epoch, steps):
-  return jax.vmap(lambda e: jax.random.split(jax.random.fold_in(jax.random.fold_in(root, e), epoch), steps))(ids_E)
 
 
 def train_experts(seed: int, data, config, *, progress: Optional[Callable] = None,
@@ -227,8 +222,10 @@ def train_experts(seed: int, data, config, *, progress: Optional[Callable] = Non
   (snapshots after every epoch)."""
   ec, mc = config.experts, config.model
   strategy = dsa.parse_strategy(config.data.dsa_strategy) if ec.dsa else ()
+  apply_fn = convnet.apply_with(mc.conv_impl)
   step = make_train_step(lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay, dsa_strategy=strategy,
-                         gsam=ec.gsam, rho=ec.gsam_rho, gsam_alpha=ec.gsam_alpha, use_vmap=ec.vmap)
+                         gsam=ec.gsam, rho=ec.gsam_rho, gsam_alpha=ec.gsam_alpha, apply_fn=apply_fn,
+                         use_vmap=ec.vmap)
   x_all, y_all = jnp.asarray(data.x_train_NHWC), jnp.asarray(data.y_train_N)
   n = len(data.y_train_N)
   init = jax.jit(jax.vmap(lambda k: convnet.init_params(k, data.image_shape, data.num_classes, depth=mc.depth,
@@ -238,14 +235,14 @@ def train_experts(seed: int, data, config, *, progress: Optional[Callable] = Non
   bar = progress(total, "experts (expert-epochs)") if progress else None
   for start in range(0, ec.num, ec.parallel):
     ids = list(range(start, min(start + ec.parallel, ec.num)))
-    params = init(jnp.stack([jax.random.key(seed * 7919 + 1000 + e) for e in ids]))
+    params = init(jnp.stack([rng_stream(seed, "expert_init", e) for e in ids]))
     mom = jax.tree.map(jnp.zeros_like, params)
     snaps = [jax.device_get(params)]
     for ep in range(ec.epochs):
-      batches = [epoch_batches(np.random.default_rng([seed, e, ep, 3]), n, ec.batch) for e in ids]
+      batches = [epoch_batches(np_stream(seed, "expert_order", e, ep), n, ec.batch) for e in ids]
       idx_ESB = np.stack([b[0] for b in batches])
       mask_ESB = np.stack([b[1] for b in batches])
-      keys_ES = _epoch_keys(jax.random.key(seed), jnp.asarray(ids), ep, idx_ESB.shape[1])
+      keys_ES = jnp.stack([jax.random.split(rng_stream(seed, "expert_dsa", e, ep), idx_ESB.shape[1]) for e in ids])
       for s in range(idx_ESB.shape[1]):
         params, mom, loss = step(params, mom, x_all, y_all, idx_ESB[:, s], mask_ESB[:, s], keys_ES[:, s])
       snaps.append(jax.device_get(params))
@@ -258,7 +255,7 @@ def train_experts(seed: int, data, config, *, progress: Optional[Callable] = Non
     bar.close()
   params = jax.tree.map(lambda *a: np.concatenate(a, 0), *chunks)
   buf = ExpertBuffer(params, {})
-  acc = accuracy(jax.tree.map(jnp.asarray, buf.final()), data.x_test_NHWC, data.y_test_N)
+  acc = accuracy(jax.tree.map(jnp.asarray, buf.final()), data.x_test_NHWC, data.y_test_N, apply_fn)
   buf.meta = {**expected_meta(config, data.image_shape, data.num_classes), "num_experts": ec.num,
               "epochs": ec.epochs, "lr": ec.lr, "batch": ec.batch, "gsam": bool(ec.gsam), "seed": seed,
               "final_test_acc": [float(a) for a in acc], "train_seconds": time.time() - t0}

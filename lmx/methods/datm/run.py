@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmx.core import metrics, plots
-from lmx.core.checkpoint import Checkpointer, abstract_like
+from lmx.core import loop, mesh as mesh_lib, metrics, plots
 from lmx.core.config import ConfigError
+from lmx.core.results import jsonable, plot_path, summary_line, write_results
+from lmx.core.rng import np_stream
 from lmx.datasets import images
 from lmx.methods.datm import distill as D
 from lmx.methods.datm import dsa, evaluate, experts
@@ -77,17 +78,17 @@ def get_experts(config, data, workdir: str, writer) -> experts.ExpertBuffer:
 def init_synthetic(config, data, buf: experts.ExpertBuffer) -> tuple[D.Syn, np.ndarray]:
   """Initial images, labels and step size (DATM: correctly classified real images + expert soft labels)."""
   d = config.distill
-  rng = np.random.default_rng([config.seed, 6])
+  rng = np_stream(config.seed, "init_synthetic")
   c = data.num_classes
   final = jax.tree.map(jnp.asarray, buf.final())
-  logits_fn = jax.jit(jax.vmap(convnet.apply, in_axes=(0, None)))
+  logits_fn = jax.jit(jax.vmap(convnet.apply_with(config.model.conv_impl), in_axes=(0, None)))
   if d.init == "correct":
     x_all = data.x_train_NHWC
     preds = np.concatenate([np.asarray(logits_fn(final, x_all[s:s + 1000]).argmax(-1))
                             for s in range(0, len(x_all), 1000)], axis=1)
     idx = D.select_correct(preds, data.y_train_N, c, d.ipc, rng)
   else:
-    idx = evaluate.random_subset(config.seed + 1, data.y_train_N, c, d.ipc)
+    idx = evaluate.random_subset(np_stream(config.seed, "init_real_subset"), data.y_train_N, c, d.ipc)
   x = data.x_train_NHWC[idx]
   y_int = data.y_train_N[idx]
   if d.init == "noise":
@@ -115,80 +116,29 @@ def _device_peak_bytes() -> int | None:
 
 
 def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, writer) -> tuple[dict, dict]:
-  """Runs (or resumes) the distillation; returns the final state and timing/memory statistics."""
+  """Runs (or resumes) the distillation on the shared loop; returns the final state and timing statistics."""
   d = config.distill
   inner, outer = specs(config)
   tx = D.make_optimizer(outer, inner)
-  state = D.init_state(syn, tx)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, async_save=True)
-  start = 0
-  restored = ckpt.restore(abstract_like(state))
-  if restored is not None:
-    start, state = restored
-    print(f"resuming distillation from iteration {start}", flush=True)
-  step_fn = jax.jit(lambda s, a, b, k: D.meta_step(s, a, b, k, inner=inner, outer=outer))
-  th0 = jax.tree.map(jnp.asarray, buf.snapshot(0, 0))
+  apply_meta = convnet.apply_with(config.model.conv_impl, second_order=True)
+  mesh = mesh_lib.make_mesh({"data": -1}, devices=jax.devices()[:1])  # a few images: one device
+  lp = loop.Loop(step_fn=D.make_step(inner, outer, apply_meta), init_fn=lambda key: D.init_loop_state(syn, tx),
+                 data=D.ExpertWindows(buf, config), mesh=mesh, workdir=workdir, total_steps=d.iterations,
+                 seed=config.seed, config=config, writer=writer, log_every=d.log_every, ckpt_every=d.ckpt_every,
+                 ckpt_keep=2, nan_patience=d.max_nonfinite, finite_keys=("loss", "grad_norm"), desc="distill",
+                 log_prefix="distill/", postfix=("loss", "lr"))
   t0 = time.time()
-  compiled = step_fn.lower(state, th0, th0, jax.random.key(0)).compile()
-  compile_s = time.time() - t0
-  mem = compiled.memory_analysis()
-  temp_bytes = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else None
-  root = jax.random.key(config.seed)
-  skipped = spikes = nonfinite_run = 0
-  pending: list[tuple[int, dict, dict]] = []  # metrics stay on device until a log/checkpoint step (no per-step sync)
-
-  def drain(it_done: int) -> None:
-    """Fetches the pending metrics in one transfer, logs them and checks for a run of non-finite losses."""
-    nonlocal skipped, spikes, nonfinite_run
-    fetched = jax.device_get([m for _, m, _ in pending])
-    for (it, _, extra), m in zip(pending, fetched):
-      m = {k: float(v) for k, v in m.items()}
-      skipped += int(m["skipped"])
-      spikes += int(m.get("spike", 0.0))
-      nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
-      if (it + 1) % d.log_every == 0 or it == start:
-        writer.scalars(it + 1, {**m, **extra}, prefix="distill/")
-        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", refresh=False)
-      if nonfinite_run >= d.max_nonfinite:
-        pending.clear()
-        ckpt.save(it_done, state, config=config, force=True)  # skipped updates: this is the last good state
-        ckpt.close()
-        raise FloatingPointError(
-            f"distillation: {nonfinite_run} consecutive non-finite meta-losses at iteration {it + 1} (updates "
-            "were skipped, the last good state is checkpointed); lower distill.lr_img / distill.lr_y or "
-            "distill.lr_max")
-    pending.clear()
-
-  loop_t0 = time.time()
-  bar = metrics.progress(d.iterations, "distill", initial=start)
-  for it in range(start, d.iterations):
-    e = D.expert_for(config.seed, it, buf.num_experts)
-    ub = D.window_upper_bound(it, min_start=d.min_start_epoch, max_start=d.max_start_epoch,
-                              sequential=d.sequential, current_max_start=d.current_max_start_epoch,
-                              expansion_end=d.expansion_end)
-    t = D.sample_start_epoch(config.seed, it, d.min_start_epoch, ub)
-    th_s = jax.tree.map(jnp.asarray, buf.snapshot(e, t))
-    th_t = jax.tree.map(jnp.asarray, buf.snapshot(e, t + d.expert_epochs))
-    state, m = compiled(state, th_s, th_t, jax.random.fold_in(root, it))
-    pending.append((it, m, {"start_epoch": t, "window_upper": ub, "expert": e}))
-    bar.update(1)
-    last = it + 1 == d.iterations
-    if (it + 1) % d.log_every == 0 or it == start or last or (it + 1) % d.ckpt_every == 0 \
-        or len(pending) >= d.max_nonfinite:
-      drain(it + 1)
-    if (it + 1) % d.ckpt_every == 0 and not last:
-      ckpt.save(it + 1, state, config=config)
-  jax.block_until_ready(state)
-  loop_s = time.time() - loop_t0
-  bar.close()
-  if d.iterations > start:
-    ckpt.save(d.iterations, state, config=config, force=True)
-  ckpt.close()
-  ran = d.iterations - start
+  res = lp.run()
+  start = res.resumed_from or 0
+  ran = max(d.iterations - start, 0)
+  state = res.state
+  spi = 1.0 / res.steps_per_sec if ran and np.isfinite(res.steps_per_sec) else None
   stats = {"iterations": d.iterations, "iterations_this_run": ran, "resumed_from": start,
-           "skipped_updates_this_run": skipped, "spike_skips_this_run": spikes,
-           "seconds_per_iteration": loop_s / ran if ran else None, "compile_seconds": compile_s,
-           "distill_seconds": loop_s, "xla_temp_bytes": temp_bytes}
+           "skipped_updates": float(loop.host(state["counts"]["skipped"])),
+           "spike_skips": float(loop.host(state["counts"]["spikes"])),
+           "nonfinite_steps": int(loop.host(state["guard"]["bad"])),
+           "seconds_per_iteration": spi, "compile_seconds": res.compile_seconds,
+           "distill_seconds": time.time() - t0, "xla_temp_bytes": res.temp_bytes}
   return state, stats
 
 
@@ -203,25 +153,28 @@ def run_eval(config, data, state, writer, syn0=None) -> dict:
   x_syn = np.asarray(state["syn"]["x"])
   targets = np.asarray(D.targets_of(state["syn"]["y"], d.soft_labels))
   lr = float(D.lr_value(state["syn"]["lr"], d.lr_param))
+  # Every arm trains its networks from the same seed's named streams (same inits, order and augmentation
+  # streams): the arms are paired within a seed, and seeds share nothing.
+  seed = config.seed
   out = {}
   t0 = time.time()
-  accs = evaluate.train_and_test(config.seed + 11, x_syn, targets, data.x_test_NHWC, data.y_test_N, epochs=v.epochs,
+  accs = evaluate.train_and_test(seed, x_syn, targets, data.x_test_NHWC, data.y_test_N, epochs=v.epochs,
                                  lr=lr, desc="eval distilled", **common)
   out["distilled"] = evaluate.summarize(accs)
   if v.init and syn0 is not None:
-    accs = evaluate.train_and_test(config.seed + 11, np.asarray(syn0["x"]),
+    accs = evaluate.train_and_test(seed, np.asarray(syn0["x"]),
                                    np.asarray(D.targets_of(jnp.asarray(syn0["y"]), d.soft_labels)), data.x_test_NHWC,
                                    data.y_test_N, epochs=v.epochs, lr=lr, desc="eval initial set", **common)
     out["initial"] = evaluate.summarize(accs)
   onehot = np.eye(c, dtype=np.float32)
   if v.random:
-    idx = evaluate.random_subset(config.seed + 2, data.y_train_N, c, d.ipc)
-    accs = evaluate.train_and_test(config.seed + 12, data.x_train_NHWC[idx], onehot[data.y_train_N[idx]],
+    idx = evaluate.random_subset(np_stream(seed, "random_subset"), data.y_train_N, c, d.ipc)
+    accs = evaluate.train_and_test(seed, data.x_train_NHWC[idx], onehot[data.y_train_N[idx]],
                                    data.x_test_NHWC, data.y_test_N, epochs=v.epochs, lr=v.lr_real,
                                    desc="eval random", **common)
     out["random"] = evaluate.summarize(accs)
   if v.full:
-    accs = evaluate.train_and_test(config.seed + 13, data.x_train_NHWC, onehot[data.y_train_N], data.x_test_NHWC,
+    accs = evaluate.train_and_test(seed, data.x_train_NHWC, onehot[data.y_train_N], data.x_test_NHWC,
                                    data.y_test_N, epochs=v.full_epochs, lr=v.lr_real, desc="eval full", **common)
     out["full"] = evaluate.summarize(accs)
   out["eval_seconds"] = time.time() - t0
@@ -231,38 +184,35 @@ def run_eval(config, data, state, writer, syn0=None) -> dict:
   return out
 
 
-def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str) -> None:
-  """synthetic.npz, results.json and the PNGs."""
+def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str) -> str:
+  """synthetic.npz, results.json and the PNGs; returns the results path."""
   d = config.distill
   x = np.asarray(state["syn"]["x"])
   np.savez(os.path.join(workdir, "synthetic.npz"), x=x, y=np.asarray(state["syn"]["y"]),
            lr=float(D.lr_value(state["syn"]["lr"], d.lr_param)), labels=y_int)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  pdir = os.path.join(workdir, "plots")
-  os.makedirs(pdir, exist_ok=True)
+  path = write_results(workdir, results)
   show = min(d.ipc, 10)
   order = np.concatenate([np.flatnonzero(y_int == c)[:show] for c in range(data.num_classes)])
   # one row per class (IPC 1: one row of all classes)
   nrow = data.num_classes if show > 1 else 1
   labels = [str(c) for c in range(data.num_classes)] if show > 1 else None
-  plots.image_grid(os.path.join(pdir, "distilled_images.png"), data.to_pixels(x[order]), nrow=nrow,
+  plots.image_grid(plot_path(workdir, "distilled_images"), data.to_pixels(x[order]), nrow=nrow,
                    title=f"distilled, IPC {d.ipc}", row_labels=labels)
-  plots.image_grid(os.path.join(pdir, "initial_images.png"), data.to_pixels(np.asarray(syn0["x"])[order]),
+  plots.image_grid(plot_path(workdir, "initial_images"), data.to_pixels(np.asarray(syn0["x"])[order]),
                    nrow=nrow, title=f"initial, IPC {d.ipc}", row_labels=labels)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(jsonl):
-    plots.from_jsonl(jsonl, ["distill/loss"], os.path.join(pdir, "distill_loss.png"), title="matching loss")
-    plots.from_jsonl(jsonl, ["distill/lr"], os.path.join(pdir, "distill_lr.png"), title="learned step size α")
-    plots.from_jsonl(jsonl, ["distill/start_epoch", "distill/window_upper"],
-                     os.path.join(pdir, "distill_window.png"), title="start epoch and window T⁺")
+    plots.from_jsonl(jsonl, ["distill/loss"], plot_path(workdir, "distill_loss"), title="matching loss")
+    plots.from_jsonl(jsonl, ["distill/lr"], plot_path(workdir, "distill_lr"), title="learned step size α")
+    plots.from_jsonl(jsonl, ["distill/start_epoch", "distill/window_upper"], plot_path(workdir, "distill_window"),
+                     title="start epoch (mean over the log window) and window T⁺")
+  return path
 
 
 def run(config, workdir: str) -> dict:
   """Runs the whole DATM pipeline; returns the results dict (also written to ``workdir/results.json``)."""
   t_start = time.time()
   validate(config)
-  convnet.set_default_conv_impl(config.model.conv_impl)
   os.makedirs(workdir, exist_ok=True)
   data = load_data(config)
   writer = metrics.Writer(workdir, total_steps=config.distill.iterations)
@@ -275,7 +225,7 @@ def run(config, workdir: str) -> dict:
     evals = run_eval(config, data, state, writer, syn0)
     results = {
         "method": "mtt" if not config.distill.soft_labels else "datm", "variant": config.variant,
-        "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
+        "seed": config.seed, "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
         "model": dict(config.model), "conv_impl": {"training": convnet.resolve_conv_impl(config.model.conv_impl),
                       "meta_step": convnet.resolve_conv_impl(config.model.conv_impl, second_order=True)},
         **{k: evals[k] for k in ("distilled", "random", "full", "initial") if k in evals},
@@ -286,20 +236,15 @@ def run(config, workdir: str) -> dict:
         "full_epochs": config.eval.full_epochs,
         "peak_rss_bytes": _peak_rss_bytes(), "device_peak_bytes": _device_peak_bytes(),
         "device": str(jax.devices()[0].device_kind), "total_seconds": time.time() - t_start,
-        "config": config.to_dict(),
+        "config": config,
     }
-    results = json.loads(json.dumps(results, default=str))  # plain JSON types (config values included)
-    save_outputs(config, data, state, syn0, y_int, results, workdir)
-    r = results
-    line = f"distilled {r['distilled']['mean']:.4f}±{r['distilled']['std']:.4f}"
-    if "random" in r:
-      line += f" | random {r['random']['mean']:.4f}±{r['random']['std']:.4f}"
-    if "full" in r:
-      line += f" | full {r['full']['mean']:.4f}±{r['full']['std']:.4f}"
-    print(f"DATM {data.name} IPC {config.distill.ipc}: {line} | {r['seconds_per_iteration'] or 0:.3f} s/it, "
-          f"compile {r['compile_seconds']:.1f} s, total {r['total_seconds']:.0f} s → {workdir}/results.json",
-          flush=True)
-    return results
+    path = save_outputs(config, data, state, syn0, y_int, results, workdir)
+    parts = {k: f"{results[k]['mean']:.4f}±{results[k]['std']:.4f}" for k in ("distilled", "initial", "random", "full")
+             if k in results}
+    summary_line(f"DATM {data.name} IPC {config.distill.ipc}",
+                 {**parts, "s/it": results["seconds_per_iteration"] or 0.0, "compile s": results["compile_seconds"],
+                  "total s": results["total_seconds"]}, path)
+    return json.loads(json.dumps(jsonable(results)))
   finally:
     writer.close()
 
