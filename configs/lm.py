@@ -9,21 +9,9 @@ mixture-of-experts), and accelerator-sized ``125m``, ``1b``, ``moe_1b7b`` (same 
 import ml_collections
 
 from lmx.core.config import parse_arg
+from lmx.core.mesh import DEFAULT_AXIS_RULES
 
 VARIANTS = ("", "smoke", "moe", "125m", "1b", "moe_1b7b")
-
-# Logical axis -> mesh axes. Parameters and activations name logical axes; this is the one mapping.
-AXIS_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("embed", "fsdp"),
-    ("vocab", "model"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("head_dim", None),
-    ("expert", "expert"),
-    ("length", None),
-)
 
 
 def get_config(arg=None):
@@ -33,16 +21,17 @@ def get_config(arg=None):
   c.variant = a.variant
   c.seed = a.seed
 
-  # Mesh axis sizes; -1 fills the remaining devices. One list of logical-axis rules maps parameter names.
+  # Mesh axis sizes; -1 fills the remaining devices. One list of logical-axis rules maps parameter names and
+  # the batch ("batch": the mesh axes batches and activations are split over) to mesh axes.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
-  c.axis_rules = AXIS_RULES
+  c.axis_rules = DEFAULT_AXIS_RULES
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=260, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
       tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"))
 
   c.data = ml_collections.ConfigDict(dict(
-      corpus="python_docs",  # python_docs | stdlib_docstrings | python (both)
+      corpus="python_docs",  # the Python documentation topics (lmx.datasets.text.CORPORA)
       seq_len=128, global_batch=32, eval_fraction=0.05, shuffle_seed=0, worker_count=0))
 
   c.optim = ml_collections.ConfigDict(dict(

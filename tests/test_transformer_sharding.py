@@ -1,5 +1,6 @@
 """Dense and MoE train steps sharded on 8 fake devices equal the unsharded step (fp32), with parameter
-shardings from the logical-axis rules and no recompilation across steps."""
+shardings from the logical-axis rules and no recompilation across steps; activations follow the rules' batch
+axes."""
 import functools
 
 import chex
@@ -10,7 +11,6 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs.lm import AXIS_RULES
 from lmx.core import mesh as mesh_lib
 from lmx.models.transformer import Transformer, TransformerConfig
 
@@ -51,11 +51,11 @@ def _train(mcfg, mesh=None):
     opt_state = tx.init(params)
   else:
     mcfg.check_mesh(mesh.shape)
-    p_sh = mesh_lib.param_shardings(abstract_params, mesh, AXIS_RULES)
+    p_sh = mesh_lib.param_shardings(abstract_params, mesh, mesh_lib.DEFAULT_AXIS_RULES)
     rep = mesh_lib.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
                                    transform_non_params=lambda _: rep)
-    b_sh = mesh_lib.batch_sharding(mesh, AXIS_RULES)
+    b_sh = mesh_lib.batch_sharding(mesh, mesh_lib.DEFAULT_AXIS_RULES)
     with jax.set_mesh(mesh):
       params = jax.device_put(params, p_sh)
       opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -117,3 +117,20 @@ def test_expert_axis_must_divide_experts():
   from lmx.core.config import ConfigError
   with pytest.raises(ConfigError, match=r"model.n_experts=6 is not divisible by .*mesh.expert=4"):
     _cfg(True, n_experts=6).check_mesh(_mesh(data=2, expert=4).shape)
+
+
+@pytest.mark.parametrize("rules,expected", [
+    (None, ("data", "fsdp")),  # default rules: data, fsdp, expert (expert=1 here)
+    ((("batch", "data"),), "data"),
+    ((("batch", ("fsdp", "data")),), ("fsdp", "data")),
+])
+def test_activations_split_over_the_rules_batch_axes(rules, expected):
+  mcfg = TransformerConfig.from_config(dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                            d_ff=64, max_seq_len=32), axis_rules=rules)
+  assert mcfg.batch_axes == (() if rules is None else mesh_lib.batch_axes(rules))
+  graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)), nnx.Param)
+  tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 64)
+  with jax.set_mesh(_mesh(data=2, fsdp=2, model=2)):
+    hidden = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, return_hidden=True)[1])(params, tokens)
+  assert hidden.sharding.spec[1] == expected  # [L+1, B, T, D]: B over the batch axes, nothing else
+  assert all(a is None for a in hidden.sharding.spec[2:])

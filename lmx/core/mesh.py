@@ -1,9 +1,10 @@
 """Device mesh from config, logical-axis rules, and NamedShardings for parameters and batches.
 
 Mesh axes are ``data``, ``fsdp``, ``model``, ``expert`` (sizes in ``config.mesh``; ``-1`` fills the rest).
-Parameters carry logical axis names in their NNX ``out_sharding`` metadata; ``config.axis_rules`` maps each
-logical name to mesh axes. A dimension whose size does not divide its mesh axes is replicated instead, so the
-same code runs on 1 device and on a pod.
+Parameters carry logical axis names in their NNX ``out_sharding`` metadata; ``config.axis_rules`` (by default
+:data:`DEFAULT_AXIS_RULES`) maps each logical name to mesh axes. A dimension whose size does not divide its mesh
+axes is replicated instead, so the same code runs on 1 device and on a pod. Activations are split along their
+batch dimension over :func:`batch_axes`, the mesh axes that the logical ``batch`` axis maps to.
 """
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ from lmx.core.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model", "expert")
 Rules = Sequence[tuple[str, Any]]
+
+# Logical axis -> mesh axes; the one mapping that parameters, batches and activations use. ``batch`` also spans
+# ``expert``, so that the non-expert compute of a MoE model is not replicated across the expert axis.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("expert", "expert"),
+    ("length", None),
+)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -95,21 +110,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  """Sharding of a batch: leading dim over the mesh axes that ``batch`` maps to, rest replicated."""
-  table = {k: _as_tuple(v) for k, v in rules}
-  axes = tuple(a for a in table.get("batch", ("data",)) if mesh.shape.get(a, 1) > 1)
+def batch_axes(rules: Rules | None = None) -> tuple[str, ...]:
+  """The mesh axes that the logical ``batch`` axis maps to in ``rules``.
+
+  ``rules=None`` or rules without a ``batch`` entry use :data:`DEFAULT_AXIS_RULES`; ``("batch", None)``
+  means batches are replicated (an empty tuple).
+  """
+  table = dict(rules or ())
+  if "batch" not in table:
+    table = dict(DEFAULT_AXIS_RULES)
+  return _as_tuple(table["batch"])
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None, ndim: int = 2) -> NamedSharding:
+  """Sharding of a batch: leading dim over the mesh axes of :func:`batch_axes` (those of size > 1), rest
+  replicated."""
+  axes = tuple(a for a in batch_axes(rules) if mesh.shape.get(a, 1) > 1)
   lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
   return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def batch_size_divisor(mesh: Mesh, rules: Rules) -> int:
-  table = {k: _as_tuple(v) for k, v in rules}
-  return math.prod(mesh.shape.get(a, 1) for a in table.get("batch", ("data",)))
-
-
-def shard_like(tree, shardings):
-  """Places a host/device pytree onto ``shardings`` (a matching pytree or one sharding)."""
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.device_put(x, shardings), tree)
-  return jax.tree.map(jax.device_put, tree, shardings)
+def batch_size_divisor(mesh: Mesh, rules: Rules | None) -> int:
+  """Number of batch shards: a global batch size must be a multiple of it."""
+  return math.prod(mesh.shape.get(a, 1) for a in batch_axes(rules))

@@ -3,11 +3,13 @@
 Grouped-query attention throughout: k/v are [B, S, K, E] with ``H % K == 0``.
 
 impl:
-  ``xla``     plain jnp (:func:`reference_attention`); any backend, any dtype; XLA fuses it.
+  ``xla``     plain jnp (:func:`lmx.kernels.flash_attention.reference_attention`, re-exported here); any
+              backend, any dtype; XLA fuses it.
   ``pallas``  the Pallas flash kernel (:mod:`lmx.kernels.flash_attention`); Triton on GPU, interpreter on CPU
               (correct but slow: for tests). Under a mesh (``jax.set_mesh``) it is wrapped in ``jax.shard_map``
-              over the batch (``data``/``fsdp``/``expert``) and head (``model``) axes, because custom kernels are not
-              partitioned automatically.
+              over the batch axes (``batch_axes``: the mesh axes of the logical ``batch`` axis, by default those
+              of ``lmx.core.mesh.DEFAULT_AXIS_RULES``) and the head axis (``model``), because custom kernels are
+              not partitioned automatically.
   ``cudnn``   ``jax.nn.dot_product_attention(implementation="cudnn")``: GPU only, float16/bfloat16.
   ``auto``    the fastest available for the backend and dtype: ``cudnn`` on GPU for 16-bit inputs with a
               supported head dim, else ``xla`` (CPU and TPU).
@@ -20,46 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from lmx.core import mesh as mesh_lib
 from lmx.kernels import flash_attention as flash_lib
+from lmx.kernels.flash_attention import masked_attention, reference_attention  # noqa: F401  (the jnp paths)
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
-BATCH_AXES = ("data", "fsdp", "expert")  # as lmx.models.transformer.BATCH_MESH_AXES
 HEAD_AXIS = "model"
-
-
-def reference_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None):
-  """Plain-jnp softmax attention (float32 softmax). Returns [B, T, H, E] in q's dtype.
-
-  With ``causal`` and S > T (e.g. decoding against a cache) the mask is aligned bottom-right.
-  """
-  b, t, h, e = q_BTHE.shape
-  kh = k_BSKE.shape[2]
-  g = h // kh
-  scale = e ** -0.5 if scale is None else scale
-  q = q_BTHE.reshape(b, t, kh, g, e)
-  s_BKGTS = jnp.einsum("btkge,bske->bkgts", q, k_BSKE, preferred_element_type=jnp.float32) * scale
-  if causal:
-    s = k_BSKE.shape[1]
-    mask_TS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
-    s_BKGTS = jnp.where(mask_TS, s_BKGTS, -1e30)
-  p = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKE.dtype)
-  o = jnp.einsum("bkgts,bske->btkge", p, v_BSKE)
-  return o.reshape(b, t, h, e).astype(q_BTHE.dtype)
-
-
-def masked_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float | None = None):
-  """Reference attention with an explicit boolean mask [B, T, S] (True = attend). Used by the KV-cache
-  decode path, where the visible keys depend on each row's prompt length. Rows with no visible key give 0."""
-  b, t, h, e = q_BTHE.shape
-  kh = k_BSKE.shape[2]
-  scale = e ** -0.5 if scale is None else scale
-  q = q_BTHE.reshape(b, t, kh, h // kh, e)
-  s_BKGTS = jnp.einsum("btkge,bske->bkgts", q, k_BSKE, preferred_element_type=jnp.float32) * scale
-  m = mask_BTS[:, None, None, :, :]
-  s_BKGTS = jnp.where(m, s_BKGTS, -1e30)
-  p = jnp.where(m, jax.nn.softmax(s_BKGTS, axis=-1), 0.0).astype(v_BSKE.dtype)
-  o = jnp.einsum("bkgts,bske->btkge", p, v_BSKE)
-  return o.reshape(b, t, h, e).astype(q_BTHE.dtype)
 
 
 def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None):
@@ -96,8 +64,9 @@ def available_impls(dtype=jnp.float32, backend: str | None = None) -> list[str]:
   return out
 
 
-def _mesh_specs(q, k):
-  """PartitionSpecs for shard_map over the active mesh, or None when there is no (auto/explicit) mesh."""
+def _mesh_specs(q, k, batch_axes: tuple[str, ...]):
+  """The active mesh and the shard_map PartitionSpec of q/k/v/o: B over those of ``batch_axes`` that the mesh
+  has and that divide B, heads over ``model`` when it divides H and K. Spec None: call the kernel unwrapped."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or not mesh.axis_names:
     return None, None
@@ -106,7 +75,7 @@ def _mesh_specs(q, k):
     return None, None  # already inside shard_map: call the kernel on local shards
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   b, h, kh = q.shape[0], q.shape[2], k.shape[2]
-  batch = tuple(a for a in BATCH_AXES if a in sizes and sizes[a] > 1)
+  batch = tuple(a for a in batch_axes if a in sizes and sizes[a] > 1)
   while batch and b % math.prod(sizes[a] for a in batch):
     batch = batch[:-1]
   head = HEAD_AXIS if HEAD_AXIS in sizes and sizes[HEAD_AXIS] > 1 and not (h % sizes[HEAD_AXIS] or
@@ -117,15 +86,20 @@ def _mesh_specs(q, k):
   return mesh, P(batch_spec, None, head, None)
 
 
-def attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, impl: str = "xla", scale: float | None = None):
-  """Softmax attention [B, T, H, E] x [B, S, K, E] -> [B, T, H, E] by the chosen implementation."""
+def attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, impl: str = "xla", scale: float | None = None,
+              batch_axes: tuple[str, ...] = ()):
+  """Softmax attention [B, T, H, E] x [B, S, K, E] -> [B, T, H, E] by the chosen implementation.
+
+  ``batch_axes``: the mesh axes the batch is split over (``TransformerConfig.batch_axes``); they shape the
+  ``jax.shard_map`` around the Pallas kernel. ``()`` uses those of ``lmx.core.mesh.DEFAULT_AXIS_RULES``.
+  """
   impl = resolve_impl(impl, q_BTHE.dtype, q_BTHE.shape[-1])
   if impl == "xla":
     return reference_attention(q_BTHE, k_BSKE, v_BSKE, causal=causal, scale=scale)
   if impl == "cudnn":
     return cudnn_attention(q_BTHE, k_BSKE, v_BSKE, causal=causal, scale=scale)
   fn = lambda q, k, v: flash_lib.flash_attention(q, k, v, causal=causal, scale=scale)  # noqa: E731
-  mesh, spec = _mesh_specs(q_BTHE, k_BSKE)
+  mesh, spec = _mesh_specs(q_BTHE, k_BSKE, batch_axes or mesh_lib.batch_axes(mesh_lib.DEFAULT_AXIS_RULES))
   if spec is None:
     return fn(q_BTHE, k_BSKE, v_BSKE)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(

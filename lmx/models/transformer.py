@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmx.core import mesh as mesh_lib
 from lmx.core.config import ConfigError
 from lmx.models import moe as moe_lib
 
@@ -50,6 +51,9 @@ class TransformerConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs only)
   attention_impl: str = "xla"  # xla | pallas | cudnn | auto, see lmx.kernels.attention
+  # Mesh axes that split activations along the batch (the logical "batch" axis of the axis rules);
+  # () = lmx.core.mesh.batch_axes(DEFAULT_AXIS_RULES). Filled from the rules by from_config(axis_rules=...).
+  batch_axes: tuple = ()
   init_std: float = 0.02
   # Mixture of experts (lmx.models.moe). moe_every=0: dense; k: every k-th block is MoE.
   moe_every: int = 0
@@ -77,6 +81,11 @@ class TransformerConfig:
   def expert_d_ff(self) -> int:
     return self.moe_d_ff or self.d_ff
 
+  @property
+  def activation_batch_axes(self) -> tuple[str, ...]:
+    """``batch_axes`` with the default filled in: the mesh axes activations are split over along B."""
+    return self.batch_axes or mesh_lib.batch_axes(mesh_lib.DEFAULT_AXIS_RULES)
+
   def is_moe_layer(self, i: int) -> bool:
     """Whether block ``i`` (0-based) has the MoE feed-forward."""
     return self.moe_every > 0 and (i + 1) % self.moe_every == 0
@@ -86,14 +95,27 @@ class TransformerConfig:
     return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
   @classmethod
-  def from_config(cls, cfg: Any, prefix: str = "model") -> "TransformerConfig":
-    """Builds from a mapping (ConfigDict or dict); unknown fields and bad shapes raise ConfigError."""
+  def from_config(cls, cfg: Any, prefix: str = "model", axis_rules=None) -> "TransformerConfig":
+    """Builds from a mapping (ConfigDict or dict); unknown fields and bad shapes raise ConfigError.
+
+    ``axis_rules`` (the config's logical-axis rules, e.g. ``config.axis_rules``) fills ``batch_axes`` with
+    the mesh axes of their ``batch`` entry; without it the model uses the default rules' batch axes.
+    """
     d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     d.pop("name", None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ConfigError(f"{prefix}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    if "batch_axes" in d:  # a list from JSON or the command line; the config must stay hashable
+      axes = d["batch_axes"]
+      d["batch_axes"] = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if axis_rules is not None:
+      from_rules = mesh_lib.batch_axes(axis_rules)
+      if d.get("batch_axes", from_rules) != from_rules:
+        raise ConfigError(f"{prefix}.batch_axes={d['batch_axes']} disagrees with the axis rules' batch axes "
+                          f"{from_rules}; set the 'batch' rule in axis_rules and leave {prefix}.batch_axes unset")
+      d["batch_axes"] = from_rules
     c = cls(**d)
     c.validate(prefix)
     return c
@@ -108,6 +130,9 @@ class TransformerConfig:
       raise ConfigError(f"{prefix}: head dim {self.head_dim} must be even for RoPE")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"{prefix}.remat={self.remat!r}; choose one of 'none', 'full', 'dots'")
+    unknown_axes = sorted(set(self.batch_axes) - set(mesh_lib.MESH_AXES))
+    if unknown_axes:
+      raise ConfigError(f"{prefix}.batch_axes: unknown mesh axes {unknown_axes}; valid: {list(mesh_lib.MESH_AXES)}")
     if self.attention_impl not in ("xla", "pallas", "cudnn", "auto"):
       raise ConfigError(f"{prefix}.attention_impl={self.attention_impl!r}; choose one of "
                         "'xla', 'pallas', 'cudnn', 'auto'")
@@ -144,23 +169,20 @@ class TransformerConfig:
                         f"{mesh_prefix}.expert={ne}")
 
 
-# Mesh axes that split activations along the batch: data and fsdp (as "batch" in configs/lm.py AXIS_RULES) and
-# also expert, so that the non-expert compute is not replicated across the expert axis.
-BATCH_MESH_AXES = ("data", "fsdp", "expert")
-
-
-def shard_batch(x):
-  """Constrains activations [B, ...] to be split over the batch mesh axes (data, fsdp, expert) that are set
-  (``jax.set_mesh``) and divide B (dropping axes from the end until they do); a no-op without a mesh. Keeps
-  GSPMD on the FSDP layout (weights gathered, activations batch-sharded) instead of resharding activations
-  along the model width. Expert weights sharded over ``expert`` are then gathered for the MoE matmuls
-  (expert-axis FSDP), which is correct on any mesh; all-to-all expert parallelism is not implemented."""
+def shard_batch(x, batch_axes: tuple[str, ...] = ()):
+  """Constrains activations [B, ...] to be split over ``batch_axes`` (default: the batch axes of
+  ``DEFAULT_AXIS_RULES``, i.e. data, fsdp, expert) that the current mesh (``jax.set_mesh``) has and that
+  divide B (dropping axes from the end until they do); a no-op without a mesh. Keeps GSPMD on the FSDP
+  layout (weights gathered, activations batch-sharded) instead of resharding activations along the model
+  width. Expert weights sharded over ``expert`` are then gathered for the MoE matmuls (expert-axis FSDP),
+  which is correct on any mesh; all-to-all expert parallelism is not implemented."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   types = dict(zip(mesh.axis_names, mesh.axis_types))
-  axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1 and types[a] == jax.sharding.AxisType.Auto)
+  batch_axes = batch_axes or mesh_lib.batch_axes(mesh_lib.DEFAULT_AXIS_RULES)
+  axes = tuple(a for a in batch_axes if sizes.get(a, 1) > 1 and types[a] == jax.sharding.AxisType.Auto)
   while axes and x.shape[0] % math.prod(sizes[a] for a in axes):
     axes = axes[:-1]
   if not axes:
@@ -235,7 +257,8 @@ class Attention(nnx.Module):
 
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
-    o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl)
+    o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl,
+                                     batch_axes=cfg.activation_batch_axes)
     return jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt))
 
   def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
@@ -352,7 +375,7 @@ class Transformer(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     dt = jnp.dtype(cfg.dtype)
-    x_BTD = shard_batch(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt))
+    x_BTD = shard_batch(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), cfg.activation_batch_axes)
     hidden = [x_BTD]
     infos = {}
     policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -362,7 +385,7 @@ class Transformer(nnx.Module):
       else:
         x_BTD, info = nnx.remat(lambda blk, x, p: blk(x, p, return_routing),
                                 policy=policy[cfg.remat])(block, x_BTD, positions_BT)
-      x_BTD = shard_batch(x_BTD)
+      x_BTD = shard_batch(x_BTD, cfg.activation_batch_axes)
       if info is not None:
         infos[i] = info
       if return_hidden:
