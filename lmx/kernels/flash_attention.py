@@ -5,7 +5,7 @@ interpret=None)`` computes softmax attention block by block (online softmax, Fla
 materialising the [T, S] score matrix. Layout is [batch, time, heads, head_dim] for q and
 [batch, time, kv_heads, head_dim] for k/v; ``H % K == 0`` and query head ``h`` reads kv head ``h // (H // K)``
 (grouped-query attention, MQA when K == 1). With ``causal=True`` and ``S > T`` the mask is aligned bottom-right
-(query ``i`` sees keys ``<= i + S - T``), as in :func:`flash_attention_reference`.
+(query ``i`` sees keys ``<= i + S - T``), as in :func:`reference_attention`.
 
 Gradients go through a ``jax.custom_vjp``: the forward kernel saves the per-row logsumexp; the backward pass is
 two kernels, one over query blocks (dQ) and one over key blocks (dK, dV per query head, summed over each GQA
@@ -16,6 +16,10 @@ Triton on GPU and runs in interpret mode on CPU (``interpret=None`` picks interp
 ``interpret=False`` is not supported). It is not tuned for TPU (Mosaic has its own block-shape rules; use
 ``impl="xla"`` there). Sequence lengths that are not multiples of the block sizes are padded (padded keys
 are masked); a head dim that is not a power of two is zero-padded (Triton needs power-of-two tiles).
+
+:func:`reference_attention` is the plain-jnp version (same signature, float32 softmax): the kernel's test
+reference and the dispatcher's ``xla`` path; :func:`masked_attention` is the same computation with an explicit
+[B, T, S] mask (KV-cache decoding).
 
 The functions are pure and can be called inside ``jax.shard_map`` (each shard runs the kernel on its local
 batch and heads); :func:`lmx.kernels.attention.attention` does that wrapping itself when a mesh is set.
@@ -35,27 +39,48 @@ DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
 
 
-def flash_attention_reference(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None,
-                              block_q: int | None = None, block_k: int | None = None,
-                              interpret: bool | None = None):
-  """Plain-jnp attention with the same signature and semantics as :func:`flash_attention`.
+def _softmax_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, scale, zero_masked_rows):
+  """Softmax attention in plain jnp; ``mask_BTS`` (broadcastable to [B, T, S], True = attend) or None.
 
-  Softmax in float32; returns [B, T, H, E] in q's dtype. ``block_q``, ``block_k`` and ``interpret`` are
-  accepted and ignored so the two functions are interchangeable.
+  Scores, softmax and the PV accumulation are float32; the probabilities are cast to v's dtype before the PV
+  matmul, as in the kernel. ``zero_masked_rows`` gives 0 for query rows that see no key.
   """
-  del block_q, block_k, interpret
-  _check_shapes(q_BTHE, k_BSKE, v_BSKE, causal)
   b, t, h, e = q_BTHE.shape
-  s, kh = k_BSKE.shape[1], k_BSKE.shape[2]
+  kh = k_BSKE.shape[2]
   scale = e ** -0.5 if scale is None else scale
   q_BTKGE = q_BTHE.reshape(b, t, kh, h // kh, e)
   s_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
-  if causal:
-    mask_TS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
-    s_BKGTS = jnp.where(mask_TS, s_BKGTS, MASK_VALUE)
+  if mask_BTS is not None:
+    m_B11TS = jnp.broadcast_to(mask_BTS, (b,) + mask_BTS.shape[-2:])[:, None, None]
+    s_BKGTS = jnp.where(m_B11TS, s_BKGTS, MASK_VALUE)
   p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-  o_BTKGE = jnp.einsum("bkgts,bske->btkge", p_BKGTS, v_BSKE.astype(jnp.float32))
+  if mask_BTS is not None and zero_masked_rows:
+    p_BKGTS = jnp.where(m_B11TS, p_BKGTS, 0.0)
+  o_BTKGE = jnp.einsum("bkgts,bske->btkge", p_BKGTS.astype(v_BSKE.dtype), v_BSKE,
+                       preferred_element_type=jnp.float32)
   return o_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype)
+
+
+def reference_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None,
+                        block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None):
+  """Plain-jnp attention with the same signature and semantics as :func:`flash_attention`.
+
+  This is the ``xla`` path of :func:`lmx.kernels.attention.attention` and the tests' reference for the kernel.
+  Returns [B, T, H, E] in q's dtype. ``block_q``, ``block_k`` and ``interpret`` are accepted and ignored so the
+  two functions are interchangeable.
+  """
+  del block_q, block_k, interpret
+  _check_shapes(q_BTHE, k_BSKE, v_BSKE, causal)
+  t, s = q_BTHE.shape[1], k_BSKE.shape[1]
+  mask_TS = (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]) if causal else None
+  return _softmax_attention(q_BTHE, k_BSKE, v_BSKE, mask_TS, scale, zero_masked_rows=False)
+
+
+def masked_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float | None = None):
+  """Reference attention with an explicit boolean mask [B, T, S] (True = attend); rows with no visible key
+  give 0. Used by the KV-cache decode path, where the visible keys depend on each row's prompt length."""
+  _check_shapes(q_BTHE, k_BSKE, v_BSKE, causal=False)
+  return _softmax_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, scale, zero_masked_rows=True)
 
 
 def _check_shapes(q, k, v, causal):
@@ -346,4 +371,4 @@ def attention_flops(b: int, t: int, s: int, h: int, e: int, *, causal: bool) -> 
   return f / 2 if causal else f
 
 
-__all__ = ["flash_attention", "flash_attention_reference", "attention_flops", "MASK_VALUE"]
+__all__ = ["flash_attention", "reference_attention", "masked_attention", "attention_flops", "MASK_VALUE"]
