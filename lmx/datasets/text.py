@@ -1,17 +1,11 @@
 """Embedded text corpora (ship with every Python; no download) and a byte-level tokenizer.
 
-Corpora:
-  ``python_docs``        the Python documentation topics in ``pydoc_data.topics`` (~465k characters).
-  ``stdlib_docstrings``  docstrings of the standard library's modules (ast walk, tests excluded; ~1.8M chars).
-  ``python``             both, concatenated.
-  ``licenses``           ``/usr/share/common-licenses`` (a "legal" domain on Debian images; optional).
+Corpora (``data.corpus``):
+  ``python_docs``  the Python documentation topics in ``pydoc_data.topics`` (~465k characters).
 """
 from __future__ import annotations
 
-import ast
 import functools
-import os
-import sysconfig
 from typing import Sequence
 
 import numpy as np
@@ -42,61 +36,19 @@ def decode(ids: Sequence[int]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def python_docs() -> str:
+  """The ``pydoc_data.topics`` texts joined in sorted topic order."""
   from pydoc_data import topics
 
   return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
-@functools.lru_cache(maxsize=None)
-def stdlib_docstrings(max_chars: int | None = None) -> str:
-  """Module, class and function docstrings of the standard library, in sorted file order."""
-  root = sysconfig.get_paths()["stdlib"]
-  docs: list[str] = []
-  total = 0
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idle_test", "site-packages",
-                                                             "__pycache__", "lib2to3", "turtledemo"))
-    for fn in sorted(filenames):
-      if not fn.endswith(".py") or fn.startswith("test_"):
-        continue
-      try:
-        with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
-          tree = ast.parse(f.read())
-      except (SyntaxError, UnicodeDecodeError, OSError):
-        continue
-      for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-          d = ast.get_docstring(node)
-          if d and len(d) > 40:
-            docs.append(d)
-            total += len(d)
-      if max_chars and total >= max_chars:
-        return "\n\n".join(docs)
-  return "\n\n".join(docs)
-
-
-def licenses() -> str:
-  root = "/usr/share/common-licenses"
-  if not os.path.isdir(root):
-    raise ConfigError(f"data.corpus='licenses' needs {root} (Debian base-files); it is not on this machine")
-  out = []
-  for fn in sorted(os.listdir(root)):
-    p = os.path.join(root, fn)
-    if os.path.isfile(p) and not os.path.islink(p):
-      with open(p, encoding="utf-8", errors="replace") as f:
-        out.append(f.read())
-  return "\n\n".join(out)
-
-
 CORPORA = {
     "python_docs": python_docs,
-    "stdlib_docstrings": stdlib_docstrings,
-    "python": lambda: python_docs() + "\n\n" + stdlib_docstrings(),
-    "licenses": licenses,
 }
 
 
 def load_corpus(name: str) -> str:
+  """The text of corpus ``name`` (a key of :data:`CORPORA`); an unknown name raises ConfigError."""
   if name not in CORPORA:
     raise ConfigError(f"data.corpus={name!r} is unknown; valid corpora: {sorted(CORPORA)}")
   return CORPORA[name]()
