@@ -39,21 +39,17 @@ SHAPES = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("strategy", "momentum", "weight_decay", "use_vmap"))
+@functools.partial(jax.jit, static_argnames=("strategy", "momentum", "weight_decay", "use_vmap", "apply_fn"))
 def _fused_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, strategy, momentum, weight_decay,
-                use_vmap):
+                use_vmap, apply_fn):
   """The baseline: augmentation and SGD step in one jitted computation."""
   xb = dsa.augment_batches(keys_K, x_all, idx_KB, strategy)  # inlined into this jit: the fused form
   return evaluate._sgd_step(params_K, mom_K, xb, t_all, idx_KB, mask_KB, lr, momentum=momentum,  # pylint: disable=protected-access
-                            weight_decay=weight_decay, use_vmap=use_vmap)
+                            weight_decay=weight_decay, use_vmap=use_vmap, apply_fn=apply_fn)
 
 
 def bench(shape: dict, conv: str, use_vmap: bool, iters: int, fused: bool = False) -> dict:
   """Compiles and times one (convolution, loop/vmap) configuration of the training step."""
-  convnet.set_default_conv_impl(conv)
-  evaluate.clear_caches()  # the default convolution is read at trace time
-  dsa.augment_batches.clear_cache()
-  _fused_step.clear_cache()
   fn = _fused_step if fused else _train_step
   k, b, n = shape["nets"], shape["batch"], 2000
   rng = np.random.default_rng(0)
@@ -64,7 +60,8 @@ def bench(shape: dict, conv: str, use_vmap: bool, iters: int, fused: bool = Fals
   mom = jax.tree.map(jnp.zeros_like, params)
   idx, mask = rng.integers(0, n, (k, b)), np.ones((k, b), np.float32)
   keys = jax.random.split(jax.random.key(1), k)
-  kw = dict(strategy=dsa.parse_strategy(shape["strategy"]), momentum=0.9, weight_decay=5e-4, use_vmap=use_vmap)
+  kw = dict(strategy=dsa.parse_strategy(shape["strategy"]), momentum=0.9, weight_decay=5e-4, use_vmap=use_vmap,
+            apply_fn=convnet.apply_with(conv))
   t0 = time.time()
   out = fn(params, mom, x, t, idx, mask, keys, jnp.float32(0.01), **kw)
   jax.block_until_ready(out)

@@ -39,7 +39,6 @@ SHAPES = {
 
 def bench(shape: dict, unroll: bool, remat: bool, iters: int, conv: str = "auto") -> dict:
   """Compiles and times one meta-step configuration."""
-  convnet.set_default_conv_impl(conv)
   key = jax.random.key(0)
   p0 = convnet.init_params(key, shape["image"], 10, depth=3, width=shape["width"])
   p1 = jax.tree.map(lambda a: a + 0.01 * jnp.sign(a), p0)
@@ -50,7 +49,8 @@ def bench(shape: dict, unroll: bool, remat: bool, iters: int, conv: str = "auto"
                       dsa_strategy=dsa.parse_strategy(shape["strategy"]), unroll=unroll, remat=remat)
   outer = D.OuterSpec(lr_img=100.0, lr_lr=1e-5, lr_y=2.0, threshold=1e9)
   state = D.init_state(syn, D.make_optimizer(outer, inner))
-  fn = jax.jit(lambda s, a, b, k: D.meta_step(s, a, b, k, inner=inner, outer=outer))
+  apply_fn = convnet.apply_with(conv, second_order=True)
+  fn = jax.jit(lambda s, a, b, k: D.meta_step(s, a, b, k, inner=inner, outer=outer, apply_fn=apply_fn))
   t0 = time.time()
   compiled = fn.lower(state, p0, p1, key).compile()
   compile_s = time.time() - t0
@@ -68,7 +68,7 @@ def bench(shape: dict, unroll: bool, remat: bool, iters: int, conv: str = "auto"
     dev_peak = stats.get("peak_bytes_in_use")
   except Exception:  # noqa: BLE001
     pass
-  return {"loop": "unrolled" if unroll else "scan", "remat": remat, "conv": convnet.resolve_conv_impl(conv),
+  return {"loop": "unrolled" if unroll else "scan", "remat": remat, "conv": convnet.resolve_conv_impl(conv, second_order=True),
           "compile_seconds": round(compile_s, 2),
           "seconds_per_iteration": round(sec, 4),
           "xla_temp_MiB": round(getattr(mem, "temp_size_in_bytes", 0) / 2**20, 1) if mem else None,

@@ -47,7 +47,7 @@ def main():
   out = {}
   for name, x, y, lr in sets:
     for ep in (int(e) for e in a.epochs.split(",")):
-      accs = evaluate.train_and_test(c.seed + 11, x, np.asarray(D.targets_of(jnp.asarray(y), c.distill.soft_labels)),
+      accs = evaluate.train_and_test(c.seed, x, np.asarray(D.targets_of(jnp.asarray(y), c.distill.soft_labels)),
                                      data.x_test_NHWC, data.y_test_N, epochs=ep, lr=lr, **common)
       out[f"{name}_ep{ep}"] = evaluate.summarize(accs)
       print(name, ep, out[f"{name}_ep{ep}"], flush=True)

@@ -190,7 +190,3 @@ def augment_batches(keys_K: jax.Array, x_all: jax.Array, idx_KB: jax.Array, stra
   """
   return jax.vmap(lambda k, i: augment(k, x_all[i], strategy))(keys_K, idx_KB)
 
-
-def choose_group(key: jax.Array, strategy: str | Sequence[str] = DEFAULT_STRATEGY) -> jax.Array:
-  """The group index ``draw`` picks with ``key`` (for tests and logging)."""
-  return jax.random.randint(jax.random.split(key)[0], (), 0, len(_groups(strategy)))
