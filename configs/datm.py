@@ -48,7 +48,7 @@ def _base() -> ml_collections.ConfigDict:
                 dsa_strategy="color_crop_cutout_scale_rotate")
   # conv_impl 'auto': native convolutions on accelerators; on CPU, where XLA's convolution backward is slow, im2col
   # (patches × matmul) in the meta-step and 'mixed' (im2col in the 1-channel first layer only) for plain training.
-  c.model = dict(depth=3, width=16, norm="instancenorm", conv_impl="auto")
+  c.model = dict(name="convnet", depth=3, width=16, norm="instancenorm", conv_impl="auto")
   # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
   c.experts = dict(num=3, epochs=8, lr=0.01, batch=64, momentum=0.0, weight_decay=0.0, dsa=True,
                    gsam=False, gsam_rho=0.01, gsam_alpha=0.3, parallel=3, dir="",

@@ -94,7 +94,8 @@ def _transformer(model_cfg, *, axis_rules=None) -> Model:
 
 
 @register("convnet")
-def _convnet(model_cfg, *, image_shape, num_classes) -> Model:
+def _convnet(model_cfg, *, image_shape, num_classes, second_order: bool = False) -> Model:
+  """ConvNet-D; ``second_order`` picks the convolution measured fastest when differentiating through SGD steps."""
   from lmx.models import convnet
 
   depth, width, norm = int(model_cfg.depth), int(model_cfg.width), model_cfg.norm
@@ -102,15 +103,12 @@ def _convnet(model_cfg, *, image_shape, num_classes) -> Model:
   init = functools.partial(convnet.init_params, image_shape_HWC=tuple(image_shape), num_classes=int(num_classes),
                            depth=depth, width=width, norm=norm)
 
-  def apply(params, x_NHWC, **kw):
-    return convnet.apply(params, x_NHWC, **{"conv_impl": conv_impl, **kw})
-
   def shardings(mesh, rules):
     del rules
     return jax.tree.map(lambda _: mesh_lib.replicated(mesh), jax.eval_shape(init, jax.random.key(0)))
 
   return Model("convnet", dict(depth=depth, width=width, norm=norm, conv_impl=conv_impl), init,
-               apply, shardings)
+               convnet.apply_with(conv_impl, second_order=second_order), shardings)
 
 
 def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=None, subtree: str = "params",

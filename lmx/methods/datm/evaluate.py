@@ -19,7 +19,7 @@ from lmx.core.losses import soft_cross_entropy
 from lmx.core.rng import np_stream, rng_stream
 from lmx.methods.datm import dsa
 from lmx.methods.datm.experts import accuracy, epoch_batches, map_stacked
-from lmx.models import convnet
+from lmx.models.registry import build_model
 
 
 @functools.partial(jax.jit, static_argnames=("momentum", "weight_decay", "apply_fn", "use_vmap"))
@@ -57,12 +57,12 @@ def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *
   n = x_all.shape[0]
   batch = min(batch, n)
   image_shape = tuple(x_all.shape[1:])
-  init = jax.jit(jax.vmap(lambda k: convnet.init_params(k, image_shape, num_classes, depth=model_cfg.depth,
-                                                        width=model_cfg.width, norm=model_cfg.norm)))
+  model = build_model(model_cfg, image_shape=image_shape, num_classes=num_classes)
+  init = jax.jit(jax.vmap(model.init))
   params = init(jax.random.split(rng_stream(seed, "eval_init"), num_nets))
   mom = jax.tree.map(jnp.zeros_like, params)
   kw = dict(strategy=tuple(dsa_strategy), momentum=float(momentum), weight_decay=float(weight_decay),
-            use_vmap=bool(use_vmap), apply_fn=convnet.apply_with(model_cfg.conv_impl))
+            use_vmap=bool(use_vmap), apply_fn=model.apply)
   bar = progress(epochs, desc) if progress else None
   cur_lr = jnp.float32(lr)
   for ep in range(epochs):

@@ -26,6 +26,7 @@ from lmx.core.losses import cross_entropy
 from lmx.core.rng import np_stream, rng_stream
 from lmx.methods.datm import dsa
 from lmx.models import convnet
+from lmx.models.registry import build_model
 
 BUFFER_FILE, META_FILE = "buffer.npz", "meta.json"
 
@@ -222,14 +223,14 @@ def train_experts(seed: int, data, config, *, progress: Optional[Callable] = Non
   (snapshots after every epoch)."""
   ec, mc = config.experts, config.model
   strategy = dsa.parse_strategy(config.data.dsa_strategy) if ec.dsa else ()
-  apply_fn = convnet.apply_with(mc.conv_impl)
+  model = build_model(mc, image_shape=data.image_shape, num_classes=data.num_classes)
+  apply_fn = model.apply
   step = make_train_step(lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay, dsa_strategy=strategy,
                          gsam=ec.gsam, rho=ec.gsam_rho, gsam_alpha=ec.gsam_alpha, apply_fn=apply_fn,
                          use_vmap=ec.vmap)
   x_all, y_all = jnp.asarray(data.x_train_NHWC), jnp.asarray(data.y_train_N)
   n = len(data.y_train_N)
-  init = jax.jit(jax.vmap(lambda k: convnet.init_params(k, data.image_shape, data.num_classes, depth=mc.depth,
-                                                        width=mc.width, norm=mc.norm)))
+  init = jax.jit(jax.vmap(model.init))
   chunks, t0 = [], time.time()
   total = ec.num * ec.epochs
   bar = progress(total, "experts (expert-epochs)") if progress else None

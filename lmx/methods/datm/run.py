@@ -28,6 +28,7 @@ from lmx.methods.datm import distill as D
 from lmx.methods.datm import dsa, evaluate, experts
 from lmx.methods.datm.validate import validate
 from lmx.models import convnet
+from lmx.models.registry import build_model
 
 
 def specs(config) -> tuple[D.InnerSpec, D.OuterSpec]:
@@ -120,7 +121,8 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   d = config.distill
   inner, outer = specs(config)
   tx = D.make_optimizer(outer, inner)
-  apply_meta = convnet.apply_with(config.model.conv_impl, second_order=True)
+  apply_meta = build_model(config.model, image_shape=buf.meta["image_shape"], num_classes=buf.meta["num_classes"],
+                           second_order=True).apply
   mesh = mesh_lib.make_mesh({"data": -1}, devices=jax.devices()[:1])  # a few images: one device
   lp = loop.Loop(step_fn=D.make_step(inner, outer, apply_meta), init_fn=lambda key: D.init_loop_state(syn, tx),
                  data=D.ExpertWindows(buf, config), mesh=mesh, workdir=workdir, total_steps=d.iterations,

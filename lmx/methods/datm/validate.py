@@ -19,6 +19,7 @@ def validate(c) -> None:
     parse_strategy(c.data.dsa_strategy)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  check_choice(c.model.name, "model.name", ["convnet"])
   check_choice(c.model.norm, "model.norm", ["instancenorm", "none"])
   check_choice(c.model.conv_impl, "model.conv_impl", list(CONV_IMPLS))
   positive(c.model.depth, "model.depth")
