@@ -7,8 +7,9 @@ Variants
   smoke            scikit-learn 8×8 digits, tiny net, IPC 1, < 90 s (CI).
   ipc1, ipc50      MNIST-5k at IPC 1 (early window) and IPC 50 (late window).
   ipc10_n25        the default with N = 25 inner steps (the paper's inner-steps-per-expert-epoch ratio), a rolled
-                   scan with per-step remat (same speed as unrolling at N = 25, 6× shorter compile) and the opt-in
-                   spike guard (distill.spike_factor = 10); ≈ 8 minutes on 2 cores (466 s measured).
+                   scan with per-step remat (as fast as unrolling at N = 25, much shorter compile:
+                   benchmarks/results/datm_step_n25.json) and the opt-in spike guard (distill.spike_factor = 10);
+                   about 8 minutes on 2 cores (experiments/datm/README.md).
   mtt              MTT preset of the same code: hard labels, real init, no window growth, no loss threshold.
   cifar10_ipc{1,10,50,500,1000}, cifar100_ipc{1,10,50,100}
                    the DATM paper's hyperparameters (datm.md §8.1) for an accelerator: ZCA, ConvNet-3 width 128,
@@ -62,7 +63,7 @@ def _base() -> ml_collections.ConfigDict:
       unroll=True, remat=False, log_every=10, ckpt_every=50, max_nonfinite=20,
       spike_factor=0.0)  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
   # init: also evaluate the initial synthetic set (real images + soft labels, learned α, no image updates), so a
-  # run shows what the trajectory matching adds on top of DATM's initialisation (≈60 s at the default).
+  # run shows what the trajectory matching adds on top of DATM's initialisation.
   c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,
                 random=True, full=True, vmap=False, init=True)
   return c

@@ -117,8 +117,8 @@ def conv_im2col(x_NHWC: jax.Array, kernel_HWIO: jax.Array, pad: int) -> jax.Arra
   """The same convolution as one matmul over explicit k×k patches (im2col).
 
   The same sum as ``conv_xla`` (up to float rounding order). On XLA:CPU the native convolution's backward passes are
-  slow; with im2col the DATM meta-step (second order through N SGD steps) measured 1.3–1.6× faster unrolled and
-  3.3–5.1× faster as a ``lax.scan`` (benchmarks/datm_step.py). Plain first-order training is about the same speed.
+  slow, and the DATM meta-step (second order through N SGD steps) runs faster with im2col, most of all as a
+  ``lax.scan``; numbers in benchmarks/results/datm_step*.json (``benchmarks/datm_step.py``).
   """
   n, h, w, c = x_NHWC.shape
   kh, kw, ci, co = kernel_HWIO.shape

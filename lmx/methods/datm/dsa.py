@@ -112,7 +112,7 @@ def resample(x_NHWC, a_N22, t_N2):
   = (width, height) coordinates about the image centre), then an integer shift ``t`` = (rows, cols).
 
   Four-corner bilinear gather; exact for integer shifts and flips (weights 1/0), zero outside the image. (A
-  separable two-einsum form avoids the scatter in the backward pass but measured 4–10× slower on CPU.)"""
+  separable two-einsum form avoids the scatter in the backward pass but was slower on CPU.)"""
   n, h, w, c = x_NHWC.shape
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
   ii, jj = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")

@@ -147,7 +147,7 @@ def gsam_grad(loss_fn: Callable, params, *, rho: float, alpha: float, adaptive: 
 def map_stacked(fn: Callable, in_axes: tuple, use_vmap: bool) -> Callable:
   """``jax.vmap(fn, in_axes)``, or the same mapping as an unrolled loop inside one jit.
 
-  On XLA:CPU a vmapped convolution with per-network weights becomes a grouped convolution, measured ≈1.7× slower
+  On XLA:CPU a vmapped convolution with per-network weights becomes a grouped convolution, slower
   than running the networks one after the other; on accelerators vmap is the better choice.
   """
   if use_vmap:
