@@ -4,9 +4,11 @@ r"""Language-model train-step benchmark: tokens/s, compiled vs analytic FLOPs, M
   python benchmarks/lm_step.py --size=125m            # accelerator sizes: 125m | 1b | moe_1b7b
   python benchmarks/lm_step.py --size=125m --batch=16 --seq=1024 --out=benchmarks/results/lm_step_gpu.json
 
-For each model it jits one AdamW train step (the same ``model(tokens, return_aux=True)`` loss as lmx.methods.lm),
-compiles it ahead of time, reads ``cost_analysis()["flops"]``, times ``--steps`` steps after warm-up
-(median, ``block_until_ready``) and reports:
+For each model it times the train step users run: the configs/lm.py variant's model from the registry,
+``lmx.methods.lm.run.make_step`` (next-token loss + MoE aux losses, the config's AdamW with clipping and schedule)
+inside the shared ``lmx.core.loop.Loop`` (step counter, rng, NaN guard), compiled ahead of time by
+``Loop.compile`` for a sharded [B, T+1] token batch. It reads ``cost_analysis()["flops"]``, times ``--steps``
+steps after warm-up (median, ``block_until_ready``) and reports:
 
   tokens_per_sec         batch·seq / median step time
   compiled_flops         XLA's count for one step (per device)
@@ -17,6 +19,7 @@ compiles it ahead of time, reads ``cost_analysis()["flops"]``, times ``--steps``
   flops_ratio            compiled_flops / analytic_flops (≈1 means no hidden recomputation or waste;
                          > 1 with remat, or for a dropless MoE on backends where ragged_dot runs densely)
   mfu                    analytic_flops / step time / device peak (null when the peak is unknown, e.g. CPU)
+  nonfinite_steps_skipped  steps the loop's NaN guard skipped while timing (0 for a healthy step)
 
 and, for every attention impl available on the backend, forward+backward time at the model's attention
 shape. On CPU the Pallas kernel runs in the interpreter (correctness only; its time is not a speed) and cuDNN
@@ -28,7 +31,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,12 +41,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs import lm as lm_config  # noqa: E402
+from lmx.core import loop, mesh as mesh_lib  # noqa: E402
+from lmx.core.config import require  # noqa: E402
 from lmx.kernels import attention as attention_lib  # noqa: E402
-from lmx.models.transformer import Transformer, TransformerConfig  # noqa: E402
+from lmx.methods.lm.run import make_step  # noqa: E402
+from lmx.models.registry import build_model  # noqa: E402
+from lmx.models.transformer import TransformerConfig  # noqa: E402
 
 # Dense peak FLOP/s per device by (device_kind substring, dtype). Public spec-sheet numbers.
 PEAK_FLOPS = {
@@ -90,41 +97,48 @@ def _timeit(fn, *args, steps: int, warmup: int = 2):
   return float(np.median(times)), times
 
 
-def bench_train_step(cfg: TransformerConfig, batch: int, seq: int, steps: int) -> dict:
-  """Compiles and times one AdamW step of ``cfg`` at [batch, seq]."""
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-  del model
-  tx = optax.adamw(1e-4)
-  opt_state = tx.init(params)
+def bench_train_step(c, batch: int, seq: int, steps: int) -> dict:
+  """Compiles and times the LM train step users run for config ``c`` at [batch, seq] (see the module docstring).
 
-  def loss_fn(params, batch_BT):
-    logits, aux = nnx.merge(graphdef, params)(batch_BT[:, :-1], return_aux=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch_BT[:, 1:]).mean()
-    return ce + aux["aux_loss"]
+  ``c`` is a configs/lm.py config; its data shape is set to [batch, seq] so the model, mesh and batch checks
+  are the ones ``lmx.methods.lm.run`` makes.
+  """
+  c.data.update(seq_len=seq, global_batch=batch)
+  model = build_model(c.model, axis_rules=c.axis_rules)
+  cfg = model.cfg
+  require(seq <= cfg.max_seq_len, "--seq", f"{seq} exceeds model.max_seq_len={cfg.max_seq_len}")
+  mesh = mesh_lib.make_mesh(c.mesh)
+  cfg.check_mesh(dict(mesh.shape))
+  divisor = mesh_lib.batch_size_divisor(mesh, c.axis_rules)
+  require(batch % divisor == 0, "--batch", f"{batch} must be divisible by the batch mesh axes' size {divisor}")
+  step_fn, init_fn, shardings = make_step(c, model, mesh)
+  workdir = tempfile.mkdtemp(prefix="lm_step_bench_")  # the Loop's checkpoint directory; nothing is saved
+  try:
+    lp = loop.Loop(step_fn=step_fn, init_fn=init_fn, mesh=mesh, workdir=workdir, total_steps=c.train.steps,
+                   seed=c.seed, state_shardings=shardings, config=c)
+    state = lp.fresh_state()
+    n_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
+    tokens_BT = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size, dtype=jnp.int32)
+    tokens_BT = jax.device_put(tokens_BT, mesh_lib.batch_sharding(mesh, c.axis_rules))
+    with jax.set_mesh(mesh):
+      t0 = time.perf_counter()
+      compiled = lp.compile(state, tokens_BT)
+      compile_s = time.perf_counter() - t0
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      compiled_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+      mem = compiled.memory_analysis()
+      holder = {"state": state}  # the step donates its state: keep only the newest
 
-  def step(params, opt_state, batch_BT):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch_BT)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+      def run(tokens):
+        holder["state"], metrics = compiled(holder["state"], lp.frozen, tokens)
+        return metrics
 
-  tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
-  t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  compiled_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  mem = compiled.memory_analysis()
-  state = [params, opt_state]
-
-  def run(tokens):
-    state[0], state[1], loss = compiled(state[0], state[1], tokens)
-    return loss
-
-  med, times = _timeit(run, tokens, steps=steps)
+      med, times = _timeit(run, tokens_BT, steps=steps)
+      final = jax.device_get(run(tokens_BT))
+      guard = jax.device_get(holder["state"]["guard"])
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
   n = active_params(cfg)
   n_tok = batch * seq
   flops_6nd = 6.0 * n["active_matmul_params"] * n_tok
@@ -132,6 +146,7 @@ def bench_train_step(cfg: TransformerConfig, batch: int, seq: int, steps: int) -
   analytic = flops_6nd + attn_flops
   peak = device_peak(cfg.dtype)
   return {
+      "timed": "lmx.methods.lm.run.make_step in lmx.core.loop.Loop.compile (NaN guard, config.optim)",
       "params": n_params, **n,
       "batch": batch, "seq": seq, "tokens_per_step": n_tok,
       "compile_seconds": round(compile_s, 2),
@@ -146,7 +161,8 @@ def bench_train_step(cfg: TransformerConfig, batch: int, seq: int, steps: int) -
       "mfu": (analytic / med / peak) if peak else None,
       "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
       "argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem else None,
-      "final_loss": float(run(tokens)),
+      "final_loss": float(final["loss"]),
+      "nonfinite_steps_skipped": int(guard["bad"]),  # by the loop's NaN guard (0 for a healthy run)
   }
 
 
@@ -220,7 +236,7 @@ def main(argv=None):
     c.model.update(overrides)
     if args.attention_impl:
       c.model.attention_impl = args.attention_impl
-    cfg = TransformerConfig.from_config(c.model)
+    cfg = build_model(c.model, axis_rules=c.axis_rules).cfg
     batch = args.batch or 8
     seq = args.seq or (128 if args.size == "cpu" else int(c.data.seq_len))
     print(f"[{name}] d_model={cfg.d_model} layers={cfg.n_layers} experts={cfg.n_experts} batch={batch} "
@@ -229,7 +245,7 @@ def main(argv=None):
                                                 "vocab_size", "dtype", "remat", "attention_impl", "moe_every",
                                                 "n_experts", "top_k", "moe_d_ff", "capacity_factor",
                                                 "moe_impl")}}
-    r["train_step"] = bench_train_step(cfg, batch, seq, args.steps)
+    r["train_step"] = bench_train_step(c, batch, seq, args.steps)
     ts = r["train_step"]
     print(f"  {ts['tokens_per_sec']:.0f} tokens/s, step {ts['step_seconds_median'] * 1e3:.1f} ms, compiled/analytic "
           f"FLOPs {ts['flops_ratio']:.2f}, MFU {ts['mfu']}", flush=True)
