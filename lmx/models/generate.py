@@ -67,13 +67,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | No
   return out, lens
 
 
-def sample_logits(logits_BV, key, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-  """Samples one token per row. Returns ``(tokens_B int32, logprobs_B)`` where the log-probs are under the
-  sampling distribution (after temperature, top-k and top-p; 0 for greedy)."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros(logits_BV.shape[:1], jnp.float32)
-  l_BV = logits_BV / temperature
+def filter_logits(logits_BV, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """The logits of the sampling distribution (float32): divided by ``temperature`` (> 0), then tokens outside
+  the ``top_k`` largest and outside the smallest set whose probability mass reaches ``top_p`` set to -inf.
+
+  The top-p set is taken after top-k, in decreasing order of probability, and always holds the most likely
+  token; tied logits at the boundary are all kept.
+  """
+  l_BV = logits_BV.astype(jnp.float32) / temperature
   if top_k and top_k < l_BV.shape[-1]:
     kth_B1 = jax.lax.top_k(l_BV, top_k)[0][:, -1:]
     l_BV = jnp.where(l_BV < kth_B1, -jnp.inf, l_BV)
@@ -84,6 +85,15 @@ def sample_logits(logits_BV, key, *, temperature: float = 1.0, top_k: int = 0, t
     keep_BV = before_BV < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
     thresh_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     l_BV = jnp.where(l_BV < thresh_B1, -jnp.inf, l_BV)
+  return l_BV
+
+
+def sample_logits(logits_BV, key, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """Samples one token per row. Returns ``(tokens_B int32, logprobs_B)`` where the log-probs are under the
+  sampling distribution (:func:`filter_logits`; 0 for greedy, ``temperature=0``)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros(logits_BV.shape[:1], jnp.float32)
+  l_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
   tok_B = jax.random.categorical(key, l_BV, axis=-1).astype(jnp.int32)
   logp_B = jnp.take_along_axis(jax.nn.log_softmax(l_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
   return tok_B, logp_B
