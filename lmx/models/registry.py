@@ -77,10 +77,7 @@ def nnx_shardings(abstract_module: nnx.Module) -> Callable:
 def _transformer(model_cfg, *, axis_rules=None) -> Model:
   from lmx.models.transformer import Transformer, TransformerConfig
 
-  try:
-    cfg = TransformerConfig.from_config(model_cfg, axis_rules=axis_rules)
-  except TypeError:  # from_config without rules
-    cfg = TransformerConfig.from_config(model_cfg)
+  cfg = TransformerConfig.from_config(model_cfg, axis_rules=axis_rules)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef = nnx.split(abstract, nnx.Param)[0]
 
