@@ -64,6 +64,15 @@ def _die_at(n):
   return loop.every(n, hook, name="die", at_end=False)
 
 
+def _uninterrupted_and_resumed(make, tmp_path, die_at):
+  """Results of ``make(workdir).run()`` in one go, and after a crash at ``die_at`` plus a rerun."""
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  ref = make(a).run()
+  with pytest.raises(Interrupt):
+    make(b, hooks=[_die_at(die_at)]).run()
+  return ref, make(b).run()
+
+
 def test_lm_resume_is_bitwise_equal(tmp_path, monkeypatch):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   lm.run(_lm_config(), a)
@@ -179,14 +188,10 @@ def _producer_loop(workdir, *, total=12, hooks=()):
 
 
 def test_on_device_producer_resumes_bitwise(tmp_path):
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  ref = _producer_loop(a).run()
-  with pytest.raises(Interrupt):
-    _producer_loop(b, hooks=[_die_at(7)]).run()
-  res = _producer_loop(b).run()
+  ref, res = _uninterrupted_and_resumed(_producer_loop, tmp_path, die_at=7)
   assert res.resumed_from == 4
   _assert_trees_equal(ref.state, res.state)
-  losses = [json.loads(line)["train/loss"] for line in open(os.path.join(a, "metrics.jsonl"))]
+  losses = [json.loads(line)["train/loss"] for line in open(tmp_path / "a" / "metrics.jsonl")]
   assert losses[-1] < 0.2 * losses[0]  # it learns: the data really comes from the step's rng
   assert res.state["params"]["w"].sharding.spec == P("fsdp")
 
@@ -207,11 +212,7 @@ def test_grain_workers_resume_bitwise(tmp_path):
     return loop.Loop(step_fn=step, init_fn=lambda k: {"s": jnp.zeros(4)}, data=batches, mesh=mesh,
                      workdir=workdir, total_steps=10, seed=0, log_every=5, ckpt_every=3, hooks=hooks)
 
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  ref = make(a).run()
-  with pytest.raises(Interrupt):
-    make(b, hooks=[_die_at(5)]).run()
-  res = make(b).run()
+  ref, res = _uninterrupted_and_resumed(make, tmp_path, die_at=5)
   assert res.resumed_from == 3
   # NumPy reference of the same order: Grain's seeded shuffle, batches of 8 in sequence.
   it = data_lib.make_iterator(data_lib.make_dataset(xs, global_batch=8, seed=1))
