@@ -10,8 +10,13 @@ OPTIM_FIELDS = ("name", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
                 "momentum", "schedule")
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def make_schedule(cfg, total_steps: int):
-  """Linear warmup then cosine decay to ``lr * min_lr_ratio`` (``schedule='constant'`` keeps lr fixed)."""
+  """Linear warmup from 0 over ``warmup_steps`` (capped at ``total_steps - 1``), then cosine decay to
+  ``lr * min_lr_ratio`` at ``total_steps`` and constant after; ``schedule='constant'`` keeps lr fixed."""
+  check_choice(cfg.get("schedule", "cosine"), "optim.schedule", SCHEDULES)
   if cfg.get("schedule", "cosine") == "constant":
     return optax.constant_schedule(cfg.lr)
   warmup = min(int(cfg.get("warmup_steps", 0)), max(total_steps - 1, 0))
@@ -21,7 +26,8 @@ def make_schedule(cfg, total_steps: int):
 
 
 def make_optimizer(cfg, total_steps: int):
-  """AdamW (or SGD) with global-norm clipping and a warmup-cosine schedule."""
+  """AdamW, Adam (AdamW without weight decay) or SGD (with optional momentum) on :func:`make_schedule`, after
+  global-norm clipping to ``clip_norm`` (0: off). Unknown fields or names raise ConfigError."""
   check_keys(cfg, "optim", OPTIM_FIELDS)
   check_choice(cfg.name, "optim.name", ("adamw", "adam", "sgd"))
   sched = make_schedule(cfg, total_steps)
