@@ -15,3 +15,27 @@ if not flags.FLAGS.is_parsed():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def orbax_reads(monkeypatch):
+  """``orbax_reads()`` starts recording the name of every array Orbax deserialises (all its array handlers) and
+  returns the list it fills: what a restore actually read."""
+  import orbax.checkpoint as ocp
+
+  def start() -> list[str]:
+    seen = []
+    for cls in (ocp.type_handlers.ArrayHandler, ocp.type_handlers.NumpyHandler, ocp.type_handlers.ScalarHandler):
+      orig = cls.deserialize
+
+      async def spy(self, infos, *a, _orig=orig, **kw):
+        seen.extend(str(i.name) for i in infos)
+        return await _orig(self, infos, *a, **kw)
+
+      monkeypatch.setattr(cls, "deserialize", spy)
+    return seen
+
+  return start

@@ -110,22 +110,6 @@ def test_other_state_layout_is_a_clear_error_and_touches_nothing(tmp_path):
   assert step == 3 and float(st["x"].sum()) == 8.0
 
 
-def _spy_reads(monkeypatch) -> list[str]:
-  """Records the name of every array Orbax deserialises (all its array handlers), to see what a restore reads."""
-  import orbax.checkpoint as ocp
-
-  seen = []
-  for cls in (ocp.type_handlers.ArrayHandler, ocp.type_handlers.NumpyHandler, ocp.type_handlers.ScalarHandler):
-    orig = cls.deserialize
-
-    async def spy(self, infos, *a, _orig=orig, **kw):
-      seen.extend(str(i.name) for i in infos)
-      return await _orig(self, infos, *a, **kw)
-
-    monkeypatch.setattr(cls, "deserialize", spy)
-  return seen
-
-
 def _three_steps(d):
   """Steps 1, 2, 3, each with values of its own: params w = s, optimiser mu = -s, a step counter = s."""
   mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, model=2))
@@ -161,14 +145,14 @@ def test_restore_a_named_step(tmp_path):
   assert sorted(os.listdir(d)) == ["1", "2", "3"] and not os.path.exists(d + "_corrupt")
 
 
-def test_restore_subset_reads_only_the_named_subtree(tmp_path, monkeypatch):
+def test_restore_subset_reads_only_the_named_subtree(tmp_path, orbax_reads):
   d = str(tmp_path / "ck")
   _three_steps(d)
   mesh2 = mesh_lib.make_mesh(dict(model=-1), devices=jax.devices()[:2])  # another mesh than the writer's
   sh = NamedSharding(mesh2, P(None, "model"))
   target = {"params": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sh),
                        "b": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(mesh2, P()))}}
-  seen = _spy_reads(monkeypatch)
+  seen = orbax_reads()
   with ckpt_lib.Checkpointer(d, keep=5) as ck:
     step, out = ck.restore_subset(target, step=2)
     assert step == 2 and set(out) == {"params"} and set(out["params"]) == {"w", "b"}

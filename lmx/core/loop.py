@@ -200,8 +200,8 @@ class Loop:
     if frozen is not None:
       self.set_frozen(frozen)
     self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys)
-    self._ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=ckpt_keep,
-                                       async_save=async_checkpointing)
+    self._ckpt_args = dict(keep=ckpt_keep, async_save=async_checkpointing)
+    self._ckpt = None  # opened by restore_or_init / run (a Loop used only to compile opens nothing)
     self._compiled = None
 
   def set_frozen(self, frozen) -> None:
@@ -238,6 +238,8 @@ class Loop:
     key = rng_stream(self.seed, "init")
     with jax.set_mesh(self.mesh):
       abstract = jax.eval_shape(self._init_state, key)
+      if self._ckpt is None:
+        self._ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), **self._ckpt_args)
       restored = self._ckpt.restore(ckpt_lib.abstract_like(abstract, self.state_shardings),
                                     data_iter=_checkpointable(self.data))
     return restored if restored is not None else (0, self.fresh_state())
@@ -299,7 +301,9 @@ class Loop:
     finally:
       if pbar is not None:
         pbar.close()
-      self._ckpt.close()
+      if self._ckpt is not None:
+        self._ckpt.close()
+        self._ckpt = None
       if own_writer:
         writer.close()
     return res
