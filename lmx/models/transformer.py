@@ -29,6 +29,7 @@ from flax import nnx
 
 from lmx.core import mesh as mesh_lib
 from lmx.core.config import ConfigError
+from lmx.kernels import attention as attention_lib
 from lmx.models import moe as moe_lib
 
 
@@ -253,8 +254,6 @@ class Attention(nnx.Module):
             v_BTKE)
 
   def __call__(self, x_BTD, positions_BT):
-    from lmx.kernels import attention as attention_lib  # local import: kernels import models lazily
-
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
     o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl,
@@ -264,9 +263,7 @@ class Attention(nnx.Module):
   def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
     """Incremental attention: writes this step's k/v at cache slots [start, start+T) and attends to every
     slot ``<=`` the query's slot that ``kv_valid_BS`` marks as real. Returns ``(y_BTD, new_cache)``."""
-    from lmx.kernels import attention as attention_lib
-
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    dt = jnp.dtype(self.cfg.dtype)
     t = x_BTD.shape[1]
     q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
     k_BSKE = jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), (0, start, 0, 0))
