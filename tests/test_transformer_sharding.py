@@ -1,90 +1,81 @@
-"""Dense and MoE train steps sharded on 8 fake devices equal the unsharded step (fp32), with parameter
-shardings from the logical-axis rules and no recompilation across steps; activations follow the rules' batch
-axes."""
-import functools
+"""The LM train step users run (``lmx.methods.lm.run.make_step`` on ``configs/lm.py:smoke``, clipped AdamW on
+the warmup-cosine schedule, compiled once by :class:`lmx.core.loop.Loop`) gives the same losses, metrics and
+parameters on 8 fake devices as on one device (fp32), dense and MoE, with parameter shardings from the
+logical-axis rules; activations follow the rules' batch axes."""
+import os
 
-import chex
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from lmx.core import config as config_lib
+from lmx.core import loop as loop_lib
 from lmx.core import mesh as mesh_lib
+from lmx.methods.lm.run import make_step  # (lmx.methods.lm re-exports the function run, not the module)
+from lmx.models.registry import build_model
 from lmx.models.transformer import Transformer, TransformerConfig
 
-STEPS = 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
 B, T = 8, 16
+CLIP_NORM = 0.5  # below the initial gradient norm, so that clipping (a global norm over all shards) acts
 
 
-def _cfg(moe: bool, **kw):
-  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+def _config(moe: bool, **model_kw):
+  """configs/lm.py:smoke with a small dense or MoE model; lr warms up over 1 step, then decays (cosine)."""
+  cfg = config_lib.load_config_file(f"{ROOT}/configs/lm.py:smoke")
+  cfg.model.update(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
   if moe:
-    base.update(moe_every=1, n_experts=4, top_k=2, moe_d_ff=32)
-  base.update(kw)
-  return TransformerConfig.from_config(base)
-
-
-def _train(mcfg, mesh=None):
-  """Runs STEPS AdamW steps; sharded over ``mesh`` when given. Returns (losses, metrics, final params)."""
-  abstract = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  params = nnx.to_pure_dict(nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)), nnx.Param)[1])
-  tx = optax.adamw(3e-3)
-
-  def loss_fn(params, batch_BT):
-    logits, aux = nnx.merge(graphdef, params)(batch_BT[:, :-1], return_aux=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch_BT[:, 1:]).mean()
-    return ce + aux["aux_loss"], aux["metrics"]
-
-  def step(params, opt_state, batch_BT):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_BT)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, metrics
-
-  batches = [jax.random.randint(jax.random.key(10 + i), (B, T + 1), 0, mcfg.vocab_size) for i in range(STEPS)]
-  chex.clear_trace_counter()  # counters are keyed by the function's code, shared by the two runs
-  step = chex.assert_max_traces(step, n=1)
-  if mesh is None:
-    fn = jax.jit(step)
-    opt_state = tx.init(params)
-  else:
-    mcfg.check_mesh(mesh.shape)
-    p_sh = mesh_lib.param_shardings(abstract_params, mesh, mesh_lib.DEFAULT_AXIS_RULES)
-    rep = mesh_lib.replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
-                                   transform_non_params=lambda _: rep)
-    b_sh = mesh_lib.batch_sharding(mesh, mesh_lib.DEFAULT_AXIS_RULES)
-    with jax.set_mesh(mesh):
-      params = jax.device_put(params, p_sh)
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    batches = [jax.device_put(b, b_sh) for b in batches]
-    fn = jax.jit(step, in_shardings=(p_sh, opt_sh, b_sh), out_shardings=(p_sh, opt_sh, rep, rep))
-  losses, metrics = [], None
-  with jax.set_mesh(mesh) if mesh is not None else _null():
-    for b in batches:
-      params, opt_state, loss, metrics = fn(params, opt_state, b)
-      losses.append(float(loss))
-  return losses, metrics, params
-
-
-class _null:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *a):
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(moe: bool):
-  """Unsharded run, shared by the mesh cases of one model."""
-  return _train(_cfg(moe))
+    cfg.model.update(moe_every=1, n_experts=4, top_k=2, moe_d_ff=32)
+  cfg.model.update(model_kw)
+  cfg.optim.update(warmup_steps=1, clip_norm=CLIP_NORM)
+  cfg.train.update(steps=STEPS)
+  return cfg
 
 
 def _mesh(**sizes):
   return mesh_lib.make_mesh(dict(dict(data=1, fsdp=1, model=1, expert=1), **sizes))
+
+
+def _train(cfg, mesh, workdir):
+  """STEPS steps of ``make_step`` through one ``Loop.compile``. Returns (per-step host metrics, final host
+  params, final device params, the params' shardings from the rules)."""
+  model = build_model(cfg.model, axis_rules=cfg.axis_rules)
+  model.cfg.check_mesh(dict(mesh.shape))
+  step_fn, init_fn, shardings = make_step(cfg, model, mesh)
+  lp = loop_lib.Loop(step_fn=step_fn, init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=workdir,
+                     total_steps=STEPS, seed=0)
+  bsh = mesh_lib.batch_sharding(mesh, cfg.axis_rules)
+  batches = [jax.device_put(np.asarray(jax.random.randint(jax.random.key(10 + i), (B, T + 1), 0,
+                                                          cfg.model.vocab_size), np.int32), bsh)
+             for i in range(STEPS)]
+  state = lp.fresh_state()
+  history = []
+  with jax.set_mesh(mesh):
+    compiled = lp.compile(state, batches[0])  # one executable for every step: nothing can recompile
+    for batch in batches:
+      state, metrics = compiled(state, lp.frozen, batch)
+      history.append({k: loop_lib.host(v) for k, v in metrics.items()})
+  assert int(loop_lib.host(state["step"])) == STEPS and int(loop_lib.host(state["guard"]["bad"])) == 0
+  return history, jax.tree.map(np.asarray, state["params"]), state["params"], shardings["params"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """``reference(moe)``: the same run on a one-device mesh, shared by the mesh cases of one model."""
+  cache = {}
+
+  def get(moe: bool):
+    if moe not in cache:
+      one = mesh_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
+      history, params, dev_params, _ = _train(_config(moe), one, str(tmp_path_factory.mktemp(f"ref_moe{moe}")))
+      assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(dev_params))
+      cache[moe] = history, params
+    return cache[moe]
+
+  return get
 
 
 @pytest.mark.parametrize("moe,mesh_sizes", [
@@ -92,31 +83,46 @@ def _mesh(**sizes):
     (True, dict(data=2, fsdp=2, model=2)),
     (True, dict(data=2, expert=4)),
 ])
-def test_sharded_train_step_equals_unsharded(moe, mesh_sizes):
-  mcfg = _cfg(moe)
+def test_sharded_train_step_equals_unsharded(moe, mesh_sizes, reference, tmp_path):
+  cfg = _config(moe)
   mesh = _mesh(**mesh_sizes)
-  ref_losses, ref_metrics, ref_params = _reference(moe)
-  losses, metrics, params = _train(mcfg, mesh)
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  ref_history, ref_params = reference(moe)
+  history, params, dev_params, want_sh = _train(cfg, mesh, str(tmp_path / "sharded"))
+
+  # The run is non-trivial: lr warms up from 0 then decays, and clipping acts on the global gradient norm.
+  lrs = [float(m["lr"]) for m in history]
+  assert lrs[0] == 0.0 and lrs[1] == pytest.approx(cfg.optim.lr) and lrs[1] > lrs[2] > lrs[3] > 0
+  assert max(float(m["grad_norm"]) for m in history) > CLIP_NORM
+  np.testing.assert_allclose([m["loss"] for m in history], [m["loss"] for m in ref_history], rtol=1e-5)
+  for m, ref in zip(history, ref_history):
+    assert m.keys() == ref.keys() and {"loss", "ce", "grad_norm", "lr"} <= m.keys()
+    assert ("moe/lb_loss" in m) == moe and ("moe/layer1/load/e3" in m) == moe
+    for k in m:
+      np.testing.assert_allclose(m[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-  if moe:
-    assert metrics.keys() == ref_metrics.keys()
-    for k in ("moe/lb_loss", "moe/z_loss", "moe/layer0/load/e0", "moe/cv"):
-      np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-4, atol=1e-6)
-    w1 = params["blocks"][0]["ffn"]["w1"]
-    if mesh_sizes.get("expert", 1) > 1:
-      assert w1.sharding.spec == P("expert", None, None)  # (expert, embed, mlp) on data x expert
-    else:
-      assert w1.sharding.spec == P(None, "fsdp", "model")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+  # Every parameter keeps the sharding the logical-axis rules give it through all steps ...
+  assert jax.tree.structure(dev_params) == jax.tree.structure(want_sh)
+  for x, sh in zip(jax.tree.leaves(dev_params), jax.tree.leaves(want_sh)):
+    assert x.sharding.spec == sh.spec
+  # ... and those are the rules' mesh axes (written out, so that a wrong rule fails here).
+  w1 = dev_params["blocks"][0]["ffn"]["w1"]
+  if not moe:
+    assert w1.sharding.spec == P("fsdp", "model")  # (embed, mlp)
+  elif mesh_sizes.get("expert", 1) > 1:
+    assert w1.sharding.spec == P("expert", None, None)  # (expert, embed, mlp) on data x expert
   else:
-    assert params["blocks"][0]["ffn"]["w1"].sharding.spec == P("fsdp", "model")
+    assert w1.sharding.spec == P(None, "fsdp", "model")
 
 
 def test_expert_axis_must_divide_experts():
   from lmx.core.config import ConfigError
+  cfg = _config(True, n_experts=6)
+  model = build_model(cfg.model, axis_rules=cfg.axis_rules)
   with pytest.raises(ConfigError, match=r"model.n_experts=6 is not divisible by .*mesh.expert=4"):
-    _cfg(True, n_experts=6).check_mesh(_mesh(data=2, expert=4).shape)
+    model.cfg.check_mesh(dict(_mesh(data=2, expert=4).shape))
 
 
 @pytest.mark.parametrize("rules,expected", [
