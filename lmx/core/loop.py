@@ -13,6 +13,7 @@ A method supplies
   ``hooks``                                      :func:`every` ``(k, fn)``: ``fn(step, state, writer)`` after
                                                  every k-th step (evaluate, plot, sample, refresh a reference...)
 
+``ckpt_every <= 0`` turns checkpoints off (short inner trainings such as DATM's experts and evaluation networks).
 The loop owns ``state["step"]`` and ``state["guard"]`` (non-finite bookkeeping). A step whose ``finite_keys``
 metrics (default ``loss``, ``grad_norm``) are NaN/Inf leaves the method's parts unchanged; ``nan_patience``
 consecutive such steps stop the run with :class:`NonFiniteLossError`, keeping the last good checkpoint.
@@ -181,12 +182,13 @@ class Loop:
                config=None, writer: Writer | None = None, log_every: int = 10, ckpt_every: int = 100,
                ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
                finite_keys: Sequence[str] = ("loss", "grad_norm"), desc: str = "train", items_per_step: int = 0,
-               item_name: str = "tokens", log_prefix: str = "train/", postfix: Sequence[str] = ("loss",)):
+               item_name: str = "tokens", log_prefix: str = "train/", log_console: bool = True,
+               postfix: Sequence[str] = ("loss",)):
     self.mesh, self.workdir, self.total_steps, self.seed = mesh, workdir, int(total_steps), int(seed)
     self.init_fn, self.data, self.hooks, self.config = init_fn, data, tuple(hooks), config
     self.log_every, self.ckpt_every, self.nan_patience = int(log_every), int(ckpt_every), int(nan_patience)
     self.desc, self.items_per_step, self.item_name, self.postfix = desc, items_per_step, item_name, tuple(postfix)
-    self.writer, self.log_prefix = writer, log_prefix
+    self.writer, self.log_prefix, self.log_console = writer, log_prefix, log_console
     rep = replicated(mesh)
     with jax.set_mesh(mesh):
       abstract = jax.eval_shape(init_fn, rng_stream(self.seed, "init"))
@@ -235,6 +237,8 @@ class Loop:
 
   def restore_or_init(self):
     """``(start_step, state)``: the newest readable checkpoint (data position restored too) or a fresh state."""
+    if self.ckpt_every <= 0:  # checkpointing off (a short inner training, e.g. an evaluation network)
+      return 0, self.fresh_state()
     key = rng_stream(self.seed, "init")
     with jax.set_mesh(self.mesh):
       abstract = jax.eval_shape(self._init_state, key)
@@ -273,7 +277,7 @@ class Loop:
           n_acc, step, steps_window = n_acc + 1, step + 1, steps_window + 1
           pbar.update(1)
           log_now = step % self.log_every == 0 or step == total
-          ckpt_now = step % self.ckpt_every == 0 or step == total
+          ckpt_now = self.ckpt_every > 0 and (step % self.ckpt_every == 0 or step == total)
           if log_now or ckpt_now:
             self._check_finite(state)
           if log_now:
@@ -284,7 +288,8 @@ class Loop:
               if self.items_per_step:
                 vals[f"{self.item_name}_per_sec"] = steps_window * self.items_per_step / dt
               t_run, steps_run = t_run + dt, steps_run + steps_window
-            res.last_metrics = writer.summary(step, vals, prefix=self.log_prefix)
+            res.last_metrics = (writer.summary if self.log_console else writer.scalars)(step, vals,
+                                                                                        prefix=self.log_prefix)
             pbar.set_postfix({k: f"{vals[k]:.4g}" for k in self.postfix if k in vals}, refresh=False)
             acc, n_acc, steps_window, t_window = None, 0, 0, time.time()
           t_hooks = time.time()
@@ -312,7 +317,7 @@ class Loop:
     g = jax.tree.map(lambda x: int(host(x)), state["guard"])
     if g["max_run"] < self.nan_patience:
       return
-    last_good = self._ckpt.latest_step()
+    last_good = self._ckpt.latest_step() if self._ckpt is not None else None
     where = (f"the last good checkpoint (step {last_good}) is kept in {self._ckpt.directory}"
              if last_good is not None else "no checkpoint had been written yet")
     runs = f"{g['max_run']} consecutive" if self.nan_patience > 1 else f"{g['bad']}"

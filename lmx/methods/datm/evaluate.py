@@ -9,7 +9,6 @@ the final test accuracy of each network; report mean ± std.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import numpy as np
 from lmx.core.losses import soft_cross_entropy
 from lmx.core.rng import np_stream, rng_stream
 from lmx.methods.datm import dsa
-from lmx.methods.datm.experts import accuracy, epoch_batches, map_stacked
+from lmx.methods.datm.experts import NetBatches, accuracy, map_stacked, train_nets
 from lmx.models.registry import build_model
 
 
@@ -26,9 +25,9 @@ from lmx.models.registry import build_model
 def _sgd_step(params_K, mom_K, xb_KB, t_all, idx_KB, mask_KB, lr, *, momentum, weight_decay, apply_fn,
               use_vmap=True):
   def one(params, mom, xb, idx_B, mask_B):
-    g = jax.grad(lambda p: soft_cross_entropy(apply_fn(p, xb), t_all[idx_B], mask_B))(params)
+    loss, g = jax.value_and_grad(lambda p: soft_cross_entropy(apply_fn(p, xb), t_all[idx_B], mask_B))(params)
     mom = jax.tree.map(lambda m, gi, p: momentum * m + gi + weight_decay * p, mom, g, params)
-    return jax.tree.map(lambda p, m: p - lr * m, params, mom), mom
+    return jax.tree.map(lambda p, m: p - lr * m, params, mom), mom, loss
 
   return map_stacked(one, (0, 0, 0, 0, 0), use_vmap)(params_K, mom_K, xb_KB, idx_KB, mask_KB)
 
@@ -43,9 +42,12 @@ def _train_step(params_K, mom_K, x_all, t_all, idx_KB, mask_KB, keys_K, lr, *, s
 
 def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *, num_classes: int, model_cfg,
                    num_nets: int, epochs: int, lr: float, batch: int, dsa_strategy: tuple[str, ...],
-                   momentum: float = 0.9, weight_decay: float = 5e-4, use_vmap: bool = True,
-                   progress: Optional[Callable] = None, desc: str = "eval") -> np.ndarray:
+                   momentum: float = 0.9, weight_decay: float = 5e-4, use_vmap: bool = True, writer=None,
+                   name: str = "eval", desc: str = "eval") -> np.ndarray:
   """Trains ``num_nets`` fresh networks on (x_train, targets) and returns their test accuracies (num_nets,).
+
+  The networks train on the shared loop (:func:`lmx.methods.datm.experts.train_nets`); their loss per epoch goes
+  to ``writer`` under ``<name>/``.
 
   Randomness comes from the named streams of ``seed`` only — network inits ``eval_init``, minibatch order
   ``eval_order``, augmentation ``eval_dsa`` — so two calls with one seed (two arms of a comparison) train
@@ -53,32 +55,18 @@ def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *
   share nothing.
   """
   x_all = jnp.asarray(x_train_NHWC, jnp.float32)
-  t_all = jnp.asarray(targets_NC, jnp.float32)
-  n = x_all.shape[0]
-  batch = min(batch, n)
   image_shape = tuple(x_all.shape[1:])
   model = build_model(model_cfg, image_shape=image_shape, num_classes=num_classes)
-  init = jax.jit(jax.vmap(model.init))
-  params = init(jax.random.split(rng_stream(seed, "eval_init"), num_nets))
-  mom = jax.tree.map(jnp.zeros_like, params)
-  kw = dict(strategy=tuple(dsa_strategy), momentum=float(momentum), weight_decay=float(weight_decay),
-            use_vmap=bool(use_vmap), apply_fn=model.apply)
-  bar = progress(epochs, desc) if progress else None
-  cur_lr = jnp.float32(lr)
-  for ep in range(epochs):
-    if ep == epochs // 2 + 1:
-      cur_lr = jnp.float32(lr * 0.1)
-      mom = jax.tree.map(jnp.zeros_like, mom)
-    bm = [epoch_batches(np_stream(seed, "eval_order", k, ep), n, batch) for k in range(num_nets)]
-    idx_KSB, mask_KSB = np.stack([b[0] for b in bm]), np.stack([b[1] for b in bm])
-    keys_SK = jax.random.split(rng_stream(seed, "eval_dsa", ep), (idx_KSB.shape[1], num_nets))
-    for s in range(idx_KSB.shape[1]):
-      params, mom = _train_step(params, mom, x_all, t_all, idx_KSB[:, s], mask_KSB[:, s], keys_SK[s], cur_lr, **kw)
-    if bar is not None:
-      bar.update(1)
-  if bar is not None:
-    bar.close()
-  return accuracy(params, x_test_NHWC, y_test_N, kw["apply_fn"])
+  params = jax.jit(jax.vmap(model.init))(jax.random.split(rng_stream(seed, "eval_init"), num_nets))
+  kw = dict(momentum=float(momentum), weight_decay=float(weight_decay), use_vmap=bool(use_vmap),
+            apply_fn=model.apply)
+  batches = NetBatches(x_all, num_nets=num_nets, batch=batch, strategy=tuple(dsa_strategy),
+                       order_rng=lambda k, ep: np_stream(seed, "eval_order", k, ep),
+                       keys_fn=lambda ep, steps: jax.random.split(rng_stream(seed, "eval_dsa", ep), (steps, num_nets)))
+  state = train_nets(sgd=lambda p, m, xb, t, i, k, lr: _sgd_step(p, m, xb, t, i, k, lr, **kw), params_K=params,
+                     targets=jnp.asarray(targets_NC, jnp.float32), data=batches, epochs=epochs, lr=lr,
+                     drop_epoch=epochs // 2 + 1, writer=writer, name=name, seed=seed, progress_desc=desc)
+  return accuracy(state["params"], x_test_NHWC, y_test_N, model.apply)
 
 
 def summarize(accs) -> dict[str, float]:

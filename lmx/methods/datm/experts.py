@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmx.core import loop, mesh as mesh_lib
 from lmx.core.config import ConfigError
 from lmx.core.losses import cross_entropy
+from lmx.core.metrics import Writer
 from lmx.core.rng import np_stream, rng_stream
 from lmx.methods.datm import dsa
 from lmx.models import convnet
@@ -161,12 +163,13 @@ def map_stacked(fn: Callable, in_axes: tuple, use_vmap: bool) -> Callable:
   return looped
 
 
-def make_train_step(*, lr: float, momentum: float, weight_decay: float, dsa_strategy: tuple[str, ...],
-                    gsam: bool = False, rho: float = 0.01, gsam_alpha: float = 0.3,
-                    apply_fn: Callable | None = None, use_vmap: bool = True):
-  """A jitted step for E experts at once: (params_E, mom_E, x, y, idx_EB, mask_EB, keys_E) -> (params, mom, loss_E).
+def make_sgd(*, lr: float, momentum: float, weight_decay: float, gsam: bool = False, rho: float = 0.01,
+             gsam_alpha: float = 0.3, apply_fn: Callable | None = None, use_vmap: bool = True):
+  """The experts' SGD step for E networks at once on augmented batches:
+  ``(params_E, mom_E, xb_EB, y_all, idx_EB, mask_EB) -> (params_E, mom_E, loss_E)``.
 
-  The loss is cross-entropy over the valid (mask = 1) examples of each padded batch.
+  The loss is cross-entropy over the valid (mask = 1) examples of each padded batch; weight decay enters the
+  gradient before the momentum (torch.optim.SGD).
   """
   apply_fn = apply_fn or convnet.apply_with("auto")
 
@@ -182,12 +185,85 @@ def make_train_step(*, lr: float, momentum: float, weight_decay: float, dsa_stra
       g = mom
     return jax.tree.map(lambda p, gi: p - lr * gi, params, g), mom, loss
 
-  sgd = jax.jit(map_stacked(one, (0, 0, 0, None, 0, 0), use_vmap))
-  def step(params_E, mom_E, x_all, y_all, idx_EB, mask_EB, keys_E):
-    xb_EB = dsa.augment_batches(keys_E, x_all, idx_EB, tuple(dsa_strategy))  # own jit: see augment_batches
-    return sgd(params_E, mom_E, xb_EB, y_all, idx_EB, mask_EB)
+  return map_stacked(one, (0, 0, 0, None, 0, 0), use_vmap)
 
-  return step
+
+class NetBatches:
+  """Data source for K networks trained side by side, epoch after epoch (the shared loop's ``data``).
+
+  Network k's minibatch order in epoch e comes from ``order_rng(k, e)`` (:func:`epoch_batches`: every image
+  once, the last batch padded and masked); its augmentation keys from ``keys_fn(e, steps) -> (steps, K)``. The
+  augmentation runs here, as its own jitted call (``dsa.augment_batches``: traced into the SGD step XLA:CPU
+  recomputes it). Batches: ``xb`` (K, B, H, W, C), ``idx`` and ``mask`` (K, B). Position: ``{"epoch", "step"}``.
+  """
+
+  def __init__(self, x_all, *, num_nets: int, batch: int, order_rng: Callable, keys_fn: Callable,
+               strategy: tuple[str, ...]):
+    self.x_all, self.k, self.n = x_all, int(num_nets), int(x_all.shape[0])
+    self.batch, self.order_rng, self.keys_fn, self.strategy = min(int(batch), self.n), order_rng, keys_fn, strategy
+    self.steps_per_epoch = -(-self.n // self.batch)
+    self.epoch, self.step, self._cached = 0, 0, None
+
+  def __iter__(self):
+    return self
+
+  def _epoch(self, ep: int):
+    if self._cached is None or self._cached[0] != ep:
+      bm = [epoch_batches(self.order_rng(k, ep), self.n, self.batch) for k in range(self.k)]
+      idx_KSB, mask_KSB = np.stack([b[0] for b in bm]), np.stack([b[1] for b in bm])
+      self._cached = (ep, idx_KSB, mask_KSB, self.keys_fn(ep, self.steps_per_epoch))
+    return self._cached[1:]
+
+  def __next__(self):
+    idx_KSB, mask_KSB, keys_SK = self._epoch(self.epoch)
+    s = self.step
+    out = {"xb": dsa.augment_batches(keys_SK[s], self.x_all, idx_KSB[:, s], self.strategy), "idx": idx_KSB[:, s],
+           "mask": mask_KSB[:, s]}
+    self.step += 1
+    if self.step == self.steps_per_epoch:
+      self.epoch, self.step = self.epoch + 1, 0
+    return out
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "step": self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def train_nets(*, sgd: Callable, params_K, targets, data: NetBatches, epochs: int, lr: float,
+               drop_epoch: int | None = None, hooks=(), writer=None, name: str = "nets", seed: int = 0,
+               progress_desc: str | None = None):
+  """Trains K stacked networks for ``epochs`` epochs on the shared loop; returns the final state
+  ``{"params", "mom"}``.
+
+  ``sgd(params, mom, xb, targets, idx, mask, lr) -> (params, mom, loss)`` is one step of all K networks;
+  ``targets`` (labels or soft targets of the whole training set) is a frozen input. With ``drop_epoch`` the
+  learning rate is ×0.1 from that epoch on and the momentum buffer is reset there (the evaluation protocol).
+  Checkpoints are off (these trainings are short and restart from their seed's streams); the loss is logged
+  every epoch under ``<name>/`` without a console line.
+  """
+  spe = data.steps_per_epoch
+
+  def step(state, frozen, batch, rng):
+    del rng
+    mom, cur_lr = state["mom"], lr
+    if drop_epoch is not None:
+      at = state["step"] == drop_epoch * spe
+      mom = jax.tree.map(lambda m: jnp.where(at, jnp.zeros_like(m), m), mom)
+      cur_lr = jnp.where(state["step"] >= drop_epoch * spe, jnp.float32(lr * 0.1), jnp.float32(lr))
+    params, mom, loss = sgd(state["params"], mom, batch["xb"], frozen["targets"], batch["idx"], batch["mask"],
+                            cur_lr)
+    return dict(state, params=params, mom=mom), {"loss": jnp.mean(loss)}
+
+  mesh = mesh_lib.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  init = {"params": params_K, "mom": jax.tree.map(jnp.zeros_like, params_K)}
+  res = loop.Loop(step_fn=step, init_fn=lambda key: init, frozen={"targets": targets}, data=data, mesh=mesh,
+                  workdir="", total_steps=epochs * spe, seed=seed, hooks=hooks, ckpt_every=0,
+                  writer=writer if writer is not None else Writer("", enabled=False), log_every=spe,
+                  log_prefix=f"{name}/", log_console=False, nan_patience=2 ** 30, finite_keys=("loss",),
+                  desc=progress_desc or name).run()
+  return res.state
 
 
 def epoch_batches(rng: np.random.Generator, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +292,7 @@ def accuracy(params_E, x_NHWC, y_N, apply_fn: Callable | None = None, chunk: int
   return correct / len(x_NHWC)
 
 
-def train_experts(seed: int, data, config, *, progress: Optional[Callable] = None,
-                  log: Optional[Callable[[int, dict], None]] = None) -> ExpertBuffer:
+def train_experts(seed: int, data, config, *, writer=None) -> ExpertBuffer:
   """Trains ``config.experts.num`` experts for ``config.experts.epochs`` epochs, ``config.experts.parallel`` at a
   time in one jitted step (vmap, or an unrolled loop with ``experts.vmap=False``), and returns the buffer
   (snapshots after every epoch)."""
@@ -225,35 +300,29 @@ def train_experts(seed: int, data, config, *, progress: Optional[Callable] = Non
   strategy = dsa.parse_strategy(config.data.dsa_strategy) if ec.dsa else ()
   model = build_model(mc, image_shape=data.image_shape, num_classes=data.num_classes)
   apply_fn = model.apply
-  step = make_train_step(lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay, dsa_strategy=strategy,
-                         gsam=ec.gsam, rho=ec.gsam_rho, gsam_alpha=ec.gsam_alpha, apply_fn=apply_fn,
-                         use_vmap=ec.vmap)
+  sgd = make_sgd(lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay, gsam=ec.gsam, rho=ec.gsam_rho,
+                 gsam_alpha=ec.gsam_alpha, apply_fn=apply_fn, use_vmap=ec.vmap)
   x_all, y_all = jnp.asarray(data.x_train_NHWC), jnp.asarray(data.y_train_N)
-  n = len(data.y_train_N)
   init = jax.jit(jax.vmap(model.init))
   chunks, t0 = [], time.time()
-  total = ec.num * ec.epochs
-  bar = progress(total, "experts (expert-epochs)") if progress else None
   for start in range(0, ec.num, ec.parallel):
     ids = list(range(start, min(start + ec.parallel, ec.num)))
     params = init(jnp.stack([rng_stream(seed, "expert_init", e) for e in ids]))
-    mom = jax.tree.map(jnp.zeros_like, params)
     snaps = [jax.device_get(params)]
-    for ep in range(ec.epochs):
-      batches = [epoch_batches(np_stream(seed, "expert_order", e, ep), n, ec.batch) for e in ids]
-      idx_ESB = np.stack([b[0] for b in batches])
-      mask_ESB = np.stack([b[1] for b in batches])
-      keys_ES = jnp.stack([jax.random.split(rng_stream(seed, "expert_dsa", e, ep), idx_ESB.shape[1]) for e in ids])
-      for s in range(idx_ESB.shape[1]):
-        params, mom, loss = step(params, mom, x_all, y_all, idx_ESB[:, s], mask_ESB[:, s], keys_ES[:, s])
-      snaps.append(jax.device_get(params))
-      if bar is not None:
-        bar.update(len(ids))
-      if log is not None:
-        log(start * ec.epochs + (ep + 1) * len(ids), {"expert_train_loss": float(np.mean(np.asarray(loss)))})
+    batches = NetBatches(
+        x_all, num_nets=len(ids), batch=ec.batch, strategy=strategy,
+        order_rng=lambda k, ep, ids=ids: np_stream(seed, "expert_order", ids[k], ep),
+        keys_fn=lambda ep, steps, ids=ids: jnp.stack(
+            [jax.random.split(rng_stream(seed, "expert_dsa", e, ep), steps) for e in ids], axis=1))
+
+    def snapshot(step, state, writer, ids=ids, snaps=snaps):  # the trajectory: parameters after every epoch
+      snaps.append(jax.device_get(state["params"]))
+
+    train_nets(sgd=lambda p, m, xb, y, i, k, lr: sgd(p, m, xb, y, i, k), params_K=params, targets=y_all,
+               data=batches, epochs=ec.epochs, lr=ec.lr, writer=writer, name="experts", seed=seed,
+               hooks=[loop.every(batches.steps_per_epoch, snapshot)],
+               progress_desc=f"experts {ids[0]}-{ids[-1]}")
     chunks.append(jax.tree.map(lambda *a: np.stack(a, axis=1), *snaps))  # (E_chunk, T+1, ...)
-  if bar is not None:
-    bar.close()
   params = jax.tree.map(lambda *a: np.concatenate(a, 0), *chunks)
   buf = ExpertBuffer(params, {})
   acc = accuracy(jax.tree.map(jnp.asarray, buf.final()), data.x_test_NHWC, data.y_test_N, apply_fn)

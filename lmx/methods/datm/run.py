@@ -67,8 +67,7 @@ def get_experts(config, data, workdir: str, writer) -> experts.ExpertBuffer:
   own = os.path.join(workdir, "experts")
   if experts.buffer_exists(own):
     return experts.load_buffer(own, expect, min_epochs=need)
-  buf = experts.train_experts(config.seed, data, config, progress=metrics.progress,
-                              log=lambda s, m: writer.scalars(s, m))
+  buf = experts.train_experts(config.seed, data, config, writer=writer)
   experts.save_buffer(own, buf)
   acc = np.asarray(buf.meta["final_test_acc"])
   writer.summary(0, {"experts_test_acc": acc.mean(), "experts_seconds": buf.meta["train_seconds"]},
@@ -151,7 +150,7 @@ def run_eval(config, data, state, writer, syn0=None) -> dict:
   strategy = dsa.parse_strategy(config.data.dsa_strategy)
   c = data.num_classes
   common = dict(num_classes=c, model_cfg=config.model, num_nets=v.num, batch=v.batch, dsa_strategy=strategy,
-                momentum=v.momentum, weight_decay=v.weight_decay, use_vmap=v.vmap, progress=metrics.progress)
+                momentum=v.momentum, weight_decay=v.weight_decay, use_vmap=v.vmap, writer=writer)
   x_syn = np.asarray(state["syn"]["x"])
   targets = np.asarray(D.targets_of(state["syn"]["y"], d.soft_labels))
   lr = float(D.lr_value(state["syn"]["lr"], d.lr_param))
@@ -161,23 +160,23 @@ def run_eval(config, data, state, writer, syn0=None) -> dict:
   out = {}
   t0 = time.time()
   accs = evaluate.train_and_test(seed, x_syn, targets, data.x_test_NHWC, data.y_test_N, epochs=v.epochs,
-                                 lr=lr, desc="eval distilled", **common)
+                                 lr=lr, desc="eval distilled", name="eval_distilled", **common)
   out["distilled"] = evaluate.summarize(accs)
   if v.init and syn0 is not None:
     accs = evaluate.train_and_test(seed, np.asarray(syn0["x"]),
                                    np.asarray(D.targets_of(jnp.asarray(syn0["y"]), d.soft_labels)), data.x_test_NHWC,
-                                   data.y_test_N, epochs=v.epochs, lr=lr, desc="eval initial set", **common)
+                                   data.y_test_N, epochs=v.epochs, lr=lr, desc="eval initial set", name="eval_initial", **common)
     out["initial"] = evaluate.summarize(accs)
   onehot = np.eye(c, dtype=np.float32)
   if v.random:
     idx = evaluate.random_subset(np_stream(seed, "random_subset"), data.y_train_N, c, d.ipc)
     accs = evaluate.train_and_test(seed, data.x_train_NHWC[idx], onehot[data.y_train_N[idx]],
                                    data.x_test_NHWC, data.y_test_N, epochs=v.epochs, lr=v.lr_real,
-                                   desc="eval random", **common)
+                                   desc="eval random", name="eval_random", **common)
     out["random"] = evaluate.summarize(accs)
   if v.full:
     accs = evaluate.train_and_test(seed, data.x_train_NHWC, onehot[data.y_train_N], data.x_test_NHWC,
-                                   data.y_test_N, epochs=v.full_epochs, lr=v.lr_real, desc="eval full", **common)
+                                   data.y_test_N, epochs=v.full_epochs, lr=v.lr_real, desc="eval full", name="eval_full", **common)
     out["full"] = evaluate.summarize(accs)
   out["eval_seconds"] = time.time() - t0
   out["eval_lr_distilled"] = lr
