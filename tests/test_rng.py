@@ -37,14 +37,20 @@ def test_rng_stream_is_the_documented_derivation_and_reproducible():
   np.testing.assert_array_equal(draw(), draw())
 
 
+def _distinct_on_the_grid(fingerprint) -> dict:
+  """Asserts that every (seed, name, ids) of the grid gives its own fingerprint; returns {fingerprint: where}."""
+  seen = {}
+  for seed, name, ids in itertools.product(SEEDS, NAMES, IDS):
+    f = fingerprint(seed, name, *ids)
+    assert f not in seen, f"{(seed, name, ids)} collides with {seen[f]}"
+    seen[f] = (seed, name, ids)
+  return seen
+
+
 def test_rng_streams_never_collide_across_neighbouring_seeds_names_and_ids():
   """The bug these streams replace: ``seed + 11`` (eval) under seed 1 was ``seed + 12`` (another stream) under
   seed 0. Every (seed, name, ids) on a grid of neighbouring values must be its own stream."""
-  seen = {}
-  for seed, name, ids in itertools.product(SEEDS, NAMES, IDS):
-    b = _bits(rng_stream(seed, name, *ids))
-    assert b not in seen, f"{(seed, name, ids)} collides with {seen[b]}"
-    seen[b] = (seed, name, ids)
+  seen = _distinct_on_the_grid(lambda *a: _bits(rng_stream(*a)))
   # In particular the next seed's eval stream is not this seed's, and no stream is a plain offset seed key.
   for seed in SEEDS:
     assert _bits(rng_stream(seed + 1, "eval")) != _bits(rng_stream(seed, "eval"))
@@ -65,11 +71,7 @@ def test_np_stream_is_the_documented_derivation_and_reproducible():
 
 
 def test_np_streams_never_collide_across_neighbouring_seeds_names_and_ids():
-  seen = {}
-  for seed, name, ids in itertools.product(SEEDS, NAMES, IDS):
-    d = _first_draws(np_stream(seed, name, *ids))
-    assert d not in seen, f"{(seed, name, ids)} collides with {seen[d]}"
-    seen[d] = (seed, name, ids)
+  _distinct_on_the_grid(lambda *a: _first_draws(np_stream(*a)))
   # SeedSequence zero-pads short entropy ([s, n] == [s, n, 0]); a trailing id 0 must still be another stream.
   for seed in SEEDS:
     assert _first_draws(np_stream(seed, "eval")) != _first_draws(np_stream(seed, "eval", 0))
