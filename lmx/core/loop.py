@@ -139,6 +139,12 @@ def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss
   return wrapped
 
 
+@jax.jit
+def _accumulate(acc, m):
+  """Running sum of the window's metrics: one dispatch per step, not one per metric."""
+  return jax.tree.map(jnp.add, acc, m)
+
+
 def _loop_parts() -> dict:
   z = jnp.zeros((), jnp.int32)
   return {"step": z, "guard": {"bad": z, "run": z, "max_run": z, "first": jnp.full((), -1, jnp.int32)}}
@@ -273,7 +279,7 @@ class Loop:
             res.temp_bytes = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else None
             t_window = time.time()
           state, m = self._compiled(state, self.frozen, batch)
-          acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
+          acc = m if acc is None else _accumulate(acc, m)
           n_acc, step, steps_window = n_acc + 1, step + 1, steps_window + 1
           pbar.update(1)
           log_now = step % self.log_every == 0 or step == total

@@ -81,7 +81,8 @@ def init_synthetic(config, data, buf: experts.ExpertBuffer) -> tuple[D.Syn, np.n
   rng = np_stream(config.seed, "init_synthetic")
   c = data.num_classes
   final = jax.tree.map(jnp.asarray, buf.final())
-  logits_fn = jax.jit(jax.vmap(convnet.apply_with(config.model.conv_impl), in_axes=(0, None)))
+  model = build_model(config.model, image_shape=data.image_shape, num_classes=c)
+  logits_fn = jax.jit(jax.vmap(model.apply, in_axes=(0, None)))
   if d.init == "correct":
     x_all = data.x_train_NHWC
     preds = np.concatenate([np.asarray(logits_fn(final, x_all[s:s + 1000]).argmax(-1))
