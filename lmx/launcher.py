@@ -1,14 +1,28 @@
-"""What ``launch/run.py`` does, importable (tests, Colab): distributed init, workdir checks, method dispatch."""
+"""What ``launch/run.py`` does, importable (tests, Colab): distributed init, workdir checks, method dispatch.
+
+A run's life in its workdir (see :mod:`lmx.core.workdir`):
+  1. the config is validated by the method (``lmx.methods.<m>.validate``) before the workdir is created;
+  2. a workdir whose record says *finished* with the same config is left untouched ("already finished", exit 0);
+     asking it for more steps (the method's ``STEPS_FIELD``) continues it, for fewer refuses;
+  3. any other config change is refused unless the method lists the field in ``SAFE_TO_CHANGE`` (then printed);
+  4. the workdir's lock is taken (a second run on it refuses, naming the first), ``run.json`` says *running*;
+  5. the method runs; ``run.json`` ends as finished / interrupted / failed. A user error before any work leaves
+     the workdir as it was (and removes it when this run created it).
+"""
 from __future__ import annotations
 
 import datetime
+import glob
 import importlib
 import os
 import pkgutil
+import shutil
 import sys
 import traceback
 
 import lmx.methods
+from lmx.core import interrupt
+from lmx.core import workdir as wd
 from lmx.core.config import ConfigError
 
 # Errors that are the user's to fix: print the message alone (no traceback) and exit 2.
@@ -45,9 +59,12 @@ def default_workdir(method: str) -> str:
 
 
 def check_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks that it is writable (fails early, before any compute)."""
-  if "://" in workdir:  # gs:// etc.: checked by the writers themselves
+  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are writable directories (fails early,
+  before any compute, so a save can never hang on a bad path)."""
+  if not wd.is_local(workdir):  # gs:// etc.: checked by the writers themselves
     return workdir
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -56,25 +73,130 @@ def check_workdir(workdir: str) -> str:
     os.remove(probe)
   except OSError as e:
     raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from None
+  ckpt = os.path.join(workdir, "checkpoints")
+  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+    raise ConfigError(f"{ckpt} is a file, not a directory: checkpoints are written there; move the file away or "
+                      "choose another --workdir")
   return workdir
 
 
-def dispatch(config, workdir: str | None):
-  """Validates ``config.method`` and runs ``lmx.methods.<method>.run(config, workdir)``."""
+def method_module(config):
+  """``lmx.methods.<config.method>``, after checking the name."""
   method = config.get("method") if hasattr(config, "get") else None
   methods = available_methods()
   if method not in methods:
     raise ConfigError(f"config.method={method!r} is not a known method; valid methods: {methods}")
-  module = importlib.import_module(f"lmx.methods.{method}")
-  workdir = check_workdir(workdir or default_workdir(method))
-  return module.run(config, workdir)
+  return importlib.import_module(f"lmx.methods.{method}")
+
+
+def _get(flat: dict, field: str | None):
+  return flat.get(field) if field else None
+
+
+def plan_resume(module, saved: dict | None, new: dict, record: dict | None, workdir: str, *,
+                quiet: bool = False) -> str:
+  """What to do with a workdir that may hold a run: ``"fresh"``, ``"resume"`` or ``"finished"`` (nothing to do).
+
+  Raises ConfigError when the config changed in a field the method does not list as safe to change, or when
+  fewer steps are asked for than the workdir already holds. Prints the safe changes.
+  """
+  if saved is None:
+    return "fresh"
+  steps_field = getattr(module, "STEPS_FIELD", None)
+  safe = tuple(getattr(module, "SAFE_TO_CHANGE", ())) + ((steps_field,) if steps_field else ())
+  changes = wd.config_changes(saved, new)
+  unsafe = [c for c in changes if not wd.matches(c[0], safe)]
+  if unsafe:
+    raise ConfigError(
+        f"--workdir={workdir} holds a run with another config ({wd.format_changes(unsafe)}): resume it with the "
+        "config that started it, or choose a new --workdir (nothing was changed). Fields that may change on "
+        f"resume: {', '.join(safe)}")
+  old_steps, new_steps = _get(wd.flatten(saved), steps_field), _get(wd.flatten(new), steps_field)
+  ckpt_step = wd.newest_checkpoint_step(workdir)
+  done = max(s for s in (ckpt_step, old_steps if (record or {}).get("status") == "finished" else None, 0)
+             if s is not None)
+  if new_steps is not None and new_steps < done:
+    raise ConfigError(f"--workdir={workdir} already holds {done} steps but {steps_field}={new_steps}: ask for at "
+                      f"least {done} to continue it, or choose a new --workdir (nothing was changed)")
+  finished = ((record or {}).get("status") == "finished"
+              and os.path.exists(os.path.join(workdir, (record or {}).get("results") or "results.json")))
+  if finished and (new_steps is None or new_steps == old_steps):
+    if changes and not quiet:
+      print(f"note: changed since that run, with no effect on a finished one: {wd.format_changes(changes)}",
+            flush=True)
+    return "finished"
+  if changes and not quiet:
+    print(f"note: config changed since the last run on {workdir}: {wd.format_changes(changes)}", flush=True)
+  return "resume"
+
+
+def _say_finished(module, workdir: str, record: dict) -> None:
+  print(f"{workdir} holds a finished run with this config; results in "
+        f"{os.path.join(workdir, record.get('results') or 'results.json')}. Nothing to do: ask for more steps "
+        f"({getattr(module, 'STEPS_FIELD', None) or 'the step count'}) to continue it, or use a new --workdir.",
+        flush=True)
+
+
+def dispatch(config, workdir: str | None):
+  """Validates the config, guards the workdir (see the module docstring) and runs the method."""
+  import jax
+
+  from lmx.core.results import jsonable
+
+  module = method_module(config)
+  if hasattr(module, "validate"):
+    module.validate(config)
+  workdir = workdir or default_workdir(config.method)
+  if not wd.is_local(workdir) or jax.process_index() != 0:
+    return module.run(config, check_workdir(workdir))
+  new = jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  existed = os.path.isdir(workdir)
+  if existed:  # read-only first: a finished run, or a refused change, leaves every file as it was
+    record = wd.read_record(workdir)
+    if plan_resume(module, wd.saved_config(workdir), new, record, workdir, quiet=True) == "finished":
+      plan_resume(module, wd.saved_config(workdir), new, record, workdir)  # prints what changed, if anything
+      return _say_finished(module, workdir, record)
+  check_workdir(workdir)
+  with wd.WorkdirLock(workdir) as lock:
+    record_path = os.path.join(workdir, wd.RECORD_FILE)
+    before = open(record_path, "rb").read() if os.path.exists(record_path) else None
+    record = wd.read_record(workdir)  # again, under the lock: a run that just ended may have changed it
+    if plan_resume(module, wd.saved_config(workdir), new, record, workdir) == "finished":
+      return _say_finished(module, workdir, record)
+    if lock.previous_run_died() and (record or {}).get("status") == "running":
+      print(f"note: the previous run on {workdir} (pid {lock.previous.get('pid')}) was killed; resuming from its "
+            "newest checkpoint", flush=True)
+    wd.write_record(workdir, replace=True, status="running", method=config.method, config=new, command=" ".join(sys.argv),
+                    pid=os.getpid(), started=wd.now(), results="results.json")
+    try:
+      out = module.run(config, workdir)
+    except interrupt.Interrupted as e:
+      wd.write_record(workdir, status="interrupted", stopped=str(e))
+      raise
+    except ConfigError:  # a user error, found before any training: leave the workdir as it was
+      if not existed and wd.only_bookkeeping(workdir):
+        lock.release()
+        shutil.rmtree(workdir, ignore_errors=True)
+      elif before is None:
+        os.remove(record_path)
+      else:
+        with open(record_path, "wb") as f:
+          f.write(before)
+      raise
+    except BaseException as e:
+      first = str(e).splitlines()[0] if str(e) else ""
+      wd.write_record(workdir, status="failed", error=f"{type(e).__name__}: {first}")
+      raise
+    wd.write_record(workdir, status="finished", finished=wd.now())
+  return out
 
 
 def main(config, workdir: str | None):
   if config is None:
     raise ConfigError("--config is required, e.g. --config=configs/datm.py or configs/lm.py:smoke")
   maybe_initialize_distributed()
-  dispatch(config, workdir)
+  with interrupt.handling():
+    dispatch(config, workdir)
   return 0
 
 
@@ -94,6 +216,13 @@ def run_cli(main_fn) -> int:
         traceback.print_exc()
       print(f"error: {e}", file=sys.stderr)
       return 2
+    except interrupt.Interrupted as e:
+      print(str(e), file=sys.stderr, flush=True)
+      return e.exit_code
+    except KeyboardInterrupt:
+      print("interrupted by SIGINT: stopped at once (checkpoints already written are kept); rerun the same "
+            "command to resume", file=sys.stderr, flush=True)
+      return 130
 
   try:
     app.run(wrapped, flags_parser=_parse_flags)
@@ -102,10 +231,47 @@ def run_cli(main_fn) -> int:
   return 0
 
 
+def config_spec_problem(spec: str) -> str | None:
+  """Why ``--config=<spec>`` cannot name a config file (with the likely intended spelling), or None."""
+  path, _, arg = spec.partition(":")
+  if os.path.isfile(path):
+    if arg and len([p for p in arg.split(",") if p.strip() and "=" not in p]) > 1:
+      return f"--config={spec}: give one variant after ':' (e.g. {path}:{arg.split(',')[0]})"
+    return None
+  guess = None
+  for sep in (".py.", ".py,", ".py;", ".py/"):
+    if sep in path:
+      head, tail = path.split(sep, 1)
+      guess = f"{head}.py:{tail}" + (f",{arg}" if arg else "")
+  if guess is None and os.path.isfile(path + ".py"):
+    guess = f"{path}.py" + (f":{arg}" if arg else "")
+  if guess is not None and os.path.isfile(guess.partition(":")[0]):
+    return f"--config={spec}: no such config file; did you mean --config={guess}? (a variant follows a ':')"
+  folder = os.path.dirname(path) or "."
+  found = sorted(glob.glob(os.path.join(folder, "*.py"))) or sorted(glob.glob(os.path.join("configs", "*.py")))
+  found = [f for f in found if not os.path.basename(f).startswith("_")]
+  return f"--config={spec}: no config file {path!r}" + (f"; available: {', '.join(found)}" if found else "")
+
+
+def _config_arg(argv) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _parse_flags(argv):
-  """absl's flag parsing, with a short message (not a traceback) for an unknown ``--config.x.y`` field."""
+  """absl's flag parsing, with a short message (not a traceback) for an unknown ``--config.x.y`` field or a
+  ``--config`` that names no file."""
   from absl import flags
 
+  spec = _config_arg(argv)
+  problem = config_spec_problem(spec) if spec is not None else None
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -269,7 +269,7 @@ def test_hooks_run_on_their_cadence_with_the_current_state(tmp_path):
 def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path):
   mesh = mesh_lib.make_mesh(dict(data=-1), devices=jax.devices()[:1])
   xs = np.ones((40, 1), np.float32)
-  xs[13] = np.nan  # batch 6 (batch size 2) holds a NaN
+  xs[13] = np.nan  # batch 6 (batch size 2), the 7th step, holds a NaN; steps count from 1 like checkpoints
   ds = data_lib.make_dataset(xs, global_batch=2, seed=0, shuffle=False)
   batches = data_lib.GlobalBatches(data_lib.make_iterator(ds), mesh_lib.batch_sharding(mesh, ()))
 
@@ -277,7 +277,7 @@ def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path):
     return jnp.mean((batch * params["w"] - 1.0) ** 2), {}
 
   tx = optax.sgd(0.1)
-  with pytest.raises(loop.NonFiniteLossError, match=r"NaN/Inf at step 6 .*last good checkpoint \(step 6\)"):
+  with pytest.raises(loop.NonFiniteLossError, match=r"NaN/Inf at step 7 .*last good checkpoint \(step 6\)"):
     loop.train(step_fn=loop.optax_step(loss_fn, tx), init_fn=lambda k: loop.optax_state({"w": jnp.zeros(1)}, tx),
                data=batches, mesh=mesh, workdir=str(tmp_path), total_steps=20, seed=0, log_every=1, ckpt_every=2,
                async_checkpointing=False)

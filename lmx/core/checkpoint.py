@@ -1,14 +1,18 @@
 """Orbax checkpoints: state + Grain iterator state + config, saved together, async, keep-N.
 
 ``Checkpointer.restore`` restores the newest checkpoint that reads back cleanly onto the shardings of the given
-abstract state (so a different mesh works). A partial or corrupt newest checkpoint is reported, moved aside to
-``<dir>_corrupt/`` (never deleted) and the previous good one is used. A complete checkpoint whose state has a
-different layout (other keys or shapes: written by another version of the code or another config) is not
-corruption: restoring stops with :class:`CheckpointMismatchError`, naming the differences, and touches nothing.
+abstract state (so a different mesh works). A partial or corrupt newest checkpoint is reported in one warning
+line, moved aside to ``<dir>_corrupt/`` (never deleted) and the previous good one is used; files a crash leaves
+missing are found before Orbax reads anything. When checkpoints existed but none can be restored, restoring stops
+with :class:`NoRestorableCheckpointError` unless the caller allows a fresh start. A complete checkpoint whose
+state has a different layout (other keys or shapes: written by another version of the code or another config) is
+not corruption: restoring stops with :class:`CheckpointMismatchError`, naming the differences, and touches
+nothing. The checkpoint directory is checked when the :class:`Checkpointer` opens (a file in its place, or no
+write permission, is reported at once rather than when the first save times out).
 """
 from __future__ import annotations
 
-import logging
+import json
 import os
 import shutil
 import time
@@ -20,11 +24,80 @@ import orbax.checkpoint as ocp
 
 from lmx.core.config import ConfigError
 
-log = logging.getLogger("lmx.checkpoint")
-
 
 class CheckpointMismatchError(ConfigError):
   """The workdir holds a readable checkpoint of a differently shaped state (other code version or config)."""
+
+
+class NoRestorableCheckpointError(ConfigError):
+  """Checkpoints were written but none reads back; starting over needs the user's consent."""
+
+
+def check_directory(directory: str) -> str:
+  """Creates ``directory`` if needed and checks that it is a writable directory; raises ConfigError otherwise."""
+  if "://" in directory:  # object stores: checked by Orbax on first write
+    return directory
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ConfigError(f"{directory} exists and is not a directory: move it out of the way (checkpoints are "
+                      "written there)")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"{directory} is not writable ({e.strerror}): fix its permissions or choose another "
+                      "--workdir") from None
+  return directory
+
+
+def _reason(err: Exception) -> str:
+  """``Type: first line`` of an error, without TensorStore's spec dump (the part a reader does not need)."""
+  lines = str(err).strip().splitlines()
+  first = lines[0] if lines else ""
+  first = first.split(" [tensorstore_spec=")[0].split(" [source locations=")[0]
+  return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def incomplete_reason(step_dir: str) -> str | None:
+  """Why ``step_dir`` is not a complete checkpoint (a file a crash leaves missing), or None when it looks whole.
+
+  Reads only small metadata files and the OCDBT key listing, so a broken checkpoint is recognised without an
+  Orbax restore (whose failed reads leave asynchronous callbacks printing tracebacks after the fact).
+  """
+  if "://" in step_dir:
+    return None
+  state = os.path.join(step_dir, "state")
+  for need in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+    if not os.path.isfile(os.path.join(step_dir, need)):
+      return f"{need} is missing"
+  try:
+    with open(os.path.join(state, "_METADATA")) as f:
+      meta = json.load(f)
+    names = [".".join(str(k["key"]) for k in v["key_metadata"]) for v in meta["tree_metadata"].values()
+             if v.get("value_metadata", {}).get("value_type") in ("jax.Array", "np.ndarray")
+             and not v.get("value_metadata", {}).get("skip_deserialize", False)]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"state/_METADATA is unreadable ({_reason(e)})"
+  if not meta.get("use_ocdbt", True):
+    return None
+  if not os.path.isfile(os.path.join(state, "manifest.ocdbt")):
+    return "state/manifest.ocdbt is missing"
+  for sub in sorted(os.listdir(state)):
+    if sub.startswith("ocdbt.process_") and not os.path.isfile(os.path.join(state, sub, "manifest.ocdbt")):
+      return f"state/{sub}/manifest.ocdbt is missing"
+  try:
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(state)}/"}).result()
+    keys = {k.decode() for k in kv.list().result()}
+  except Exception as e:  # noqa: BLE001 - any failure to list means the database is unreadable
+    return f"state's OCDBT database is unreadable ({_reason(e)})"
+  missing = [n for n in names if f"{n}/.zarray" not in keys and f"{n}/zarr.json" not in keys]
+  if missing:
+    return f"{len(missing)} of {len(names)} arrays are missing from state (first: {missing[0]})"
+  return None
 
 
 def abstract_like(tree, shardings=None):
@@ -42,7 +115,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    check_directory(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
         create=True)
@@ -70,32 +144,55 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def restore(self, abstract_state: Any, *, data_iter=None, step: int | None = None):
+  def quarantined(self) -> list[str]:
+    """Checkpoints moved aside as unreadable (``<dir>_corrupt/<step>-<time>``)."""
+    root = self.directory.rstrip("/") + "_corrupt"
+    return sorted(os.listdir(root)) if "://" not in root and os.path.isdir(root) else []
+
+  def restore(self, abstract_state: Any, *, data_iter=None, step: int | None = None,
+              allow_fresh_start: bool = False):
     """Restores ``(step, state)`` (and the iterator in place), or returns ``None`` when there is none.
 
     ``abstract_state``: a pytree of ``jax.ShapeDtypeStruct`` with shardings (see :func:`abstract_like`), or of
-    arrays whose shardings are reused. Tries the newest step first; one that fails to read is moved aside.
+    arrays whose shardings are reused. Tries the newest step first; one that fails to read is moved aside. When
+    none reads back (now, or in an earlier run that moved them all aside) this raises
+    :class:`NoRestorableCheckpointError`, unless ``allow_fresh_start`` (then it warns and returns ``None``).
     """
     import grain
 
     target = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
             np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
-    steps = [step] if step is not None else self.all_steps()[::-1]
-    if steps:
-      self._check_layout(steps[0], target)
+    saved = self.all_steps()
+    if step is not None and step not in saved:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; saved steps: {saved}")
+    steps = [step] if step is not None else saved[::-1]
     for s in steps:
-      items = {"state": ocp.args.StandardRestore(target)}
-      if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-      try:
-        out = self._mngr.restore(s, args=ocp.args.Composite(**items))
-        _check_finite_structure(out["state"], target)
-        return s, out["state"]
-      except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
-        if step is not None:
-          raise
-        self._quarantine(s, e)
+      reason = incomplete_reason(os.path.join(self.directory, str(s)))
+      if reason is None:
+        self._check_layout(s, target)
+        items = {"state": ocp.args.StandardRestore(target)}
+        if data_iter is not None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+          out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+          _check_finite_structure(out["state"], target)
+          return s, out["state"]
+        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+          if step is not None:
+            raise
+          reason = _reason(e)
+      elif step is not None:
+        raise ConfigError(f"checkpoint at step {step} in {self.directory} is incomplete ({reason})")
+      self._quarantine(s, reason)
+    if steps or self.quarantined():
+      where = f"{self.directory.rstrip('/')}_corrupt/"
+      msg = (f"no checkpoint in {self.directory} can be restored (the unreadable ones are kept in {where})")
+      if not allow_fresh_start:
+        raise NoRestorableCheckpointError(
+            f"{msg}: rerun with --allow_fresh_start to start this run again from step 0 in the same workdir, or "
+            "use a new --workdir")
+      _warn(f"{msg}; starting from step 0 (--allow_fresh_start)")
     return None
 
   def restore_subset(self, target: Any, *, step: int | None = None):
@@ -149,20 +246,18 @@ class Checkpointer:
         f"({'; '.join(parts)}): it was written by another version of lmx or another config. Resume it with the "
         f"code and config that wrote it, or start afresh in a new --workdir (the checkpoint was left untouched)")
 
-  def _quarantine(self, step: int, err: Exception) -> None:
+  def _quarantine(self, step: int, reason: str) -> None:
     src = os.path.join(self.directory, str(step))
     dst_root = self.directory.rstrip("/") + "_corrupt"
-    msg = (f"checkpoint at step {step} in {self.directory} could not be restored "
-           f"({type(err).__name__}: {str(err)[:300]}); ")
+    msg = f"checkpoint at step {step} in {self.directory} could not be restored ({reason}); "
     if jax.process_index() == 0 and os.path.isdir(src):
       os.makedirs(dst_root, exist_ok=True)
       dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
       shutil.move(src, dst)
-      msg += f"moved it to {dst} (kept, not deleted) and falling back to the previous checkpoint"
+      msg += f"moved it to {dst} (kept, not deleted)"
     else:
-      msg += "falling back to the previous checkpoint"
-    log.warning(msg)
-    print(f"WARNING: {msg}", flush=True)
+      msg += "skipping it"
+    _warn(msg)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -191,6 +286,14 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _warn(msg: str) -> None:
+  """One warning line on process 0, in full."""
+  if jax.process_index() == 0:
+    import sys
+
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
 
 def _check_finite_structure(restored, target) -> None:

@@ -39,10 +39,12 @@ def parse_arg(arg: str | None, *, variant: str = "", variants: Iterable[str] | N
   ``variants``, when given, lists the valid variant names ("" is the default variant).
   """
   out = dict(variant=variant, **defaults)
-  for part in filter(None, (arg or "").split(",")):
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  named = [p for p in parts if "=" not in p] + [p for p in parts if p.split("=")[0].strip() == "variant"]
+  if len(named) > 1:
+    raise ConfigError(f"config arg {arg!r}: give the variant once")
+  for part in parts:
     if "=" not in part:
-      if "variant" in [p.split("=")[0] for p in (arg or "").split(",") if "=" in p]:
-        raise ConfigError(f"config arg {arg!r}: give the variant once")
       out["variant"] = part.strip()
       continue
     key, value = (s.strip() for s in part.split("=", 1))

@@ -18,6 +18,11 @@ The loop owns ``state["step"]`` and ``state["guard"]`` (non-finite bookkeeping).
 metrics (default ``loss``, ``grad_norm``) are NaN/Inf leaves the method's parts unchanged; ``nan_patience``
 consecutive such steps stop the run with :class:`NonFiniteLossError`, keeping the last good checkpoint.
 
+Stopping: Ctrl-C or SIGTERM (:mod:`lmx.core.interrupt`) ends the run after the current step with a checkpoint at
+it and :class:`lmx.core.interrupt.Interrupted`. A checkpoint past ``total_steps`` is refused (a shorter rerun
+must not overwrite a longer run's outputs). When checkpoints exist but none reads back, the run stops unless
+``allow_fresh_start`` (or ``LMX_ALLOW_FRESH_START=1``, what ``launch/run.py --allow_fresh_start`` sets).
+
 Determinism: the step's rng is ``fold_in(rng_stream(seed, "step"), step)`` and the data position is saved with
 every checkpoint, so a resumed run is bitwise equal to an uninterrupted one on CPU.
 """
@@ -36,6 +41,8 @@ import optax
 from jax.sharding import NamedSharding
 
 from lmx.core import checkpoint as ckpt_lib
+from lmx.core import interrupt
+from lmx.core.config import ConfigError
 from lmx.core.mesh import replicated
 from lmx.core.metrics import Writer, progress
 from lmx.core.rng import rng_stream
@@ -189,12 +196,14 @@ class Loop:
                ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
                finite_keys: Sequence[str] = ("loss", "grad_norm"), desc: str = "train", items_per_step: int = 0,
                item_name: str = "tokens", log_prefix: str = "train/", log_console: bool = True,
-               postfix: Sequence[str] = ("loss",)):
+               postfix: Sequence[str] = ("loss",), allow_fresh_start: bool | None = None):
     self.mesh, self.workdir, self.total_steps, self.seed = mesh, workdir, int(total_steps), int(seed)
     self.init_fn, self.data, self.hooks, self.config = init_fn, data, tuple(hooks), config
     self.log_every, self.ckpt_every, self.nan_patience = int(log_every), int(ckpt_every), int(nan_patience)
     self.desc, self.items_per_step, self.item_name, self.postfix = desc, items_per_step, item_name, tuple(postfix)
     self.writer, self.log_prefix, self.log_console = writer, log_prefix, log_console
+    self.allow_fresh_start = (os.environ.get("LMX_ALLOW_FRESH_START", "") not in ("", "0")
+                              if allow_fresh_start is None else bool(allow_fresh_start))
     rep = replicated(mesh)
     with jax.set_mesh(mesh):
       abstract = jax.eval_shape(init_fn, rng_stream(self.seed, "init"))
@@ -251,7 +260,12 @@ class Loop:
       if self._ckpt is None:
         self._ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), **self._ckpt_args)
       restored = self._ckpt.restore(ckpt_lib.abstract_like(abstract, self.state_shardings),
-                                    data_iter=_checkpointable(self.data))
+                                    data_iter=_checkpointable(self.data), allow_fresh_start=self.allow_fresh_start)
+    if restored is not None and restored[0] > self.total_steps:
+      raise ConfigError(
+          f"the newest checkpoint in {self._ckpt.directory} is at step {restored[0]}, past this run's "
+          f"{self.total_steps} steps: ask for at least {restored[0]} steps to continue it, or use a new --workdir "
+          "(nothing was changed)")
     return restored if restored is not None else (0, self.fresh_state())
 
   def run(self) -> TrainResult:
@@ -259,6 +273,19 @@ class Loop:
     writer = self.writer or Writer(self.workdir, total_steps=self.total_steps)
     total, ckpt_data = self.total_steps, _checkpointable(self.data)
     res = TrainResult(None, {}, {}, float("nan"), 0.0, None, None)
+    try:
+      with interrupt.handling():
+        interrupt.check(f"before {self.desc}")
+        self._run(res, writer, total, ckpt_data)
+    finally:
+      if self._ckpt is not None:
+        self._ckpt.close()
+        self._ckpt = None
+      if own_writer:
+        writer.close()
+    return res
+
+  def _run(self, res: TrainResult, writer, total: int, ckpt_data) -> None:
     pbar = None
     try:
       start, state = self.restore_or_init()
@@ -307,17 +334,28 @@ class Loop:
           t_window += time.time() - t_hooks  # steps/s counts training only
           if ckpt_now:
             self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config)
+          if interrupt.requested() is not None and step < total:
+            self._stop(step, state, ckpt_data, saved=ckpt_now)
       res.state = state
       res.steps_per_sec = steps_run / t_run if t_run else float("nan")
     finally:
       if pbar is not None:
         pbar.close()
-      if self._ckpt is not None:
-        self._ckpt.close()
-        self._ckpt = None
-      if own_writer:
-        writer.close()
-    return res
+
+  def _stop(self, step: int, state, ckpt_data, *, saved: bool) -> None:
+    """A signal arrived: checkpoint this step (unless checkpoints are off), wait for the saves, raise."""
+    signum = interrupt.requested()
+    name = interrupt.signal_name(signum)
+    where = f"at step {step}/{self.total_steps} of {self.desc}"
+    if self.ckpt_every <= 0:
+      raise interrupt.Interrupted(signum, f"interrupted by {name} {where} (this stage keeps no checkpoints and "
+                                          "starts again on resume); rerun the same command to resume")
+    self._check_finite(state)
+    if not saved:
+      self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config, force=True)
+    self._ckpt.wait()
+    raise interrupt.Interrupted(signum, f"interrupted by {name} {where}; checkpoint saved at step {step} in "
+                                        f"{self._ckpt.directory}; rerun the same command to resume")
 
   def _check_finite(self, state) -> None:
     g = jax.tree.map(lambda x: int(host(x)), state["guard"])
@@ -328,7 +366,8 @@ class Loop:
              if last_good is not None else "no checkpoint had been written yet")
     runs = f"{g['max_run']} consecutive" if self.nan_patience > 1 else f"{g['bad']}"
     raise NonFiniteLossError(
-        f"loss or gradient became NaN/Inf at step {g['first']} ({runs} bad step(s); their updates were skipped); "
+        f"loss or gradient became NaN/Inf at step {g['first'] + 1} ({runs} bad step(s); their updates were "
+        "skipped); "
         f"training stopped and {where}. Lower the learning rate, check the data, or tighten gradient clipping, "
         "then rerun to resume.")
 

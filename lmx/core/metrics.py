@@ -65,7 +65,8 @@ class Writer:
     self._jsonl.write(json.dumps(rec) + "\n")
     if self._tb is not None:
       for k, v in vals.items():
-        self._tb.add_scalar(k, v, int(step))
+        if math.isfinite(v):  # NaN/Inf stay in metrics.jsonl; TensorBoard would only warn about them
+          self._tb.add_scalar(k, v, int(step))
     return vals
 
   def summary(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import optax
 
-from lmx.core.config import check_choice, check_keys
+from lmx.core.config import check_choice, check_keys, require
 
 
 OPTIM_FIELDS = ("name", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm",
@@ -11,6 +11,25 @@ OPTIM_FIELDS = ("name", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
 
 
 SCHEDULES = ("cosine", "constant")
+
+
+def validate(cfg, prefix: str = "optim") -> None:
+  """Range checks of an optimiser config (ConfigError naming the field)."""
+  check_keys(cfg, prefix, OPTIM_FIELDS)
+  check_choice(cfg.name, f"{prefix}.name", ("adamw", "adam", "sgd"))
+  check_choice(cfg.get("schedule", "cosine"), f"{prefix}.schedule", SCHEDULES)
+  require(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr!r}")
+  require(cfg.get("warmup_steps", 0) >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {cfg.get('warmup_steps')!r}")
+  require(0 <= cfg.get("min_lr_ratio", 0.0) <= 1, f"{prefix}.min_lr_ratio",
+          f"must be in [0, 1], got {cfg.get('min_lr_ratio')!r}")
+  for f in ("b1", "b2", "momentum"):
+    if f in cfg:
+      require(0 <= cfg[f] < 1, f"{prefix}.{f}", f"must be in [0, 1), got {cfg[f]!r}")
+  for f in ("weight_decay", "clip_norm"):
+    if f in cfg:
+      require(cfg[f] >= 0, f"{prefix}.{f}", f"must be >= 0, got {cfg[f]!r}")
+  if "eps" in cfg:
+    require(cfg.eps > 0, f"{prefix}.eps", f"must be > 0, got {cfg.eps!r}")
 
 
 def make_schedule(cfg, total_steps: int):
@@ -27,9 +46,8 @@ def make_schedule(cfg, total_steps: int):
 
 def make_optimizer(cfg, total_steps: int):
   """AdamW, Adam (AdamW without weight decay) or SGD (with optional momentum) on :func:`make_schedule`, after
-  global-norm clipping to ``clip_norm`` (0: off). Unknown fields or names raise ConfigError."""
-  check_keys(cfg, "optim", OPTIM_FIELDS)
-  check_choice(cfg.name, "optim.name", ("adamw", "adam", "sgd"))
+  global-norm clipping to ``clip_norm`` (0: off). Unknown fields, names or out-of-range values raise ConfigError."""
+  validate(cfg)
   sched = make_schedule(cfg, total_steps)
   if cfg.name == "sgd":
     opt = optax.sgd(sched, momentum=cfg.get("momentum", 0.0) or None)

@@ -47,10 +47,15 @@ CORPORA = {
 }
 
 
-def load_corpus(name: str) -> str:
-  """The text of corpus ``name`` (a key of :data:`CORPORA`); an unknown name raises ConfigError."""
+def check_corpus(name: str) -> None:
+  """Raises ConfigError unless ``name`` is a key of :data:`CORPORA`."""
   if name not in CORPORA:
     raise ConfigError(f"data.corpus={name!r} is unknown; valid corpora: {sorted(CORPORA)}")
+
+
+def load_corpus(name: str) -> str:
+  """The text of corpus ``name`` (a key of :data:`CORPORA`); an unknown name raises ConfigError."""
+  check_corpus(name)
   return CORPORA[name]()
 
 

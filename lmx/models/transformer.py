@@ -33,6 +33,9 @@ from lmx.kernels import attention as attention_lib
 from lmx.models import moe as moe_lib
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Static hyperparameters of the decoder. Build from a ConfigDict with :meth:`from_config`."""
@@ -122,6 +125,12 @@ class TransformerConfig:
     return c
 
   def validate(self, prefix: str = "model") -> None:
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+        raise ConfigError(f"{prefix}.{f} must be a positive integer, got {getattr(self, f)!r}")
+    for f in ("dtype", "param_dtype"):
+      if getattr(self, f) not in DTYPES:
+        raise ConfigError(f"{prefix}.{f}={getattr(self, f)!r} is not a known dtype; choose one of {list(DTYPES)}")
     if not self.d_head and self.d_model % self.n_heads:
       raise ConfigError(f"{prefix}.d_model={self.d_model} is not divisible by {prefix}.n_heads={self.n_heads}")
     if self.n_heads % self.kv_heads:

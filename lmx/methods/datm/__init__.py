@@ -1,4 +1,11 @@
 """DATM / MTT dataset distillation by (difficulty-aligned) trajectory matching."""
 from lmx.methods.datm.run import run
+from lmx.methods.datm.validate import validate
 
-__all__ = ["run"]
+STEPS_FIELD = "distill.iterations"
+# Fields a resume may change (the launcher refuses any other change): cadences, the NaN patience, how the
+# evaluation is run (it happens after the distillation, from scratch), and numerics-neutral implementation choices.
+SAFE_TO_CHANGE = ("distill.log_every", "distill.ckpt_every", "distill.max_nonfinite", "eval.*", "experts.parallel",
+                  "experts.vmap", "model.conv_impl")
+
+__all__ = ["run", "validate", "STEPS_FIELD", "SAFE_TO_CHANGE"]

@@ -1,0 +1,186 @@
+"""One run per workdir, and a record of what the workdir holds.
+
+``<workdir>/.lock``   an exclusive ``flock`` held for the run's life. The kernel releases it on any exit (kill -9
+                      included), so a lock left by a killed process is never in the way; the pid written into the
+                      file names the run that holds it, or the run that died holding it.
+``<workdir>/run.json`` the run's record: status (running / finished / interrupted / failed), the config, the
+                      command, pid and times. A rerun compares its config with the recorded one before any work.
+
+Object-store workdirs (``gs://...``) have neither: they are checked by the writers themselves.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from typing import Any, Iterable, Mapping
+
+from lmx.core.config import ConfigError
+
+LOCK_FILE, RECORD_FILE = ".lock", "run.json"
+
+
+class WorkdirBusyError(ConfigError):
+  """Another live process holds the workdir's lock."""
+
+
+def is_local(workdir: str) -> bool:
+  return "://" not in workdir
+
+
+def now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """``with WorkdirLock(workdir):`` holds the workdir's exclusive lock or raises :class:`WorkdirBusyError`.
+
+  ``previous`` is what the lock file said before this run took it (a dict, or None): a pid that is not alive
+  there means the last run on this workdir was killed.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.fd = None
+    self.previous = None
+
+  def acquire(self) -> "WorkdirLock":
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise
+      holder = _read_json(self.path) or {}
+      who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: "
+             f"{holder.get('command')}" if holder else "another process")
+      raise WorkdirBusyError(f"--workdir={os.path.dirname(self.path)} is in use by a run that is still going "
+                             f"({who}); wait for it, stop it, or choose another --workdir") from None
+    self.previous = _read_json(self.path)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    self.fd = fd
+    return self
+
+  def previous_run_died(self) -> bool:
+    """The lock file names a process that is gone: the previous run was killed without cleaning up."""
+    pid = (self.previous or {}).get("pid")
+    return isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid)
+
+  def release(self) -> None:
+    if self.fd is not None:
+      os.ftruncate(self.fd, 0)  # empty = nobody holds it (the file stays: deleting it would race a waiter)
+      fcntl.flock(self.fd, fcntl.LOCK_UN)
+      os.close(self.fd)
+      self.fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      out = json.load(f)
+    return out if isinstance(out, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def read_record(workdir: str) -> dict | None:
+  """``run.json`` as a dict, or None when there is none (or it cannot be read)."""
+  return _read_json(os.path.join(workdir, RECORD_FILE)) if is_local(workdir) else None
+
+
+def write_record(workdir: str, *, replace: bool = False, **fields: Any) -> dict:
+  """Updates (or with ``replace`` rewrites) ``run.json`` atomically with ``fields``; returns the new record."""
+  from lmx.core.results import jsonable
+
+  rec = {**({} if replace else read_record(workdir) or {}), **jsonable(fields), "updated": now()}
+  path = os.path.join(workdir, RECORD_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(rec, f, indent=1, allow_nan=False)
+  os.replace(tmp, path)
+  return rec
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"train.steps": 100, ...}`` of a nested dict (a ConfigDict's ``to_dict()``), lists as JSON values."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = json.loads(json.dumps(v, default=str))
+  return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """``[(field, old value, new value)]`` for every field that differs (``<absent>`` for a missing one)."""
+  a, b = flatten(old), flatten(new)
+  missing = "<absent>"
+  return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) !=
+          b.get(k, missing)]
+
+
+def matches(field: str, patterns: Iterable[str]) -> bool:
+  """``field`` is one of ``patterns`` or inside one ending in ``.*`` (``eval.*`` matches ``eval.num``)."""
+  return any(field == p or (p.endswith(".*") and field.startswith(p[:-1])) for p in patterns)
+
+
+def format_changes(changes: Iterable[tuple[str, Any, Any]], limit: int = 8) -> str:
+  changes = list(changes)
+  parts = [f"{k}: {a!r} → {b!r}" for k, a, b in changes[:limit]]
+  if len(changes) > limit:
+    parts.append(f"... {len(changes) - limit} more")
+  return "; ".join(parts)
+
+
+def newest_checkpoint_step(workdir: str) -> int | None:
+  """The highest finished step directory under ``<workdir>/checkpoints`` (no Orbax needed), or None."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return None
+  steps = [int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d))]
+  return max(steps) if steps else None
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config recorded with the run: ``run.json``, else the newest checkpoint's config item."""
+  rec = read_record(workdir)
+  if rec and isinstance(rec.get("config"), dict):
+    return rec["config"]
+  step = newest_checkpoint_step(workdir) if is_local(workdir) else None
+  if step is None:
+    return None
+  return _read_json(os.path.join(workdir, "checkpoints", str(step), "config", "metadata"))
+
+
+def only_bookkeeping(workdir: str) -> bool:
+  """The workdir holds nothing but this module's files (and empty folders): nothing a user would miss."""
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      if root != workdir or (f not in (LOCK_FILE, RECORD_FILE) and not f.startswith(RECORD_FILE + ".tmp")):
+        return False
+  return True
