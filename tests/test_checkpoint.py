@@ -175,3 +175,52 @@ def test_restore_subset_reads_only_the_named_subtree(tmp_path, orbax_reads):
   with ckpt_lib.Checkpointer(str(tmp_path / "empty")) as ck:
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
       ck.restore_subset(target)
+
+
+def test_incomplete_reason_passes_whole_checkpoints_and_names_what_is_missing(tmp_path):
+  import optax
+
+  d = str(tmp_path / "ck")
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))  # has None / empty leaves
+  state = {"params": params, "opt": tx.init(params), "step": jnp.int32(3), "host": np.arange(5)}
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    for s in (1, 2, 3, 4):
+      ck.save(s, state)
+  assert all(ckpt_lib.incomplete_reason(os.path.join(d, str(s))) is None for s in (1, 2, 3, 4))
+  os.remove(os.path.join(d, "1", "state", "manifest.ocdbt"))
+  assert ckpt_lib.incomplete_reason(os.path.join(d, "1")) == "state/manifest.ocdbt is missing"
+  os.remove(os.path.join(d, "2", "state", "_METADATA"))
+  assert ckpt_lib.incomplete_reason(os.path.join(d, "2")) == "state/_METADATA is missing"
+  os.remove(os.path.join(d, "3", "_CHECKPOINT_METADATA"))
+  assert ckpt_lib.incomplete_reason(os.path.join(d, "3")) == "_CHECKPOINT_METADATA is missing"
+  assert _corrupt_arrays(os.path.join(d, "4")) > 0
+  assert "unreadable" in ckpt_lib.incomplete_reason(os.path.join(d, "4"))
+
+
+def test_no_restorable_checkpoint_needs_consent_to_start_over(tmp_path, capsys):
+  d = str(tmp_path / "ck")
+  target = {"x": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    for s in (1, 2):
+      ck.save(s, {"x": jnp.ones(2) * s})
+  for s in (1, 2):
+    os.remove(os.path.join(d, str(s), "state", "manifest.ocdbt"))
+  with ckpt_lib.Checkpointer(d) as ck:
+    with pytest.raises(ckpt_lib.NoRestorableCheckpointError, match="--allow_fresh_start"):
+      ck.restore(target)
+  err = capsys.readouterr().err
+  assert err.count("WARNING") == 2 and "step 2" in err and "step 1" in err
+  assert len(os.listdir(d + "_corrupt")) == 2 and not os.listdir(d)
+  with ckpt_lib.Checkpointer(d) as ck:  # a later run: nothing left to restore, but the earlier ones existed
+    with pytest.raises(ckpt_lib.NoRestorableCheckpointError):
+      ck.restore(target)
+    assert ck.restore(target, allow_fresh_start=True) is None
+  assert "starting from step 0" in capsys.readouterr().err
+
+
+def test_a_file_where_the_checkpoint_directory_goes_is_an_error(tmp_path):
+  (tmp_path / "ck").write_text("x")
+  with pytest.raises(ckpt_lib.ConfigError, match="not a directory"):
+    ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  assert (tmp_path / "ck").read_text() == "x"

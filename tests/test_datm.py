@@ -1,13 +1,23 @@
-"""DATM core: exact meta-gradient, matching loss, schedules, guards, label init, determinism."""
+"""DATM core: exact meta-gradient, matching loss, schedules, guards, label init, determinism; expert buffers on
+disk (atomic save, corrupt and mismatched buffers); the per-class table of the early config check."""
 import dataclasses
+import importlib
+import json
+import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import datm as datm_config
+from lmx.core.config import ConfigError
+from lmx.datasets import images
 from lmx.methods.datm import distill as D
+from lmx.methods.datm import experts as E
 from lmx.models import convnet
+from lmx.models.registry import build_model
 
 SHAPE, C, N_IMG = (8, 8, 1), 3, 6
 
@@ -238,3 +248,209 @@ def test_conv_impls_give_the_same_network_and_auto_resolves_per_use():
     assert convnet.resolve_conv_impl("auto") == "mixed"
     assert convnet.resolve_conv_impl("auto", second_order=True) == "im2col"
   assert convnet.resolve_conv_impl("xla", second_order=True) == "xla"
+
+
+# ------------------------------------------------------------------------------------------ expert buffers on disk
+
+R = importlib.import_module("lmx.methods.datm.run")  # the package attributes `run`, `validate` are functions
+V = importlib.import_module("lmx.methods.datm.validate")
+DATA = types.SimpleNamespace(image_shape=(8, 8, 1), num_classes=10)  # what get_experts reads of the dataset
+
+
+def _smoke():
+  return datm_config.get_config("smoke")  # digits 8×8, ConvNet-2 width 8; the window needs 4 expert epochs
+
+
+def _buffer(c, experts: int = 1, fill: float = 0.0) -> E.ExpertBuffer:
+  """A buffer of ``experts`` × (experts.epochs + 1) snapshots with the smoke model's real parameter shapes."""
+  model = build_model(c.model, image_shape=DATA.image_shape, num_classes=DATA.num_classes)
+  like = jax.eval_shape(model.init, jax.random.key(0))
+  params = jax.tree.map(lambda s: np.full((experts, c.experts.epochs + 1) + s.shape, fill, np.float32), like)
+  meta = {**E.expected_meta(c, DATA.image_shape, DATA.num_classes), "num_experts": experts, "epochs": c.experts.epochs,
+          "final_test_acc": [0.5] * experts, "train_seconds": 0.0}
+  return E.ExpertBuffer(params, meta)
+
+
+class _Writer:
+  def summary(self, step, values, prefix=""):
+    del step, values, prefix
+
+
+def _fake_training(monkeypatch, c):
+  """experts.train_experts replaced by a call counter returning a recognisable buffer (fill 7)."""
+  calls = []
+
+  def train(seed, data, config, *, writer=None):
+    del seed, data, writer
+    calls.append(1)
+    return _buffer(config, fill=7.0)
+  monkeypatch.setattr(E, "train_experts", train)
+  return calls
+
+
+def _files(directory) -> dict[str, bytes]:
+  return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory))}
+
+
+def test_save_buffer_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+  c = _smoke()
+  d = str(tmp_path / "experts")
+  E.save_buffer(d, _buffer(c))
+  E.save_buffer(d, _buffer(c, fill=1.0))  # overwriting a pair
+  assert sorted(os.listdir(d)) == [E.BUFFER_FILE, E.META_FILE]
+  buf = E.load_buffer(d, E.expected_meta(c, DATA.image_shape, DATA.num_classes), min_epochs=4)
+  assert float(buf.snapshot(0, 5)["fc"]["bias"][0]) == 1.0
+  # a crash between the two renames: a new buffer.npz, no meta.json -- not a buffer, and no temp file left
+  real_replace = os.replace
+
+  def crash_on_meta(src, dst):
+    if dst.endswith(E.META_FILE):
+      raise OSError("disk full")
+    return real_replace(src, dst)
+  monkeypatch.setattr(os, "replace", crash_on_meta)
+  with pytest.raises(OSError, match="disk full"):
+    E.save_buffer(d, _buffer(c, fill=2.0))
+  assert not E.buffer_exists(d) and sorted(os.listdir(d)) == [E.BUFFER_FILE]
+  monkeypatch.setattr(os, "replace", real_replace)
+  # a crash while writing the archive: the old pair is untouched and no temp file is left
+  E.save_buffer(d, _buffer(c, fill=3.0))
+  before = _files(d)
+  monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+  with pytest.raises(OSError, match="killed"):
+    E.save_buffer(d, _buffer(c, fill=4.0))
+  assert _files(d) == before
+
+
+def _truncate(path):
+  with open(path, "rb") as f:
+    raw = f.read()
+  with open(path, "wb") as f:
+    f.write(raw[:len(raw) // 2])
+
+
+def _rewrite_meta(d, edit):
+  path = os.path.join(d, E.META_FILE)
+  meta = json.load(open(path))
+  with open(path, "w") as f:
+    json.dump(edit(meta), f)
+
+
+CORRUPTIONS = {  # name -> (file that breaks, how)
+    "truncated_npz": (E.BUFFER_FILE, lambda d: _truncate(os.path.join(d, E.BUFFER_FILE))),
+    "garbage_npz": (E.BUFFER_FILE, lambda d: open(os.path.join(d, E.BUFFER_FILE), "wb").write(b"\x00junk" * 50)),
+    "empty_npz": (E.BUFFER_FILE, lambda d: open(os.path.join(d, E.BUFFER_FILE), "wb").close()),
+    "npy_not_npz": (E.BUFFER_FILE, lambda d: np.save(open(os.path.join(d, E.BUFFER_FILE), "wb"), np.zeros(3))),
+    "truncated_meta": (E.META_FILE, lambda d: _truncate(os.path.join(d, E.META_FILE))),
+    "binary_meta": (E.META_FILE, lambda d: open(os.path.join(d, E.META_FILE), "wb").write(b"\xff\xfe\x80")),
+    "meta_list": (E.META_FILE, lambda d: open(os.path.join(d, E.META_FILE), "w").write("[1, 2]")),
+    "meta_lacks_width": (E.META_FILE, lambda d: _rewrite_meta(d, lambda m: {k: v for k, v in m.items()
+                                                                              if k != "width"})),
+    "meta_other_epochs": (E.BUFFER_FILE, lambda d: _rewrite_meta(d, lambda m: dict(m, epochs=9))),
+    "wrong_leaf_shape": (E.BUFFER_FILE, lambda d: np.savez(os.path.join(d, E.BUFFER_FILE), **{
+        k: (v[..., :1] if k == "fc/kernel" else v) for k, v in np.load(os.path.join(d, E.BUFFER_FILE)).items()})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupt_buffer_is_a_one_line_error_naming_the_file(tmp_path, name):
+  """save_buffer, then break one file: load_buffer raises CorruptBufferError (a DataError, so the launcher
+  prints one line) naming that file, with no chained numpy/zipfile/json traceback."""
+  c = _smoke()
+  d = str(tmp_path / "buf")
+  E.save_buffer(d, _buffer(c, experts=2))
+  bad_file, corrupt = CORRUPTIONS[name]
+  corrupt(d)
+  like = jax.eval_shape(build_model(c.model, image_shape=DATA.image_shape, num_classes=DATA.num_classes).init,
+                        jax.random.key(0))
+  expect = E.expected_meta(c, DATA.image_shape, DATA.num_classes)
+  with pytest.raises(E.CorruptBufferError) as e:
+    E.load_buffer(d, expect, min_epochs=4, like=like)
+  err = e.value
+  assert isinstance(err, images.DataError) and isinstance(err, ConfigError)
+  assert err.path == os.path.join(d, bad_file) and err.path in str(err) and "\n" not in str(err)
+  assert str(err).startswith(f"experts.dir={d!r}") and "leave experts.dir empty" in str(err)
+  assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)  # no chained traceback
+
+
+def test_truncated_buffer_npz_names_the_path(tmp_path):
+  c = _smoke()
+  d = str(tmp_path / "buf")
+  E.save_buffer(d, _buffer(c))
+  _truncate(os.path.join(d, E.BUFFER_FILE))
+  with pytest.raises(E.CorruptBufferError, match="BadZipFile") as e:
+    E.load_buffer(d, E.expected_meta(c, DATA.image_shape, DATA.num_classes), min_epochs=4, source="workdir")
+  assert os.path.join(d, E.BUFFER_FILE) in str(e.value) and e.value.reason.startswith("BadZipFile: ")
+
+
+def test_get_experts_moves_a_corrupt_own_buffer_aside_and_trains_new_ones(tmp_path, monkeypatch, capsys):
+  c = _smoke()
+  wd = str(tmp_path / "w")
+  own = os.path.join(wd, "experts")
+  E.save_buffer(own, _buffer(c))
+  _truncate(os.path.join(own, E.BUFFER_FILE))
+  original = _files(own)
+  calls = _fake_training(monkeypatch, c)
+  buf = R.get_experts(c, DATA, wd, _Writer())
+  out = capsys.readouterr().out
+  warnings = [line for line in out.splitlines() if line.startswith("WARNING:")]
+  assert len(warnings) == 1 and out.count("WARNING") == 1
+  moved = os.listdir(os.path.join(wd, "experts_corrupt"))
+  assert len(moved) == 1 and moved[0].isdigit()
+  dst = os.path.join(wd, "experts_corrupt", moved[0])
+  assert warnings[0] == (f"WARNING: expert buffer {own} could not be read (BadZipFile: File is not a zip file); "
+                         f"moved it to {dst} and training new experts")
+  assert _files(dst) == original  # kept byte for byte
+  assert calls == [1] and float(buf.snapshot(0, 5)["fc"]["bias"][0]) == 7.0
+  again = E.load_buffer(own, E.expected_meta(c, DATA.image_shape, DATA.num_classes), min_epochs=4, source="workdir")
+  assert float(again.snapshot(0, 5)["fc"]["bias"][0]) == 7.0  # the new buffer is in place and readable
+  # a second corrupt buffer in the same second is kept next to the first
+  _truncate(os.path.join(own, E.META_FILE))
+  R.get_experts(c, DATA, wd, _Writer())
+  assert len(os.listdir(os.path.join(wd, "experts_corrupt"))) == 2 and calls == [1, 1]
+
+
+def test_get_experts_refuses_a_corrupt_user_buffer_and_leaves_it(tmp_path, monkeypatch):
+  c = _smoke()
+  user = str(tmp_path / "user_buffer")
+  E.save_buffer(user, _buffer(c))
+  _truncate(os.path.join(user, E.BUFFER_FILE))
+  original = _files(user)
+  c.experts.dir = user
+  calls = _fake_training(monkeypatch, c)
+  wd = str(tmp_path / "w")
+  with pytest.raises(images.DataError) as e:
+    R.get_experts(c, DATA, wd, _Writer())
+  msg = str(e.value)
+  assert os.path.join(user, E.BUFFER_FILE) in msg and "re-create" in msg and "leave experts.dir empty" in msg
+  assert _files(user) == original and not os.path.exists(os.path.join(wd, "experts_corrupt")) and not calls
+
+
+def test_mismatched_own_buffer_names_the_workdir_not_experts_dir(tmp_path, monkeypatch):
+  c = _smoke()
+  wd = str(tmp_path / "w")
+  own = os.path.join(wd, "experts")
+  E.save_buffer(own, _buffer(c))
+  calls = _fake_training(monkeypatch, c)
+  c.model.width = 32
+  with pytest.raises(ConfigError) as e:
+    R.get_experts(c, DATA, wd, _Writer())
+  msg = str(e.value)
+  assert msg == (f"the expert buffer in {own} was trained with model.width=8 but the config asks for 32: use a new "
+                 "--workdir for another model (or point experts.dir at a matching buffer)")
+  assert not isinstance(e.value, E.CorruptBufferError) and not calls and E.buffer_exists(own)
+  # the same buffer given as experts.dir is the user's choice: that message names experts.dir
+  c.experts.dir = own
+  with pytest.raises(ConfigError, match=r"^experts\.dir=.*model\.width=8 but the config asks for 32: point "):
+    R.get_experts(c, DATA, str(tmp_path / "w2"), _Writer())
+  # too short for the window: the workdir message says to use a new workdir
+  c.experts.dir, c.model.width = "", 8
+  c.distill.max_start_epoch = 6
+  with pytest.raises(ConfigError, match=rf"^the expert buffer in {own} has experts of 5 epochs.*new --workdir"):
+    R.get_experts(c, DATA, wd, _Writer())
+
+
+def test_train_per_class_table_matches_the_embedded_datasets():
+  """validate's per-class table is the smallest training class of the datasets as loaded (digits: class 8)."""
+  for name in ("mnist5k", "digits"):
+    assert V.TRAIN_PER_CLASS[name] == int(images.get_dataset(name).per_class_counts().min()), name
+  assert set(V.TRAIN_PER_CLASS) == set(images.DATASETS)

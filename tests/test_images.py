@@ -1,4 +1,8 @@
-"""Image datasets: embedded MNIST-5k and digits, fast failures for missing data, ZCA whitening."""
+"""Image datasets: embedded MNIST-5k and digits, fast failures for missing or corrupt data, ZCA whitening."""
+import json
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -58,3 +62,52 @@ def test_zca_on_digits_dataset():
   flat = d.x_train_NHWC.reshape(len(d.x_train_NHWC), -1)
   assert np.abs(flat.mean(0)).max() < 1e-4
   assert np.cov(flat, rowvar=False).diagonal().max() <= 1.0 + 1e-3
+
+
+def _mnist_version_dir(root) -> str:
+  """``<root>/mnist/<version>``: the directory tfds.builder reads dataset_info.json from (version from tfds)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return os.path.join(str(root), "mnist", str(tfds.builder_cls("mnist").VERSION))
+
+
+@pytest.mark.parametrize("content", [b'{"name": "mni', b"\xff\xfe\x00garbage\x80", b"", b'{"unknownField": 1}', b"{}"],
+                         ids=["truncated", "binary", "empty", "unknown_field", "no_version"])
+def test_corrupt_tfds_dataset_info_is_a_data_error_naming_the_dir(tmp_path, content):
+  """A prepared-looking tfds dir whose dataset_info.json is corrupt: one-line DataError naming the dir and the fix,
+  no protobuf/json traceback (offline: nothing is downloaded)."""
+  vdir = _mnist_version_dir(tmp_path)
+  os.makedirs(vdir)
+  with open(os.path.join(vdir, "dataset_info.json"), "wb") as f:
+    f.write(content)
+  with pytest.raises(images.DataError) as e:
+    images.get_dataset("mnist", data_dir=str(tmp_path))
+  msg = str(e.value)
+  assert vdir in msg and f"delete {vdir}" in msg and "tfds build mnist" in msg and "\n" not in msg
+  assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+@pytest.mark.parametrize("records", [None, [b"garbage0", b"garbage1", b"garbage2"]], ids=["missing_shard", "garbage"])
+def test_unreadable_tfds_records_are_a_data_error_naming_the_dir(tmp_path, records):
+  """A valid dataset_info.json (array_record, 3 train examples) whose shard is missing or holds garbage records."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  vdir = _mnist_version_dir(tmp_path)
+  builder = tfds.builder("mnist", data_dir=str(tmp_path))  # nothing prepared yet: the metadata of the code
+  os.makedirs(vdir)
+  builder.info.write_to_directory(vdir)
+  path = os.path.join(vdir, "dataset_info.json")
+  with open(path) as f:
+    info = json.load(f)
+  info.update(fileFormat="array_record", splits=[{"name": "train", "shardLengths": ["3"], "numBytes": "30"},
+                                                 {"name": "test", "shardLengths": ["2"], "numBytes": "20"}])
+  with open(path, "w") as f:
+    json.dump(info, f)
+  if records is not None:
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    w = array_record_module.ArrayRecordWriter(os.path.join(vdir, "mnist-train.array_record-00000-of-00001"),
+                                              "group_size:1")
+    for r in records:
+      w.write(r)
+    w.close()
+  with pytest.raises(images.DataError, match=re.escape(f"delete {vdir} and prepare it again")) as e:
+    images.get_dataset("mnist", data_dir=str(tmp_path))
+  assert "\n" not in str(e.value)

@@ -99,6 +99,50 @@ def test_lm_resume_is_bitwise_equal(tmp_path, monkeypatch):
   assert after and all(rb[k] == v for k, v in after.items())  # same losses, same data order
 
 
+def test_signal_checkpoints_at_the_interrupt_and_the_resume_is_bitwise_equal(tmp_path, monkeypatch):
+  """SIGINT during step 7 (no checkpoint due there): the loop finishes the step, checkpoints step 7, raises
+  Interrupted; the rerun starts at 7 and ends bitwise equal to an uninterrupted run."""
+  import signal
+  import threading
+
+  from lmx.core import interrupt
+
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers need the main thread")
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  lm.run(_lm_config(), a)
+  orig = data_lib.GlobalBatches.__next__
+  seen = {"n": 0}
+
+  def signalling(self):
+    seen["n"] += 1
+    if seen["n"] == 7:  # the signal arrives while step 7's batch is fetched
+      os.kill(os.getpid(), signal.SIGINT)
+    return orig(self)
+
+  monkeypatch.setattr(data_lib.GlobalBatches, "__next__", signalling)
+  with pytest.raises(interrupt.Interrupted, match=r"SIGINT at step 7/12 .*checkpoint saved at step 7") as e:
+    lm.run(_lm_config(), b)
+  assert e.value.exit_code == 130
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  monkeypatch.setattr(data_lib.GlobalBatches, "__next__", orig)
+  with ckpt_lib.Checkpointer(os.path.join(b, "checkpoints")) as ck:
+    assert ck.all_steps() == [4, 7]
+  res = lm.run(_lm_config(), b)
+  assert res["resumed_from"] == 7
+  _assert_trees_equal(_saved_state(a, 12), _saved_state(b, 12))
+  ra, rb = _records(a), _records(b)
+  after = {k: v for k, v in ra.items() if k[0] > 8}
+  assert after and all(rb[k] == v for k, v in after.items())
+
+
+def test_checkpoint_past_the_step_count_is_refused(tmp_path):
+  w = str(tmp_path)
+  lm.run(_lm_config(12), w)
+  with pytest.raises(config_lib.ConfigError, match=r"step 12, past this run's 8 steps"):
+    lm.run(_lm_config(8), w)
+
+
 # ----------------------------------------------------------------------------------------- a two-model step
 
 

@@ -28,3 +28,16 @@ def test_plots_write_pngs(tmp_path):
   for path in (p, g, j):
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_scalars_stay_in_jsonl_and_out_of_tensorboard(tmp_path, caplog):
+  import logging
+
+  from lmx.core.metrics import Writer, read_jsonl
+
+  with caplog.at_level(logging.WARNING):
+    with Writer(str(tmp_path)) as w:
+      w.scalars(1, {"loss": float("nan"), "ok": 2.0})
+  assert not [r for r in caplog.records if "NaN" in r.getMessage()]
+  rec = read_jsonl(str(tmp_path / "metrics.jsonl"))[0]
+  assert rec["ok"] == 2.0 and rec["loss"] != rec["loss"]  # NaN kept where a reader looks for it

@@ -20,6 +20,7 @@ import functools
 import gzip
 import importlib.resources
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -145,27 +146,69 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   return x[tr], y[tr], x[te], y[te]
 
 
+def _first_line(e: BaseException, limit: int = 120) -> str:
+  """``<ErrorType>: <first line of the message>``, shortened: enough to recognise the error on one line."""
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else ""
+  # tfds.builder re-raises with a 'Failed to construct dataset "x", builder_kwargs "{...}": ' prefix
+  text = re.sub(r'Failed to construct dataset "[^"]*", builder_kwargs "\{.*?\}": ', "", text)
+  return f"{type(e).__name__}: {text[:limit] + '...' if len(text) > limit else text}"
+
+
+def _tfds_version_dir(tfds, tfds_name: str, data_dir: str) -> str:
+  """``<data_dir>/<name>/<version>``, the directory tfds.builder reads, computed without parsing anything in it."""
+  try:
+    return os.path.join(data_dir, tfds_name, str(tfds.builder_cls(tfds_name).VERSION))
+  except Exception:  # noqa: BLE001 - only used to name a path in an error message
+    return os.path.join(data_dir, tfds_name)
+
+
 def load_tfds(name: str, data_dir: Optional[str] = None):
-  """Train/test arrays from a prepared tfds ArrayRecord dataset; raises DataError fast when not prepared."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  """Train/test arrays from a prepared tfds ArrayRecord dataset; raises DataError fast when not prepared, and
+  DataError naming the dataset directory when the prepared data cannot be read (corrupt or incomplete)."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f"data.dataset={name!r} needs tensorflow-datasets ({_first_line(e)}); "
+                    "`pip install tensorflow-datasets array-record`, or use data.dataset='mnist5k'") from None
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-  builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
+  tfds_name = TFDS_NAMES[name]
+  build = f"`tfds build {tfds_name} --file_format=array_record --data_dir={data_dir}`"
+
+  def unreadable(where: str, e: BaseException) -> DataError:
+    return DataError(f"data.dataset={name!r}: the prepared tfds data in {where} cannot be read ({_first_line(e)}); "
+                     f"delete {where} and prepare it again with {build}")
+
+  try:
+    # tfds.builder parses <version dir>/dataset_info.json (protobuf json_format) when the file exists
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - protobuf/json/OS errors of a corrupt dataset_info.json, never a traceback
+    where = _tfds_version_dir(tfds, tfds_name, data_dir)
+    if os.path.exists(os.path.join(where, "dataset_info.json")):
+      raise unreadable(where, e) from None
+    raise DataError(f"data.dataset={name!r}: tensorflow_datasets could not set up {tfds_name!r} under {data_dir} "
+                    f"({_first_line(e)}); check the tensorflow-datasets install or set config.data.data_dir") from None
   info_file = os.path.join(builder.data_dir, "dataset_info.json")
   if not os.path.exists(info_file):
     raise DataError(
         f"data.dataset={name!r}: no prepared tfds data at {builder.data_dir}. Prepare it once with network, e.g. "
-        f"`tfds build {TFDS_NAMES[name]} --file_format=array_record --data_dir={data_dir}`, or set "
-        f"config.data.data_dir / TFDS_DATA_DIR to where it is. (Offline default: data.dataset='mnist5k'.)")
+        f"{build}, or set config.data.data_dir / TFDS_DATA_DIR to where it is. (Offline default: "
+        "data.dataset='mnist5k'.)")
   out = []
   for split in ("train", "test"):
     try:
-      src = tfds.data_source(TFDS_NAMES[name], split=split, data_dir=data_dir, download=False)
+      src = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     except NotImplementedError as e:
       raise DataError(f"data.dataset={name!r}: prepared in a format without random access; rebuild with "
-                      f"--file_format=array_record ({e})") from None
-    recs = [src[i] for i in range(len(src))]
-    x = np.stack([r["image"] for r in recs])
-    y = np.array([r["label"] for r in recs], np.int32)
+                      f"--file_format=array_record ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - unknown split, unreadable features.json, ...
+      raise unreadable(builder.data_dir, e) from None
+    try:
+      recs = [src[i] for i in range(len(src))]  # missing shards (RuntimeError), corrupt records (DecodeError), ...
+      x = np.stack([r["image"] for r in recs])
+      y = np.array([r["label"] for r in recs], np.int32)
+    except Exception as e:  # noqa: BLE001 - whatever array_record / protobuf / numpy raise: one line, no traceback
+      raise unreadable(builder.data_dir, e) from None
     out += [x, y]
   return tuple(out)
 

@@ -26,6 +26,7 @@ from lmx.core.config import ConfigError
 from lmx.core.losses import cross_entropy
 from lmx.core.metrics import Writer
 from lmx.core.rng import np_stream, rng_stream
+from lmx.datasets.images import DataError
 from lmx.methods.datm import dsa
 from lmx.models import convnet
 from lmx.models.registry import build_model
@@ -58,14 +59,19 @@ class ExpertBuffer:
     return jax.tree.map(lambda a: a[:, -1], self.params)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def _flatten_tree(tree: dict, prefix: str = "") -> dict:
+  """Nested dicts to ``{"a/b": leaf}``, leaves (arrays or ShapeDtypeStructs) kept as they are."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}/"))
+      out.update(_flatten_tree(v, f"{prefix}{k}/"))
     else:
-      out[f"{prefix}{k}"] = np.asarray(v)
+      out[f"{prefix}{k}"] = v
   return out
+
+
+def _flatten(tree: dict) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in _flatten_tree(tree).items()}
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
@@ -79,18 +85,58 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
   return out
 
 
+def _tmp_name(name: str) -> str:
+  """A hidden name without the .npz/.json ending, so that a half-written file never passes for a buffer."""
+  return f".{name}.partial"
+
+
+def _fsync_dir(directory: str) -> None:
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:  # not every platform/filesystem opens directories
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
 def save_buffer(directory: str, buf: ExpertBuffer) -> None:
-  """Writes buffer.npz and meta.json atomically (temp file + rename)."""
+  """Writes buffer.npz and meta.json atomically as a pair.
+
+  Both files are written in full (and fsynced) under temp names first; then an old meta.json is removed, the
+  buffer renamed into place and meta.json renamed last. A crash at any point leaves the old pair, the new pair or
+  a buffer.npz without meta.json (which :func:`buffer_exists` does not count as a buffer), never a new buffer
+  with an old meta.json. The temp names (``.buffer.npz.partial``, ``.meta.json.partial``) are hidden and do not
+  end in .npz/.json.
+  """
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, "buffer.tmp.npz")
-  np.savez(tmp, **_flatten(buf.params))
-  os.replace(tmp, os.path.join(directory, BUFFER_FILE))
-  with open(os.path.join(directory, META_FILE + ".tmp"), "w") as f:
-    json.dump(buf.meta, f, indent=1)
-  os.replace(os.path.join(directory, META_FILE + ".tmp"), os.path.join(directory, META_FILE))
+  final = {n: os.path.join(directory, n) for n in (BUFFER_FILE, META_FILE)}
+  tmp = {n: os.path.join(directory, _tmp_name(n)) for n in (BUFFER_FILE, META_FILE)}
+  try:
+    with open(tmp[BUFFER_FILE], "wb") as f:  # a file object: np.savez would append ".npz" to a name
+      np.savez(f, **_flatten(buf.params))
+      f.flush()
+      os.fsync(f.fileno())
+    with open(tmp[META_FILE], "w") as f:
+      json.dump(buf.meta, f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    if os.path.exists(final[META_FILE]):
+      os.remove(final[META_FILE])  # from here on the directory holds no readable pair until the last rename
+    os.replace(tmp[BUFFER_FILE], final[BUFFER_FILE])
+    os.replace(tmp[META_FILE], final[META_FILE])
+    _fsync_dir(directory)
+  finally:
+    for t in tmp.values():  # after a failed write: no partial file is left behind
+      if os.path.exists(t):
+        os.remove(t)
 
 
 def buffer_exists(directory: Optional[str]) -> bool:
+  """Whether ``directory`` holds a buffer (buffer.npz and meta.json; readable or not)."""
   return bool(directory) and os.path.exists(os.path.join(directory, BUFFER_FILE)) and os.path.exists(
       os.path.join(directory, META_FILE))
 
@@ -102,27 +148,155 @@ def expected_meta(config, image_shape, num_classes) -> dict[str, Any]:
           "norm": config.model.norm}
 
 
-def load_buffer(directory: str, expect: dict[str, Any], *, min_epochs: int, min_experts: int = 1) -> ExpertBuffer:
-  """Loads a buffer and checks it against ``expect``; raises ConfigError naming ``experts.dir`` otherwise."""
+# The config field behind each key of expected_meta (image_shape and num_classes follow from data.dataset).
+_META_FIELDS = {"dataset": "data.dataset", "zca": "data.zca", "depth": "model.depth", "width": "model.width",
+                "norm": "model.norm"}
+SOURCES = ("experts.dir", "workdir")
+
+
+class CorruptBufferError(DataError):
+  """An expert buffer whose files exist but cannot be read (truncated, garbage, inconsistent leaves).
+
+  ``directory`` is the buffer's directory, ``path`` the file that failed and ``reason`` ``"<ErrorType>: <first line
+  of the error>"``; ``source`` says whose buffer it is (``experts.dir`` or ``workdir``).
+  """
+
+  def __init__(self, message: str, *, directory: str, path: str, reason: str, source: str):
+    super().__init__(message)
+    self.directory, self.path, self.reason, self.source = directory, path, reason, source
+
+
+def _reason(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  text = lines[0][:200] if lines else ""
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _corrupt(directory: str, path: str, reason: str, source: str) -> CorruptBufferError:
+  if source == "workdir":
+    msg = (f"the expert buffer in {directory}: {path} cannot be read ({reason}); move {directory} away to train "
+           "new experts")
+  else:
+    msg = (f"experts.dir={directory!r}: {path} cannot be read ({reason}); re-create the buffer (a run with "
+           "experts.dir empty trains one into <workdir>/experts) or leave experts.dir empty to train new experts")
+  return CorruptBufferError(msg, directory=directory, path=path, reason=reason, source=source)
+
+
+def _read_meta(directory: str, source: str) -> dict:
+  path = os.path.join(directory, META_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: json.JSONDecodeError, UnicodeDecodeError
+    raise _corrupt(directory, path, _reason(e), source) from None
+  if not isinstance(meta, dict):
+    raise _corrupt(directory, path, f"a JSON {type(meta).__name__}, not an object", source)
+  return meta
+
+
+def _read_params(directory: str, source: str) -> dict[str, np.ndarray]:
+  path = os.path.join(directory, BUFFER_FILE)
+  try:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz archive")
+    with z:
+      flat = {k: np.asarray(z[k]) for k in z.files}  # z[k] decompresses and CRC-checks each member
+  except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, ValueError, KeyError, OSError, ...
+    raise _corrupt(directory, path, _reason(e), source) from None
+  return flat
+
+
+def _check_leaves(flat: dict[str, np.ndarray], meta: dict, like: Optional[dict], directory: str,
+                  source: str) -> None:
+  """Every leaf is (E, T+1, ...) with the same E and T (those of meta.json when it records them) and, with
+  ``like`` (a pytree of the model's parameter shapes), the model's shapes after the two leading axes."""
+  path = os.path.join(directory, BUFFER_FILE)
+  if not flat:
+    raise _corrupt(directory, path, "no arrays in the archive", source)
+  leads = {v.shape[:2] if v.ndim >= 2 else v.shape for v in flat.values()}
+  lead = next(iter(leads))
+  if len(leads) != 1 or len(lead) != 2 or 0 in lead:
+    raise _corrupt(directory, path, f"leaves without common (experts, epochs+1) leading axes: {sorted(leads)[:3]}",
+                   source)
+  recorded = (meta.get("num_experts"), meta.get("epochs"))
+  if all(isinstance(r, int) for r in recorded) and lead != (recorded[0], recorded[1] + 1):
+    raise _corrupt(directory, path, f"leaves of {lead[0]} experts x {lead[1]} snapshots but {META_FILE} records "
+                   f"{recorded[0]} experts x {recorded[1]} epochs", source)
+  if like is None:
+    return
+  want = {k: tuple(np.shape(v)) for k, v in _flatten_tree(like).items()}
+  missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+  shapes = [f"{k} {flat[k].shape[2:]} != {want[k]}" for k in sorted(set(want) & set(flat))
+            if tuple(flat[k].shape[2:]) != want[k]]
+  if missing or extra or shapes:
+    parts = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else []) + \
+        shapes[:3]
+    raise _corrupt(directory, path, "leaves do not fit the model: " + "; ".join(parts), source)
+
+
+def _mismatch(meta: dict, expect: dict[str, Any]) -> str:
+  """``model.width=16 but the config asks for 32; ...`` for every key where the buffer differs."""
+  parts = []
+  for k, v in expect.items():
+    if meta.get(k) != v:
+      field = _META_FIELDS.get(k, k)
+      parts.append(f"{field}={meta.get(k)!r} but the config asks for {v!r}")
+  return "; ".join(parts)
+
+
+def load_buffer(directory: str, expect: dict[str, Any], *, min_epochs: int, min_experts: int = 1,
+                source: str = "experts.dir", like: Optional[dict] = None) -> ExpertBuffer:
+  """Loads a buffer and checks it against ``expect`` (and, with ``like``, the model's parameter shapes).
+
+  ``source`` says where the buffer came from, so that every message names what the user can change:
+  ``"experts.dir"`` (a buffer the user pointed at) or ``"workdir"`` (the run's own ``<workdir>/experts``).
+  Raises ConfigError for a buffer that does not fit the config, and :class:`CorruptBufferError` (a DataError)
+  for files that cannot be read; never a numpy/zipfile/json traceback.
+  """
+  if source not in SOURCES:
+    raise ValueError(f"load_buffer: source={source!r}, expected one of {SOURCES}")
+  own = source == "workdir"
+  where = f"the expert buffer in {directory}" if own else f"experts.dir={directory!r}: the expert buffer"
   if not buffer_exists(directory):
+    if own:
+      raise ConfigError(f"{directory}: no expert buffer ({BUFFER_FILE} + {META_FILE}) there")
     raise ConfigError(f"experts.dir={directory!r}: no expert buffer ({BUFFER_FILE} + {META_FILE}) there; "
                       "leave experts.dir empty to train experts into the workdir")
-  with open(os.path.join(directory, META_FILE)) as f:
-    meta = json.load(f)
-  bad = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
-  if bad:
-    diff = ", ".join(f"{k}: buffer has {a!r}, config needs {b!r}" for k, (a, b) in bad.items())
-    raise ConfigError(f"experts.dir={directory!r}: the expert buffer does not match this config ({diff}); "
-                      "point experts.dir at a matching buffer or leave it empty to train new experts")
-  with np.load(os.path.join(directory, BUFFER_FILE)) as z:
-    params = _unflatten({k: z[k] for k in z.files})
-  buf = ExpertBuffer(params, meta)
+  meta = _read_meta(directory, source)
+  lacking = [k for k in expect if k not in meta]
+  if lacking:
+    raise _corrupt(directory, os.path.join(directory, META_FILE), f"no {', '.join(lacking)} recorded", source)
+  diff = _mismatch(meta, expect)
+  if diff:
+    fix = ("use a new --workdir for another model (or point experts.dir at a matching buffer)" if own else
+           "point experts.dir at a matching buffer or leave it empty to train new experts")
+    raise ConfigError(f"{where} was trained with {diff}: {fix}")
+  flat = _read_params(directory, source)
+  _check_leaves(flat, meta, like, directory, source)
+  buf = ExpertBuffer(_unflatten(flat), meta)
   if buf.num_epochs < min_epochs:
-    raise ConfigError(f"experts.dir={directory!r}: experts have {buf.num_epochs} epochs but the window needs "
-                      f"max_start_epoch + expert_epochs = {min_epochs}; train longer experts (experts.epochs)")
+    fix = ("use a new --workdir to train longer experts (or point experts.dir at a longer buffer)" if own else
+           "point experts.dir at longer experts or leave it empty to train new ones (experts.epochs)")
+    raise ConfigError(f"{where} has experts of {buf.num_epochs} epochs but the window needs max_start_epoch - 1 + "
+                      f"expert_epochs = {min_epochs}: {fix}")
   if buf.num_experts < min_experts:
-    raise ConfigError(f"experts.dir={directory!r}: {buf.num_experts} experts, need {min_experts}")
+    fix = "use a new --workdir" if own else "point experts.dir at a buffer with more experts"
+    raise ConfigError(f"{where} has {buf.num_experts} experts but {min_experts} are needed: {fix}")
   return buf
+
+
+def move_aside(directory: str, root: str) -> str:
+  """Moves an unreadable buffer ``directory`` to ``root/<unix-time>`` (kept for inspection, never deleted) and
+  returns where it went; a second move within the same second gets a ``-1``, ``-2``, ... suffix."""
+  os.makedirs(root, exist_ok=True)
+  base = os.path.join(root, str(int(time.time())))
+  dst, n = base, 0
+  while os.path.exists(dst):
+    n += 1
+    dst = f"{base}-{n}"
+  os.rename(directory, dst)
+  return dst
 
 
 # ----------------------------------------------------------------------------------------------- training

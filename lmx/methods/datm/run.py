@@ -59,14 +59,26 @@ def load_data(config) -> images.ImageData:
 
 
 def get_experts(config, data, workdir: str, writer) -> experts.ExpertBuffer:
-  """Loads ``experts.dir`` (checked against the config), or a buffer already in the workdir, or trains one."""
+  """Loads ``experts.dir`` (checked against the config), or a buffer already in the workdir, or trains one.
+
+  A corrupt ``experts.dir`` buffer stops the run with a DataError and is left untouched; a corrupt buffer in the
+  workdir is the run's own: it is moved to ``<workdir>/experts_corrupt/<unix-time>`` (kept) with one warning line,
+  and new experts are trained in its place.
+  """
   expect = experts.expected_meta(config, data.image_shape, data.num_classes)
   need = config.distill.max_start_epoch - 1 + config.distill.expert_epochs
+  model = build_model(config.model, image_shape=data.image_shape, num_classes=data.num_classes)
+  like = jax.eval_shape(model.init, jax.random.key(0))  # the parameter shapes every buffer leaf must end with
   if config.experts.dir:
-    return experts.load_buffer(config.experts.dir, expect, min_epochs=need)
+    return experts.load_buffer(config.experts.dir, expect, min_epochs=need, source="experts.dir", like=like)
   own = os.path.join(workdir, "experts")
   if experts.buffer_exists(own):
-    return experts.load_buffer(own, expect, min_epochs=need)
+    try:
+      return experts.load_buffer(own, expect, min_epochs=need, source="workdir", like=like)
+    except experts.CorruptBufferError as e:
+      dst = experts.move_aside(own, os.path.join(workdir, "experts_corrupt"))
+      print(f"WARNING: expert buffer {own} could not be read ({e.reason}); moved it to {dst} and training new "
+            "experts", flush=True)
   buf = experts.train_experts(config.seed, data, config, writer=writer)
   experts.save_buffer(own, buf)
   acc = np.asarray(buf.meta["final_test_acc"])

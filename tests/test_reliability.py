@@ -1,0 +1,286 @@
+"""What a user's mistakes and accidents do to a run (subprocesses of launch/run.py on small LM configs).
+
+Each test asserts the exit status, that the message is short and names the problem (no traceback from jax,
+orbax, grain, absl, protobuf or numpy), and that nothing already in the workdir changed (checksums).
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = [sys.executable, os.path.join(ROOT, "launch", "run.py")]
+LM = ["--config=configs/lm.py:smoke", "--config.train.ckpt_every=10", "--config.train.eval_every=10",
+      "--config.train.log_every=5", "--config.train.plot=False"]
+
+
+def _env():
+  env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
+  env.pop("LMX_ALLOW_FRESH_START", None)
+  return env
+
+
+def _run(*args, timeout=240):
+  return subprocess.run(RUN + list(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _popen(*args):
+  return subprocess.Popen(RUN + list(args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)  # its own process group, as a terminal's job
+
+
+def _checksums(d):
+  out = {}
+  for root, _, files in os.walk(d):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, d)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _short_error(r, *needles, max_lines=2):
+  err = r.stderr.strip()
+  assert "Traceback" not in err, err[-3000:]
+  assert len(err.splitlines()) <= max_lines, err[-3000:]
+  for n in needles:
+    assert n in err, err[-3000:]
+
+
+def _strict_json(path):
+  def no_nan(x):
+    raise AssertionError(f"{path} holds {x}: not valid JSON")
+  with open(path) as f:
+    return json.load(f, parse_constant=no_nan)
+
+
+def _wait_for_step(w, step, proc, timeout=120):
+  path = os.path.join(w, "metrics.jsonl")
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    if os.path.exists(path):
+      steps = [json.loads(line).get("step", 0) for line in open(path) if line.strip().endswith("}")]
+      if steps and max(steps) >= step:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f"no step {step} in {path} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished 20-step LM run (checkpoints at 10 and 20); tests copy it."""
+  w = str(tmp_path_factory.mktemp("finished") / "w")
+  r = _run(*LM, f"--workdir={w}", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return w
+
+
+@pytest.fixture
+def done(finished, tmp_path):
+  w = str(tmp_path / "w")
+  shutil.copytree(finished, w)
+  return w
+
+
+# ------------------------------------------------------------------------------ a finished run is never damaged
+
+
+def test_rerun_of_a_finished_run_says_so_and_changes_nothing(done):
+  before = _checksums(done)
+  res = _strict_json(os.path.join(done, "results.json"))
+  assert res["final_eval"] and res["steps"] == 20
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "finished" in r.stdout and os.path.join(done, "results.json") in r.stdout
+  assert _checksums(done) == before
+
+
+def test_fewer_steps_than_saved_refuses_and_changes_nothing(done):
+  before = _checksums(done)
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=10")
+  assert r.returncode == 2
+  _short_error(r, "train.steps=10", "20")
+  assert _checksums(done) == before
+
+
+def test_fewer_steps_than_the_newest_checkpoint_of_an_unfinished_run_refuses(done):
+  rec = json.load(open(os.path.join(done, "run.json")))
+  rec["status"] = "interrupted"
+  json.dump(rec, open(os.path.join(done, "run.json"), "w"))
+  before = _checksums(done)
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=15")
+  assert r.returncode == 2
+  _short_error(r, "train.steps=15", "20")
+  assert _checksums(done) == before
+
+
+# ------------------------------------------------------------------------------ config changes on resume
+
+
+@pytest.mark.parametrize("override,field", [("--config.data.global_batch=8", "data.global_batch"),
+                                            ("--config.data.seq_len=32", "data.seq_len"),
+                                            ("--config.seed=3", "seed")])
+def test_resume_with_another_config_refuses_naming_the_field(done, override, field):
+  before = _checksums(done)
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30", override)
+  assert r.returncode == 2
+  _short_error(r, field, "new --workdir")
+  assert _checksums(done) == before
+
+
+def test_resume_with_another_corpus_refuses(done):
+  rec = json.load(open(os.path.join(done, "run.json")))
+  rec["config"]["data"]["corpus"] = "wikitext"  # as if it had been started on another corpus
+  json.dump(rec, open(os.path.join(done, "run.json"), "w"))
+  before = _checksums(done)
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30")
+  assert r.returncode == 2
+  _short_error(r, "data.corpus: 'wikitext' → 'python_docs'")
+  assert _checksums(done) == before
+
+
+def test_safe_changes_continue_and_say_what_changed(done):
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30", "--config.train.log_every=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "train.log_every: 5 → 2" in r.stdout and "train.steps: 20 → 30" in r.stdout
+  res = _strict_json(os.path.join(done, "results.json"))
+  assert res["resumed_from"] == 20 and res["steps"] == 30
+  assert json.load(open(os.path.join(done, "run.json")))["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------ one run per workdir
+
+
+def test_second_run_on_a_busy_workdir_refuses_naming_the_first(tmp_path):
+  w = str(tmp_path / "w")
+  first = _popen(*LM, f"--workdir={w}", "--config.train.steps=100000", "--config.train.ckpt_every=100000")
+  try:
+    _wait_for_step(w, 5, first)
+    before = {k: v for k, v in _checksums(w).items() if not k.startswith(("tb", "metrics"))}
+    r = _run(*LM, f"--workdir={w}", "--config.train.steps=100000", "--config.train.ckpt_every=100000")
+    assert r.returncode == 2
+    _short_error(r, "in use", f"pid {first.pid}")
+    after = {k: v for k, v in _checksums(w).items() if not k.startswith(("tb", "metrics"))}
+    assert after == before
+  finally:
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=120)
+  assert first.returncode == 130
+  steps = [json.loads(line)["step"] for line in open(os.path.join(w, "metrics.jsonl")) if "train/loss" in line]
+  assert len(steps) == len(set(steps))  # one writer: no step logged twice
+
+
+def test_a_lock_left_by_a_killed_run_is_detected_by_pid(tmp_path):
+  w = str(tmp_path / "w")
+  p = _popen(*LM, f"--workdir={w}", "--config.train.steps=100000")
+  _wait_for_step(w, 10, p)
+  os.killpg(p.pid, signal.SIGKILL)
+  p.communicate(timeout=60)
+  assert json.load(open(os.path.join(w, ".lock")))["pid"] == p.pid  # the dead run's lock file is still there
+  r = _run(*LM, f"--workdir={w}", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"pid {p.pid}) was killed" in r.stdout
+  assert json.load(open(os.path.join(w, "run.json")))["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------ Ctrl-C and SIGTERM
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_with_a_checkpoint_at_the_interrupt(tmp_path, sig, code):
+  w = str(tmp_path / "w")
+  args = LM + [f"--workdir={w}", "--config.train.steps=100000", "--config.train.ckpt_every=100000",
+               "--config.train.eval_every=100000"]
+  p = _popen(*args)
+  _wait_for_step(w, 5, p)
+  os.killpg(p.pid, sig)  # the whole process group, as a terminal's Ctrl-C or a pod's preemption
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == code, err[-3000:]
+  assert "Traceback" not in err and "never awaited" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert f"interrupted by {signal.Signals(sig).name} at step" in last and "rerun the same command" in last, err
+  stopped = int(last.split(" at step ")[1].split("/")[0])
+  assert stopped >= 5
+  assert os.listdir(os.path.join(w, "checkpoints")) == [str(stopped)]  # the interrupt's own checkpoint
+  assert json.load(open(os.path.join(w, "run.json")))["status"] == "interrupted"
+  r = _run(*LM, f"--workdir={w}", f"--config.train.steps={stopped + 3}", "--config.train.ckpt_every=100000",
+           "--config.train.eval_every=100000")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resumed_from_step={stopped}" in r.stdout
+
+
+# ------------------------------------------------------------------------------ user mistakes: one short message
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config=configs/nope.py"], ["configs/nope.py", "configs/lm.py"]),
+    (["--config=configs/lm.py.smoke"], ["did you mean --config=configs/lm.py:smoke"]),
+    (["--config=configs/lm.py,smoke"], ["did you mean --config=configs/lm.py:smoke"]),
+    (["--config=configs/lm:smoke"], ["did you mean --config=configs/lm.py:smoke"]),
+    (["--config=configs/lm.py:smoke,smoke"], ["one variant"]),
+    (["--config=configs/lm.py:smoke", "--config.optim.lr=-1"], ["optim.lr", "> 0"]),
+    (["--config=configs/lm.py:smoke", "--config.data.global_batch=0"], ["data.global_batch", "positive"]),
+    (["--config=configs/lm.py:smoke", "--config.data.seq_len=0"], ["data.seq_len", "positive"]),
+    (["--config=configs/lm.py:smoke", "--config.model.dtype=float7"], ["model.dtype", "float7", "bfloat16"]),
+    (["--config=configs/datm.py:smoke", "--config.distill.lr_img=-1"], ["distill.lr_img"]),
+])
+def test_config_mistakes_give_one_line_and_create_no_workdir(tmp_path, args, needles):
+  w = str(tmp_path / "w")
+  r = _run(*args, f"--workdir={w}", timeout=120)
+  assert r.returncode == 2
+  _short_error(r, *needles, max_lines=1)
+  assert not os.path.exists(w)
+
+
+def test_checkpoints_path_that_is_a_file_is_reported_at_once(tmp_path):
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / "checkpoints").write_text("not a directory")
+  before = _checksums(str(w))
+  t0 = time.time()
+  r = _run(*LM, f"--workdir={w}", "--config.train.steps=20")
+  assert r.returncode == 2
+  _short_error(r, str(w / "checkpoints"), "not a directory", max_lines=1)
+  assert time.time() - t0 < 60  # no save timeout
+  assert _checksums(str(w)) == before
+
+
+# ------------------------------------------------------------------------------ checkpoint faults
+
+
+def test_missing_manifest_falls_back_with_one_full_warning(done):
+  os.remove(os.path.join(done, "checkpoints", "20", "state", "manifest.ocdbt"))
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30")
+  assert r.returncode == 0, r.stderr[-3000:]
+  warnings = [line for line in (r.stdout + r.stderr).splitlines() if "WARNING" in line]
+  assert len(warnings) == 1, warnings
+  assert "manifest.ocdbt is missing" in warnings[0] and warnings[0].endswith("(kept, not deleted)")
+  assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr[-3000:]
+  assert _strict_json(os.path.join(done, "results.json"))["resumed_from"] == 10
+  assert len(os.listdir(os.path.join(done, "checkpoints_corrupt"))) == 1
+
+
+def test_no_restorable_checkpoint_asks_before_starting_over(done):
+  for s in ("10", "20"):
+    os.remove(os.path.join(done, "checkpoints", s, "state", "manifest.ocdbt"))
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30")
+  assert r.returncode == 2
+  assert "Traceback" not in r.stderr
+  assert "--allow_fresh_start" in r.stderr.strip().splitlines()[-1]
+  assert len(os.listdir(os.path.join(done, "checkpoints_corrupt"))) == 2  # kept, not deleted
+  results_before = open(os.path.join(done, "results.json")).read()
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30")  # asks again: nothing restorable yet
+  assert r.returncode == 2 and "--allow_fresh_start" in r.stderr
+  assert open(os.path.join(done, "results.json")).read() == results_before
+  r = _run(*LM, f"--workdir={done}", "--config.train.steps=30", "--allow_fresh_start")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "starting from step 0" in r.stderr
+  assert _strict_json(os.path.join(done, "results.json"))["resumed_from"] is None

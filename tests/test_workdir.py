@@ -1,0 +1,91 @@
+"""The workdir's lock, run record and config comparison (lmx.core.workdir, lmx.launcher.plan_resume)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmx import launcher
+from lmx.core import workdir as wd
+from lmx.core.config import ConfigError, load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_second_lock_on_a_workdir_refuses_naming_the_holder(tmp_path):
+  with wd.WorkdirLock(str(tmp_path)):
+    with pytest.raises(wd.WorkdirBusyError, match=rf"in use .*pid {os.getpid()}"):
+      wd.WorkdirLock(str(tmp_path)).acquire()
+  with wd.WorkdirLock(str(tmp_path)) as lock:  # released on exit
+    assert not lock.previous_run_died()  # released cleanly: the file was emptied
+
+
+def test_lock_of_a_killed_process_is_free_and_named(tmp_path):
+  code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from lmx.core import workdir as wd; "
+          "wd.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+  p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), ROOT], stdout=subprocess.PIPE, text=True)
+  assert p.stdout.readline().strip() == "held"
+  with pytest.raises(wd.WorkdirBusyError, match=rf"pid {p.pid}"):
+    wd.WorkdirLock(str(tmp_path)).acquire()
+  p.kill()
+  p.wait()
+  time.sleep(0.1)
+  with wd.WorkdirLock(str(tmp_path)) as lock:  # the kernel released the dead process's lock
+    assert lock.previous["pid"] == p.pid and lock.previous_run_died()
+
+
+def test_config_changes_and_safe_patterns():
+  old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "e": 3}
+  new = {"a": 1, "b": {"c": (1, 2), "d": "y"}, "f": 4}
+  assert wd.config_changes(old, new) == [("b.d", "x", "y"), ("e", 3, "<absent>"), ("f", "<absent>", 4)]
+  assert wd.matches("eval.num", ["eval.*"]) and wd.matches("mesh", ["mesh"])
+  assert not wd.matches("evaluation.num", ["eval.*"]) and not wd.matches("train.steps2", ["train.steps"])
+
+
+def test_only_bookkeeping(tmp_path):
+  (tmp_path / wd.LOCK_FILE).write_text("")
+  (tmp_path / wd.RECORD_FILE).write_text("{}")
+  (tmp_path / "tb").mkdir()
+  assert wd.only_bookkeeping(str(tmp_path))
+  (tmp_path / "tb" / "events").write_text("x")
+  assert not wd.only_bookkeeping(str(tmp_path))
+
+
+def _datm_cfg():
+  return json.loads(json.dumps(load_config_file(f"{ROOT}/configs/datm.py:smoke").to_dict()))
+
+
+def test_plan_resume_refuses_unsafe_changes_and_allows_safe_ones(tmp_path, capsys):
+  from lmx.methods import datm
+
+  w = str(tmp_path)
+  old = _datm_cfg()
+  new = _datm_cfg()
+  new["model"]["width"] = 32
+  with pytest.raises(ConfigError, match=r"model.width: 8 → 32"):
+    launcher.plan_resume(datm, old, new, {"status": "interrupted"}, w)
+  new = _datm_cfg()
+  new["eval"]["num"] = 7
+  new["distill"]["iterations"] = 40
+  assert launcher.plan_resume(datm, old, new, {"status": "finished"}, w) == "resume"
+  assert "eval.num: 3 → 7" in capsys.readouterr().out
+  (tmp_path / "results.json").write_text("{}")
+  new["distill"]["iterations"] = old["distill"]["iterations"]
+  assert launcher.plan_resume(datm, old, new, {"status": "finished"}, w) == "finished"
+  new["distill"]["iterations"] = 10
+  with pytest.raises(ConfigError, match=r"already holds 30 steps but distill.iterations=10"):
+    launcher.plan_resume(datm, old, new, {"status": "finished"}, w)
+  assert launcher.plan_resume(datm, None, new, None, w) == "fresh"
+
+
+def test_config_spec_problems():
+  os.chdir(ROOT)
+  assert launcher.config_spec_problem("configs/lm.py:smoke") is None
+  assert launcher.config_spec_problem("configs/lm.py") is None
+  assert "did you mean --config=configs/datm.py:ipc50" in launcher.config_spec_problem("configs/datm.py.ipc50")
+  assert "did you mean --config=configs/lm.py" in launcher.config_spec_problem("configs/lm")
+  assert "configs/datm.py" in launcher.config_spec_problem("configs/nope.py")
+  assert "one variant" in launcher.config_spec_problem("configs/lm.py:smoke,moe")
+  assert launcher.config_spec_problem("configs/lm.py:variant=smoke,seed=2") is None
