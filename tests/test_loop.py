@@ -136,9 +136,11 @@ def test_signal_checkpoints_at_the_interrupt_and_the_resume_is_bitwise_equal(tmp
   assert after and all(rb[k] == v for k, v in after.items())
 
 
-def test_checkpoint_past_the_step_count_is_refused(tmp_path):
+def test_resumed_at_the_end_finishes_outputs_and_past_the_end_is_refused(tmp_path):
   w = str(tmp_path)
-  lm.run(_lm_config(12), w)
+  first = lm.run(_lm_config(12), w)
+  again = lm.run(_lm_config(12), w)  # e.g. a crash after the last checkpoint, before results.json
+  assert again["resumed_from"] == 12 and again["final_eval"] == first["final_eval"] and first["final_eval"]
   with pytest.raises(config_lib.ConfigError, match=r"step 12, past this run's 8 steps"):
     lm.run(_lm_config(8), w)
 

@@ -336,6 +336,12 @@ class Loop:
             self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config)
           if interrupt.requested() is not None and step < total:
             self._stop(step, state, ckpt_data, saved=ckpt_now)
+        if start == total and start > 0:  # resumed at the end (a crash after the last save): finish the outputs
+          for hook in self.hooks:
+            if hook.at_end:
+              out = hook.fn(step, state, writer)
+              if out:
+                res.hook_metrics[hook.name] = writer.summary(step, out, prefix=f"{hook.name}/")
       res.state = state
       res.steps_per_sec = steps_run / t_run if t_run else float("nan")
     finally:
