@@ -284,3 +284,48 @@ def test_no_restorable_checkpoint_asks_before_starting_over(done):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "starting from step 0" in r.stderr
   assert _strict_json(os.path.join(done, "results.json"))["resumed_from"] is None
+
+
+# ------------------------------------------------------------------------------ DATM's data and expert buffer
+
+
+DATM = ["--config=configs/datm.py:smoke", "--config.experts.num=2", "--config.experts.epochs=4",
+        "--config.distill.ckpt_every=2", "--config.distill.log_every=2", "--config.eval.num=1",
+        "--config.eval.epochs=2", "--config.eval.random=False", "--config.eval.init=False"]
+
+
+def test_corrupt_tfds_dataset_info_is_one_line_naming_the_dir(tmp_path):
+  import tensorflow_datasets as tfds
+
+  version = str(tfds.builder_cls("mnist").VERSION)
+  info = tmp_path / "tfds" / "mnist" / version / "dataset_info.json"
+  info.parent.mkdir(parents=True)
+  info.write_text('{"name": "mnist", "splits": [')  # what an interrupted copy leaves
+  w = str(tmp_path / "w")
+  r = _run(*DATM, "--config.data.dataset=mnist", f"--config.data.data_dir={tmp_path / 'tfds'}", f"--workdir={w}",
+           timeout=120)
+  assert r.returncode == 2
+  _short_error(r, str(info.parent), "prepare it again", max_lines=1)
+  assert not os.path.exists(w)  # a data error before any work leaves no workdir behind
+
+
+def test_truncated_expert_buffer_is_moved_aside_and_retrained(tmp_path):
+  w = str(tmp_path / "w")
+  r = _run(*DATM, f"--workdir={w}", "--config.distill.iterations=4")
+  assert r.returncode == 0, r.stderr[-3000:]
+  buf = os.path.join(w, "experts", "buffer.npz")
+  original = open(buf, "rb").read()
+  with open(buf, "r+b") as f:  # what a crash mid-write of an older, non-atomic save leaves
+    f.truncate(len(original) // 2)
+  truncated = open(buf, "rb").read()
+  r = _run(*DATM, f"--workdir={w}", "--config.distill.iterations=6")
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout + r.stderr
+  assert "Traceback" not in out
+  warnings = [line for line in out.splitlines() if "WARNING" in line]
+  assert len(warnings) == 1 and os.path.join(w, "experts") in warnings[0] and "BadZipFile" in warnings[0]
+  moved = os.listdir(os.path.join(w, "experts_corrupt"))
+  assert len(moved) == 1
+  assert open(os.path.join(w, "experts_corrupt", moved[0], "buffer.npz"), "rb").read() == truncated  # kept
+  assert open(buf, "rb").read() == original  # the retrained experts are the same experts (seeded streams)
+  assert _strict_json(os.path.join(w, "results.json"))["iterations"] == 6

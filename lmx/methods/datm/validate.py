@@ -58,3 +58,17 @@ def validate(c) -> None:
   positive(v.num, "eval.num")
   positive(v.epochs, "eval.epochs")
   positive(v.batch, "eval.batch")
+  positive(v.full_epochs, "eval.full_epochs")
+  positive(v.lr_real, "eval.lr_real")
+  # Learning rates, momenta, decays and the loss threshold: a wrong sign trains silently to nonsense.
+  for name in ("lr_img", "lr_lr", "lr_y", "threshold"):
+    positive(d[name], f"distill.{name}")
+  positive(d.max_nonfinite, "distill.max_nonfinite")
+  positive(c.data.zca_eps, "data.zca_eps")
+  for field, value in (("distill.momentum_img", d.momentum_img), ("distill.momentum_lr", d.momentum_lr),
+                       ("distill.momentum_y", d.momentum_y), ("experts.momentum", e.momentum),
+                       ("eval.momentum", v.momentum)):
+    require(0 <= value < 1, field, f"must be in [0, 1), got {value!r}")
+  for field, value in (("experts.weight_decay", e.weight_decay), ("eval.weight_decay", v.weight_decay),
+                       ("experts.gsam_rho", e.gsam_rho), ("experts.gsam_alpha", e.gsam_alpha)):
+    require(value >= 0, field, f"must be >= 0, got {value!r}")
