@@ -137,6 +137,48 @@ def _say_finished(module, workdir: str, record: dict) -> None:
         flush=True)
 
 
+RUN, FINISHED, REFUSED = 0, 1, 2
+
+
+def _agree(decision: int) -> int:
+  """Process 0's decision, on every process (a pod's workers must all run, or all not)."""
+  import jax
+
+  if jax.process_count() == 1:
+    return decision
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  return int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
+
+
+def _prepare(module, config, workdir: str, new: dict):
+  """Process 0's checks before a run: ``(FINISHED, None, None)`` or ``(RUN, lock held, run.json bytes before)``."""
+  if os.path.isdir(workdir):  # read-only first: a finished run, or a refused change, leaves every file as it was
+    record = wd.read_record(workdir)
+    if plan_resume(module, wd.saved_config(workdir), new, record, workdir, quiet=True) == "finished":
+      plan_resume(module, wd.saved_config(workdir), new, record, workdir)  # prints what changed, if anything
+      _say_finished(module, workdir, record)
+      return FINISHED, None, None
+  check_workdir(workdir)
+  lock = wd.WorkdirLock(workdir).acquire()
+  try:
+    record_path = os.path.join(workdir, wd.RECORD_FILE)
+    before = open(record_path, "rb").read() if os.path.exists(record_path) else None
+    record = wd.read_record(workdir)  # again, under the lock: a run that just ended may have changed it
+    if plan_resume(module, wd.saved_config(workdir), new, record, workdir) == "finished":
+      _say_finished(module, workdir, record)
+      lock.release()
+      return FINISHED, None, None
+  except BaseException:
+    lock.release()
+    raise
+  if lock.previous_run_died() and (record or {}).get("status") == "running":
+    print(f"note: the previous run on {workdir} (pid {lock.previous.get('pid')}) was killed; resuming from its "
+          "newest checkpoint", flush=True)
+  return RUN, lock, before
+
+
 def dispatch(config, workdir: str | None):
   """Validates the config, guards the workdir (see the module docstring) and runs the method."""
   import jax
@@ -147,27 +189,27 @@ def dispatch(config, workdir: str | None):
   if hasattr(module, "validate"):
     module.validate(config)
   workdir = workdir or default_workdir(config.method)
-  if not wd.is_local(workdir) or jax.process_index() != 0:
+  if not wd.is_local(workdir):
     return module.run(config, check_workdir(workdir))
+  if jax.process_index() != 0:
+    decision = _agree(RUN)
+    if decision == REFUSED:
+      raise ConfigError("process 0 refused to start this run (its message says why)")
+    return None if decision == FINISHED else module.run(config, workdir)
   new = jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
   existed = os.path.isdir(workdir)
-  if existed:  # read-only first: a finished run, or a refused change, leaves every file as it was
-    record = wd.read_record(workdir)
-    if plan_resume(module, wd.saved_config(workdir), new, record, workdir, quiet=True) == "finished":
-      plan_resume(module, wd.saved_config(workdir), new, record, workdir)  # prints what changed, if anything
-      return _say_finished(module, workdir, record)
-  check_workdir(workdir)
-  with wd.WorkdirLock(workdir) as lock:
-    record_path = os.path.join(workdir, wd.RECORD_FILE)
-    before = open(record_path, "rb").read() if os.path.exists(record_path) else None
-    record = wd.read_record(workdir)  # again, under the lock: a run that just ended may have changed it
-    if plan_resume(module, wd.saved_config(workdir), new, record, workdir) == "finished":
-      return _say_finished(module, workdir, record)
-    if lock.previous_run_died() and (record or {}).get("status") == "running":
-      print(f"note: the previous run on {workdir} (pid {lock.previous.get('pid')}) was killed; resuming from its "
-            "newest checkpoint", flush=True)
-    wd.write_record(workdir, replace=True, status="running", method=config.method, config=new, command=" ".join(sys.argv),
-                    pid=os.getpid(), started=wd.now(), results="results.json")
+  try:
+    decision, lock, before = _prepare(module, config, workdir, new)
+  except BaseException:
+    _agree(REFUSED)
+    raise
+  _agree(decision)
+  if decision == FINISHED:
+    return None
+  record_path = os.path.join(workdir, wd.RECORD_FILE)
+  try:
+    wd.write_record(workdir, replace=True, status="running", method=config.method, config=new,
+                    command=" ".join(sys.argv), pid=os.getpid(), started=wd.now(), results="results.json")
     try:
       out = module.run(config, workdir)
     except interrupt.Interrupted as e:
@@ -188,7 +230,9 @@ def dispatch(config, workdir: str | None):
       wd.write_record(workdir, status="failed", error=f"{type(e).__name__}: {first}")
       raise
     wd.write_record(workdir, status="finished", finished=wd.now())
-  return out
+    return out
+  finally:
+    lock.release()
 
 
 def main(config, workdir: str | None):

@@ -20,7 +20,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, steps):
+def _start(workdir, steps, *extra):
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -29,9 +29,13 @@ def _launch(workdir, steps):
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--config=configs/lm.py:smoke",
            f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.ckpt_every=6",
-           "--config.train.eval_every=6", "--config.train.log_every=3", "--config.mesh.fsdp=2"]
+           "--config.train.eval_every=6", "--config.train.log_every=3", "--config.mesh.fsdp=2", *extra]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
+  return procs
+
+
+def _wait(procs, codes=(0, 0)):
   outs = []
   for p in procs:
     try:
@@ -41,9 +45,13 @@ def _launch(workdir, steps):
         q.kill()
       raise
     outs.append((p.returncode, out, err))
-  for rc, out, err in outs:
-    assert rc == 0, err[-3000:]
+  for (rc, out, err), code in zip(outs, codes):
+    assert rc == code, err[-3000:]
   return outs
+
+
+def _launch(workdir, steps, *extra):
+  return _wait(_start(workdir, steps, *extra))
 
 
 @pytest.mark.slow
@@ -57,3 +65,29 @@ def test_two_processes_train_checkpoint_and_restore(tmp_path):
   steps = [json.loads(line)["step"] for line in open(os.path.join(w, "metrics.jsonl"))]
   assert max(steps) == 12
   assert json.load(open(os.path.join(w, "results.json")))["resumed_from"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+  """A preemption notice reaching one worker: all workers agree on the step, checkpoint it and exit 143; the
+  relaunch resumes there; relaunching a finished run does nothing on every worker."""
+  import signal
+  import time
+
+  w = str(tmp_path / "w")
+  procs = _start(w, 100000, "--config.train.ckpt_every=100000", "--config.train.eval_every=100000")
+  path = os.path.join(w, "metrics.jsonl")
+  t0 = time.time()
+  while not (os.path.exists(path) and any('"step": 6,' in line for line in open(path))):
+    assert time.time() - t0 < 300 and all(p.poll() is None for p in procs)
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # only the second host gets the notice
+  outs = _wait(procs, codes=(143, 143))
+  stops = {err.strip().splitlines()[-1].split(" at step ")[1].split("/")[0] for _, _, err in outs}
+  assert len(stops) == 1, outs  # the same step on both hosts
+  stop = int(stops.pop())
+  assert os.listdir(os.path.join(w, "checkpoints")) == [str(stop)]
+  outs = _launch(w, stop + 3, "--config.train.ckpt_every=100000", "--config.train.eval_every=100000")
+  assert f"resumed_from_step={stop}" in outs[0][1]
+  outs = _launch(w, stop + 3, "--config.train.ckpt_every=100000", "--config.train.eval_every=100000")
+  assert "holds a finished run" in outs[0][1]

@@ -334,8 +334,9 @@ class Loop:
           t_window += time.time() - t_hooks  # steps/s counts training only
           if ckpt_now:
             self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config)
-          if interrupt.requested() is not None and step < total:
-            self._stop(step, state, ckpt_data, saved=ckpt_now)
+          signum = self._stop_signal(log_now) if step < total else None
+          if signum is not None:
+            self._stop(step, state, ckpt_data, saved=ckpt_now, signum=signum)
         if start == total and start > 0:  # resumed at the end (a crash after the last save): finish the outputs
           for hook in self.hooks:
             if hook.at_end:
@@ -348,9 +349,20 @@ class Loop:
       if pbar is not None:
         pbar.close()
 
-  def _stop(self, step: int, state, ckpt_data, *, saved: bool) -> None:
+  def _stop_signal(self, log_now: bool) -> int | None:
+    """The signal to stop at, agreed by all processes: on a pod the preemption reaches the hosts at different
+    steps, so they compare flags (at the logging cadence, one small all-gather) and stop at the same step."""
+    if jax.process_count() == 1:
+      return interrupt.requested()
+    if not log_now:
+      return None
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(interrupt.requested() or 0)))
+    return int(flags.max()) or None
+
+  def _stop(self, step: int, state, ckpt_data, *, saved: bool, signum: int) -> None:
     """A signal arrived: checkpoint this step (unless checkpoints are off), wait for the saves, raise."""
-    signum = interrupt.requested()
     name = interrupt.signal_name(signum)
     where = f"at step {step}/{self.total_steps} of {self.desc}"
     if self.ckpt_every <= 0:
