@@ -36,11 +36,22 @@ def make_dataset(source: Sequence[Any], *, global_batch: int, seed: int, transfo
   return ds.batch(global_batch // pc, drop_remainder=drop_remainder)
 
 
+def _worker_ignores_signals(worker_index: int, worker_count: int) -> None:
+  """Grain worker init: Ctrl-C reaches the whole process group, but stopping is the main process's job (it
+  checkpoints the data position, then shuts the workers down), so workers ignore SIGINT and SIGTERM."""
+  import signal
+
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_iterator(ds: grain.MapDataset, *, worker_count: int = 0) -> grain.DatasetIterator:
   """A checkpointable iterator (``get_state``/``set_state``); worker processes when ``worker_count > 0``."""
   it_ds = ds.to_iter_dataset()
   if worker_count > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                              worker_init_fn=_worker_ignores_signals)
   return iter(it_ds)
 
 
