@@ -188,6 +188,8 @@ def dispatch(config, workdir: str | None):
   module = method_module(config)
   if hasattr(module, "validate"):
     module.validate(config)
+  if workdir is None and jax.process_count() > 1:  # each host would stamp its own default name
+    raise ConfigError("a multi-host run needs --workdir (the same path on every host, e.g. gs://BUCKET/run)")
   workdir = workdir or default_workdir(config.method)
   if not wd.is_local(workdir):
     return module.run(config, check_workdir(workdir))
