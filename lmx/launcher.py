@@ -59,24 +59,11 @@ def default_workdir(method: str) -> str:
 
 
 def check_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are writable directories (fails early,
-  before any compute, so a save can never hang on a bad path)."""
-  if not wd.is_local(workdir):  # gs:// etc.: checked by the writers themselves
-    return workdir
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from None
+  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are (or can be) writable directories."""
+  wd.check_writable_dir(workdir, f"--workdir={workdir}")
   ckpt = os.path.join(workdir, "checkpoints")
-  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
-    raise ConfigError(f"{ckpt} is a file, not a directory: checkpoints are written there; move the file away or "
-                      "choose another --workdir")
+  if os.path.exists(ckpt):
+    wd.check_writable_dir(ckpt)
   return workdir
 
 

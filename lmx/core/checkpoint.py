@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lmx.core.config import ConfigError
+from lmx.core.workdir import check_writable_dir
 
 
 class CheckpointMismatchError(ConfigError):
@@ -31,25 +32,6 @@ class CheckpointMismatchError(ConfigError):
 
 class NoRestorableCheckpointError(ConfigError):
   """Checkpoints were written but none reads back; starting over needs the user's consent."""
-
-
-def check_directory(directory: str) -> str:
-  """Creates ``directory`` if needed and checks that it is a writable directory; raises ConfigError otherwise."""
-  if "://" in directory:  # object stores: checked by Orbax on first write
-    return directory
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise ConfigError(f"{directory} exists and is not a directory: move it out of the way (checkpoints are "
-                      "written there)")
-  try:
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"{directory} is not writable ({e.strerror}): fix its permissions or choose another "
-                      "--workdir") from None
-  return directory
 
 
 def _reason(err: Exception) -> str:
@@ -116,7 +98,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
     self.directory = directory if "://" in directory else os.path.abspath(directory)
-    check_directory(self.directory)
+    check_writable_dir(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
         create=True)

@@ -36,6 +36,26 @@ def now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+def check_writable_dir(path: str, what: str | None = None) -> str:
+  """Creates ``path`` if needed and checks that it is a writable directory (before any compute, so a save can
+  never hang on a bad path); ConfigError naming ``what`` (default: the path) otherwise. Object stores pass."""
+  what = what or path
+  if not is_local(path):
+    return path
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"{what} is a file, not a directory: move it out of the way or choose another --workdir")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"{what} is not writable ({e.strerror}); fix its permissions or choose another "
+                      "--workdir") from None
+  return path
+
+
 def pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
