@@ -1,17 +1,22 @@
 """Attention against a float64 NumPy implementation written here: the jnp reference and the Pallas kernel
 (interpret mode on CPU) forward, gradients vs central finite differences, GQA, bottom-right causal masks, bf16,
-shard_map; the dispatcher's shard_map specs and ``resolve_impl``'s choices against hand-written tables."""
+shard_map; the dispatcher's shard_map specs and ``resolve_impl``'s choices against hand-written tables; block
+sizes and ragged lengths against the jnp reference; the TPU wrapper in the Mosaic interpreter; and lowering of the
+compiled kernels (interpret=False) from this CPU host for cuda (Triton) and tpu (Mosaic), forward and backward."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from lmx.core import mesh as mesh_lib
 from lmx.kernels import attention as attention_lib
+from lmx.kernels import tpu_attention
 from lmx.kernels.flash_attention import flash_attention, masked_attention, reference_attention
+from lmx.models.transformer import TransformerConfig
 
 
 def _np_heads(q, k, v, causal, scale, mask):
@@ -237,21 +242,28 @@ def test_dispatcher_shard_map_follows_batch_axes(b, kh, batch_axes, expected):
   assert not _shard_map_specs(fn, q, k, v)  # no mesh: the kernel is called unwrapped
 
 
-# (impl, dtype, head_dim, backend) -> the impl that runs. auto picks cuDNN only on GPU for 16-bit inputs with a
-# head dim that is a multiple of 8 and at most 128; explicit impls pass through where they can run.
+# (impl, dtype, head_dim, backend) -> the impl that runs (self-attention, T == S). auto on GPU picks cuDNN for 16-bit
+# inputs with a head dim that is a multiple of 8 and at most 128, else the Triton kernel up to head dim 256 (padded
+# to a power of two); on TPU the Mosaic kernel for float32/bfloat16; XLA otherwise and on CPU. Explicit impls pass
+# through where they can run.
 RESOLVE = [
     ("auto", jnp.float32, 64, "cpu", "xla"),
     ("auto", jnp.bfloat16, 64, "cpu", "xla"),
-    ("auto", jnp.bfloat16, 64, "tpu", "xla"),
+    ("auto", jnp.bfloat16, 64, "tpu", "pallas"),
+    ("auto", jnp.float32, 100, "tpu", "pallas"),
+    ("auto", jnp.float16, 64, "tpu", "xla"),
     ("auto", jnp.bfloat16, 64, "gpu", "cudnn"),
     ("auto", jnp.float16, 128, "gpu", "cudnn"),
     ("auto", jnp.bfloat16, 8, "gpu", "cudnn"),
-    ("auto", jnp.bfloat16, 256, "gpu", "xla"),
-    ("auto", jnp.bfloat16, 100, "gpu", "xla"),
-    ("auto", jnp.float32, 64, "gpu", "xla"),
+    ("auto", jnp.bfloat16, 256, "gpu", "pallas"),
+    ("auto", jnp.bfloat16, 100, "gpu", "pallas"),
+    ("auto", jnp.bfloat16, 512, "gpu", "xla"),
+    ("auto", jnp.float32, 64, "gpu", "pallas"),
+    ("auto", jnp.float32, 64, "cuda", "pallas"),
     ("xla", jnp.bfloat16, 64, "gpu", "xla"),
     ("pallas", jnp.float32, 64, "cpu", "pallas"),
     ("pallas", jnp.bfloat16, 64, "gpu", "pallas"),
+    ("pallas", jnp.bfloat16, 64, "tpu", "pallas"),
     ("cudnn", jnp.float16, 64, "gpu", "cudnn"),
 ]
 
@@ -265,8 +277,120 @@ def test_resolve_impl_choices(impl, dtype, head_dim, backend, expected):
     ("cudnn", jnp.bfloat16, "cpu", "needs a GPU"),
     ("cudnn", jnp.float32, "gpu", "float16/bfloat16"),
     ("flash", jnp.float32, "cpu", "unknown"),
+    ("pallas", jnp.float16, "tpu", "float16"),
 ])
 def test_resolve_impl_errors_name_the_field(impl, dtype, backend, match):
   with pytest.raises(ValueError, match=match) as e:
     attention_lib.resolve_impl(impl, dtype, 64, backend=backend)
   assert "model.attention_impl" in str(e.value)
+
+
+# (backend, q_shape, kv_shape, dtype, causal) -> what auto runs, and a word of its stated reason.
+AUTO = [
+    ("tpu", (2, 200, 4, 32), (2, 200, 2, 32), jnp.bfloat16, True, "pallas", "Mosaic"),
+    ("tpu", (2, 1, 4, 32), (2, 64, 2, 32), jnp.bfloat16, True, "xla", "top-left"),  # cached decoding: T != S
+    ("tpu", (2, 1, 4, 32), (2, 64, 2, 32), jnp.bfloat16, False, "pallas", "Mosaic"),
+    ("gpu", (2, 1, 4, 32), (2, 64, 2, 32), jnp.bfloat16, True, "pallas", "Triton"),  # cuDNN needs T == S here
+    ("gpu", (2, 64, 4, 32), (2, 64, 2, 32), jnp.bfloat16, True, "cudnn", "cuDNN"),
+    ("cpu", (2, 64, 4, 32), (2, 64, 2, 32), jnp.float32, True, "xla", "interpreter"),
+]
+
+
+@pytest.mark.parametrize("backend,q_shape,kv_shape,dtype,causal,expected,why", AUTO)
+def test_auto_impl_says_what_and_why(backend, q_shape, kv_shape, dtype, causal, expected, why):
+  impl, reason = attention_lib.auto_impl(q_shape, kv_shape, dtype, causal=causal, backend=backend)
+  assert (impl, why in reason) == (expected, True), reason
+  assert attention_lib.resolve_impl("auto", dtype, q_shape[-1], backend, q_shape=q_shape, kv_shape=kv_shape,
+                                    causal=causal) == expected
+
+
+def _np_inputs(b, t, s, h, kh, e, seed):
+  """Like :func:`_inputs` from NumPy's generator (no per-shape compilation of jax.random)."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.standard_normal(shape), jnp.float32)
+          for shape in ((b, t, h, e), (b, s, kh, e), (b, s, kh, e), (b, t, h, e))]
+
+
+def _value_and_grads(fn, q, k, v, do, causal, **kw):
+  """Output and d/d(q, k, v) of sum(out * do) in one jit."""
+  def f(q, k, v):
+    o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, causal=causal, **kw), q, k, v)
+    return o, vjp(do)
+  return jax.jit(f)(q, k, v)
+
+
+def test_pallas_on_tpu_rejects_unsupported_shapes():
+  q, k = jnp.zeros((1, 1, 2, 8)), jnp.zeros((1, 16, 1, 8))
+  with pytest.raises(ValueError, match="top-left") as e:
+    attention_lib.attention(q, k, k, impl="pallas", platform="tpu")
+  assert "model.attention_impl" in str(e.value)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    tpu_attention.tpu_flash_attention(k, k, k, block_q=64)
+  for bad in (24, 0):
+    with pytest.raises(ValueError, match="power of two"):
+      flash_attention(q, k, k, causal=False, block_k=bad)
+
+
+# (T, S, causal, block_q, block_k): ragged lengths (not multiples of the blocks), unequal and tiny blocks.
+BLOCKS = [
+    (20, 37, True, 8, 32),
+    (20, 37, False, 32, 8),
+    (33, 33, True, 64, 16),
+]
+
+
+@pytest.mark.parametrize("t,s,causal,block_q,block_k", BLOCKS)
+def test_pallas_blocks_and_ragged_lengths_match_reference(t, s, causal, block_q, block_k):
+  q, k, v, do = _np_inputs(1, t, s, 2, 1, 16, seed=3)
+  o, g = _value_and_grads(flash_attention, q, k, v, do, causal, block_q=block_q, block_k=block_k, interpret=True)
+  o_ref, g_ref = _value_and_grads(reference_attention, q, k, v, do, causal)
+  np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=2e-5)
+  for name, a, r in zip("qkv", g, g_ref):
+    np.testing.assert_allclose(a, r, atol=5e-5, rtol=2e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("t,s,causal", [(130, 130, True), (72, 130, False)])
+def test_tpu_kernel_in_mosaic_interpreter_matches_reference(t, s, causal):
+  """The TPU path (GQA by repeated kv heads, padding to 128-blocks, segment ids for non-causal padding) run by the
+  Mosaic TPU interpreter on CPU, forward and gradients."""
+  q, k, v, do = _np_inputs(1, t, s, 2, 1, 16, seed=4)
+  with pltpu.force_tpu_interpret_mode():
+    o, g = _value_and_grads(tpu_attention.tpu_flash_attention, q, k, v, do, causal, block_q=128, block_k=128)
+  o_ref, g_ref = _value_and_grads(reference_attention, q, k, v, do, causal)
+  np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=2e-5)
+  for name, a, r in zip("qkv", g, g_ref):
+    np.testing.assert_allclose(a, r, atol=5e-5, rtol=2e-4, err_msg=f"d{name}")
+
+
+# The custom call of each compiled kernel in StableHLO; the Pallas interpreter lowers to neither.
+MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+def _model_attention_inputs(dtype):
+  """q/k/v of the model's attention (TransformerConfig defaults, GQA with 2 kv heads) at max_seq_len."""
+  cfg = TransformerConfig(n_kv_heads=2)
+  q = jnp.zeros((2, cfg.max_seq_len, cfg.n_heads, cfg.head_dim), dtype)
+  kv = jnp.zeros((2, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim), dtype)
+  return q, kv, kv
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("target", ["cuda", "tpu"])
+@pytest.mark.parametrize("platform", [None, "target"])  # chosen at lowering (platform_dependent) or up front
+def test_compiled_kernels_lower_for_gpu_and_tpu(target, platform, dtype):
+  platform = {"cuda": "gpu", "tpu": "tpu"}[target] if platform else None
+  fwd = functools.partial(attention_lib.attention, causal=True, impl="pallas", interpret=False, platform=platform)
+  loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))  # noqa: E731
+  bwd = jax.grad(loss, argnums=(0, 1, 2))
+  args = _model_attention_inputs(dtype)
+  other = MARKERS["tpu" if target == "cuda" else "cuda"]
+  for name, fn, kernels in (("fwd", fwd, 1), ("bwd", bwd, 3)):  # backward: the forward again plus two kernels
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(target,)).as_text()
+    assert text.count(MARKERS[target]) >= kernels, f"{target} {name}: compiled kernel not lowered"
+    assert other not in text, f"{target} {name}: the other platform's kernel lowered"
+
+
+def test_auto_lowers_the_tpu_kernel():
+  fn = functools.partial(attention_lib.attention, causal=True, impl="auto", platform="tpu")
+  text = jax.jit(fn).trace(*_model_attention_inputs(jnp.bfloat16)).lower(lowering_platforms=("tpu",)).as_text()
+  assert MARKERS["tpu"] in text

@@ -11,11 +11,16 @@ Gradients go through a ``jax.custom_vjp``: the forward kernel saves the per-row 
 two kernels, one over query blocks (dQ) and one over key blocks (dK, dV per query head, summed over each GQA
 group outside the kernel). All accumulation is in float32; outputs come back in q's dtype.
 
-The kernels use the generic Pallas API (grid + BlockSpec, refs indexed directly), so the same code lowers to
-Triton on GPU and runs in interpret mode on CPU (``interpret=None`` picks interpret mode on CPU, where
-``interpret=False`` is not supported). It is not tuned for TPU (Mosaic has its own block-shape rules; use
-``impl="xla"`` there). Sequence lengths that are not multiples of the block sizes are padded (padded keys
-are masked); a head dim that is not a power of two is zero-padded (Triton needs power-of-two tiles).
+The kernels use the generic Pallas API (grid + BlockSpec, refs indexed directly). Compiled
+(``interpret=False``), every ``pallas_call`` carries Triton ``CompilerParams`` (``num_warps``, ``num_stages``):
+without them jax 0.10 lowers a GPU ``pallas_call`` with Mosaic GPU, which cannot lower these kernels; with them
+the kernels lower to the ``__gpu$xla.gpu.triton`` custom call, also from a CPU host
+(``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``). ``interpret=None`` picks the Pallas interpreter
+on a CPU backend only (where compiled kernels cannot run). The [B, T, H, E] blocks break Mosaic's (8, 128) rule,
+so on TPU :mod:`lmx.kernels.tpu_attention` (the maintained Mosaic kernel) is used instead; the dispatcher
+:func:`lmx.kernels.attention.attention` chooses. Sequence lengths that are not multiples of the block sizes are
+padded (padded keys are masked); a head dim that is not a power of two is zero-padded (Triton needs power-of-two
+tiles).
 
 :func:`reference_attention` is the plain-jnp version (same signature, float32 softmax): the kernel's test
 reference and the dispatcher's ``xla`` path; :func:`masked_attention` is the same computation with an explicit
@@ -33,10 +38,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 2
 
 
 def _softmax_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, scale, zero_masked_rows):
@@ -224,6 +232,8 @@ class _Static:
   block_q: int
   block_k: int
   interpret: bool
+  num_warps: int
+  num_stages: int
   offset: int  # S - T (bottom-right causal alignment)
   kv_len: int  # real kv length S; padded keys are masked
 
@@ -238,6 +248,11 @@ class _Static:
   @property
   def nk(self) -> int:
     return self.sp // self.block_k
+
+  def compiler_params(self):
+    """Triton parameters for compiled kernels (they select the Triton lowering over Mosaic GPU); None when
+    interpreting."""
+    return None if self.interpret else pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
   def kw(self):
     return dict(scale=self.scale, causal=self.causal, block_q=self.block_q, block_k=self.block_k,
@@ -262,6 +277,7 @@ def _fwd_call(q, k, v, st: _Static):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((st.b, st.h, st.tp), jnp.float32)],
       interpret=st.interpret,
+      compiler_params=st.compiler_params(),
       name="flash_attention_fwd",
   )(q, k, v)
 
@@ -283,6 +299,7 @@ def _bwd_call(q, k, v, o, lse, do, st: _Static):
       out_specs=pl.BlockSpec((None, st.block_q, None, st.e), lambda b, h, i: (b, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=st.interpret,
+      compiler_params=st.compiler_params(),
       name="flash_attention_dq",
   )(q, k, v, do, lse, delta)
   dk_h, dv_h = pl.pallas_call(
@@ -302,6 +319,7 @@ def _bwd_call(q, k, v, o, lse, do, st: _Static):
       ],
       out_shape=[jax.ShapeDtypeStruct((st.b, st.sp, st.h, st.e), jnp.float32)] * 2,
       interpret=st.interpret,
+      compiler_params=st.compiler_params(),
       name="flash_attention_dkv",
   )(q, k, v, do, lse, delta)
   # Per-query-head dK/dV summed over each GQA group (heads h = kv * G + g).
@@ -329,8 +347,14 @@ def _flash_padded_bwd(st, res, do):
 _flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd)
 
 
+def _check_block(name: str, block) -> None:
+  if not isinstance(block, int) or block <= 0 or block & (block - 1):
+    raise ValueError(f"flash attention {name} must be a positive power of two (Triton tiles), got {block!r}")
+
+
 def flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None,
-                    block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None):
+                    block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None,
+                    num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = DEFAULT_NUM_STAGES):
   """Blockwise (flash) softmax attention as a Pallas kernel; differentiable (custom_vjp).
 
   Args:
@@ -339,7 +363,9 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float
     causal: mask keys after each query (bottom-right aligned when S > T; requires S >= T).
     scale: score scale, default ``E ** -0.5``.
     block_q, block_k: tile sizes along T and S (default 64, capped at the padded lengths; powers of two).
-    interpret: run the kernel in the Pallas interpreter; default True on CPU, False elsewhere.
+    interpret: run the kernel in the Pallas interpreter; default True on a CPU backend, False elsewhere. False
+      builds the Triton kernels (GPU), which can be lowered but not run on a CPU host.
+    num_warps, num_stages: Triton compiler parameters of the compiled kernels.
 
   Returns:
     [B, T, H, E] in q's dtype.
@@ -350,8 +376,11 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float
   scale = e ** -0.5 if scale is None else float(scale)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  block_q = min(block_q or DEFAULT_BLOCK_Q, _next_pow2(t))
-  block_k = min(block_k or DEFAULT_BLOCK_K, _next_pow2(s))
+  block_q = DEFAULT_BLOCK_Q if block_q is None else block_q
+  block_k = DEFAULT_BLOCK_K if block_k is None else block_k
+  _check_block("block_q", block_q)
+  _check_block("block_k", block_k)
+  block_q, block_k = min(block_q, _next_pow2(t)), min(block_k, _next_pow2(s))  # no block beyond the padded length
   tp, sp, ep = _round_up(t, block_q), _round_up(s, block_k), _next_pow2(e)
   q, k, v = q_BTHE, k_BSKE, v_BSKE
   if (tp, ep) != (t, e):
@@ -360,7 +389,8 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float
     k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, ep - e)))
     v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, ep - e)))
   st = _Static(b=b, tp=tp, sp=sp, h=h, kh=k.shape[2], e=ep, causal=causal, scale=scale, block_q=block_q,
-               block_k=block_k, interpret=bool(interpret), offset=s - t, kv_len=s)
+               block_k=block_k, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
+               offset=s - t, kv_len=s)
   o = _flash_padded(q, k, v, st)
   return o[:, :t, :, :e]
 
