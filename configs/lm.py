@@ -50,9 +50,10 @@ def get_config(arg=None):
   elif a.variant == "moe":
     # Every block MoE: 8 SwiGLU experts of width 128, top-2, dropless; routing statistics in metrics.
     # moe_impl="tiled": pure-jnp tiled grouped matmul; on CPU ragged_dot runs densely and is slower.
+    # Aux losses summed over layers (Switch / ST-MoE).
     c.model.update(moe_every=1, n_experts=8, top_k=2, moe_d_ff=128, capacity_factor=0.0, moe_impl="tiled",
-                   router_softmax="before", norm_topk_prob=False, lb_loss_norm="switch",
-                   lb_loss_coef=0.01, z_loss_coef=0.001, moe_stats_per_expert=True)
+                   router_softmax="before", norm_topk_prob=False, lb_loss_norm="assign_frac",
+                   moe_aux_layers="sum", lb_loss_coef=0.01, z_loss_coef=0.001, moe_stats_per_expert=True)
   elif a.variant == "125m":
     c.model.update(vocab_size=260, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048,
                    max_seq_len=2048, dtype="bfloat16", attention_impl="auto", remat="dots")
@@ -69,9 +70,13 @@ def get_config(arg=None):
   elif a.variant == "moe_1b7b":
     c.model.update(vocab_size=260, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, d_ff=1024,
                    max_seq_len=4096, dtype="bfloat16", attention_impl="auto", remat="dots",
+                   # OLMoE-1B-7B's MoE: 64 experts of width 1024, top-8, softmax before top-k, no top-k
+                   # renormalisation, dropless; load balancing 0.01 with the HF/OLMoE global formula
+                   # (E · Σ_e f_e P_e, f = assignments per token, f and P over all layers), router z-loss 0.001.
+                   # (OLMo's megablocks training code averages assign_frac over layers instead: ~k times smaller.)
                    moe_every=1, n_experts=64, top_k=8, moe_d_ff=1024, capacity_factor=0.0, moe_impl="ragged",
-                   router_softmax="before", norm_topk_prob=False, lb_loss_norm="switch",
-                   lb_loss_coef=0.01, z_loss_coef=0.001, moe_stats_per_expert=False)  # OLMoE-like
+                   router_softmax="before", norm_topk_prob=False, lb_loss_norm="assign_per_token",
+                   moe_aux_layers="global", lb_loss_coef=0.01, z_loss_coef=0.001, moe_stats_per_expert=False)
     c.mesh.update(data=1, fsdp=-1, expert=8)
     c.data.update(seq_len=2048, global_batch=512)
     c.optim.update(lr=4e-4, warmup_steps=2000)

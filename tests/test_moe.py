@@ -84,11 +84,12 @@ def test_capacity_dispatch_no_drop_equals_dense_and_drops_by_priority():
   np.testing.assert_allclose(out1[0, 1], 0.0, atol=1e-6)
   np.testing.assert_allclose(out1[0, 3], 0.0, atol=1e-6)
   assert float(dropped1) == pytest.approx(0.5)
-  # Top-2 priority: all first choices are placed before any second choice.
+  # Top-2 priority is causal, (position, rank) order: token 0's two choices are placed before token 1's first.
   ex2 = jnp.array([[[1, 0], [0, 1]]])  # token 0: 1st=1, 2nd=0; token 1: 1st=0, 2nd=1; capacity 1
   out2, dropped2 = _capacity(x1[:, :2], ex2, jnp.ones((1, 2, 2)), w1, w3, w2, capacity_factor=0.5)
-  full2 = _dense_ref(x1[0, :2], ex2[0, :, :1], jnp.ones((2, 1)), w1, w3, w2)
-  np.testing.assert_allclose(out2[0], full2, atol=1e-5)  # only the first choices survive
+  full2 = _dense_ref(x1[0, :2], ex2[0], jnp.ones((2, 2)), w1, w3, w2)
+  np.testing.assert_allclose(out2[0, 0], full2[0], atol=1e-5)  # token 0: both experts
+  np.testing.assert_allclose(out2[0, 1], 0.0, atol=1e-6)  # token 1: both experts already full
   assert float(dropped2) == pytest.approx(0.5)
 
 
@@ -98,23 +99,36 @@ def test_load_balancing_loss_hand_computed():
   p_mean = np.asarray(probs).mean(0)  # [0.4, 0.3, 0.3]
   counts = np.array([3, 2, 3], float)  # all assignments
   first = np.array([2, 1, 1], float)  # first choices
-  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="switch"),
+  # By hand: p_mean = [0.4, 0.3, 0.3]; assign_frac = 3 * (3*0.4 + 2*0.3 + 3*0.3) / 8 = 3 * 2.7 / 8;
+  # first_choice_frac = 3 * (2*0.4 + 1*0.3 + 1*0.3) / 4 = 3 * 1.4 / 4; assign_per_token = 3 * 2.7 / 4.
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="assign_frac"),
                              3 * np.sum(counts / 8 * p_mean), rtol=1e-6)
-  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="gshard"),
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="assign_frac"), 3 * 2.7 / 8, rtol=1e-6)
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="first_choice_frac"),
                              3 * np.sum(first / 4 * p_mean), rtol=1e-6)
-  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="maxtext"),
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="first_choice_frac"), 3 * 1.4 / 4,
+                             rtol=1e-6)
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="assign_per_token"),
                              3 * np.sum(counts / 4 * p_mean), rtol=1e-6)
-  # Balanced routing gives 1 (switch, gshard) and k (maxtext).
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(probs, experts, norm="assign_per_token"), 3 * 2.7 / 4,
+                             rtol=1e-6)
+  f, p = moe_lib.load_balancing_terms(probs, experts, norm="assign_per_token")
+  np.testing.assert_allclose(f, counts / 4, rtol=1e-6)
+  np.testing.assert_allclose(p, p_mean, rtol=1e-6)
+  # Balanced routing gives 1 (assign_frac, first_choice_frac) and k (assign_per_token).
   uni = jnp.full((4, 4), 0.25)
   bal = jnp.array([[0, 1], [1, 2], [2, 3], [3, 0]])
-  assert float(moe_lib.load_balancing_loss(uni, bal, norm="switch")) == pytest.approx(1.0)
-  assert float(moe_lib.load_balancing_loss(uni, bal, norm="gshard")) == pytest.approx(1.0)
-  assert float(moe_lib.load_balancing_loss(uni, bal, norm="maxtext")) == pytest.approx(2.0)
+  assert float(moe_lib.load_balancing_loss(uni, bal, norm="assign_frac")) == pytest.approx(1.0)
+  assert float(moe_lib.load_balancing_loss(uni, bal, norm="first_choice_frac")) == pytest.approx(1.0)
+  assert float(moe_lib.load_balancing_loss(uni, bal, norm="assign_per_token")) == pytest.approx(2.0)
   # The gradient flows through the mean probabilities only: d/dp_te = E * f_e / N.
-  g = jax.grad(lambda p: moe_lib.load_balancing_loss(p, experts, norm="switch"))(probs)
+  g = jax.grad(lambda p: moe_lib.load_balancing_loss(p, experts, norm="assign_frac"))(probs)
   np.testing.assert_allclose(g, np.broadcast_to(3 * counts / 8 / 4, (4, 3)), rtol=1e-6)
   with pytest.raises(ValueError, match="lb_loss_norm"):
     moe_lib.load_balancing_loss(probs, experts, norm="nope")
+  for old, new in (("switch", "assign_frac"), ("gshard", "first_choice_frac"), ("maxtext", "assign_per_token")):
+    with pytest.raises(ValueError, match=f"renamed '{new}'"):
+      moe_lib.load_balancing_loss(probs, experts, norm=old)
 
 
 def test_router_z_loss_hand_computed():
@@ -157,7 +171,9 @@ def test_transformer_moe_aux_contract_and_routing_records():
     assert f"moe/layer1/{name}" in m and f"moe/{name}" in m
     assert m[f"moe/{name}"].shape == ()
   assert "moe/layer1/load/e3" in m and "moe/layer1/mean_prob/e0" in m and "moe/layer0/cv" not in m
-  np.testing.assert_allclose(aux["aux_loss"], 0.01 * m["moe/lb_loss"] + 0.001 * m["moe/z_loss"], rtol=1e-6)
+  # One MoE layer: the per-layer sum is that layer's loss.
+  np.testing.assert_allclose(aux["aux_loss"], 0.01 * m["moe/layer1/lb_loss"] + 0.001 * m["moe/layer1/z_loss"],
+                             rtol=1e-6)
   rec = aux["routing"]["layer1"]
   assert rec["experts"].shape == (2, 8, 2) and rec["gates"].shape == (2, 8, 2)
   assert rec["router_logits"].shape == (2, 8, 4)
@@ -189,6 +205,10 @@ def test_moe_wrong_shapes_and_config_errors():
     _moe_cfg(moe_impl="fast")
   with pytest.raises(ConfigError, match="model.lb_loss_norm"):
     _moe_cfg(lb_loss_norm="x")
+  with pytest.raises(ConfigError, match="model.lb_loss_norm='maxtext' was renamed 'assign_per_token'"):
+    _moe_cfg(lb_loss_norm="maxtext")
+  with pytest.raises(ConfigError, match="model.moe_aux_layers"):
+    _moe_cfg(moe_aux_layers="max")
   with pytest.raises(ConfigError, match="model.moe_every=3 > model.n_layers=2"):
     _moe_cfg(moe_every=3)
   with pytest.raises(ConfigError, match=r"model.n_heads=4 is not divisible by model.n_kv_heads=3"):
@@ -224,3 +244,9 @@ def test_lm_config_variants_build():
     sizes = {k: v for k, v in c.mesh.items() if v > 0}
     cfg.check_mesh(sizes)
     assert bool(cfg.moe_every) == (variant in ("moe", "moe_1b7b"))
+  # moe_1b7b has OLMoE-1B-7B's MoE settings.
+  m = TransformerConfig.from_config(lm.get_config("moe_1b7b").model)
+  assert (m.n_experts, m.top_k, m.expert_d_ff, m.router_softmax, m.norm_topk_prob) == (64, 8, 1024, "before", False)
+  assert (m.lb_loss_norm, m.moe_aux_layers, m.lb_loss_coef, m.z_loss_coef) == ("assign_per_token", "global", 0.01,
+                                                                                0.001)
+  assert m.capacity_factor == 0.0

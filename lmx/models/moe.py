@@ -15,16 +15,28 @@ Dispatch:
   ``jax.lax.ragged_dot`` with per-expert group sizes (a grouped GEMM where the backend has one; CPU runs it
   densely over all experts, E/k times the useful FLOPs); ``impl="tiled"`` pads each expert's rows to tiles and
   runs batched matmuls (pure jnp, near-ideal FLOPs, weight gathers of [tiles, D, F]: for small/medium models).
-  capacity (``capacity_factor=c > 0``): per sequence (group of T tokens) each expert takes at most
-  ``C = ceil(c·T·k/E)`` assignments, first choices before second choices, earlier tokens first; overflowing
-  assignments are dropped (their gate weight is lost; the residual stream carries the token). Dispatch and
-  combine are one-hot einsums [B, T, E, C] (GShard/Switch style), which shard cleanly over ``expert``.
+  capacity (``capacity_factor=c > 0``): per sequence (group of T tokens, one batch row) each expert takes at
+  most ``C = ceil(c·T·k/E)`` assignments. Priority is causal (:func:`capacity_slots`): the T·k choices are
+  taken in (position, rank) order -- token 0's choices in rank order, then token 1's, ... -- and a choice is
+  kept iff fewer than C earlier choices (kept or not) went to the same expert. So whether token t's choices
+  are kept depends only on tokens <= t (and on C), never on later tokens, and cached decoding (which carries
+  the per-expert counts of the prefix, :meth:`MoE.__call__` ``counts_BE``) reproduces the full forward pass.
+  (Ranking all first choices before any second choice, GShard/Switch style, is not causal: a later token's
+  first choice would displace an earlier token's second choice.) Overflowing assignments are dropped (their
+  gate weight is lost; the residual stream carries the token). Dispatch and combine are one-hot einsums
+  [B, T, E, C] (GShard/Switch style), which shard cleanly over ``expert``.
 
-Losses (pure functions; the transformer averages them over MoE layers and multiplies by the coefficients):
+Losses (pure functions; the transformer combines them over MoE layers, see ``TransformerConfig.moe_aux_layers``,
+and multiplies by the coefficients):
   :func:`load_balancing_loss` ``E · Σ_e f_e · P_e`` with ``P_e`` = mean router probability of expert e and
-  ``f_e`` by ``lb_loss_norm``: ``switch`` = fraction of all N·k assignments (Σf = 1; balanced → 1),
-  ``gshard`` = fraction of tokens whose first choice is e (Σf = 1; balanced → 1), ``maxtext`` = assignments
-  per token (Σf = k; balanced → k).
+  ``f_e`` by ``lb_loss_norm``, named after what f is:
+  ``assign_frac`` = fraction of all N·k assignments that go to e (Σf = 1; balanced → 1; Switch for k = 1,
+  megablocks / OLMo's training code for any k);
+  ``first_choice_frac`` = fraction of tokens whose first choice is e (GShard's m_e; Σf = 1; balanced → 1);
+  ``assign_per_token`` = assignments to e per token (Σf = k; balanced → k; HF transformers'
+  ``load_balancing_loss_func`` used by its OLMoE/Mixtral/Qwen-MoE ports).
+  The former names ``switch``, ``gshard``, ``maxtext`` are rejected with the new name (:data:`LB_NORM_RENAMED`).
+  :func:`load_balancing_terms` returns (f, P) so that a caller can also combine layers before the product.
   :func:`router_z_loss` ``mean_t (logsumexp_e z_te)²`` (ST-MoE).
 
 Statistics (:func:`routing_stats`): per-expert load share and mean router probability, CV of the loads,
@@ -42,7 +54,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 ROUTER_SOFTMAX = ("before", "after")
-LB_NORMS = ("switch", "gshard", "maxtext")
+LB_NORMS = ("assign_frac", "first_choice_frac", "assign_per_token")
+# Former names of the load-balancing variants -> their current names (the old ones are errors, not aliases, so
+# a config that meant one of them is not silently reinterpreted).
+LB_NORM_RENAMED = {"switch": "assign_frac", "gshard": "first_choice_frac", "maxtext": "assign_per_token"}
+
+
+def lb_norm_error(norm: str, field: str = "lb_loss_norm") -> str | None:
+  """The error message for an unknown or renamed load-balancing variant ``norm``; None when it is valid."""
+  if norm in LB_NORMS:
+    return None
+  if norm in LB_NORM_RENAMED:
+    return (f"{field}={norm!r} was renamed {LB_NORM_RENAMED[norm]!r} (the names now say what f_e counts); "
+            f"choose one of {list(LB_NORMS)}")
+  return f"{field}={norm!r}; choose one of {list(LB_NORMS)}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,23 +102,33 @@ def expert_counts(experts_NK, n_experts: int):
   return jnp.sum(jax.nn.one_hot(experts_NK, n_experts, dtype=jnp.float32), axis=tuple(range(experts_NK.ndim)))
 
 
-def load_balancing_loss(probs_NE, experts_NK, *, norm: str = "switch"):
-  """Auxiliary load-balancing loss ``E · Σ_e f_e · P_e`` (see the module docstring for ``norm``).
+def load_balancing_terms(probs_NE, experts_NK, *, norm: str = "assign_frac"):
+  """The two factors of the load-balancing loss: ``(f_E, P_E)`` (see the module docstring for ``norm``).
 
-  Gradients flow through ``P_e`` (the mean router probabilities) only; ``f_e`` is a count.
+  ``f_E`` is a count (no gradient); ``P_E`` is the mean router probability per expert (differentiable).
   """
-  if norm not in LB_NORMS:
-    raise ValueError(f"load-balancing norm {norm!r}; choose one of {LB_NORMS} (model.lb_loss_norm)")
+  msg = lb_norm_error(norm, "load-balancing norm (model.lb_loss_norm)")
+  if msg:
+    raise ValueError(msg)
   n, e = probs_NE.shape
   k = experts_NK.shape[-1]
   p_E = jnp.mean(probs_NE, axis=0)
-  if norm == "gshard":
+  if norm == "first_choice_frac":
     f_E = expert_counts(experts_NK[:, :1], e) / n
-  elif norm == "switch":
+  elif norm == "assign_frac":
     f_E = expert_counts(experts_NK, e) / (n * k)
-  else:
+  else:  # assign_per_token
     f_E = expert_counts(experts_NK, e) / n
-  return e * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
+  return jax.lax.stop_gradient(f_E), p_E
+
+
+def load_balancing_loss(probs_NE, experts_NK, *, norm: str = "assign_frac"):
+  """Auxiliary load-balancing loss ``E · Σ_e f_e · P_e`` of one layer (see the module docstring for ``norm``).
+
+  Gradients flow through ``P_e`` (the mean router probabilities) only; ``f_e`` is a count.
+  """
+  f_E, p_E = load_balancing_terms(probs_NE, experts_NK, norm=norm)
+  return probs_NE.shape[-1] * jnp.sum(f_E * p_E)
 
 
 def router_z_loss(logits_NE):
@@ -200,27 +235,58 @@ def capacity(tokens_per_group: int, n_experts: int, top_k: int, capacity_factor:
   return max(1, int(math.ceil(capacity_factor * tokens_per_group * top_k / n_experts)))
 
 
-def capacity_dispatch(x_BTD, experts_BTK, gates_BTK, w1_EDF, w3_EDF, w2_EFD, *, capacity_factor: float):
+def capacity_slots(experts_BTK, n_experts: int, cap: int, *, counts_BE=None, valid_BT=None):
+  """Causal capacity assignment: each choice's slot in its expert's buffer, or -1 when it is dropped.
+
+  Per batch row the T·K choices are taken in (position, rank) order (row-major over [T, K]); choice (t, r)
+  to expert e gets slot ``n`` = the number of choices to e before it in that order (plus ``counts_BE[b, e]``,
+  the choices to e of earlier, already-processed positions of the row: the cached-decoding state), and is
+  kept iff ``n < cap``. Choices of tokens with ``valid_BT`` False (padding) take no slot and are dropped.
+
+  Returns ``(slot_BTK int32, counts_BE int32)``: the slots and the updated per-expert counts (all counted
+  choices, kept or not; once an expert is full every later choice to it is dropped, so counting the dropped
+  ones changes nothing).
+  """
+  b, t, k = experts_BTK.shape
+  onehot_BAE = jax.nn.one_hot(experts_BTK.reshape(b, t * k), n_experts, dtype=jnp.int32)  # A = T·K, (t, r)
+  if valid_BT is not None:
+    onehot_BAE = onehot_BAE * jnp.repeat(valid_BT.astype(jnp.int32), k, axis=1)[:, :, None]
+  prior_BE = jnp.zeros((b, n_experts), jnp.int32) if counts_BE is None else counts_BE.astype(jnp.int32)
+  cum_BAE = jnp.cumsum(onehot_BAE, axis=1) + prior_BE[:, None, :]  # inclusive count per expert
+  pos_BA = jnp.sum(cum_BAE * onehot_BAE, axis=-1) - 1  # 0-based slot of the choice; -1 for masked choices
+  keep_BA = (pos_BA >= 0) & (pos_BA < cap)
+  slot_BTK = jnp.where(keep_BA, pos_BA, -1).reshape(b, t, k)
+  return slot_BTK.astype(jnp.int32), cum_BAE[:, -1, :]
+
+
+def capacity_dispatch(x_BTD, experts_BTK, gates_BTK, w1_EDF, w3_EDF, w2_EFD, *, capacity_factor: float,
+                      cap: int | None = None, counts_BE=None, valid_BT=None, return_counts: bool = False):
   """Capacity-factor MoE with one-hot einsum dispatch per sequence (group = one batch row).
 
-  Returns ``(out_BTD, dropped_frac)``; dropped assignments contribute nothing.
+  The capacity is ``cap`` when given, else :func:`capacity` of T tokens; which choices are kept is
+  :func:`capacity_slots` (causal, (position, rank) priority; ``counts_BE`` / ``valid_BT`` as there).
+  Returns ``(out_BTD, dropped_frac)`` (dropped assignments contribute nothing; the fraction is over the
+  counted choices), and the updated counts as a third element with ``return_counts``.
   """
   b, t, d = x_BTD.shape
   e = w1_EDF.shape[0]
   k = experts_BTK.shape[-1]
-  c = capacity(t, e, k, capacity_factor)
-  onehot_BKTE = jax.nn.one_hot(jnp.swapaxes(experts_BTK, 1, 2), e, dtype=jnp.int32)  # priority: k, then t
-  pos_BKTE = jnp.cumsum(onehot_BKTE.reshape(b, k * t, e), axis=1).reshape(b, k, t, e) * onehot_BKTE - 1
-  keep_BKTE = (pos_BKTE >= 0) & (pos_BKTE < c)
-  dispatch_BKTEC = jax.nn.one_hot(jnp.where(keep_BKTE, pos_BKTE, -1), c, dtype=x_BTD.dtype)  # -1 → zeros
-  dispatch_BTEC = jnp.sum(dispatch_BKTEC, axis=1)
-  combine_BTEC = jnp.einsum("bktec,btk->btec", dispatch_BKTEC.astype(jnp.float32), gates_BTK)
+  c = capacity(t, e, k, capacity_factor) if cap is None else int(cap)
+  slot_BTK, new_counts_BE = capacity_slots(experts_BTK, e, c, counts_BE=counts_BE, valid_BT=valid_BT)
+  # [B, T, K, E, C]: choice (t, r) goes to expert experts[t, r] at slot slot[t, r] (slot -1: all zeros).
+  dispatch_BTKEC = (jax.nn.one_hot(experts_BTK, e, dtype=x_BTD.dtype)[..., None]
+                    * jax.nn.one_hot(slot_BTK, c, dtype=x_BTD.dtype)[..., None, :])
+  dispatch_BTEC = jnp.sum(dispatch_BTKEC, axis=2)
+  combine_BTEC = jnp.einsum("btkec,btk->btec", dispatch_BTKEC.astype(jnp.float32), gates_BTK)
   xin_BECD = jnp.einsum("btec,btd->becd", dispatch_BTEC, x_BTD)
   h_BECF = jax.nn.silu(jnp.einsum("becd,edf->becf", xin_BECD, w1_EDF)) * jnp.einsum(
       "becd,edf->becf", xin_BECD, w3_EDF)
   y_BECD = jnp.einsum("becf,efd->becd", h_BECF, w2_EFD)
   out_BTD = jnp.einsum("btec,becd->btd", combine_BTEC, y_BECD.astype(jnp.float32)).astype(x_BTD.dtype)
-  dropped = jnp.sum(pos_BKTE >= c).astype(jnp.float32) / (b * t * k)  # chosen but over capacity
+  n_counted = b * t * k if valid_BT is None else k * jnp.sum(valid_BT.astype(jnp.float32))
+  dropped = (n_counted - jnp.sum(slot_BTK >= 0).astype(jnp.float32)) / jnp.maximum(n_counted, 1.0)
+  if return_counts:
+    return out_BTD, dropped, new_counts_BE
   return out_BTD, dropped
 
 
@@ -240,19 +306,26 @@ def dense_reference(x_ND, experts_NK, gates_NK, w1_EDF, w3_EDF, w2_EFD):
 class MoE(nnx.Module):
   """Top-k routed SwiGLU experts. ``moe(x_BTD)`` returns ``(y_BTD, info)``.
 
-  ``info`` holds scalars ``lb_loss``, ``z_loss`` and the :func:`routing_stats`; with ``return_routing=True``
-  also ``experts`` [B, T, K], ``gates`` [B, T, K] and ``router_logits`` [B, T, E] per token.
+  ``info`` holds scalars ``lb_loss``, ``z_loss``, the load-balancing factors ``lb_frac`` / ``lb_prob`` [E]
+  (:func:`load_balancing_terms`, for combining layers) and the :func:`routing_stats`; with
+  ``return_routing=True`` also ``experts`` [B, T, K], ``gates`` [B, T, K] and ``router_logits`` [B, T, E].
+
+  Cached decoding in capacity mode (``capacity_factor > 0``): pass ``counts_BE`` (per row, the number of
+  choices per expert of the positions already processed; zeros at the start), ``valid_BT`` (False for padding
+  tokens, which then take no capacity) and ``capacity_len`` (the sequence length S the capacity is computed
+  for, ``C = ceil(c·S·k/E)``: the cache length). ``info["capacity_counts"]`` is then the updated counts. With
+  the same S this reproduces the full forward pass over S tokens position by position (:func:`capacity_slots`).
   Expert weights carry the logical axis ``expert`` (and ``embed``/``mlp``); the router is ``(embed, None)``.
   """
 
   def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, *, capacity_factor: float = 0.0,
-               router_softmax: str = "before", norm_topk_prob: bool = False, lb_loss_norm: str = "switch",
+               router_softmax: str = "before", norm_topk_prob: bool = False, lb_loss_norm: str = "assign_frac",
                dropless_impl: str = "ragged", dtype="float32", param_dtype="float32", init_std: float = 0.02,
                out_std: float | None = None, rngs: nnx.Rngs):
     if router_softmax not in ROUTER_SOFTMAX:
       raise ValueError(f"router_softmax={router_softmax!r}; choose one of {ROUTER_SOFTMAX}")
-    if lb_loss_norm not in LB_NORMS:
-      raise ValueError(f"lb_loss_norm={lb_loss_norm!r}; choose one of {LB_NORMS}")
+    if lb_norm_error(lb_loss_norm):
+      raise ValueError(lb_norm_error(lb_loss_norm))
     if not 1 <= top_k <= n_experts:
       raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
     if dropless_impl not in DROPLESS_IMPLS:
@@ -272,7 +345,8 @@ class MoE(nnx.Module):
     self.w3 = p((n_experts, d_model, d_ff), ("expert", "embed", "mlp"), init_std)
     self.w2 = p((n_experts, d_ff, d_model), ("expert", "mlp", "embed"), out_std)
 
-  def __call__(self, x_BTD, *, return_routing: bool = False):
+  def __call__(self, x_BTD, *, return_routing: bool = False, counts_BE=None, valid_BT=None,
+               capacity_len: int | None = None):
     if x_BTD.ndim != 3 or x_BTD.shape[-1] != self.w1.shape[1]:
       raise ValueError(f"MoE input must be [B, T, D={self.w1.shape[1]}], got {x_BTD.shape}")
     b, t, d = x_BTD.shape
@@ -282,16 +356,23 @@ class MoE(nnx.Module):
     experts_NK, gates_NK, probs_NE = route(logits_NE, self.top_k, softmax=self.router_softmax,
                                            norm_topk_prob=self.norm_topk_prob)
     w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+    new_counts_BE = None
     if self.capacity_factor > 0:
-      y_BTD, dropped = capacity_dispatch(x, experts_NK.reshape(b, t, -1), gates_NK.reshape(b, t, -1), w1, w3, w2,
-                                         capacity_factor=self.capacity_factor)
+      cap = capacity(capacity_len or t, self.n_experts, self.top_k, self.capacity_factor)
+      y_BTD, dropped, new_counts_BE = capacity_dispatch(
+          x, experts_NK.reshape(b, t, -1), gates_NK.reshape(b, t, -1), w1, w3, w2,
+          capacity_factor=self.capacity_factor, cap=cap, counts_BE=counts_BE, valid_BT=valid_BT,
+          return_counts=True)
     else:
       y_BTD = dropless_dispatch(x.reshape(b * t, d), experts_NK, gates_NK, w1, w3, w2,
                                 impl=self.dropless_impl).reshape(b, t, d)
       dropped = None
     info = routing_stats(jax.lax.stop_gradient(experts_NK), jax.lax.stop_gradient(probs_NE),
                          dropped_frac=dropped)
-    info["lb_loss"] = load_balancing_loss(probs_NE, experts_NK, norm=self.lb_loss_norm)
+    info["lb_frac"], info["lb_prob"] = load_balancing_terms(probs_NE, experts_NK, norm=self.lb_loss_norm)
+    info["lb_loss"] = self.n_experts * jnp.sum(info["lb_frac"] * info["lb_prob"])
+    if counts_BE is not None:
+      info["capacity_counts"] = new_counts_BE
     info["z_loss"] = router_z_loss(logits_NE)
     if return_routing:
       info["experts"] = experts_NK.reshape(b, t, -1)

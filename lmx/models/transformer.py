@@ -7,12 +7,23 @@ used pure-functionally: ``graphdef, params = nnx.split(model, nnx.Param)`` outsi
 
 Mixture of experts: with ``moe_every=k > 0`` every k-th block (blocks k-1, 2k-1, ...) uses the routed
 :class:`lmx.models.moe.MoE` feed-forward instead of SwiGLU; ``aux["aux_loss"]`` is
-``lb_loss_coef · mean_layers(lb_loss) + z_loss_coef · mean_layers(z_loss)`` and ``aux["metrics"]`` holds the
+``lb_loss_coef · LB + z_loss_coef · Z`` with the layers combined by ``moe_aux_layers`` (:func:`moe_aux`):
+``sum`` (default) LB = Σ_layers lb_loss, Z = Σ_layers z_loss; ``mean`` the means over layers; ``global``
+LB = E · Σ_e mean_layers(f_e) · mean_layers(P_e), Z = mean_layers(z_loss). ``aux["metrics"]`` holds the
 per-layer routing statistics (``moe/layer{i}/cv``, ...; per expert ``moe/layer{i}/load/e{j}`` when
-``moe_stats_per_expert``) and their means over layers (``moe/cv``, ...).
+``moe_stats_per_expert``), their means over layers (``moe/cv``, ``moe/lb_loss``, ...) and ``moe/aux_loss``.
+
+Tied embeddings (``tie_embeddings``): the one table [V, D] is the input embedding and the unembedding; it is
+initialised with std ``init_std`` (as GPT-2 / OLMo do), like the untied unembedding, so the initial logits of a
+unit-RMS final hidden state have std ≈ init_std · sqrt(D) either way. (A std-1 table gave std ≈ sqrt(D), 16 at
+D = 256, with the input token's own logit ≈ D; scaling the std-1 table by 1/sqrt(D) at the output, as T5 does,
+still leaves that own-token logit at ≈ sqrt(D) while the std-1 input embedding dominates the residual stream,
+an initial loss far above log V.) The untied input embedding keeps std 1.
 
 Generation: :meth:`Transformer.init_cache` and :meth:`Transformer.decode` run the model incrementally with a
-per-layer KV cache [B, S, K, E] (see ``lmx.models.generate``).
+per-layer KV cache [B, S, K, E] (see ``lmx.models.generate``). Capacity-mode MoE layers also carry
+``moe_counts`` [B, E], the per-expert choice counts of the prefix, so that the causal capacity decisions
+(``lmx.models.moe.capacity_slots``, capacity computed for S tokens) equal the full forward pass over S tokens.
 
 Shapes in names: B batch, T time, S cache length, D model width, H query heads, K kv heads, E head dim,
 F ffn width, V vocab, L layers.
@@ -34,6 +45,7 @@ from lmx.models import moe as moe_lib
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_AUX_LAYERS = ("sum", "mean", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +80,12 @@ class TransformerConfig:
   moe_impl: str = "ragged"  # dropless grouped matmul: ragged (jax.lax.ragged_dot) | tiled (pure-jnp tiles)
   router_softmax: str = "before"  # before | after top-k
   norm_topk_prob: bool = False  # renormalise the top-k gates (router_softmax="before")
-  lb_loss_norm: str = "switch"  # switch | gshard | maxtext
+  lb_loss_norm: str = "assign_frac"  # assign_frac | first_choice_frac | assign_per_token (lmx.models.moe)
+  # How the per-layer aux losses combine (see moe_aux). Default "sum": Switch and ST-MoE add every router
+  # layer's auxiliary loss to the total loss (so their coefficients, e.g. 0.01 / 0.001, are per layer).
+  # "mean": averaged over layers (megablocks / OLMo's training code). "global": one loss from f and P averaged
+  # over layers (HF transformers' load_balancing_loss_func on the concatenated router logits of all layers).
+  moe_aux_layers: str = "sum"
   lb_loss_coef: float = 0.01
   z_loss_coef: float = 0.001
   moe_stats_per_expert: bool = True  # log per-expert load and mean router prob per layer
@@ -163,8 +180,11 @@ class TransformerConfig:
                           f"{list(moe_lib.ROUTER_SOFTMAX)}")
       if self.moe_impl not in moe_lib.DROPLESS_IMPLS:
         raise ConfigError(f"{prefix}.moe_impl={self.moe_impl!r}; choose one of {list(moe_lib.DROPLESS_IMPLS)}")
-      if self.lb_loss_norm not in moe_lib.LB_NORMS:
-        raise ConfigError(f"{prefix}.lb_loss_norm={self.lb_loss_norm!r}; choose one of {list(moe_lib.LB_NORMS)}")
+      lb_msg = moe_lib.lb_norm_error(self.lb_loss_norm, f"{prefix}.lb_loss_norm")
+      if lb_msg:
+        raise ConfigError(lb_msg)
+      if self.moe_aux_layers not in MOE_AUX_LAYERS:
+        raise ConfigError(f"{prefix}.moe_aux_layers={self.moe_aux_layers!r}; choose one of {list(MOE_AUX_LAYERS)}")
 
   def check_mesh(self, axis_sizes, prefix: str = "model", mesh_prefix: str = "mesh") -> None:
     """Checks the model against mesh axis sizes ({name: size}); raises ConfigError naming the fields.
@@ -335,10 +355,19 @@ class Block(nnx.Module):
     return x_BTD + y_BTD, info
 
   def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
-    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache, start, kv_valid_BS)
+    """One incremental step against this block's cache (``k``, ``v``; ``moe_counts`` in capacity mode)."""
+    a_BTD, new_cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache, start, kv_valid_BS)
     x_BTD = x_BTD + a_BTD
-    y_BTD, _ = self._ffn(self.ffn_norm(x_BTD))
-    return x_BTD + y_BTD, cache
+    if "moe_counts" in cache:
+      # Capacity-mode MoE: continue the prefix's per-expert counts; padding slots take no capacity; the capacity
+      # is that of a sequence as long as the cache.
+      valid_BT = jax.lax.dynamic_slice_in_dim(kv_valid_BS, start, x_BTD.shape[1], axis=1)
+      y_BTD, info = self.ffn(self.ffn_norm(x_BTD), counts_BE=cache["moe_counts"], valid_BT=valid_BT,
+                             capacity_len=cache["k"].shape[1])
+      new_cache = {**new_cache, "moe_counts": info["capacity_counts"]}
+    else:
+      y_BTD, _ = self._ffn(self.ffn_norm(x_BTD))
+    return x_BTD + y_BTD, new_cache
 
 
 class Transformer(nnx.Module):
@@ -348,7 +377,9 @@ class Transformer(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pd)
+    # Tied: the table is also the unembedding, so it takes the unembedding's init_std (see the module docstring).
+    embed_std = cfg.init_std if cfg.tie_embeddings else 1.0
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), embed_std, pd)
     self.blocks = nnx.List([Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     if not cfg.tie_embeddings:
@@ -409,14 +440,19 @@ class Transformer(nnx.Module):
     return out[0] if len(out) == 1 else out
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
-    """An empty KV cache: one ``{"k", "v"}`` dict of [batch, max_len, K, E] arrays per block."""
+    """An empty KV cache: one ``{"k", "v"}`` dict of [batch, max_len, K, E] arrays per block, plus
+    ``"moe_counts"`` (int32 [batch, n_experts] zeros) in capacity-mode MoE blocks."""
     cfg = self.cfg
     if max_len > cfg.max_seq_len:
       raise ConfigError(f"cache length {max_len} (prompt + new tokens) exceeds model.max_seq_len="
                         f"{cfg.max_seq_len} (the RoPE table)")
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+    cache = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+    if cfg.capacity_factor > 0:
+      for i in cfg.moe_layers:
+        cache[i]["moe_counts"] = jnp.zeros((batch, cfg.n_experts), jnp.int32)
+    return cache
 
   def decode(self, tokens_BT, cache, *, start, positions_BT, kv_valid_BS):
     """Runs T new tokens at cache slots [start, start+T) (shared by all rows) against the cache.
@@ -436,7 +472,8 @@ class Transformer(nnx.Module):
 
 
 def moe_aux(infos: dict, cfg: TransformerConfig) -> dict:
-  """Combines per-layer MoE infos into ``{"aux_loss", "metrics"}`` (see the module docstring)."""
+  """Combines per-layer MoE infos into ``{"aux_loss", "metrics"}``; ``cfg.moe_aux_layers`` says how the layers'
+  losses combine (see the module docstring)."""
   if not infos:
     return {"aux_loss": jnp.zeros((), jnp.float32), "metrics": {}}
   metrics = {}
@@ -452,7 +489,17 @@ def moe_aux(infos: dict, cfg: TransformerConfig) -> dict:
         metrics[f"moe/layer{i}/mean_prob/e{j}"] = info["mean_prob"][j]
   for name in scalars:
     metrics[f"moe/{name}"] = jnp.mean(jnp.stack([info[name] for info in infos.values()]))
-  aux_loss = cfg.lb_loss_coef * metrics["moe/lb_loss"] + cfg.z_loss_coef * metrics["moe/z_loss"]
+  lb_L = jnp.stack([info["lb_loss"] for info in infos.values()])
+  z_L = jnp.stack([info["z_loss"] for info in infos.values()])
+  if cfg.moe_aux_layers == "sum":  # Switch / ST-MoE: every router layer adds its own loss
+    lb, z = jnp.sum(lb_L), jnp.sum(z_L)
+  elif cfg.moe_aux_layers == "mean":
+    lb, z = jnp.mean(lb_L), jnp.mean(z_L)
+  else:  # global: f and P over all layers' tokens (every layer sees the same N tokens, so a mean over layers)
+    f_E = jnp.mean(jnp.stack([info["lb_frac"] for info in infos.values()]), axis=0)
+    p_E = jnp.mean(jnp.stack([info["lb_prob"] for info in infos.values()]), axis=0)
+    lb, z = cfg.n_experts * jnp.sum(f_E * p_E), jnp.mean(z_L)
+  aux_loss = cfg.lb_loss_coef * lb + cfg.z_loss_coef * z
   metrics["moe/aux_loss"] = aux_loss
   return {"aux_loss": aux_loss, "metrics": metrics}
 
