@@ -20,6 +20,12 @@ impl:
               GPU: ``cudnn`` for 16-bit inputs with a head dim that is a multiple of 8 and at most 128 (and T == S
               when causal), else ``pallas`` (Triton) where it supports the shapes; TPU: ``pallas`` where the Mosaic
               kernel supports the shapes; otherwise (and always on CPU) ``xla``.
+
+Segment ids (``q_segment_ids_BT`` [B, T], ``kv_segment_ids_BS`` [B, S], int; 0 = padding; the kv ids default to
+the query ids): a query attends only keys of its own nonzero id, on top of the causal mask (left-padded rows,
+packed sequences); query rows that see no key give 0. ``xla`` and ``pallas`` (all three kernels) take them;
+``cudnn`` does not, so with segment ids an explicit ``cudnn`` runs the ``xla`` path and ``auto`` chooses between
+``pallas`` and ``xla`` only. Without segment ids every path is exactly what it was without the option.
 """
 from __future__ import annotations
 
@@ -122,8 +128,31 @@ def available_impls(dtype=jnp.float32, backend: str | None = None) -> list[str]:
   return out
 
 
-def _pallas_fn(q_shape, kv_shape, dtype, *, causal, scale, interpret, backend):
-  """The Pallas kernel as ``fn(q, k, v)`` for ``backend`` (see the module docstring)."""
+def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None):
+  """``jax.nn.dot_product_attention`` with the cuDNN fused kernel (GPU, float16/bfloat16; GQA as in lmx)."""
+  return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, scale=scale, is_causal=causal,
+                                      implementation="cudnn")
+
+
+def _pallas_fn(q_shape, kv_shape, dtype, *, causal, scale, interpret, backend, segmented=False):
+  """The Pallas kernel as ``fn(q, k, v)`` for ``backend`` (see the module docstring); ``fn(q, k, v, q_seg,
+  kv_seg)`` when ``segmented``."""
+  if segmented:
+    def with_segments(kernel):
+      return lambda q, k, v, qs, ks: kernel(q, k, v, q_segment_ids_BT=qs, kv_segment_ids_BS=ks)
+    if interpret or backend in ("gpu", "tpu"):  # a partial of flash_attention or tpu_flash_attention
+      return with_segments(_pallas_fn(q_shape, kv_shape, dtype, causal=causal, scale=scale, interpret=interpret,
+                                      backend=backend))
+    # Lowering for another platform, as below, with the segment ids passed on to the chosen branch.
+    gpu = with_segments(functools.partial(flash_lib.flash_attention, causal=causal, scale=scale, interpret=False))
+    tpu_reason = tpu_lib.unsupported_reason(q_shape, kv_shape, dtype, causal=causal)
+    if tpu_reason:
+      warnings.warn(f"attention impl 'pallas' lowered for TPU would not support {tpu_reason}; the TPU branch "
+                    "uses the XLA reference instead", stacklevel=3)
+      tpu = with_segments(functools.partial(reference_attention, causal=causal, scale=scale))
+    else:
+      tpu = with_segments(functools.partial(tpu_lib.tpu_flash_attention, causal=causal, scale=scale))
+    return lambda *a: jax.lax.platform_dependent(*a, cuda=gpu, rocm=gpu, tpu=tpu, default=gpu)
   gpu = functools.partial(flash_lib.flash_attention, causal=causal, scale=scale, interpret=False)
   if interpret:
     return functools.partial(flash_lib.flash_attention, causal=causal, scale=scale, interpret=True)
@@ -165,27 +194,44 @@ def _mesh_specs(q, k, batch_axes: tuple[str, ...]):
 
 
 def attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, impl: str = "xla", scale: float | None = None,
-              batch_axes: tuple[str, ...] = (), interpret: bool | None = None, platform: str | None = None):
+              batch_axes: tuple[str, ...] = (), interpret: bool | None = None, platform: str | None = None,
+              q_segment_ids_BT=None, kv_segment_ids_BS=None):
   """Softmax attention [B, T, H, E] x [B, S, K, E] -> [B, T, H, E] by the chosen implementation.
 
   ``batch_axes``: the mesh axes the batch is split over (``TransformerConfig.batch_axes``); they shape the
   ``jax.shard_map`` around the Pallas kernel. ``()`` uses those of ``lmx.core.mesh.DEFAULT_AXIS_RULES``.
   ``interpret`` (``impl="pallas"``): run the lmx kernel in the Pallas interpreter; default True only on a CPU
   backend. ``platform`` (``cpu``/``gpu``/``tpu``): the platform to choose and check the impl for, default
-  ``jax.default_backend()``.
+  ``jax.default_backend()``. ``q_segment_ids_BT`` / ``kv_segment_ids_BS``: optional int segment ids (0 =
+  padding; kv default: the query ids), see the module docstring; None keeps today's computation exactly.
   """
   backend = _backend(platform)
+  segmented = q_segment_ids_BT is not None
+  if not segmented and kv_segment_ids_BS is not None:
+    raise ValueError("kv_segment_ids_BS needs q_segment_ids_BT as well")
+  requested = impl
   impl = resolve_impl(impl, q_BTHE.dtype, q_BTHE.shape[-1], backend, q_shape=q_BTHE.shape, kv_shape=k_BSKE.shape,
                       causal=causal)
+  if segmented and impl == "cudnn":  # cuDNN here takes no segment ids: auto picks Pallas where it can
+    ok = requested == "auto" and pallas_unsupported_reason(q_BTHE.shape, k_BSKE.shape, q_BTHE.dtype, causal=causal,
+                                                           backend=backend) is None
+    impl = "pallas" if ok else "xla"
   if impl == "xla":
+    if segmented:
+      return reference_attention(q_BTHE, k_BSKE, v_BSKE, causal=causal, scale=scale,
+                                 q_segment_ids_BT=q_segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS)
     return reference_attention(q_BTHE, k_BSKE, v_BSKE, causal=causal, scale=scale)
   if impl == "cudnn":
     return cudnn_attention(q_BTHE, k_BSKE, v_BSKE, causal=causal, scale=scale)
   interpret = backend == "cpu" if interpret is None else interpret
   fn = _pallas_fn(q_BTHE.shape, k_BSKE.shape, q_BTHE.dtype, causal=causal, scale=scale, interpret=interpret,
-                  backend=backend)
+                  backend=backend, segmented=segmented)
+  args = (q_BTHE, k_BSKE, v_BSKE)
+  if segmented:
+    kv_segment_ids_BS = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+    args += (q_segment_ids_BT.astype(jnp.int32), kv_segment_ids_BS.astype(jnp.int32))
   mesh, spec = _mesh_specs(q_BTHE, k_BSKE, batch_axes or mesh_lib.batch_axes(mesh_lib.DEFAULT_AXIS_RULES))
   if spec is None:
-    return fn(q_BTHE, k_BSKE, v_BSKE)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-      q_BTHE, k_BSKE, v_BSKE)
+    return fn(*args)
+  in_specs = (spec, spec, spec) + ((P(spec[0], None),) * 2 if segmented else ())
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)

@@ -13,6 +13,10 @@ The kernel's blocks are [block_q, D] for q and [block_k, D] for k/v (D whole), a
 the padded keys come after every real query and are masked by the causal mask; without it, segment ids (1 for
 real positions, 0 for padding) keep real queries off padded keys. Padded query rows are sliced off.
 
+Caller segment ids (``q_segment_ids_BT`` / ``kv_segment_ids_BS``, 0 = padding) go to the kernel's own
+``SegmentIds`` (padded positions get id 0); the kernel masks keys of another id, and the output of padding
+queries (id 0, which the kernel lets attend each other) is set to 0, as in the lmx kernel.
+
 Not supported (:func:`unsupported_reason` says why, the dispatcher falls back to XLA under ``auto``): causal
 attention with S != T (the Mosaic kernel's causal mask is top-left aligned; lmx's is bottom-right, used by
 cached decoding), and dtypes other than float32/bfloat16.
@@ -53,13 +57,15 @@ def check_blocks(block_q: int, block_k: int) -> None:
 
 
 def tpu_flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None,
-                        block_q: int | None = None, block_k: int | None = None):
+                        block_q: int | None = None, block_k: int | None = None, q_segment_ids_BT=None,
+                        kv_segment_ids_BS=None):
   """Softmax attention [B, T, H, E] x [B, S, K, E] -> [B, T, H, E] by the Mosaic TPU flash kernel.
 
   Same semantics as :func:`lmx.kernels.flash_attention.flash_attention` (grouped-query, ``scale`` default
   ``E ** -0.5``), differentiable. ``block_q`` / ``block_k``: multiples of 128, default the largest of 512, 256,
   128 dividing the 128-padded length; the same blocks are used by the backward kernels. Raises ValueError for
-  unsupported shapes (see :func:`unsupported_reason`) and invalid blocks.
+  unsupported shapes (see :func:`unsupported_reason`) and invalid blocks. ``q_segment_ids_BT`` /
+  ``kv_segment_ids_BS``: optional int segment ids (kv default: the query ids; 0 = padding, output 0).
   """
   b, t, h, e = q_BTHE.shape
   s, kh = k_BSKE.shape[1], k_BSKE.shape[2]
@@ -81,7 +87,12 @@ def tpu_flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: f
     k = jnp.pad(k, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   segment_ids = None
-  if sp != s and not causal:  # causal: padded keys lie after every real query, the causal mask hides them
+  if q_segment_ids_BT is not None:
+    kv_segment_ids_BS = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+    seg_q = jnp.pad(q_segment_ids_BT.astype(jnp.int32), ((0, 0), (0, tp - t)))
+    seg_kv = jnp.pad(kv_segment_ids_BS.astype(jnp.int32), ((0, 0), (0, sp - s)))
+    segment_ids = tpu_fa.SegmentIds(q=seg_q, kv=seg_kv)
+  elif sp != s and not causal:  # causal: padded keys lie after every real query, the causal mask hides them
     seg_q = jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (b, tp))
     seg_kv = jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp))
     segment_ids = tpu_fa.SegmentIds(q=seg_q, kv=seg_kv)
@@ -90,7 +101,10 @@ def tpu_flash_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: f
       block_q_major_dkv=block_q, block_k_major_dkv=block_k, block_k_dkv=block_k, block_q_dkv=block_q,
       block_k_major_dq=block_k, block_k_dq=block_k, block_q_dq=block_q)
   o = tpu_fa.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale, block_sizes=blocks)
-  return jnp.swapaxes(o[:, :, :t], 1, 2).astype(q_BTHE.dtype)
+  o_BTHE = jnp.swapaxes(o[:, :, :t], 1, 2).astype(q_BTHE.dtype)
+  if q_segment_ids_BT is not None:  # padding queries attended each other (equal ids 0): their output is 0
+    o_BTHE = jnp.where((q_segment_ids_BT != 0)[:, :, None, None], o_BTHE, 0).astype(q_BTHE.dtype)
+  return o_BTHE
 
 
 __all__ = ["tpu_flash_attention", "unsupported_reason", "check_blocks"]

@@ -18,6 +18,10 @@ Returned dict (what RL needs):
   ``logprobs``         [B, N]      log p(token) under the model (temperature 1, no truncation); 0 where masked
   ``sample_logprobs``  [B, N]      log-prob under the distribution actually sampled (temperature, top-k, top-p)
   ``lengths``          [B]         number of generated tokens (EOS included)
+
+Re-scoring: :func:`token_logprobs` gives log p(token_t | tokens_<t) of given (e.g. left-padded) sequences from
+the training forward with segment ids, for RL's policy ratios; ``sequence_mask`` is the segment-id row (1 real,
+0 padding) of a returned ``tokens``.
 """
 from __future__ import annotations
 
@@ -97,6 +101,37 @@ def sample_logits(logits_BV, key, *, temperature: float = 1.0, top_k: int = 0, t
   tok_B = jax.random.categorical(key, l_BV, axis=-1).astype(jnp.int32)
   logp_B = jnp.take_along_axis(jax.nn.log_softmax(l_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
   return tok_B, logp_B
+
+
+def token_logprobs(apply_fn, params, tokens_BT, segment_ids_BT=None, *, positions_BT=None, **kw):
+  """Per-token log-probs ``logp_BT[b, t] = log p(tokens[b, t] | the earlier tokens of its segment)`` (float32).
+
+  ``apply_fn(params, tokens_BT, **kw) -> logits_BTV`` is a model's forward (``Model.apply`` of
+  :mod:`lmx.models.registry`); an NNX module may be passed instead, with ``params=None``. ``segment_ids_BT``
+  (int [B, T], 0 = padding; None: every row one sequence) goes to the forward, so a left-padded row scores as it
+  would alone, and packed sequences do not see each other; RoPE positions count from each segment's first token
+  unless ``positions_BT`` is given. ``logp_BT`` is 0 at padding and at the first token of each segment (it has
+  no context to be predicted from); ``kw`` goes to the forward (its output must be the logits alone).
+  """
+  fwd_kw = dict(kw)
+  if segment_ids_BT is not None:
+    fwd_kw["segment_ids_BT"] = segment_ids_BT
+  if positions_BT is not None:
+    fwd_kw["positions_BT"] = positions_BT
+  if isinstance(apply_fn, nnx.Module):
+    if params is not None:
+      raise ValueError("token_logprobs: pass params=None with a module (its own parameters are used)")
+    logits_BTV = apply_fn(tokens_BT, **fwd_kw)
+  else:
+    logits_BTV = apply_fn(params, tokens_BT, **fwd_kw)
+  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)  # predicts tokens 1..T-1
+  lp_BT1 = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+  if segment_ids_BT is None:
+    scored_BT1 = jnp.ones(lp_BT1.shape, bool)
+  else:  # the token and its predecessor are real tokens of one segment
+    scored_BT1 = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] != 0)
+  lp_BT1 = jnp.where(scored_BT1, lp_BT1, 0.0)
+  return jnp.concatenate([jnp.zeros_like(lp_BT1[:, :1]), lp_BT1], axis=1)
 
 
 def _generate(graphdef, sampling: SamplingConfig, params, prompt_BP, prompt_lens_B, key):

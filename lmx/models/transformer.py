@@ -25,6 +25,15 @@ per-layer KV cache [B, S, K, E] (see ``lmx.models.generate``). Capacity-mode MoE
 ``moe_counts`` [B, E], the per-expert choice counts of the prefix, so that the causal capacity decisions
 (``lmx.models.moe.capacity_slots``, capacity computed for S tokens) equal the full forward pass over S tokens.
 
+Masks and segments: ``model(tokens_BT, segment_ids_BT=...)`` (int [B, T], 0 = padding) restricts attention to
+tokens of the same nonzero id (causal within each segment), through every ``attention_impl`` that takes segment
+ids (see :mod:`lmx.kernels.attention`): left-padded rollouts are re-scored and packed sequences trained without
+attending across the boundaries. RoPE positions then default to the index within the segment
+(:func:`segment_positions`), so a row's first real token has position 0 however much padding precedes it; padding
+positions give finite outputs that callers mask (e.g. :func:`lmx.models.generate.token_logprobs`). With MoE
+blocks, padding tokens are still routed (capacity-mode layers count them); dropless routing is per token, so real
+tokens are unaffected there. ``segment_ids_BT=None`` is the unmasked forward, unchanged.
+
 Shapes in names: B batch, T time, S cache length, D model width, H query heads, K kv heads, E head dim,
 F ffn width, V vocab, L layers.
 """
@@ -247,6 +256,17 @@ def rope_tables(max_len: int, head_dim: int, theta: float):
   return jnp.sin(ang), jnp.cos(ang)
 
 
+def segment_positions(segment_ids_BT):
+  """RoPE positions from segment ids: each token's index within its run of equal ids (a new segment starts
+  where the id changes), int32 [B, T]. Left padding (id 0) forms its own run, so the first real token is 0."""
+  t = segment_ids_BT.shape[1]
+  idx_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BT.shape)
+  starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                               segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  first_BT = jax.lax.cummax(jnp.where(starts_BT, idx_BT, 0), axis=1)  # index of the segment's first token
+  return idx_BT - first_BT
+
+
 def apply_rope(x_BTHE, positions_BT, theta: float):
   """Rotary embedding (rotate-half form) at integer positions."""
   e = x_BTHE.shape[-1]
@@ -282,11 +302,12 @@ class Attention(nnx.Module):
     return (apply_rope(q_BTHE, positions_BT, cfg.rope_theta), apply_rope(k_BTKE, positions_BT, cfg.rope_theta),
             v_BTKE)
 
-  def __call__(self, x_BTD, positions_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+    """Causal self-attention; ``segment_ids_BT`` (optional, 0 = padding) keeps it within equal ids."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
     o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl,
-                                     batch_axes=cfg.activation_batch_axes)
+                                     batch_axes=cfg.activation_batch_axes, q_segment_ids_BT=segment_ids_BT)
     return jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt))
 
   def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
@@ -349,8 +370,8 @@ class Block(nnx.Module):
       return self.ffn(x_BTD, return_routing=return_routing)
     return self.ffn(x_BTD), None
 
-  def __call__(self, x_BTD, positions_BT, return_routing: bool = False):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+  def __call__(self, x_BTD, positions_BT, return_routing: bool = False, segment_ids_BT=None):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     y_BTD, info = self._ffn(self.ffn_norm(x_BTD), return_routing)
     return x_BTD + y_BTD, info
 
@@ -391,9 +412,13 @@ class Transformer(nnx.Module):
     w_DV = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
     return jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(dt)).astype(jnp.float32)
 
-  def __call__(self, tokens_BT, *, positions_BT=None, return_hidden: bool = False, return_aux: bool = False,
-               return_routing: bool = False):
+  def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_hidden: bool = False,
+               return_aux: bool = False, return_routing: bool = False):
     """Runs the decoder.
+
+    ``segment_ids_BT`` (optional int [B, T], 0 = padding): attention only between tokens of the same nonzero id
+    (left padding, packed sequences); ``positions_BT`` (RoPE) then defaults to :func:`segment_positions`, else
+    to 0..T-1. Outputs at padding positions are finite but meaningless.
 
     Returns ``logits_BTV``; with ``return_hidden`` also ``hidden_LBTD`` (the L+1 residual streams, embeddings
     first); with ``return_aux`` also ``aux = {"aux_loss": scalar to add to the loss, "metrics": {name: scalar}}``
@@ -409,7 +434,11 @@ class Transformer(nnx.Module):
     b, t = tokens_BT.shape
     if t > cfg.max_seq_len:
       raise ConfigError(f"sequence length {t} exceeds model.max_seq_len={cfg.max_seq_len} (the RoPE table)")
-    if positions_BT is None:
+    if segment_ids_BT is not None and segment_ids_BT.shape != (b, t):
+      raise ValueError(f"segment_ids_BT must be [batch, time]={(b, t)}, got shape {segment_ids_BT.shape}")
+    if positions_BT is None and segment_ids_BT is not None:
+      positions_BT = segment_positions(segment_ids_BT)
+    elif positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     dt = jnp.dtype(cfg.dtype)
     x_BTD = shard_batch(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), cfg.activation_batch_axes)
@@ -418,10 +447,10 @@ class Transformer(nnx.Module):
     policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     for i, block in enumerate(self.blocks):
       if cfg.remat == "none":
-        x_BTD, info = block(x_BTD, positions_BT, return_routing)
+        x_BTD, info = block(x_BTD, positions_BT, return_routing, segment_ids_BT)
       else:
-        x_BTD, info = nnx.remat(lambda blk, x, p: blk(x, p, return_routing),
-                                policy=policy[cfg.remat])(block, x_BTD, positions_BT)
+        x_BTD, info = nnx.remat(lambda blk, x, p, sg: blk(x, p, return_routing, sg),
+                                policy=policy[cfg.remat])(block, x_BTD, positions_BT, segment_ids_BT)
       x_BTD = shard_batch(x_BTD, cfg.activation_batch_axes)
       if info is not None:
         infos[i] = info
