@@ -18,6 +18,12 @@ Returned dict (what RL needs):
   ``logprobs``         [B, N]      log p(token) under the model (temperature 1, no truncation); 0 where masked
   ``sample_logprobs``  [B, N]      log-prob under the distribution actually sampled (temperature, top-k, top-p)
   ``lengths``          [B]         number of generated tokens (EOS included)
+  ``done``             [B]         whether the row emitted a stop token (``eos_id`` or one of ``stop_ids``)
+  ``state``                        with ``return_state``: the KV cache to continue from (:func:`continue_generate`)
+
+Per-row temperature: ``generate(..., temperature_B=[B] array)`` samples row b at its own temperature (0: greedy;
+``top_k`` / ``top_p`` apply to all rows). Stop tokens: ``stop_ids`` (with ``eos_id``) end a row at its first stop
+token, which is kept; later positions are ``pad_id`` and outside ``mask`` / ``lengths``.
 
 Re-scoring: :func:`token_logprobs` gives log p(token_t | tokens_<t) of given (e.g. left-padded) sequences from
 the training forward with segment ids, for RL's policy ratios; ``sequence_mask`` is the segment-id row (1 real,
@@ -45,6 +51,9 @@ class SamplingConfig:
   top_p: float = 1.0  # 1: off
   eos_id: int = -1  # -1: none
   pad_id: int = 0
+  stop_ids: tuple = ()  # more stop tokens: a row stops at its first token in stop_ids (or eos_id), included
+  cache_len: int = 0  # 0: P + max_new_tokens; larger leaves room for later turns (continue_generate)
+  return_state: bool = False  # also return "state" (the KV cache and its bookkeeping) to continue from
 
   def validate(self) -> None:
     if self.max_new_tokens < 1:
@@ -55,6 +64,13 @@ class SamplingConfig:
       raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if self.cache_len < 0:
+      raise ValueError(f"cache_len={self.cache_len} must be >= 0 (0 = prompt + max_new_tokens)")
+
+  @property
+  def stops(self) -> tuple[int, ...]:
+    """All stop token ids: ``stop_ids`` and ``eos_id`` (when >= 0)."""
+    return tuple(int(t) for t in self.stop_ids) + ((self.eos_id,) if self.eos_id >= 0 else ())
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
@@ -134,54 +150,86 @@ def token_logprobs(apply_fn, params, tokens_BT, segment_ids_BT=None, *, position
   return jnp.concatenate([jnp.zeros_like(lp_BT1[:, :1]), lp_BT1], axis=1)
 
 
-def _generate(graphdef, sampling: SamplingConfig, params, prompt_BP, prompt_lens_B, key):
+def _sample_per_row(logits_BV, key, temperature_B, sampling: SamplingConfig):
+  """Like :func:`sample_logits` with one temperature per row (float [B]); rows with temperature 0 are greedy
+  (argmax, sample log-prob 0), the others sample from :func:`filter_logits` at their temperature."""
+  greedy_B = temperature_B <= 0
+  t_B1 = jnp.where(greedy_B, 1.0, temperature_B).astype(jnp.float32)[:, None]
+  l_BV = filter_logits(logits_BV.astype(jnp.float32) / t_B1, temperature=1.0, top_k=sampling.top_k,
+                       top_p=sampling.top_p)
+  sampled_B = jax.random.categorical(key, l_BV, axis=-1).astype(jnp.int32)
+  tok_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), sampled_B)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(l_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+  return tok_B, jnp.where(greedy_B, 0.0, logp_B)
+
+
+def _generate(graphdef, sampling: SamplingConfig, params, prompt_BP, prompt_lens_B, key, temperature_B=None,
+              state=None):
   model = nnx.merge(graphdef, params)
   b, p = prompt_BP.shape
   n = sampling.max_new_tokens
-  cache = model.init_cache(b, p + n)
   pad_B = p - prompt_lens_B
   prompt_valid_BP = jnp.arange(p)[None, :] >= pad_B[:, None]
-  kv_valid_BS = jnp.concatenate([prompt_valid_BP, jnp.ones((b, n), bool)], axis=1)
   positions_BP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
-  logits_BPV, cache = model.decode(prompt_BP, cache, start=0, positions_BT=positions_BP, kv_valid_BS=kv_valid_BS)
+  if state is None:  # a fresh cache; the prompt at slots [0, P), new tokens at [P, P + N)
+    start, pos0_B = 0, None
+    s = sampling.cache_len or p + n
+    cache = model.init_cache(b, s)
+    kv_valid_BS = jnp.concatenate([prompt_valid_BP, jnp.ones((b, n), bool)], axis=1)
+    if s > p + n:
+      kv_valid_BS = jnp.concatenate([kv_valid_BS, jnp.zeros((b, s - p - n), bool)], axis=1)
+  else:  # continue: this prompt at [length, length + P); RoPE positions after each row's earlier tokens
+    start, pos0_B, cache = state["length"], state["next_pos_B"], state["cache"]
+    kv_valid_BS = jax.lax.dynamic_update_slice(
+        state["kv_valid_BS"], jnp.concatenate([prompt_valid_BP, jnp.ones((b, n), bool)], axis=1), (0, start))
+    positions_BP = positions_BP + pos0_B[:, None]
+  logits_BPV, cache = model.decode(prompt_BP, cache, start=start, positions_BT=positions_BP,
+                                   kv_valid_BS=kv_valid_BS)
+  stops = sampling.stops
 
   def cond(carry):
     i, done_B = carry[0], carry[3]
     return (i < n) & ~jnp.all(done_B)
 
   def body(carry):
-    i, cache, logits_BV, done_B, toks_BN, lp_BN, slp_BN, key = carry
+    i, cache, logits_BV, done_B, toks_BN, lp_BN, slp_BN, key, kv_valid_BS = carry
     key, sub = jax.random.split(key)
-    tok_B, slp_B = sample_logits(logits_BV, sub, temperature=sampling.temperature, top_k=sampling.top_k,
-                                 top_p=sampling.top_p)
+    if temperature_B is None:
+      tok_B, slp_B = sample_logits(logits_BV, sub, temperature=sampling.temperature, top_k=sampling.top_k,
+                                   top_p=sampling.top_p)
+    else:
+      tok_B, slp_B = _sample_per_row(logits_BV, sub, temperature_B, sampling)
     lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
     live_B = ~done_B
     tok_B = jnp.where(live_B, tok_B, sampling.pad_id)
     toks_BN = toks_BN.at[:, i].set(tok_B)
     lp_BN = lp_BN.at[:, i].set(jnp.where(live_B, lp_B, 0.0))
     slp_BN = slp_BN.at[:, i].set(jnp.where(live_B, slp_B, 0.0))
-    if sampling.eos_id >= 0:
-      done_B = done_B | (tok_B == sampling.eos_id)
-    pos_B1 = (prompt_lens_B + i)[:, None]
-    logits_B1V, cache = model.decode(tok_B[:, None], cache, start=p + i, positions_BT=pos_B1,
+    if stops:
+      done_B = done_B | jnp.isin(tok_B, jnp.asarray(stops, jnp.int32))
+    # A finished row's padding goes into the cache as invalid slots (no attention, no MoE capacity), so that a
+    # continuation sees only its real tokens; live rows are unaffected.
+    kv_valid_BS = jax.lax.dynamic_update_slice(kv_valid_BS, live_B[:, None], (0, start + p + i))
+    pos_B1 = (prompt_lens_B + i)[:, None] if pos0_B is None else (pos0_B + prompt_lens_B + i)[:, None]
+    logits_B1V, cache = model.decode(tok_B[:, None], cache, start=start + p + i, positions_BT=pos_B1,
                                      kv_valid_BS=kv_valid_BS)
-    return i + 1, cache, logits_B1V[:, 0], done_B, toks_BN, lp_BN, slp_BN, key
+    return i + 1, cache, logits_B1V[:, 0], done_B, toks_BN, lp_BN, slp_BN, key, kv_valid_BS
 
   init = (jnp.int32(0), cache, logits_BPV[:, -1], jnp.zeros((b,), bool),
           jnp.full((b, n), sampling.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-          jnp.zeros((b, n), jnp.float32), key)
-  steps, _, _, _, toks_BN, lp_BN, slp_BN, _ = jax.lax.while_loop(cond, body, init)
-  # Mask: generated tokens up to and including the first EOS (and only the steps actually run).
+          jnp.zeros((b, n), jnp.float32), key, kv_valid_BS)
+  steps, cache, _, done_B, toks_BN, lp_BN, slp_BN, _, kv_valid_BS = jax.lax.while_loop(cond, body, init)
+  # Mask: generated tokens up to and including the first stop token (and only the steps actually run).
   idx_N = jnp.arange(n)
-  if sampling.eos_id >= 0:
-    is_eos_BN = toks_BN == sampling.eos_id
-    first_eos_B = jnp.where(jnp.any(is_eos_BN, axis=1), jnp.argmax(is_eos_BN, axis=1), n)
-    lengths_B = jnp.minimum(first_eos_B + 1, steps)
+  if stops:
+    is_stop_BN = jnp.isin(toks_BN, jnp.asarray(stops, jnp.int32))
+    first_stop_B = jnp.where(jnp.any(is_stop_BN, axis=1), jnp.argmax(is_stop_BN, axis=1), n)
+    lengths_B = jnp.minimum(first_stop_B + 1, steps)
   else:
     lengths_B = jnp.full((b,), steps)
   mask_BN = idx_N[None, :] < lengths_B[:, None]
   toks_BN = jnp.where(mask_BN, toks_BN, sampling.pad_id)
-  return {
+  out = {
       "tokens": jnp.concatenate([prompt_BP, toks_BN], axis=1),
       "new_tokens": toks_BN,
       "mask": mask_BN,
@@ -189,12 +237,24 @@ def _generate(graphdef, sampling: SamplingConfig, params, prompt_BP, prompt_lens
       "logprobs": jnp.where(mask_BN, lp_BN, 0.0),
       "sample_logprobs": jnp.where(mask_BN, slp_BN, 0.0),
       "lengths": lengths_B.astype(jnp.int32),
+      "done": done_B,
   }
+  if sampling.return_state:
+    next_pos_B = prompt_lens_B + lengths_B if pos0_B is None else pos0_B + prompt_lens_B + lengths_B
+    out["state"] = {
+        "cache": cache,
+        # Slots past a row's length (unrun steps, padding after its stop) hold no real token.
+        "kv_valid_BS": jax.lax.dynamic_update_slice(kv_valid_BS, mask_BN, (0, start + p)),
+        "length": jnp.asarray(start + p + n, jnp.int32),
+        "next_pos_B": next_pos_B.astype(jnp.int32),
+    }
+  return out
 
 
 @functools.lru_cache(maxsize=64)
 def make_generate_fn(graphdef, sampling: SamplingConfig):
-  """Jitted ``fn(params, prompt_BP, prompt_lens_B, key) -> dict`` (see the module docstring).
+  """Jitted ``fn(params, prompt_BP, prompt_lens_B, key, temperature_B=None, state=None) -> dict`` (see the module
+  docstring; ``temperature_B`` and ``state`` as in :func:`generate`).
 
   ``params`` is the state from ``nnx.split(model)`` (or ``nnx.split(model, nnx.Param)`` when the graphdef was
   split the same way); one compilation per (graphdef, sampling, shapes).
@@ -203,13 +263,43 @@ def make_generate_fn(graphdef, sampling: SamplingConfig):
   return jax.jit(functools.partial(_generate, graphdef, sampling))
 
 
-def generate(model: nnx.Module, prompt_BP, prompt_lens_B, key, **sampling_kwargs):
+def generate(model: nnx.Module, prompt_BP, prompt_lens_B, key, *, temperature_B=None, state=None,
+             **sampling_kwargs):
   """Convenience wrapper: splits ``model``, builds :class:`SamplingConfig` from kwargs and runs the jitted
-  sampler. Prompts are left-padded (see :func:`left_pad`)."""
-  graphdef, state = nnx.split(model)
+  sampler. Prompts are left-padded (see :func:`left_pad`).
+
+  ``temperature_B`` (float [B], optional): one temperature per row instead of ``temperature`` (0 = greedy row).
+  ``state`` (the ``"state"`` of an earlier call with ``return_state=True``): continue that conversation; see
+  :func:`continue_generate`.
+  """
+  graphdef, params = nnx.split(model)
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   prompt_lens_B = jnp.asarray(prompt_lens_B, jnp.int32)
   if prompt_BP.ndim != 2 or prompt_lens_B.shape != prompt_BP.shape[:1]:
     raise ValueError(f"prompt must be [B, P] with lengths [B], got {prompt_BP.shape} and {prompt_lens_B.shape}")
-  fn = make_generate_fn(graphdef, SamplingConfig(**sampling_kwargs))
-  return fn(state, prompt_BP, prompt_lens_B, key)
+  if temperature_B is not None:
+    temperature_B = jnp.asarray(temperature_B, jnp.float32)
+    if temperature_B.shape != prompt_BP.shape[:1]:
+      raise ValueError(f"temperature_B must be [B]={prompt_BP.shape[:1]}, got {temperature_B.shape}")
+    if bool(jnp.any(temperature_B < 0)):
+      raise ValueError("temperature_B must be >= 0 (0 = greedy)")
+  sampling = SamplingConfig(**sampling_kwargs)
+  if state is not None:
+    s = state["kv_valid_BS"].shape[1]
+    need = int(state["length"]) + prompt_BP.shape[1] + sampling.max_new_tokens
+    if need > s or state["kv_valid_BS"].shape[0] != prompt_BP.shape[0]:
+      raise ValueError(f"the continuation needs {need} cache slots for batch {prompt_BP.shape[0]}; the state has "
+                       f"{s} for batch {state['kv_valid_BS'].shape[0]} (raise cache_len in the first call)")
+  fn = make_generate_fn(graphdef, sampling)
+  return fn(params, prompt_BP, prompt_lens_B, key, temperature_B, state)
+
+
+def continue_generate(model: nnx.Module, state, prompt_BP, prompt_lens_B, key, **kwargs):
+  """Multi-turn generation: appends the (left-padded) ``prompt_BP`` to the conversation held in ``state`` (the
+  ``"state"`` output of :func:`generate` with ``return_state=True``) and generates after it, without recomputing
+  the prefix. The new tokens go to cache slots [length, length + P + N); RoPE positions continue from each row's
+  last real token, and earlier padding (left padding, tokens after a stop) stays masked, so the result equals
+  generating from the concatenated real tokens of each row. ``kwargs`` as for :func:`generate` (pass
+  ``return_state=True`` to continue again); the first call's ``cache_len`` must leave room.
+  """
+  return generate(model, prompt_BP, prompt_lens_B, key, state=state, **kwargs)

@@ -308,7 +308,8 @@ class MoE(nnx.Module):
 
   ``info`` holds scalars ``lb_loss``, ``z_loss``, the load-balancing factors ``lb_frac`` / ``lb_prob`` [E]
   (:func:`load_balancing_terms`, for combining layers) and the :func:`routing_stats`; with
-  ``return_routing=True`` also ``experts`` [B, T, K], ``gates`` [B, T, K] and ``router_logits`` [B, T, E].
+  ``return_routing=True`` also ``experts`` [B, T, K], ``gates`` [B, T, K], ``router_logits`` [B, T, E], ``probs``
+  [B, T, E] (their softmax) and ``kept`` [B, T, K] (bool: False for choices capacity dropped; all True dropless).
 
   Cached decoding in capacity mode (``capacity_factor > 0``): pass ``counts_BE`` (per row, the number of
   choices per expert of the positions already processed; zeros at the start), ``valid_BT`` (False for padding
@@ -378,4 +379,10 @@ class MoE(nnx.Module):
       info["experts"] = experts_NK.reshape(b, t, -1)
       info["gates"] = gates_NK.reshape(b, t, -1)
       info["router_logits"] = logits_NE.reshape(b, t, -1)
+      info["probs"] = probs_NE.reshape(b, t, -1)
+      if self.capacity_factor > 0:  # the same causal slots capacity_dispatch used (a cheap [B, T·K, E] cumsum)
+        slot_BTK, _ = capacity_slots(info["experts"], self.n_experts, cap, counts_BE=counts_BE, valid_BT=valid_BT)
+        info["kept"] = slot_BTK >= 0
+      else:
+        info["kept"] = jnp.ones(info["experts"].shape, bool)
     return y_BTD, info

@@ -26,7 +26,10 @@ class Model:
   """A built model: ``init(key) -> params`` (a pure dict) and ``apply(params, *inputs, **kw)``.
 
   ``cfg`` is the model's static config; ``graphdef`` the NNX graph for NNX models (None for pure functions);
-  ``shardings(mesh, rules)`` the params' NamedShardings from their logical axis names.
+  ``shardings(mesh, rules)`` the params' NamedShardings from their logical axis names;
+  ``logits_from_hidden(params, h_BTD) -> logits_BTV`` maps a post-final-norm hidden state to the logits (None
+  for models without one). The transformer's ``apply`` takes the keywords of ``Transformer.__call__``
+  (``hidden_layers``, ``return_aux``, ``return_routing``, ``segment_ids_BT``, ...).
   """
   name: str
   cfg: Any
@@ -34,6 +37,7 @@ class Model:
   apply: Callable
   shardings: Callable
   graphdef: Any = None
+  logits_from_hidden: Callable | None = None
 
   def abstract_params(self):
     return jax.eval_shape(self.init, jax.random.key(0))
@@ -87,7 +91,10 @@ def _transformer(model_cfg, *, axis_rules=None) -> Model:
   def apply(params, tokens_BT, **kw):
     return nnx.merge(graphdef, params)(tokens_BT, **kw)
 
-  return Model("transformer", cfg, init, apply, nnx_shardings(abstract), graphdef)
+  def logits_from_hidden(params, h_BTD):
+    return nnx.merge(graphdef, params).logits_from_hidden(h_BTD)
+
+  return Model("transformer", cfg, init, apply, nnx_shardings(abstract), graphdef, logits_from_hidden)
 
 
 @register("convnet")

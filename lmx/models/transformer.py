@@ -406,14 +406,19 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
 
-  def _logits(self, x_BTD):
+  def logits_from_hidden(self, h_BTD):
+    """Logits [B, T, V] (float32) of a post-final-norm hidden state ``h_BTD`` (``hiddens["final"]`` of
+    ``__call__(..., hidden_layers=...)``): the unembedding (the embedding table's transpose when tied), in the
+    compute dtype, exactly as the forward computes its logits."""
     dt = jnp.dtype(self.cfg.dtype)
-    h_BTD = self.final_norm(x_BTD)
     w_DV = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
-    return jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(dt)).astype(jnp.float32)
+    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), w_DV.astype(dt)).astype(jnp.float32)
+
+  def _logits(self, x_BTD):
+    return self.logits_from_hidden(self.final_norm(x_BTD))
 
   def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_hidden: bool = False,
-               return_aux: bool = False, return_routing: bool = False):
+               return_aux: bool = False, return_routing: bool = False, hidden_layers=None):
     """Runs the decoder.
 
     ``segment_ids_BT`` (optional int [B, T], 0 = padding): attention only between tokens of the same nonzero id
@@ -421,10 +426,14 @@ class Transformer(nnx.Module):
     to 0..T-1. Outputs at padding positions are finite but meaningless.
 
     Returns ``logits_BTV``; with ``return_hidden`` also ``hidden_LBTD`` (the L+1 residual streams, embeddings
-    first); with ``return_aux`` also ``aux = {"aux_loss": scalar to add to the loss, "metrics": {name: scalar}}``
-    (zero / empty for a dense model). Order: ``(logits, hidden, aux)`` with the requested ones present.
+    first); with ``hidden_layers`` (block indices, e.g. ``(0, 2)``; negative counts from the end) also
+    ``hiddens = {"block{i}": residual stream [B, T, D] after block i, "final": the post-final-norm state}``
+    (``logits == logits_from_hidden(hiddens["final"])``); with ``return_aux`` also ``aux = {"aux_loss": scalar to
+    add to the loss, "metrics": {name: scalar}}`` (zero / empty for a dense model). Order:
+    ``(logits, hidden, hiddens, aux)`` with the requested ones present.
     ``return_routing`` (needs ``return_aux``) adds ``aux["routing"] = {"layer{i}": {"experts" [B,T,K],
-    "gates" [B,T,K], "router_logits" [B,T,E]}}`` for every MoE layer, for offline analysis.
+    "gates" [B,T,K], "router_logits" [B,T,E], "probs" [B,T,E] (softmax of the logits), "kept" [B,T,K] bool
+    (False for choices dropped by capacity; all True when dropless)}}`` for every MoE layer, for analysis.
     """
     cfg = self.cfg
     if tokens_BT.ndim != 2:
@@ -440,6 +449,13 @@ class Transformer(nnx.Module):
       positions_BT = segment_positions(segment_ids_BT)
     elif positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    keep_layers = ()
+    if hidden_layers is not None:
+      keep_layers = tuple(sorted({int(i) % cfg.n_layers for i in hidden_layers}))
+      bad = [i for i in hidden_layers if not -cfg.n_layers <= int(i) < cfg.n_layers]
+      if bad:
+        raise ValueError(f"hidden_layers {bad} out of range for model.n_layers={cfg.n_layers}")
+    hiddens = {}
     dt = jnp.dtype(cfg.dtype)
     x_BTD = shard_batch(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), cfg.activation_batch_axes)
     hidden = [x_BTD]
@@ -456,14 +472,22 @@ class Transformer(nnx.Module):
         infos[i] = info
       if return_hidden:
         hidden.append(x_BTD)
-    logits_BTV = self._logits(x_BTD)
+      if i in keep_layers:
+        hiddens[f"block{i}"] = x_BTD
+    if hidden_layers is None:
+      logits_BTV = self._logits(x_BTD)
+    else:
+      hiddens["final"] = self.final_norm(x_BTD)
+      logits_BTV = self.logits_from_hidden(hiddens["final"])
     out = (logits_BTV,)
     if return_hidden:
       out += (jnp.stack(hidden),)
+    if hidden_layers is not None:
+      out += (hiddens,)
     if return_aux:
       aux = moe_aux(infos, cfg)
       if return_routing:
-        aux["routing"] = {f"layer{i}": {k: info[k] for k in ("experts", "gates", "router_logits")}
+        aux["routing"] = {f"layer{i}": {k: info[k] for k in ("experts", "gates", "router_logits", "probs", "kept")}
                           for i, info in infos.items()}
       out += (aux,)
     return out[0] if len(out) == 1 else out
