@@ -139,7 +139,7 @@ def _agree(decision: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
 
 
-def _prepare(module, config, workdir: str, new: dict):
+def _prepare(module, workdir: str, new: dict):
   """Process 0's checks before a run: ``(FINISHED, None, None)`` or ``(RUN, lock held, run.json bytes before)``."""
   if os.path.isdir(workdir):  # read-only first: a finished run, or a refused change, leaves every file as it was
     record = wd.read_record(workdir)
@@ -188,7 +188,7 @@ def dispatch(config, workdir: str | None):
   new = jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
   existed = os.path.isdir(workdir)
   try:
-    decision, lock, before = _prepare(module, config, workdir, new)
+    decision, lock, before = _prepare(module, workdir, new)
   except BaseException:
     _agree(REFUSED)
     raise

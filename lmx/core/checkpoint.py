@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lmx.core.config import ConfigError
+from lmx.core.results import jsonable
 from lmx.core.workdir import check_writable_dir
 
 
@@ -114,7 +115,7 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
       cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-      items["config"] = ocp.args.JsonSave(_jsonable(cfg))
+      items["config"] = ocp.args.JsonSave(jsonable(cfg))
     return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
 
   # -- restore ---------------------------------------------------------------------------------------------
@@ -295,13 +296,3 @@ def _layout(tree) -> dict[str, tuple[int, ...] | None]:
     shape = getattr(leaf, "shape", None)
     out["/".join(str(k) for k in path)] = tuple(shape) if shape is not None else None
   return out
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.generic,)):
-    return x.item()
-  return x
