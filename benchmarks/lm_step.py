@@ -11,14 +11,22 @@ inside the shared ``lmx.core.loop.Loop`` (step counter, rng, NaN guard), compile
 steps after warm-up (median, ``block_until_ready``) and reports:
 
   tokens_per_sec         batch·seq / median step time
-  compiled_flops         XLA's count for one step (per device)
+  compiled_flops         XLA's count for one step of one device's program, times the number of devices (the
+                         work all devices do together, replicated work counted on each)
   analytic_flops_6nd     6·N_active·tokens (N_active: matmul parameters a token touches: attention, the dense
                          FFN or top_k of the experts plus the router, and the unembedding; not the embedding
                          lookup)
   analytic_flops         6·N·D plus attention scores/values, 6·2·B·T²·H·E·L (halved when causal)
   flops_ratio            compiled_flops / analytic_flops (≈1 means no hidden recomputation or waste;
                          > 1 with remat, or for a dropless MoE on backends where ragged_dot runs densely)
-  mfu                    analytic_flops / step time / device peak (null when the peak is unknown, e.g. CPU)
+  matmul_precision       what the model's matmuls really run in (benchmarks.common.matmul_precision: bf16
+                         inputs as bf16; float32 as TF32 on GPUs and one bf16 pass on TPUs under JAX's default
+                         precision, true float32 on CPUs); the spec peak is looked up for it
+  mfu                    analytic_flops / step time / (devices · spec-sheet peak at that precision); null when the
+                         device has no spec entry, e.g. CPU
+  of_measured_matmul_peak  analytic_flops / step time / (devices · the FLOP/s of a large square matmul measured
+                         on one device in the same run, ``matmul_peak`` at the top of the JSON): meaningful on CPUs
+                         too (with fake CPU devices, which share the host's cores, it is a lower bound)
   nonfinite_steps_skipped  steps the loop's NaN guard skipped while timing (0 for a healthy step)
 
 and, for every attention impl available on the backend, forward+backward time at the model's attention
@@ -49,24 +57,7 @@ from lmx.kernels import attention as attention_lib  # noqa: E402
 from lmx.methods.lm.run import make_step  # noqa: E402
 from lmx.models.registry import build_model  # noqa: E402
 from lmx.models.transformer import TransformerConfig  # noqa: E402
-
-# Dense peak FLOP/s per device by (device_kind substring, dtype). Public spec-sheet numbers.
-PEAK_FLOPS = {
-    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,
-    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
-    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
-    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12, ("TPU v5e", "bfloat16"): 197e12,
-    ("TPU v5p", "bfloat16"): 459e12, ("TPU v5", "bfloat16"): 459e12, ("TPU v6", "bfloat16"): 918e12,
-}
-
-
-def device_peak(dtype: str) -> float | None:
-  kind = jax.devices()[0].device_kind
-  for (name, dt), peak in PEAK_FLOPS.items():
-    if name.lower() in kind.lower() and dt == dtype:
-      return peak
-  return None
-
+from benchmarks import common  # noqa: E402
 
 def active_params(cfg: TransformerConfig) -> dict:
   """Matmul parameters per token (total and active), by part."""
@@ -97,7 +88,7 @@ def _timeit(fn, *args, steps: int, warmup: int = 2):
   return float(np.median(times)), times
 
 
-def bench_train_step(c, batch: int, seq: int, steps: int) -> dict:
+def bench_train_step(c, batch: int, seq: int, steps: int, measured_peak: float | None = None) -> dict:
   """Compiles and times the LM train step users run for config ``c`` at [batch, seq] (see the module docstring).
 
   ``c`` is a configs/lm.py config; its data shape is set to [batch, seq] so the model, mesh and batch checks
@@ -126,7 +117,7 @@ def bench_train_step(c, batch: int, seq: int, steps: int) -> dict:
       compile_s = time.perf_counter() - t0
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      compiled_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+      compiled_flops = float(cost.get("flops", float("nan"))) * mesh.size if cost else float("nan")
       mem = compiled.memory_analysis()
       holder = {"state": state}  # the step donates its state: keep only the newest
 
@@ -144,7 +135,8 @@ def bench_train_step(c, batch: int, seq: int, steps: int) -> dict:
   flops_6nd = 6.0 * n["active_matmul_params"] * n_tok
   attn_flops = 3 * cfg.n_layers * attention_flops(batch, seq, cfg)  # forward + backward = 3x forward
   analytic = flops_6nd + attn_flops
-  peak = device_peak(cfg.dtype)
+  precision = common.matmul_precision(cfg.dtype)
+  peak = common.spec_peak_flops(jax.devices()[0].device_kind, precision)
   return {
       "timed": "lmx.methods.lm.run.make_step in lmx.core.loop.Loop.compile (NaN guard, config.optim)",
       "params": n_params, **n,
@@ -157,8 +149,11 @@ def bench_train_step(c, batch: int, seq: int, steps: int) -> dict:
       "analytic_flops": analytic,
       "flops_ratio": compiled_flops / analytic if analytic else None,
       "achieved_flops_per_sec": analytic / med,
+      "matmul_precision": precision,
       "device_peak_flops": peak,
-      "mfu": (analytic / med / peak) if peak else None,
+      "devices": mesh.size,
+      "mfu": (analytic / med / (peak * mesh.size)) if peak else None,
+      "of_measured_matmul_peak": (analytic / med / (measured_peak * mesh.size)) if measured_peak else None,
       "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
       "argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem else None,
       "final_loss": float(final["loss"]),
@@ -180,6 +175,8 @@ def bench_attention(cfg: TransformerConfig, batch: int, seq: int, steps: int) ->
   v = jax.random.normal(ks[2], (batch, seq, cfg.kv_heads, cfg.head_dim), dt)
   out = {"shape": {"batch": batch, "seq": seq, "heads": cfg.n_heads, "kv_heads": cfg.kv_heads,
                    "head_dim": cfg.head_dim, "dtype": dt.name}}
+  q_shape, kv_shape = q.shape, k.shape
+  out["auto"] = dict(zip(("chooses", "why"), attention_lib.auto_impl(q_shape, kv_shape, dt, causal=True)))
   ref = None
   for impl in attention_lib.available_impls(dt):
     def loss(q, k, v, impl=impl):
@@ -228,9 +225,11 @@ def main(argv=None):
       "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {},
   }
   if backend == "cpu":
-    results["note"] = ("CPU run (2 shared cores): tokens/s are CPU numbers, MFU unknown (no peak), Pallas runs "
-                       "in the interpreter. GPU numbers are pending: no accelerator was available in this "
+    results["note"] = ("CPU run (2 shared cores): tokens/s are CPU numbers, MFU unknown (no spec peak; see "
+                       "of_measured_matmul_peak), Pallas runs in the interpreter. GPU numbers are pending: no "
+                       "accelerator was available in this "
                        "session; run `python benchmarks/lm_step.py --size=125m` on a GPU.")
+  peaks = {}  # dtype -> measured matmul FLOP/s in this run
   for name, variant, overrides in SIZES[args.size]:
     c = lm_config.get_config(variant)
     c.model.update(overrides)
@@ -245,15 +244,21 @@ def main(argv=None):
                                                 "vocab_size", "dtype", "remat", "attention_impl", "moe_every",
                                                 "n_experts", "top_k", "moe_d_ff", "capacity_factor",
                                                 "moe_impl")}}
-    r["train_step"] = bench_train_step(c, batch, seq, args.steps)
+    if cfg.dtype not in peaks:
+      peaks[cfg.dtype] = common.measured_matmul_peak(cfg.dtype)
+      results.setdefault("matmul_peak", {})[cfg.dtype] = peaks[cfg.dtype]
+      print(f"  measured matmul peak ({cfg.dtype}): {peaks[cfg.dtype]['flops_per_sec'] / 1e9:.1f} GFLOP/s",
+            flush=True)
+    r["train_step"] = bench_train_step(c, batch, seq, args.steps, peaks[cfg.dtype]["flops_per_sec"])
     ts = r["train_step"]
     print(f"  {ts['tokens_per_sec']:.0f} tokens/s, step {ts['step_seconds_median'] * 1e3:.1f} ms, compiled/analytic "
-          f"FLOPs {ts['flops_ratio']:.2f}, MFU {ts['mfu']}", flush=True)
+          f"FLOPs {ts['flops_ratio']:.2f}, MFU {ts['mfu']}, of measured matmul peak "
+          f"{ts['of_measured_matmul_peak']:.2f}", flush=True)
     if not args.skip_attention and name in ("dense", "125m", "1b"):
       ab = min(batch, 4) if backend == "cpu" else batch
       r["attention"] = bench_attention(cfg, ab, seq, args.steps)
       for impl, v in r["attention"].items():
-        if impl != "shape":
+        if impl not in ("shape", "auto"):
           print(f"  attention {impl}: {v}", flush=True)
     results["models"][name] = r
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

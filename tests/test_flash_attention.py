@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lmx.core import mesh as mesh_lib
+from lmx.core import losses, mesh as mesh_lib
 from lmx.kernels import attention as attention_lib
 from lmx.kernels import tpu_attention
 from lmx.kernels.flash_attention import flash_attention, masked_attention, reference_attention
-from lmx.models.transformer import TransformerConfig
+from lmx.models.transformer import Transformer, TransformerConfig
 
 
 def _np_heads(q, k, v, causal, scale, mask):
@@ -427,3 +428,43 @@ def test_tpu_kernel_with_segment_ids_in_mosaic_interpreter_matches_reference():
   np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=2e-5)
   for name, a, r in zip("qkv", g, g_ref):
     np.testing.assert_allclose(a, r, atol=5e-5, rtol=2e-4, err_msg=f"d{name}")
+
+
+def _model_grad_text(impl: str, dtype: str, target: str) -> str:
+  """StableHLO of d(next-token loss)/d(params) of a 2-layer Transformer, built and lowered for ``target``."""
+  cfg = TransformerConfig(n_layers=2, n_kv_heads=2, attention_impl=impl, dtype=dtype, max_seq_len=128)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+  def loss(params, tokens_BT):
+    return losses.next_token_loss(nnx.merge(graphdef, params)(tokens_BT[:, :-1]), tokens_BT)
+
+  with attention_lib.target_platform(target):
+    return jax.jit(jax.grad(loss)).trace(params, jnp.zeros((2, 129), jnp.int32)).lower(
+        lowering_platforms=(target,)).as_text()
+
+
+@pytest.mark.parametrize("target,dtype", [("cuda", "float32"), ("cuda", "bfloat16"), ("tpu", "bfloat16")])
+def test_model_train_gradient_lowers_with_the_compiled_kernel_under_target_platform(target, dtype):
+  # The model passes neither interpret nor platform; target_platform makes its attention the real kernel.
+  text = _model_grad_text("pallas", dtype, target)
+  assert MARKERS[target] in text
+  assert MARKERS["tpu" if target == "cuda" else "cuda"] not in text
+  if target == "cuda":  # per layer: the forward kernel, and the backward's forward plus dq and dkv kernels
+    assert text.count(MARKERS["cuda"]) >= 3 * 2
+
+
+def test_without_target_platform_the_model_on_cpu_runs_the_interpreter():
+  cfg = TransformerConfig(n_layers=1, n_kv_heads=2, attention_impl="pallas", max_seq_len=32)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  fn = lambda p, t: nnx.merge(graphdef, p)(t)  # noqa: E731
+  text = jax.jit(fn).trace(params, jnp.zeros((1, 32), jnp.int32)).lower().as_text()
+  assert MARKERS["cuda"] not in text and MARKERS["tpu"] not in text
+
+
+def test_target_platform_rejects_unknown_names_and_restores_the_default():
+  with pytest.raises(ValueError, match="unknown"):
+    with attention_lib.target_platform("cdua"):
+      pass
+  with attention_lib.target_platform("tpu"):
+    assert attention_lib._TARGET.get() == "tpu"
+  assert attention_lib._TARGET.get() is None

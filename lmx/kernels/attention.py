@@ -26,9 +26,20 @@ the query ids): a query attends only keys of its own nonzero id, on top of the c
 packed sequences); query rows that see no key give 0. ``xla`` and ``pallas`` (all three kernels) take them;
 ``cudnn`` does not, so with segment ids an explicit ``cudnn`` runs the ``xla`` path and ``auto`` chooses between
 ``pallas`` and ``xla`` only. Without segment ids every path is exactly what it was without the option.
+
+Building for another platform: callers that do not pass ``platform`` (the transformer's attention layer, every
+model built from a config) take it from :func:`target_platform`, so a whole model step can be lowered on a CPU
+host for the accelerator it will run on, with the compiled kernels (not the interpreter)::
+
+  with attention.target_platform("cuda"):
+    text = jax.jit(train_step).trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
+
+Trace inside the ``with`` (a fresh ``jax.jit``): the choice is made while tracing.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import warnings
@@ -46,6 +57,22 @@ IMPLS = ("xla", "pallas", "cudnn", "auto")
 HEAD_AXIS = "model"
 GPU_MAX_HEAD_DIM = 256  # the Triton kernel keeps [block, head_dim] float32 accumulators in registers
 _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
+_TARGET = contextvars.ContextVar("lmx_attention_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+  """Within the block, :func:`attention` calls without ``platform=`` choose and build their impl for ``platform``
+  (``cpu``, ``gpu``/``cuda``/``rocm`` or ``tpu``; None: the default backend) instead of the host's backend, with
+  the compiled Pallas kernels on an accelerator target. For lowering a model on a CPU host for GPU or TPU."""
+  if platform is not None and platform not in PLATFORMS:
+    raise ValueError(f"target platform {platform!r} unknown; choose one of {list(PLATFORMS)}")
+  token = _TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
 
 
 def _is_16bit(dtype) -> bool:
@@ -130,8 +157,15 @@ def available_impls(dtype=jnp.float32, backend: str | None = None) -> list[str]:
 
 def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, scale: float | None = None):
   """``jax.nn.dot_product_attention`` with the cuDNN fused kernel (GPU, float16/bfloat16; GQA as in lmx)."""
-  return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, scale=scale, is_causal=causal,
-                                      implementation="cudnn")
+  try:
+    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, scale=scale, is_causal=causal,
+                                        implementation="cudnn")
+  except RuntimeError as err:
+    if jax.default_backend() == "gpu" or "cuDNN" not in str(err):
+      raise
+    # jax checks the cuDNN version while tracing, so the cuDNN path cannot be built on a host without CUDA.
+    raise ValueError(f"attention impl 'cudnn' cannot be traced on a {jax.default_backend()} host ({err}); to "
+                     "lower a model for GPU here use attention_impl='pallas' (the Triton kernel)") from err
 
 
 def _pallas_fn(q_shape, kv_shape, dtype, *, causal, scale, interpret, backend, segmented=False):
@@ -202,10 +236,10 @@ def attention(q_BTHE, k_BSKE, v_BSKE, *, causal: bool = True, impl: str = "xla",
   ``jax.shard_map`` around the Pallas kernel. ``()`` uses those of ``lmx.core.mesh.DEFAULT_AXIS_RULES``.
   ``interpret`` (``impl="pallas"``): run the lmx kernel in the Pallas interpreter; default True only on a CPU
   backend. ``platform`` (``cpu``/``gpu``/``tpu``): the platform to choose and check the impl for, default
-  ``jax.default_backend()``. ``q_segment_ids_BT`` / ``kv_segment_ids_BS``: optional int segment ids (0 =
+  the :func:`target_platform` in effect, else ``jax.default_backend()``. ``q_segment_ids_BT`` / ``kv_segment_ids_BS``: optional int segment ids (0 =
   padding; kv default: the query ids), see the module docstring; None keeps today's computation exactly.
   """
-  backend = _backend(platform)
+  backend = _backend(platform or _TARGET.get())
   segmented = q_segment_ids_BT is not None
   if not segmented and kv_segment_ids_BS is not None:
     raise ValueError("kv_segment_ids_BS needs q_segment_ids_BT as well")
