@@ -3,6 +3,7 @@ r"""Language-model train-step benchmark: tokens/s, compiled vs analytic FLOPs, M
   python benchmarks/lm_step.py                        # CPU-sized dense + MoE (configs/lm.py default and moe)
   python benchmarks/lm_step.py --size=125m            # accelerator sizes: 125m | 1b | moe_1b7b
   python benchmarks/lm_step.py --size=125m --batch=16 --seq=1024 --out=benchmarks/results/lm_step_gpu.json
+  python benchmarks/lm_step.py --size=125m --lower_for=cuda --attention_impl=pallas   # build for GPU on a CPU host
 
 For each model it times the train step users run: the configs/lm.py variant's model from the registry,
 ``lmx.methods.lm.run.make_step`` (next-token loss + MoE aux losses, the config's AdamW with clipping and schedule)
@@ -86,6 +87,34 @@ def _timeit(fn, *args, steps: int, warmup: int = 2):
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
   return float(np.median(times)), times
+
+
+MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}  # the Pallas kernels' custom calls
+
+
+def lower_train_step(c, batch: int, seq: int, platform: str) -> dict:
+  """Builds the train step users run for config ``c`` at [batch, seq] on abstract (unallocated) state and lowers
+  it for ``platform`` (``cuda`` or ``tpu``) on this host, the attention built for that platform
+  (``attention.target_platform``). Reports which attention kernels the StableHLO holds; nothing runs."""
+  c.data.update(seq_len=seq, global_batch=batch)
+  model = build_model(c.model, axis_rules=c.axis_rules)
+  mesh = mesh_lib.make_mesh(c.mesh)
+  model.cfg.check_mesh(dict(mesh.shape))
+  step_fn, init_fn, shardings = make_step(c, model, mesh)
+  workdir = tempfile.mkdtemp(prefix="lm_step_lower_")
+  try:
+    lp = loop.Loop(step_fn=step_fn, init_fn=init_fn, mesh=mesh, workdir=workdir, total_steps=c.train.steps,
+                   seed=c.seed, state_shardings=shardings, config=c)
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=mesh_lib.batch_sharding(mesh, c.axis_rules))
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), attention_lib.target_platform(platform):
+      text = lp.lower(lp.abstract_state(), tokens, lowering_platforms=(platform,)).as_text()
+    seconds = time.perf_counter() - t0
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return {"platform": platform, "attention_impl": model.cfg.attention_impl, "lower_seconds": round(seconds, 2),
+          "stablehlo_chars": len(text), **{f"{k}_kernel_calls": text.count(m) for k, m in MARKERS.items()},
+          "all_to_all": text.count("all_to_all")}
 
 
 def bench_train_step(c, batch: int, seq: int, steps: int, measured_peak: float | None = None) -> dict:
@@ -215,6 +244,9 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--attention_impl", default="", help="override model.attention_impl (default: the config's)")
   ap.add_argument("--skip_attention", action="store_true")
+  ap.add_argument("--lower_for", default="", choices=("", "cuda", "tpu"),
+                  help="do not run: lower each model's train step for this platform on this host (abstract state) "
+                       "and report the attention kernels in it")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                 "lm_step.json"))
   args = ap.parse_args(argv)
@@ -224,7 +256,11 @@ def main(argv=None):
       "jax": jax.__version__, "python": platform.python_version(), "size": args.size,
       "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {},
   }
-  if backend == "cpu":
+  if args.lower_for:
+    results["note"] = (f"lowered for {args.lower_for} on a {backend} host, not run: *_kernel_calls count the "
+                       "Pallas kernels' custom calls in the StableHLO text (a kernel shared by every layer can "
+                       "appear once, in one function)")
+  elif backend == "cpu":
     results["note"] = ("CPU run (2 shared cores): tokens/s are CPU numbers, MFU unknown (no spec peak; see "
                        "of_measured_matmul_peak), Pallas runs in the interpreter. GPU numbers are pending: no "
                        "accelerator was available in this "
@@ -244,11 +280,16 @@ def main(argv=None):
                                                 "vocab_size", "dtype", "remat", "attention_impl", "moe_every",
                                                 "n_experts", "top_k", "moe_d_ff", "capacity_factor",
                                                 "moe_impl")}}
-    if cfg.dtype not in peaks:
+    if cfg.dtype not in peaks and not args.lower_for:
       peaks[cfg.dtype] = common.measured_matmul_peak(cfg.dtype)
       results.setdefault("matmul_peak", {})[cfg.dtype] = peaks[cfg.dtype]
       print(f"  measured matmul peak ({cfg.dtype}): {peaks[cfg.dtype]['flops_per_sec'] / 1e9:.1f} GFLOP/s",
             flush=True)
+    if args.lower_for:
+      r["lowered"] = lower_train_step(c, batch, seq, args.lower_for)
+      print(f"  lowered for {args.lower_for}: {r['lowered']}", flush=True)
+      results["models"][name] = r
+      continue
     r["train_step"] = bench_train_step(c, batch, seq, args.steps, peaks[cfg.dtype]["flops_per_sec"])
     ts = r["train_step"]
     print(f"  {ts['tokens_per_sec']:.0f} tokens/s, step {ts['step_seconds_median'] * 1e3:.1f} ms, compiled/analytic "

@@ -65,3 +65,13 @@ def test_lm_step_writes_consistent_json(tmp_path):
   att = r["models"]["dense"]["attention"]
   assert att["auto"]["chooses"] == "xla" and "xla" in att and att["xla"]["max_abs_diff_vs_xla"] == 0.0
   assert att["pallas"]["max_abs_diff_vs_xla"] < 1e-4  # the interpreted kernel, checked against XLA
+
+
+@pytest.mark.parametrize("platform,impl,marker", [("cuda", "pallas", "cuda_kernel_calls"),
+                                                  ("tpu", "auto", "tpu_kernel_calls")])
+def test_the_125m_train_step_lowers_for_its_accelerator_with_the_compiled_kernels(tmp_path, platform, impl, marker):
+  out = tmp_path / "lowered.json"
+  lm_step.main(["--size=125m", f"--lower_for={platform}", f"--attention_impl={impl}", "--out", str(out)])
+  low = json.loads(out.read_text())["models"]["125m"]["lowered"]
+  other = "tpu_kernel_calls" if platform == "cuda" else "cuda_kernel_calls"
+  assert low[marker] >= 1 and low[other] == 0

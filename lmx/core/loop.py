@@ -239,11 +239,23 @@ class Loop:
 
   def compile(self, state, batch):
     """The step compiled ahead of time for ``state``, the frozen inputs and ``batch`` (what ``run`` calls)."""
+    return self.lower(state, batch).compile()
+
+  def lower(self, state, batch, *, lowering_platforms: tuple[str, ...] | None = None):
+    """The step lowered for ``state``, the frozen inputs and ``batch`` (arrays, or ``jax.ShapeDtypeStruct`` with
+    shardings such as :meth:`abstract_state`); ``lowering_platforms`` (e.g. ``("cuda",)``) builds it for a
+    platform this host lacks. Batch leaves without a sharding are replicated."""
     rep = replicated(self.mesh)
-    batch_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else rep, batch)
+    batch_sh = jax.tree.map(lambda x: getattr(x, "sharding", None) or rep, batch)
     jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
                      out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-    return jitted.lower(state, self.frozen, batch).compile()
+    return jitted.trace(state, self.frozen, batch).lower(lowering_platforms=lowering_platforms)
+
+  def abstract_state(self):
+    """The train state's shapes, dtypes and shardings without allocating it (for :meth:`lower`)."""
+    with jax.set_mesh(self.mesh):
+      abstract = jax.eval_shape(self._init_state, rng_stream(self.seed, "init"))
+    return ckpt_lib.abstract_like(abstract, self.state_shardings)
 
   def fresh_state(self):
     """A new sharded train state (the method's parts and the loop's)."""
