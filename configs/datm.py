@@ -65,7 +65,8 @@ def _base() -> ml_collections.ConfigDict:
   # init: also evaluate the initial synthetic set (real images + soft labels, learned α, no image updates), so a
   # run shows what the trajectory matching adds on top of DATM's initialisation.
   c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,
-                random=True, full=True, vmap=False, init=True)
+                random=True, full=True, vmap=False, init=True,
+                cross=True)  # (final images, initial labels) and (initial images, final labels)
   return c
 
 
@@ -81,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.experts.update(num=3, epochs=5, batch=32, parallel=3)
     d.update(ipc=1, iterations=30, syn_steps=5, batch_syn=10, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_y=5.0, log_every=5, ckpt_every=10)
-    c.eval.update(num=3, epochs=40, full_epochs=1, full=False)
+    c.eval.update(num=3, epochs=40, full_epochs=1, full=False, cross=False)
   elif a.variant == "ipc1":
     d.update(ipc=1, batch_syn=10, syn_steps=10, min_start_epoch=0, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_lr=1e-7, lr_y=5.0, threshold=1.1, iterations=300)
@@ -108,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              batch_syn=min(bsyn, ipc * (100 if name == "cifar100" else 10)), lr_img=float(lr_img), lr_lr=lr_lr,
              lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_param="log_sgd", lr_max=10.0,
              unroll=False, remat=True, log_every=50, ckpt_every=500)
-    c.eval.update(epochs=1000, full_epochs=50, vmap=True, init=False)
+    c.eval.update(epochs=1000, full_epochs=50, vmap=True, init=False, cross=False)
   from lmx.methods.datm.validate import validate  # pylint: disable=g-import-not-at-top
   validate(c)
   return c

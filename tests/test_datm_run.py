@@ -190,3 +190,29 @@ def test_run_of_nonfinite_losses_stops_clearly(tmp_path, monkeypatch, capfd, cap
   assert not os.listdir(str(tmp_path / "w" / "checkpoints"))
   out, err = capfd.readouterr()
   assert "NaN or Inf found" not in out + err + caplog.text  # non-finite scalars stay out of TensorBoard (no warning per value)
+
+
+def test_cross_evaluations_pair_final_images_with_initial_labels_and_back(tmp_path):
+  """With the images changed and the labels not, images_only must be the distilled arm and labels_only the initial
+  arm, network for network (same streams); a swapped or mis-wired arm breaks one of the two equalities."""
+  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.core import metrics
+  c = datm_config.get_config("smoke")
+  c.eval.update(num=2, epochs=3, random=False, full=False, init=True, cross=True)
+  data = R.load_data(c)
+  rng = np.random.default_rng(0)
+  n, shape = c.distill.ipc * data.num_classes, data.x_train_NHWC.shape[1:]
+  x0 = rng.normal(size=(n, *shape)).astype(np.float32)
+  y0 = rng.normal(size=(n, data.num_classes)).astype(np.float32)
+  x1 = x0 + rng.normal(size=x0.shape).astype(np.float32)
+  lr = np.float32(R.D.lr_raw_from_value(0.01, c.distill.lr_param))
+  writer = metrics.Writer(str(tmp_path), total_steps=1)
+  try:
+    syn0 = {"x": x0, "y": y0, "lr": lr}
+    out = R.run_eval(c, data, {"syn": {"x": jnp.asarray(x1), "y": jnp.asarray(y0), "lr": jnp.asarray(lr)}},
+                     writer, syn0)
+    assert out["distilled"]["all"] != out["initial"]["all"]  # the two arms differ, so the checks below can fail
+    assert out["images_only"]["all"] == out["distilled"]["all"]
+    assert out["labels_only"]["all"] == out["initial"]["all"]
+  finally:
+    writer.close()

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-ARMS = ("distilled", "initial", "random", "full")
+ARMS = ("distilled", "initial", "images_only", "labels_only", "random", "full")
 
 
 def paired(a: list[float], b: list[float]) -> dict:
@@ -33,8 +33,11 @@ def one(workdir: str) -> dict:
   for other in ("random", "initial"):
     if other in r:
       out[f"distilled_minus_{other}"] = paired(r["distilled"]["all"], r[other]["all"])
-      out[f"distilled_minus_{other}"]["combined_std_quadrature"] = float(np.hypot(r["distilled"]["std"],
-                                                                                  r[other]["std"]))
+      comb = float(np.hypot(r["distilled"]["std"], r[other]["std"]))
+      out[f"distilled_minus_{other}"]["combined_std_quadrature"] = comb
+      # the margin of the means in units of the combined std (issue 12's bar: > 2 over random, > 0 over initial)
+      out[f"distilled_minus_{other}"]["in_combined_stds"] = (
+          float((r["distilled"]["mean"] - r[other]["mean"]) / comb) if comb > 0 else None)
   return out
 
 
@@ -55,7 +58,8 @@ def main():
     dr = r.get("distilled_minus_random")
     di = r.get("distilled_minus_initial")
     print(f"seed {r['seed']}: {line} | d−r {100 * dr['mean']:+.2f}±{100 * dr['std']:.2f} (paired; combined std "
-          f"{100 * dr['combined_std_quadrature']:.2f}) | d−i {100 * di['mean']:+.2f}±{100 * di['std']:.2f} | "
+          f"{100 * dr['combined_std_quadrature']:.2f}, {dr['in_combined_stds']:.2f}×) | "
+          f"d−i {100 * di['mean']:+.2f}±{100 * di['std']:.2f} | "
           f"{r['total_seconds']:.0f} s")
   print("over seeds:", {k: f"{100 * v['mean']:.2f}±{100 * v['std']:.2f}" for k, v in over.items()})
   if a.out:

@@ -156,9 +156,15 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   return state, stats
 
 
+EVAL_ARMS = ("distilled", "initial", "images_only", "labels_only", "random", "full")
+
+
 def run_eval(config, data, state, writer, syn0=None) -> dict:
   """Distilled, random-real and full-data accuracies (mean ± std over ``eval.num`` networks); with
-  ``eval.init`` also the initial synthetic set (same labels/step-size protocol, before any image update)."""
+  ``eval.init`` also the initial synthetic set (same labels/step-size protocol, before any image update), and with
+  ``eval.cross`` the two cross-evaluations that separate what the image and the label updates add:
+  ``images_only`` (final images, initial labels) and ``labels_only`` (initial images, final labels), all at the
+  learned step size α."""
   v, d = config.eval, config.distill
   strategy = dsa.parse_strategy(config.data.dsa_strategy)
   c = data.num_classes
@@ -172,14 +178,21 @@ def run_eval(config, data, state, writer, syn0=None) -> dict:
   seed = config.seed
   out = {}
   t0 = time.time()
-  accs = evaluate.train_and_test(seed, x_syn, targets, data.x_test_NHWC, data.y_test_N, epochs=v.epochs,
-                                 lr=lr, desc="eval distilled", name="eval_distilled", **common)
-  out["distilled"] = evaluate.summarize(accs)
-  if v.init and syn0 is not None:
-    accs = evaluate.train_and_test(seed, np.asarray(syn0["x"]),
-                                   np.asarray(D.targets_of(jnp.asarray(syn0["y"]), d.soft_labels)), data.x_test_NHWC,
-                                   data.y_test_N, epochs=v.epochs, lr=lr, desc="eval initial set", name="eval_initial", **common)
-    out["initial"] = evaluate.summarize(accs)
+
+  def arm(key, x, y, arm_lr, what):
+    accs = evaluate.train_and_test(seed, x, y, data.x_test_NHWC, data.y_test_N, epochs=v.epochs, lr=arm_lr,
+                                   desc=f"eval {what}", name=f"eval_{key}", **common)
+    out[key] = evaluate.summarize(accs)
+
+  arm("distilled", x_syn, targets, lr, "distilled")
+  if syn0 is not None:
+    x0 = np.asarray(syn0["x"])
+    targets0 = np.asarray(D.targets_of(jnp.asarray(syn0["y"]), d.soft_labels))
+    if v.init:
+      arm("initial", x0, targets0, lr, "initial set")
+    if v.cross:
+      arm("images_only", x_syn, targets0, lr, "final images, initial labels")
+      arm("labels_only", x0, targets, lr, "initial images, final labels")
   onehot = np.eye(c, dtype=np.float32)
   if v.random:
     idx = evaluate.random_subset(np_stream(seed, "random_subset"), data.y_train_N, c, d.ipc)
@@ -242,7 +255,7 @@ def run(config, workdir: str) -> dict:
         "seed": config.seed, "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
         "model": dict(config.model), "conv_impl": {"training": convnet.resolve_conv_impl(config.model.conv_impl),
                       "meta_step": convnet.resolve_conv_impl(config.model.conv_impl, second_order=True)},
-        **{k: evals[k] for k in ("distilled", "random", "full", "initial") if k in evals},
+        **{k: evals[k] for k in EVAL_ARMS if k in evals},
         "learned_lr": evals["eval_lr_distilled"], **stats,
         "experts": {"num": buf.num_experts, "epochs": buf.num_epochs, "seconds_this_run": experts_s,
                     "final_test_acc_mean": float(np.mean(buf.meta.get("final_test_acc", [float("nan")])))},
@@ -253,8 +266,7 @@ def run(config, workdir: str) -> dict:
         "config": config,
     }
     path = save_outputs(config, data, state, syn0, y_int, results, workdir)
-    parts = {k: f"{results[k]['mean']:.4f}±{results[k]['std']:.4f}" for k in ("distilled", "initial", "random", "full")
-             if k in results}
+    parts = {k: f"{results[k]['mean']:.4f}±{results[k]['std']:.4f}" for k in EVAL_ARMS if k in results}
     summary_line(f"DATM {data.name} IPC {config.distill.ipc}",
                  {**parts, "s/it": results["seconds_per_iteration"] or 0.0, "compile s": results["compile_seconds"],
                   "total s": results["total_seconds"]}, path)
