@@ -156,6 +156,9 @@ def test_registry_and_mesh_placement():
                                  assert_sharded(a, s), assert_sharded(b, s)), params, placed, shardings)
   ref = _reference(QWEN2)
   assert _max_diff(_logits(model, params, ref), ref) <= TOL
+  eager = model.init(jax.random.key(0))  # no mesh: whole tensors on the default device
+  np.testing.assert_array_equal(np.asarray(eager["blocks"][1]["attn"]["wq"]),
+                                np.asarray(placed["blocks"][1]["attn"]["wq"]))
 
 
 def assert_sharded(x, sharding):

@@ -302,7 +302,7 @@ class Checkpoint:
 
   def lmx_array(self, name: str, to_lmx: Callable, dtype) -> np.ndarray:
     """Tensor ``name`` in lmx's layout and ``dtype``, C-contiguous."""
-    return np.ascontiguousarray(to_lmx(self.read(name)).astype(dtype))
+    return np.ascontiguousarray(to_lmx(self.read(name)).astype(dtype, copy=False))
 
 
 def _set(tree: dict, path: tuple, value) -> None:
