@@ -15,6 +15,13 @@ Dispatch:
   ``jax.lax.ragged_dot`` with per-expert group sizes (a grouped GEMM where the backend has one; CPU runs it
   densely over all experts, E/k times the useful FLOPs); ``impl="tiled"`` pads each expert's rows to tiles and
   runs batched matmuls (pure jnp, near-ideal FLOPs, weight gathers of [tiles, D, F]: for small/medium models).
+  Under a mesh (``jax.set_mesh``; read at trace time with ``jax.sharding.get_abstract_mesh()``) whose Auto axes
+  split the tokens evenly (:func:`expert_parallel_axes`), routing and dispatch run per device in
+  ``jax.shard_map`` (:func:`expert_parallel_dispatch`): each device sorts its own tokens' assignments, sends
+  them with an all-to-all over ``expert`` to the devices holding their experts (E/ep each), runs the grouped
+  matmul over its local experts and all-to-alls the results back; per-device compute is its share of the
+  tokens (1/devices) on 1/ep of the experts. Without such a mesh (one device, no mesh, tokens that do not
+  divide) it is the global sort above.
   capacity (``capacity_factor=c > 0``): per sequence (group of T tokens, one batch row) each expert takes at
   most ``C = ceil(c·T·k/E)`` assignments. Priority is causal (:func:`capacity_slots`): the T·k choices are
   taken in (position, rank) order -- token 0's choices in rank order, then token 1's, ... -- and a choice is
@@ -24,7 +31,8 @@ Dispatch:
   (Ranking all first choices before any second choice, GShard/Switch style, is not causal: a later token's
   first choice would displace an earlier token's second choice.) Overflowing assignments are dropped (their
   gate weight is lost; the residual stream carries the token). Dispatch and combine are one-hot einsums
-  [B, T, E, C] (GShard/Switch style), which shard cleanly over ``expert``.
+  [B, T, E, C] (GShard/Switch style), which shard cleanly over ``expert``. (Capacity mode stays on GSPMD: no
+  all-to-all; only its routing is computed per device under a mesh.)
 
 Losses (pure functions; the transformer combines them over MoE layers, see ``TransformerConfig.moe_aux_layers``,
 and multiplies by the coefficients):
@@ -52,6 +60,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from lmx.core import mesh as mesh_lib
 
 ROUTER_SOFTMAX = ("before", "after")
 LB_NORMS = ("assign_frac", "first_choice_frac", "assign_per_token")
@@ -230,6 +240,139 @@ def dropless_dispatch(x_ND, experts_NK, gates_NK, w1_EDF, w3_EDF, w2_EFD, *, imp
   return out.astype(x_ND.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Expert parallelism (dropless, all-to-all over the ``expert`` mesh axis).
+
+
+def _auto_axes(mesh) -> dict[str, int]:
+  """{axis: size} of the mesh's Auto axes (Manual axes of an enclosing shard_map and Explicit axes excluded)."""
+  return {a: s for a, s, t in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+          if t == jax.sharding.AxisType.Auto}
+
+
+def expert_parallel_axes(mesh, n_tokens: int, n_experts: int, batch_axes=()) -> tuple[str, ...] | None:
+  """The mesh axes that :func:`expert_parallel_dispatch` splits ``n_tokens`` tokens over, or None when the
+  expert-parallel path does not apply (no mesh, a single device, experts not divisible by the ``expert``
+  axis, or tokens not divisible by the number of devices).
+
+  The order is ``batch_axes`` first (the axes activations are already split over along B, so that the split
+  of the flattened tokens refines it and costs no communication), then every other Auto axis of size > 1
+  (``expert`` among them): every device takes an equal share of the tokens.
+  """
+  if mesh is None or mesh.empty:
+    return None
+  sizes = {a: s for a, s in _auto_axes(mesh).items() if s > 1}
+  if not sizes or n_experts % sizes.get("expert", 1):
+    return None
+  axes = tuple(a for a in batch_axes if a in sizes) + tuple(a for a in mesh.axis_names
+                                                            if a in sizes and a not in batch_axes)
+  if n_tokens % math.prod(sizes[a] for a in axes):
+    return None
+  return axes
+
+
+def ep_buffer_rows(n_local: int, top_k: int, n_local_experts: int, ep: int, buffer_factor: float = 0.0) -> int:
+  """Rows per (source, destination) pair of the expert-parallel all-to-all buffer.
+
+  ``buffer_factor=0``: the worst case, ``n_local · min(top_k, n_local_experts)``: a token's top-k experts are
+  distinct, so at most min(k, E/ep) of its k assignments go to one expert shard; a source's n_local tokens
+  can therefore never overflow it (dropless for any routing). ``buffer_factor=f > 0``: ``f`` times the
+  balanced load ``n_local · k / ep``, rounded up to a multiple of 8 and at most the worst case (the caller
+  falls back to the worst-case buffer when a pair overflows, so this too is dropless).
+  """
+  worst = n_local * min(top_k, n_local_experts)
+  if buffer_factor <= 0:
+    return worst
+  return min(worst, -(-int(math.ceil(buffer_factor * n_local * top_k / ep)) // 8) * 8)
+
+
+def _ep_exchange(x_nD, experts_nK, gates_nK, w1, w3, w2, *, ep: int, rows: int, impl: str):
+  """One device's part of :func:`expert_parallel_dispatch` with ``rows`` rows per (source, destination) pair.
+
+  Sender: sort the local n·k assignments by expert (so by destination shard, then local expert), write each
+  into its destination's block of a [ep·rows, D] buffer (with its local expert id in a parallel int buffer),
+  all-to-all. Receiver: sort the ep·rows received rows by local expert (empty slots, id E_l, go last),
+  grouped SwiGLU over the E_l local experts, unsort, all-to-all back. Sender: read each assignment's result
+  from the slot it was sent to, unsort, gate-weighted sum.
+  """
+  n, d = x_nD.shape
+  k = experts_nK.shape[-1]
+  e_local = w1.shape[0]
+  flat_A = experts_nK.reshape(-1)
+  order_A = jnp.argsort(flat_A, stable=True)
+  sorted_expert_A = flat_A[order_A]
+  dest_A = sorted_expert_A // e_local
+  send_E = jnp.bincount(dest_A, length=ep)
+  slot_A = jnp.arange(n * k) - (jnp.cumsum(send_E) - send_E)[dest_A]  # position within the destination block
+  idx_A = dest_A * rows + slot_A
+  xs_AD = jnp.take(x_nD, order_A // k, axis=0)
+  send_RD = jnp.zeros((ep * rows, d), x_nD.dtype).at[idx_A].set(xs_AD, unique_indices=True, mode="drop")
+  send_ids_R = jnp.full((ep * rows,), e_local, jnp.int32).at[idx_A].set(
+      (sorted_expert_A % e_local).astype(jnp.int32), unique_indices=True, mode="drop")
+  recv_RD = jax.lax.all_to_all(send_RD, "expert", 0, 0, tiled=True)  # block s: rows from expert shard s
+  recv_ids_R = jax.lax.all_to_all(send_ids_R, "expert", 0, 0, tiled=True)
+  local_order_R = jnp.argsort(recv_ids_R, stable=True)
+  group_sizes = jnp.bincount(recv_ids_R, length=e_local).astype(jnp.int32)  # id e_local (empty) not counted
+  ffn = ragged_swiglu if impl == "ragged" else tiled_swiglu
+  ys_RD = ffn(jnp.take(recv_RD, local_order_R, axis=0), group_sizes, w1, w3, w2)
+  y_RD = jnp.zeros_like(ys_RD).at[local_order_R].set(ys_RD, unique_indices=True)
+  back_RD = jax.lax.all_to_all(y_RD, "expert", 0, 0, tiled=True)
+  ys_AD = jnp.take(back_RD, jnp.clip(idx_A, 0, ep * rows - 1), axis=0)
+  y_AD = jnp.zeros_like(ys_AD).at[order_A].set(ys_AD, unique_indices=True)
+  out = jnp.einsum("nkd,nk->nd", y_AD.reshape(n, k, d).astype(jnp.float32), gates_nK)
+  return out.astype(x_nD.dtype)
+
+
+def expert_parallel_dispatch(x_ND, experts_NK, gates_NK, w1_EDF, w3_EDF, w2_EFD, *, mesh, axes, impl="ragged",
+                             buffer_factor: float = 0.0):
+  """Dropless MoE with expert parallelism: equals :func:`dropless_dispatch`, computed with ``jax.shard_map``.
+
+  Tokens (and their routing) are split over the mesh axes ``axes`` (:func:`expert_parallel_axes`; n = N /
+  devices each), expert weights over ``expert`` only (E_l = E / ep experts per device, gathered over the other
+  axes). Each device sorts its n·k assignments by expert and sends them to the devices of its ``expert``
+  group that hold their experts with one ``jax.lax.all_to_all`` over ``expert`` (``ragged_all_to_all`` is
+  not implemented on XLA:CPU, so the buffer has a fixed number of rows per (source, destination) pair,
+  :func:`ep_buffer_rows`), runs the grouped SwiGLU (``impl`` as in :func:`dropless_dispatch`) over its
+  E_l local experts only, and a second all-to-all returns the results, which are un-permuted and gated.
+
+  Buffer bound: ``buffer_factor=0`` (default) gives every pair the worst case n·min(k, E_l) rows, so no
+  routing can drop anything; the receiver then holds ep·n·min(k, E_l) rows, of which about n·k are real
+  when balanced (grouped-GEMM kernels skip the empty rows; ``ragged_dot`` on CPU, dense over the groups, costs
+  rows·E_l, i.e. 1/ep of the expert weights). ``buffer_factor=f > 0``: pairs get ≈ f·n·k/ep rows, and a
+  ``lax.cond`` (on the maximum pair load over all devices, so all devices take the same branch) reruns the
+  exchange with the worst-case buffer when any pair overflows: still dropless, with compute ≈ f·n·k rows
+  per device in the common case (``compiled.cost_analysis()`` reports the larger branch).
+  Returns [N, D] in x's dtype.
+  """
+  if impl not in DROPLESS_IMPLS:
+    raise ValueError(f"dropless impl {impl!r}; choose one of {DROPLESS_IMPLS} (model.moe_impl)")
+  P = jax.sharding.PartitionSpec
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  ep = sizes.get("expert", 1) if "expert" in axes else 1
+  n_dev = math.prod(sizes[a] for a in axes)
+  n, k = x_ND.shape[0] // n_dev, experts_NK.shape[-1]
+  e_local = w1_EDF.shape[0] // ep
+  worst = ep_buffer_rows(n, k, e_local, ep)
+  fast = ep_buffer_rows(n, k, e_local, ep, buffer_factor)
+  tok = P(axes if len(axes) > 1 else axes[0])
+  wspec = P("expert" if ep > 1 else None)
+
+  def local(x_nD, experts_nK, gates_nK, w1, w3, w2):
+    if ep == 1:  # every expert is local: a per-shard sort, no exchange
+      return dropless_dispatch(x_nD, experts_nK, gates_nK, w1, w3, w2, impl=impl)
+    run = lambda rows: _ep_exchange(x_nD, experts_nK, gates_nK, w1, w3, w2, ep=ep, rows=rows,  # noqa: E731
+                                    impl=impl)
+    if fast >= worst:
+      return run(worst)
+    # The largest (source, destination) load anywhere decides, so that all devices run the same collectives.
+    dest_A = experts_nK.reshape(-1) // e_local
+    overflow = jax.lax.pmax(jnp.max(jnp.bincount(dest_A, length=ep)), axes) > fast
+    return jax.lax.cond(overflow, lambda: run(worst), lambda: run(fast))
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, wspec), out_specs=tok)
+  return fn(x_ND, experts_NK, gates_NK.astype(jnp.float32), w1_EDF, w3_EDF, w2_EFD)
+
+
 def capacity(tokens_per_group: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
   """Expert capacity per group: ceil(capacity_factor · tokens · k / E), at least 1."""
   return max(1, int(math.ceil(capacity_factor * tokens_per_group * top_k / n_experts)))
@@ -299,6 +442,12 @@ def dense_reference(x_ND, experts_NK, gates_NK, w1_EDF, w3_EDF, w2_EFD):
   return jax.vmap(one)(x_ND, experts_NK, gates_NK)
 
 
+def _route_tokens(x_ND, router_DE, top_k, softmax, norm_topk_prob):
+  """Router logits (float32) and :func:`route` of tokens x_ND: ``(logits_NE, experts_NK, gates_NK, probs_NE)``."""
+  logits_NE = x_ND.astype(jnp.float32) @ router_DE
+  return (logits_NE, *route(logits_NE, top_k, softmax=softmax, norm_topk_prob=norm_topk_prob))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Module.
 
@@ -317,12 +466,17 @@ class MoE(nnx.Module):
   for, ``C = ceil(c·S·k/E)``: the cache length). ``info["capacity_counts"]`` is then the updated counts. With
   the same S this reproduces the full forward pass over S tokens position by position (:func:`capacity_slots`).
   Expert weights carry the logical axis ``expert`` (and ``embed``/``mlp``); the router is ``(embed, None)``.
+
+  Expert parallelism (dropless; see :func:`expert_parallel_dispatch`) is used when the layer is traced under a
+  mesh; ``batch_axes`` (the transformer's ``activation_batch_axes``) orders the token split so that it refines
+  the batch split, and ``ep_buffer_factor`` sizes the all-to-all buffer (0: the worst case).
   """
 
   def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, *, capacity_factor: float = 0.0,
                router_softmax: str = "before", norm_topk_prob: bool = False, lb_loss_norm: str = "assign_frac",
                dropless_impl: str = "ragged", dtype="float32", param_dtype="float32", init_std: float = 0.02,
-               out_std: float | None = None, rngs: nnx.Rngs):
+               out_std: float | None = None, batch_axes: tuple[str, ...] | None = None,
+               ep_buffer_factor: float = 0.0, rngs: nnx.Rngs):
     if router_softmax not in ROUTER_SOFTMAX:
       raise ValueError(f"router_softmax={router_softmax!r}; choose one of {ROUTER_SOFTMAX}")
     if lb_norm_error(lb_loss_norm):
@@ -332,6 +486,10 @@ class MoE(nnx.Module):
     if dropless_impl not in DROPLESS_IMPLS:
       raise ValueError(f"dropless_impl={dropless_impl!r}; choose one of {DROPLESS_IMPLS}")
     self.dropless_impl = dropless_impl
+    # Mesh axes activations are split over along B (the transformer passes its config's batch_axes); None: the
+    # default rules' batch axes. They order the expert-parallel token split (expert_parallel_axes).
+    self.batch_axes = tuple(batch_axes) if batch_axes else mesh_lib.batch_axes(mesh_lib.DEFAULT_AXIS_RULES)
+    self.ep_buffer_factor = float(ep_buffer_factor)
     self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
     self.router_softmax, self.norm_topk_prob, self.lb_loss_norm = router_softmax, norm_topk_prob, lb_loss_norm
     self.dtype = jnp.dtype(dtype)
@@ -353,9 +511,17 @@ class MoE(nnx.Module):
     b, t, d = x_BTD.shape
     dt = self.dtype
     x = x_BTD.astype(dt)
-    logits_NE = x.reshape(b * t, d).astype(jnp.float32) @ self.router[...]
-    experts_NK, gates_NK, probs_NE = route(logits_NE, self.top_k, softmax=self.router_softmax,
-                                           norm_topk_prob=self.norm_topk_prob)
+    # Under a mesh (jax.set_mesh, read at trace time) tokens are split over every device (expert_parallel_axes):
+    # routing is computed per shard and dropless dispatch exchanges tokens over ``expert``; else global.
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = expert_parallel_axes(mesh, b * t, self.n_experts, self.batch_axes)
+    route_fn = lambda x_ND, w_DE: _route_tokens(x_ND, w_DE, self.top_k, self.router_softmax,  # noqa: E731
+                                                self.norm_topk_prob)
+    if axes is not None:  # (XLA's TopK partitioner would all-gather the logits of batch-sharded tokens)
+      tok = jax.sharding.PartitionSpec(axes)
+      route_fn = jax.shard_map(route_fn, mesh=mesh, in_specs=(tok, jax.sharding.PartitionSpec()),
+                               out_specs=(tok,) * 4)
+    logits_NE, experts_NK, gates_NK, probs_NE = route_fn(x.reshape(b * t, d), self.router[...])
     w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
     new_counts_BE = None
     if self.capacity_factor > 0:
@@ -365,8 +531,12 @@ class MoE(nnx.Module):
           capacity_factor=self.capacity_factor, cap=cap, counts_BE=counts_BE, valid_BT=valid_BT,
           return_counts=True)
     else:
-      y_BTD = dropless_dispatch(x.reshape(b * t, d), experts_NK, gates_NK, w1, w3, w2,
-                                impl=self.dropless_impl).reshape(b, t, d)
+      if axes is None:
+        y_ND = dropless_dispatch(x.reshape(b * t, d), experts_NK, gates_NK, w1, w3, w2, impl=self.dropless_impl)
+      else:
+        y_ND = expert_parallel_dispatch(x.reshape(b * t, d), experts_NK, gates_NK, w1, w3, w2, mesh=mesh,
+                                        axes=axes, impl=self.dropless_impl, buffer_factor=self.ep_buffer_factor)
+      y_BTD = y_ND.reshape(b, t, d)
       dropped = None
     info = routing_stats(jax.lax.stop_gradient(experts_NK), jax.lax.stop_gradient(probs_NE),
                          dropped_frac=dropped)

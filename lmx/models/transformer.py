@@ -229,8 +229,8 @@ def shard_batch(x, batch_axes: tuple[str, ...] = ()):
   ``DEFAULT_AXIS_RULES``, i.e. data, fsdp, expert) that the current mesh (``jax.set_mesh``) has and that
   divide B (dropping axes from the end until they do); a no-op without a mesh. Keeps GSPMD on the FSDP
   layout (weights gathered, activations batch-sharded) instead of resharding activations along the model
-  width. Expert weights sharded over ``expert`` are then gathered for the MoE matmuls (expert-axis FSDP),
-  which is correct on any mesh; all-to-all expert parallelism is not implemented."""
+  width. Dropless MoE layers then split the tokens over every device and exchange them over ``expert``
+  with all-to-alls (expert parallelism, ``lmx.models.moe.expert_parallel_dispatch``)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
@@ -412,7 +412,7 @@ class Block(nnx.Module):
           cfg.d_model, cfg.expert_d_ff, cfg.n_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
           router_softmax=cfg.router_softmax, norm_topk_prob=cfg.norm_topk_prob, lb_loss_norm=cfg.lb_loss_norm,
           dropless_impl=cfg.moe_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=cfg.init_std,
-          out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
+          out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, batch_axes=cfg.activation_batch_axes, rngs=rngs)
     else:
       self.ffn = SwiGLU(cfg, rngs=rngs)
 
