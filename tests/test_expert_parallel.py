@@ -204,3 +204,11 @@ def test_transformer_forward_and_grads_under_ep_mesh_equal_unsharded():
   np.testing.assert_allclose(l, ref_l, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_buffer_factor_is_a_model_config_field():
+  cfg = TransformerConfig.from_config(dict(n_layers=2, moe_every=2, n_experts=4, moe_ep_buffer_factor=1.5))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  assert model.blocks[1].ffn.ep_buffer_factor == 1.5
+  with pytest.raises(Exception, match="moe_ep_buffer_factor"):
+    TransformerConfig.from_config(dict(moe_every=1, n_experts=4, moe_ep_buffer_factor=-1)).validate()

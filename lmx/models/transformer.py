@@ -96,6 +96,10 @@ class TransformerConfig:
   moe_d_ff: int = 0  # 0: d_ff
   capacity_factor: float = 0.0  # 0: dropless (sort + grouped matmul); > 0: capacity-limited einsum dispatch
   moe_impl: str = "ragged"  # dropless grouped matmul: ragged (jax.lax.ragged_dot) | tiled (pure-jnp tiles)
+  # Expert parallelism (a mesh with an ``expert`` axis): rows per (source, destination) all-to-all block. 0: the
+  # worst case, no routing can overflow; f > 0: about f·tokens·top_k/ep rows, with an exact rerun at the worst
+  # case when any block overflows (still dropless; see lmx.models.moe.ep_buffer_rows).
+  moe_ep_buffer_factor: float = 0.0
   router_softmax: str = "before"  # before | after top-k
   norm_topk_prob: bool = False  # renormalise the top-k gates (router_softmax="before")
   lb_loss_norm: str = "assign_frac"  # assign_frac | first_choice_frac | assign_per_token (lmx.models.moe)
@@ -208,6 +212,8 @@ class TransformerConfig:
       lb_msg = moe_lib.lb_norm_error(self.lb_loss_norm, f"{prefix}.lb_loss_norm")
       if lb_msg:
         raise ConfigError(lb_msg)
+      if self.moe_ep_buffer_factor < 0:
+        raise ConfigError(f"{prefix}.moe_ep_buffer_factor={self.moe_ep_buffer_factor} must be >= 0 (0 = worst case)")
       if self.moe_aux_layers not in MOE_AUX_LAYERS:
         raise ConfigError(f"{prefix}.moe_aux_layers={self.moe_aux_layers!r}; choose one of {list(MOE_AUX_LAYERS)}")
 
@@ -412,7 +418,8 @@ class Block(nnx.Module):
           cfg.d_model, cfg.expert_d_ff, cfg.n_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
           router_softmax=cfg.router_softmax, norm_topk_prob=cfg.norm_topk_prob, lb_loss_norm=cfg.lb_loss_norm,
           dropless_impl=cfg.moe_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=cfg.init_std,
-          out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, batch_axes=cfg.activation_batch_axes, rngs=rngs)
+          out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, batch_axes=cfg.activation_batch_axes,
+          ep_buffer_factor=cfg.moe_ep_buffer_factor, rngs=rngs)
     else:
       self.ffn = SwiGLU(cfg, rngs=rngs)
 
