@@ -16,6 +16,18 @@ Variants
                    100 FTD (GSAM) experts × 100 epochs, 10,000 iterations, 1000-epoch evaluation; rolled
                    lax.scan with per-step remat.
 
+  evaluate         evaluate a saved set on its own (no experts, no distillation): ``--config.synthetic=PATH`` to a
+                   synthetic.npz a run wrote (set ``data.dataset``/``data.zca``/``model`` to the run's); evaluates on
+                   the ConvNet and on ``eval.cross_arch`` = (mlp, lenet, resnet18).
+
+Device memory budget of the paper presets: 80 GB (one A100/H100 80GB). ``lmx.methods.datm.memory.estimate(config)``
+gives the bytes of each stage (expert step, chunked expert forward passes, meta-step, evaluation step; the expert
+buffer and soft-label logits on the host) and tests/test_datm_memory.py checks every preset's device parts against
+the budget. Largest device part of every preset: the expert step (10 GB: 10 GSAM experts × batch 256); the
+meta-step peaks at 6.4 GB (CIFAR IPC 1000 / 100, batch_syn 1000, scan + remat), the expert forward block
+(``experts.fwd_chunk_experts`` 10 × ``fwd_chunk_images`` 500) at 5.3 GB. On the host the expert buffer needs 13 GB
+(CIFAR-10) / 20 GB (CIFAR-100).
+
 Overrides: ``--config.distill.iterations=500 --config.experts.dir=/path/to/buffer``; or ``:variant=ipc1,seed=3``.
 """
 from __future__ import annotations
@@ -36,7 +48,7 @@ PAPER = {
     ("cifar100", 50): (80, 2, 20, 70, 70, 0, 1000, 1000, 1e-5, 10.0, 1.0, "real"),
     ("cifar100", 100): (80, 2, 30, 70, 70, 0, 1000, 50, 1e-5, 10.0, 1.0, "correct"),
 }
-VARIANTS = ["", "smoke", "ipc1", "ipc10", "ipc10_n25", "ipc50", "mtt"] + [f"{d}_ipc{i}" for d, i in PAPER]
+VARIANTS = ["", "smoke", "ipc1", "ipc10", "ipc10_n25", "ipc50", "mtt", "evaluate"] + [f"{d}_ipc{i}" for d, i in PAPER]
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -51,9 +63,12 @@ def _base() -> ml_collections.ConfigDict:
   # (patches × matmul) in the meta-step and 'mixed' (im2col in the 1-channel first layer only) for plain training.
   c.model = dict(name="convnet", depth=3, width=16, norm="instancenorm", conv_impl="auto")
   # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
+  # fwd_chunk_experts × fwd_chunk_images: the block of expert forward passes (initial-image selection, soft labels,
+  # expert test accuracy) the device holds at once; one compiled shape, the last block padded.
   c.experts = dict(num=3, epochs=8, lr=0.01, batch=64, momentum=0.0, weight_decay=0.0, dsa=True,
                    gsam=False, gsam_rho=0.01, gsam_alpha=0.3, parallel=3, dir="",
-                   vmap=False)  # vmap=False: on XLA:CPU an unrolled loop over networks beats vmap (grouped conv)
+                   vmap=False,  # vmap=False: on XLA:CPU an unrolled loop over networks beats vmap (grouped conv)
+                   fwd_chunk_experts=10, fwd_chunk_images=1000)
   c.distill = dict(
       ipc=10, iterations=120, syn_steps=10, expert_epochs=2, min_start_epoch=0, max_start_epoch=6,
       sequential=True, current_max_start_epoch=3, expansion_end=80, batch_syn=50,
@@ -61,12 +76,18 @@ def _base() -> ml_collections.ConfigDict:
       threshold=1.0, init="correct", soft_labels=True, learn_labels=True, learn_lr=True,
       lr_init=0.01, lr_param="log_sgd", lr_min=1e-4, lr_max=1.0,
       unroll=True, remat=False, log_every=10, ckpt_every=50, max_nonfinite=20,
-      spike_factor=0.0)  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
+      spike_factor=0.0,  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
+      # every eval_every iterations (0 = off) train eval_nets fresh nets for eval_epochs on the current set; the best
+      # set so far is kept in <workdir>/best_synthetic.npz (DATM's periodic evaluation, shorter here).
+      eval_every=0, eval_nets=2, eval_epochs=50)
   # init: also evaluate the initial synthetic set (real images + soft labels, learned α, no image updates), so a
   # run shows what the trajectory matching adds on top of DATM's initialisation.
   c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,
                 random=True, full=True, vmap=False, init=True,
-                cross=True)  # (final images, initial labels) and (initial images, final labels)
+                cross=True,  # (final images, initial labels) and (initial images, final labels)
+                cross_arch=())  # other architectures trained on the distilled set, e.g. ("mlp", "lenet", "resnet18")
+  # A synthetic.npz (x, y, lr, labels) to evaluate on its own: no experts, no distillation (the 'evaluate' variant).
+  c.synthetic = ""
   return c
 
 
@@ -95,6 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif a.variant == "mtt":
     d.update(init="real", soft_labels=False, learn_labels=False, sequential=False, threshold=1e30,  # no skip
              lr_param="raw")
+  elif a.variant == "evaluate":  # --config.synthetic=PATH (required) --config.data.dataset=... to match the file
+    c.eval.update(cross_arch=("mlp", "lenet", "resnet18"), init=False, cross=False, full=False)
   elif a.variant in ("", "ipc10"):
     pass
   else:  # paper configs
@@ -103,13 +126,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     n, m, tmin, tcur, tmax, sg, bsyn, lr_img, lr_lr, lr_y, thr, init = PAPER[(name, ipc)]
     c.data.update(dataset=name, zca=True, dsa_strategy="color_crop_cutout_flip_scale_rotate")
     c.model.update(depth=3, width=128)
-    c.experts.update(num=100, epochs=100, gsam=True, parallel=10, vmap=True)
+    # batch 256 (the paper's buffer_FTD.py --batch_train): 196 steps per CIFAR epoch
+    c.experts.update(num=100, epochs=100, batch=256, gsam=True, parallel=10, vmap=True, fwd_chunk_experts=10,
+                     fwd_chunk_images=500)
     d.update(ipc=ipc, syn_steps=n, expert_epochs=m, min_start_epoch=tmin, current_max_start_epoch=tcur,
              max_start_epoch=tmax, sequential=bool(sg), expansion_end=max(sg, 1),
              batch_syn=min(bsyn, ipc * (100 if name == "cifar100" else 10)), lr_img=float(lr_img), lr_lr=lr_lr,
              lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_param="log_sgd", lr_max=10.0,
-             unroll=False, remat=True, log_every=50, ckpt_every=500)
+             unroll=False, remat=True, log_every=50, ckpt_every=500, eval_every=1000, eval_nets=3, eval_epochs=300)
     c.eval.update(epochs=1000, full_epochs=50, vmap=True, init=False, cross=False)
   from lmx.methods.datm.validate import validate  # pylint: disable=g-import-not-at-top
-  validate(c)
+  validate(c, for_run=False)  # the evaluate variant gets its --config.synthetic from the command line
   return c

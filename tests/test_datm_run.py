@@ -147,8 +147,11 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
   """On the shared loop: 4 iterations in one go == 3 iterations, a crash (last checkpoint at 2), a rerun to 4
   (same images, labels, step size, bitwise; the data position — expert and start epoch — resumes too)."""
   R = importlib.import_module("lmx.methods.datm.run")
-  R.run(_tiny_smoke(4), str(tmp_path / "a"))
   c = _tiny_smoke(4)
+  c.distill.update(eval_every=2, eval_nets=1, eval_epochs=1)  # the periodic evaluation's best set resumes too
+  R.run(c, str(tmp_path / "a"))
+  c = _tiny_smoke(4)
+  c.distill.update(eval_every=2, eval_nets=1, eval_epochs=1)
   c.experts.dir = str(tmp_path / "a" / "experts")  # the same experts, not trained again
   orig, seen = R.D.ExpertWindows.__next__, {"n": 0}
 
@@ -167,8 +170,12 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
   a, b = np.load(str(tmp_path / "a" / "synthetic.npz")), np.load(str(tmp_path / "b" / "synthetic.npz"))
   for k in ("x", "y", "lr"):
     np.testing.assert_array_equal(a[k], b[k])
+  ba, bb = np.load(str(tmp_path / "a" / "best_synthetic.npz")), np.load(str(tmp_path / "b" / "best_synthetic.npz"))
+  for k in ("x", "y", "lr", "acc", "step"):
+    np.testing.assert_array_equal(ba[k], bb[k])
   ra, rb = json.load(open(tmp_path / "a" / "results.json")), json.load(open(tmp_path / "b" / "results.json"))
   assert ra["distilled"]["all"] == rb["distilled"]["all"]  # the paired evaluation streams are seed-determined
+  assert ra["best_during_distill"] == rb["best_during_distill"] and ra["best"] == rb["best"]
 
 
 def test_run_of_nonfinite_losses_stops_clearly(tmp_path, monkeypatch, capfd, caplog):

@@ -144,6 +144,21 @@ def _convnet(model_cfg, *, image_shape, num_classes, second_order: bool = False)
                convnet.apply_with(conv_impl, second_order=second_order), shardings)
 
 
+def _vision(name: str) -> Callable[..., Model]:
+  def build(model_cfg, *, image_shape, num_classes, second_order: bool = False) -> Model:
+    """An image classifier of :mod:`lmx.models.vision` (MLP, LeNet, ResNet-18) with a pure ``apply``."""
+    del second_order  # one implementation for first- and second-order use
+    from lmx.models import vision
+
+    return vision.build(name, model_cfg, image_shape=image_shape, num_classes=num_classes)
+
+  return build
+
+
+for _name in ("mlp", "lenet", "resnet18"):
+  register(_name)(_vision(_name))
+
+
 def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=None, subtree: str = "params",
              **context):
   """``(config, model, params)`` of the run in ``workdir`` at ``step`` (default: its newest checkpoint).

@@ -3,10 +3,14 @@
 ``run(config, workdir)`` writes into ``workdir``:
   experts/            the expert buffer (unless ``config.experts.dir`` points at one to reuse)
   checkpoints/        Orbax checkpoints of the distillation state (a rerun resumes exactly)
-  synthetic.npz       the distilled images, label logits and learned step size
+  synthetic.npz       the distilled images, label logits, learned step size and class labels (``load_synthetic``)
+  best_synthetic.npz  with distill.eval_every > 0: the set that scored best in the periodic evaluation, and its score
   results.json        distilled / random-subset / full-data accuracy (mean, std over K nets), timings, memory
   metrics.jsonl, tb/  every logged scalar (TensorBoard)
-  plots/              distilled_images.png (one row per class), distill_curves.png, eval_accuracy.png
+  plots/              distilled_images.png (one row per class, stretched for display), distilled_images_pixels.png
+                      (the same in pixel space: ZCA undone), initial_images*.png, distill_loss/lr/window.png
+
+With ``config.synthetic`` set (the 'evaluate' variant) it evaluates that saved set instead (:func:`run_evaluate`).
 """
 from __future__ import annotations
 
@@ -87,19 +91,36 @@ def get_experts(config, data, workdir: str, writer) -> experts.ExpertBuffer:
   return buf
 
 
+def _enough_correct(preds_EN: np.ndarray, y_N: np.ndarray, num_classes: int, ipc: int) -> bool:
+  """Whether every class has ``ipc`` distinct images that some expert of ``preds_EN`` classifies correctly: then
+  :func:`D.select_correct` never looks past these experts, and further experts cannot change its choice."""
+  hit_N = (preds_EN == y_N[None]).any(0)
+  return bool((np.bincount(y_N[hit_N], minlength=num_classes) >= ipc).all())
+
+
 def init_synthetic(config, data, buf: experts.ExpertBuffer) -> tuple[D.Syn, np.ndarray]:
-  """Initial images, labels and step size (DATM: correctly classified real images + expert soft labels)."""
-  d = config.distill
+  """Initial images, labels and step size (DATM: correctly classified real images + expert soft labels).
+
+  The experts' forward passes run in fixed blocks of ``experts.fwd_chunk_experts`` networks ×
+  ``experts.fwd_chunk_images`` images (:func:`experts.forward_chunked`); the selection evaluates one chunk of
+  experts after the other and stops once the experts so far classify enough images of every class correctly
+  (the same choice as with all experts, usually after the first chunk).
+  """
+  d, ec = config.distill, config.experts
   rng = np_stream(config.seed, "init_synthetic")
   c = data.num_classes
-  final = jax.tree.map(jnp.asarray, buf.final())
+  final = buf.final()
   model = build_model(config.model, image_shape=data.image_shape, num_classes=c)
-  logits_fn = jax.jit(jax.vmap(model.apply, in_axes=(0, None)))
+  chunks = dict(expert_chunk=ec.fwd_chunk_experts, image_chunk=ec.fwd_chunk_images)
   if d.init == "correct":
-    x_all = data.x_train_NHWC
-    preds = np.concatenate([np.asarray(logits_fn(final, x_all[s:s + 1000]).argmax(-1))
-                            for s in range(0, len(x_all), 1000)], axis=1)
-    idx = D.select_correct(preds, data.y_train_N, c, d.ipc, rng)
+    x_all, y_all = data.x_train_NHWC, data.y_train_N
+    preds = []
+    for e0 in range(0, buf.num_experts, ec.fwd_chunk_experts):
+      part = jax.tree.map(lambda a: a[e0:e0 + ec.fwd_chunk_experts], final)
+      preds.append(experts.forward_chunked(model.apply, part, x_all, argmax=True, **chunks))
+      if _enough_correct(np.concatenate(preds), y_all, c, d.ipc):
+        break
+    idx = D.select_correct(np.concatenate(preds), y_all, c, d.ipc, rng)
   else:
     idx = evaluate.random_subset(np_stream(config.seed, "init_real_subset"), data.y_train_N, c, d.ipc)
   x = data.x_train_NHWC[idx]
@@ -107,8 +128,12 @@ def init_synthetic(config, data, buf: experts.ExpertBuffer) -> tuple[D.Syn, np.n
   if d.init == "noise":
     x = rng.standard_normal(x.shape).astype(np.float32)
   if d.soft_labels:
-    logits_EnC = np.asarray(logits_fn(final, x if d.init != "noise" else data.x_train_NHWC[idx]))
-    y = D.soft_label_init(logits_EnC, y_int) if d.init == "correct" else logits_EnC[0]
+    if d.init == "correct":  # every expert's logits on the chosen images: (E, n, C) on the host
+      logits_EnC = experts.forward_chunked(model.apply, final, data.x_train_NHWC[idx], **chunks)
+      y = D.soft_label_init(logits_EnC, y_int)
+    else:  # the first expert's logits (DATM's pix_init 'real')
+      first = jax.tree.map(lambda a: a[:1], final)
+      y = experts.forward_chunked(model.apply, first, data.x_train_NHWC[idx], **chunks)[0]
   else:
     y = np.eye(c, dtype=np.float32)[y_int]
   syn = {"x": x.astype(np.float32), "y": y.astype(np.float32),
@@ -128,8 +153,12 @@ def _device_peak_bytes() -> int | None:
     return None
 
 
-def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, writer) -> tuple[dict, dict]:
-  """Runs (or resumes) the distillation on the shared loop; returns the final state and timing statistics."""
+def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, writer,
+                 hooks=()) -> tuple[dict, dict]:
+  """Runs (or resumes) the distillation on the shared loop; returns the final state and timing statistics.
+
+  ``hooks``: the loop's hooks (e.g. the periodic evaluation, :class:`BestKeeper`); they read the state, never
+  change it, so a resumed run stays exact."""
   d = config.distill
   inner, outer = specs(config)
   tx = D.make_optimizer(outer, inner)
@@ -140,7 +169,7 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
                  data=D.ExpertWindows(buf, config), mesh=mesh, workdir=workdir, total_steps=d.iterations,
                  seed=config.seed, config=config, writer=writer, log_every=d.log_every, ckpt_every=d.ckpt_every,
                  ckpt_keep=2, nan_patience=d.max_nonfinite, finite_keys=("loss", "grad_norm"), desc="distill",
-                 log_prefix="distill/", postfix=("loss", "lr"))
+                 log_prefix="distill/", postfix=("loss", "lr"), hooks=hooks)
   t0 = time.time()
   res = lp.run()
   start = res.resumed_from or 0
@@ -156,84 +185,303 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   return state, stats
 
 
-EVAL_ARMS = ("distilled", "initial", "images_only", "labels_only", "random", "full")
+EVAL_ARMS = ("distilled", "best", "initial", "images_only", "labels_only", "random", "full")
 
 
-def run_eval(config, data, state, writer, syn0=None) -> dict:
-  """Distilled, random-real and full-data accuracies (mean ± std over ``eval.num`` networks); with
-  ``eval.init`` also the initial synthetic set (same labels/step-size protocol, before any image update), and with
-  ``eval.cross`` the two cross-evaluations that separate what the image and the label updates add:
-  ``images_only`` (final images, initial labels) and ``labels_only`` (initial images, final labels), all at the
-  learned step size α."""
+def cross_archs(config) -> tuple[str, ...]:
+  """``eval.cross_arch`` as a tuple of architecture names."""
+  v = config.eval.cross_arch
+  return tuple(a.strip() for a in v.split(",") if a.strip()) if isinstance(v, str) else tuple(v)
+
+
+def evaluate_set(config, data, x_syn, targets, lr: float, writer, *, ipc: int, syn0=None, step: int = 0,
+                 only_distilled: bool = False) -> dict:
+  """All evaluation arms of one synthetic set (images ``x_syn``, training targets ``targets``, step size ``lr``):
+  ``distilled``; with ``syn0`` (its initial set) ``initial`` (``eval.init``) and the two cross-evaluations
+  (``eval.cross``); ``random`` and ``full`` real-data references (``eval.random``/``eval.full``, ``ipc`` random
+  images per class); and ``cross_arch`` (``eval.cross_arch``): the distilled set trained into other architectures
+  at the same step size, keyed by architecture. ``only_distilled``: the first arm alone."""
   v, d = config.eval, config.distill
   strategy = dsa.parse_strategy(config.data.dsa_strategy)
   c = data.num_classes
-  common = dict(num_classes=c, model_cfg=config.model, num_nets=v.num, batch=v.batch, dsa_strategy=strategy,
-                momentum=v.momentum, weight_decay=v.weight_decay, use_vmap=v.vmap, writer=writer)
-  x_syn = np.asarray(state["syn"]["x"])
-  targets = np.asarray(D.targets_of(state["syn"]["y"], d.soft_labels))
-  lr = float(D.lr_value(state["syn"]["lr"], d.lr_param))
+  common = dict(num_classes=c, num_nets=v.num, batch=v.batch, dsa_strategy=strategy, momentum=v.momentum,
+                weight_decay=v.weight_decay, use_vmap=v.vmap, writer=writer)
   # Every arm trains its networks from the same seed's named streams (same inits, order and augmentation
   # streams): the arms are paired within a seed, and seeds share nothing.
   seed = config.seed
   out = {}
   t0 = time.time()
 
-  def arm(key, x, y, arm_lr, what):
-    accs = evaluate.train_and_test(seed, x, y, data.x_test_NHWC, data.y_test_N, epochs=v.epochs, lr=arm_lr,
-                                   desc=f"eval {what}", name=f"eval_{key}", **common)
-    out[key] = evaluate.summarize(accs)
+  def arm(key, x, y, arm_lr, what, *, model_cfg=None, epochs=None):
+    try:
+      accs = evaluate.train_and_test(seed, x, y, data.x_test_NHWC, data.y_test_N, epochs=epochs or v.epochs,
+                                     lr=arm_lr, desc=f"eval {what}", name=f"eval_{key}",
+                                     model_cfg=model_cfg or config.model, **common)
+    except ValueError as e:  # an architecture that cannot take these images (LeNet on 8×8 digits)
+      raise ConfigError(f"eval.cross_arch: {what}: {e}") from None
+    return evaluate.summarize(accs)
 
-  arm("distilled", x_syn, targets, lr, "distilled")
+  out["distilled"] = arm("distilled", x_syn, targets, lr, "distilled")
+  if only_distilled:
+    return out
   if syn0 is not None:
     x0 = np.asarray(syn0["x"])
     targets0 = np.asarray(D.targets_of(jnp.asarray(syn0["y"]), d.soft_labels))
     if v.init:
-      arm("initial", x0, targets0, lr, "initial set")
+      out["initial"] = arm("initial", x0, targets0, lr, "initial set")
     if v.cross:
-      arm("images_only", x_syn, targets0, lr, "final images, initial labels")
-      arm("labels_only", x0, targets, lr, "initial images, final labels")
+      out["images_only"] = arm("images_only", x_syn, targets0, lr, "final images, initial labels")
+      out["labels_only"] = arm("labels_only", x0, targets, lr, "initial images, final labels")
   onehot = np.eye(c, dtype=np.float32)
   if v.random:
-    idx = evaluate.random_subset(np_stream(seed, "random_subset"), data.y_train_N, c, d.ipc)
-    accs = evaluate.train_and_test(seed, data.x_train_NHWC[idx], onehot[data.y_train_N[idx]],
-                                   data.x_test_NHWC, data.y_test_N, epochs=v.epochs, lr=v.lr_real,
-                                   desc="eval random", name="eval_random", **common)
-    out["random"] = evaluate.summarize(accs)
+    idx = evaluate.random_subset(np_stream(seed, "random_subset"), data.y_train_N, c, ipc)
+    out["random"] = arm("random", data.x_train_NHWC[idx], onehot[data.y_train_N[idx]], v.lr_real, "random")
   if v.full:
-    accs = evaluate.train_and_test(seed, data.x_train_NHWC, onehot[data.y_train_N], data.x_test_NHWC,
-                                   data.y_test_N, epochs=v.full_epochs, lr=v.lr_real, desc="eval full", name="eval_full", **common)
-    out["full"] = evaluate.summarize(accs)
+    out["full"] = arm("full", data.x_train_NHWC, onehot[data.y_train_N], v.lr_real, "full", epochs=v.full_epochs)
+  archs = cross_archs(config)
+  if archs:
+    out["cross_arch"] = {a: arm(f"arch_{a}", x_syn, targets, lr, f"distilled on {a}",
+                                model_cfg=config.model if a == "convnet" else {"name": a}) for a in archs}
   out["eval_seconds"] = time.time() - t0
   out["eval_lr_distilled"] = lr
-  writer.summary(d.iterations, {f"{k}_acc": r["mean"] for k, r in out.items() if isinstance(r, dict)},
-                 prefix="eval/")
+  scalars = {f"{k}_acc": r["mean"] for k, r in out.items() if isinstance(r, dict) and "mean" in r}
+  scalars.update({f"arch_{a}_acc": r["mean"] for a, r in out.get("cross_arch", {}).items()})
+  writer.summary(step, scalars, prefix="eval/")
   return out
+
+
+def run_eval(config, data, state, writer, syn0=None) -> dict:
+  """Distilled, random-real and full-data accuracies (mean ± std over ``eval.num`` networks) of the distillation
+  state's set; with ``eval.init`` also the initial synthetic set (same labels/step-size protocol, before any image
+  update), with ``eval.cross`` the two cross-evaluations that separate what the image and the label updates add:
+  ``images_only`` (final images, initial labels) and ``labels_only`` (initial images, final labels), all at the
+  learned step size α, and with ``eval.cross_arch`` the distilled set on other architectures
+  (:func:`evaluate_set`)."""
+  d = config.distill
+  x_syn = np.asarray(state["syn"]["x"])
+  targets = np.asarray(D.targets_of(state["syn"]["y"], d.soft_labels))
+  lr = float(D.lr_value(state["syn"]["lr"], d.lr_param))
+  return evaluate_set(config, data, x_syn, targets, lr, writer, ipc=d.ipc, syn0=syn0, step=d.iterations)
+
+
+# ----------------------------------------------------------------------------------------------- synthetic files
+
+SYNTHETIC_KEYS = ("x", "y", "lr", "labels")
+
+
+def save_synthetic(path: str, x, y, lr: float, labels, *, soft_labels: bool, **extra) -> None:
+  """A synthetic set as ``np.savez``: images ``x`` (NHWC, preprocessed), ``y`` (label logits, or one-hot targets
+  when ``soft_labels`` is False), step size ``lr`` (its value), class ``labels`` and ``extra`` scalars. Written to
+  a temp file and renamed, so a crash never leaves half a file."""
+  tmp = path + ".partial"
+  with open(tmp, "wb") as f:
+    np.savez(f, x=np.asarray(x, np.float32), y=np.asarray(y, np.float32), lr=np.float32(lr),
+             labels=np.asarray(labels, np.int64), soft_labels=bool(soft_labels), **extra)
+  os.replace(tmp, path)
+
+
+def load_synthetic(path: str, data, *, soft_labels_default: bool = True) -> dict:
+  """Reads a synthetic.npz (as :func:`save_outputs` writes it) and checks it against ``data``.
+
+  Returns ``{"x", "y", "lr", "labels", "soft_labels"}``. A missing, unreadable or malformed file raises a
+  DataError naming the file and what is wrong (never a numpy/zipfile traceback). ``soft_labels`` comes from the
+  file when it records it, else ``soft_labels_default`` (``distill.soft_labels``).
+  """
+  where = f"synthetic={path!r}"
+  if not os.path.isfile(path):
+    raise images.DataError(f"{where}: no such file; name a synthetic.npz that a DATM run wrote")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+      missing = [k for k in SYNTHETIC_KEYS if k not in z.files]
+      if missing:
+        raise images.DataError(f"{where}: lacks {missing} (has {sorted(z.files)}); a DATM synthetic.npz holds "
+                               f"{list(SYNTHETIC_KEYS)}")
+      out = {k: np.asarray(z[k]) for k in z.files if k in SYNTHETIC_KEYS + ("soft_labels",)}
+  except images.DataError:
+    raise
+  except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, ValueError, OSError, ...
+    lines = str(e).strip().splitlines()
+    raise images.DataError(f"{where} cannot be read as an .npz archive ({type(e).__name__}: "
+                           f"{lines[0][:160] if lines else ''})") from None
+  x, y, lr, labels = out["x"], out["y"], out["lr"], out["labels"]
+  c, shape = data.num_classes, tuple(data.image_shape)
+
+  def bad(what: str):
+    return images.DataError(f"{where}: {what}")
+
+  if x.ndim != 4 or tuple(x.shape[1:]) != shape or x.shape[0] == 0:
+    raise bad(f"x has shape {x.shape} but data.dataset={data.name!r} has images of shape {shape} (N, H, W, C); "
+              "set --config.data.dataset (and data.zca) to the data the set was distilled from")
+  n = x.shape[0]
+  if y.shape != (n, c):
+    raise bad(f"y has shape {y.shape}, expected ({n}, {c}) label logits for the {n} images and {c} classes of "
+              f"{data.name}")
+  if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= c:
+    raise bad(f"labels must be {n} class indices in [0, {c}), got shape {labels.shape} dtype {labels.dtype}")
+  if lr.shape != () or not np.isfinite(lr) or float(lr) <= 0:
+    raise bad(f"lr must be one positive step size, got {lr!r}")
+  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+    raise bad("x or y holds NaN/Inf values")
+  soft = bool(out["soft_labels"]) if "soft_labels" in out else bool(soft_labels_default)
+  return {"x": x.astype(np.float32), "y": y.astype(np.float32), "lr": float(lr), "labels": labels.astype(np.int64),
+          "soft_labels": soft}
+
+
+# ----------------------------------------------------------------------------------------------- periodic eval
+
+
+class BestKeeper:
+  """A loop hook (``every(distill.eval_every, keeper)``): evaluates the current set with ``distill.eval_nets``
+  networks × ``distill.eval_epochs`` epochs and keeps the best one in ``<workdir>/best_synthetic.npz`` (with its
+  accuracy ``acc``/``acc_std``, ``step``, ``eval_nets``, ``eval_epochs``).
+
+  Resume: the file is the record of the best so far (read back at start, unless it was measured with other
+  ``eval_nets``/``eval_epochs``); evaluations are pure functions of the seed and the (exactly resumed) state, so
+  steps replayed after a crash reproduce their accuracies and a strict ``>`` keeps the file as it was.
+  """
+
+  FILE = "best_synthetic.npz"
+
+  def __init__(self, config, data, y_int, workdir: str):
+    self.config, self.data, self.y_int = config, data, np.asarray(y_int)
+    self.path = os.path.join(workdir, self.FILE)
+    d = config.distill
+    self.best = {"acc": -1.0, "acc_std": 0.0, "step": -1}
+    if os.path.exists(self.path):
+      try:
+        with np.load(self.path, allow_pickle=False) as z:
+          rec = {k: float(z[k]) for k in ("acc", "acc_std", "step", "eval_nets", "eval_epochs")}
+      except Exception as e:  # noqa: BLE001 - a half-written or foreign file: start the record again
+        print(f"WARNING: {self.path} cannot be read ({type(e).__name__}); the best set is measured again",
+              flush=True)
+        rec = None
+      if rec and (rec["eval_nets"], rec["eval_epochs"]) == (d.eval_nets, d.eval_epochs):
+        self.best = {"acc": rec["acc"], "acc_std": rec["acc_std"], "step": int(rec["step"])}
+      elif rec:
+        print(f"note: {self.path} was measured with eval_nets={int(rec['eval_nets'])}, eval_epochs="
+              f"{int(rec['eval_epochs'])}; measuring the best set again", flush=True)
+
+  def __call__(self, step: int, state, writer) -> dict:
+    del writer  # the evaluation networks' own losses are not logged (their steps are not distillation steps)
+    c, d = self.config, self.config.distill
+    x = np.asarray(state["syn"]["x"])
+    y = np.asarray(state["syn"]["y"])
+    lr = float(D.lr_value(state["syn"]["lr"], d.lr_param))
+    v = c.eval
+    accs = evaluate.train_and_test(
+        c.seed, x, np.asarray(D.targets_of(jnp.asarray(y), d.soft_labels)), self.data.x_test_NHWC,
+        self.data.y_test_N, num_classes=self.data.num_classes, model_cfg=c.model, num_nets=d.eval_nets,
+        epochs=d.eval_epochs, lr=lr, batch=v.batch, dsa_strategy=dsa.parse_strategy(c.data.dsa_strategy),
+        momentum=v.momentum, weight_decay=v.weight_decay, use_vmap=v.vmap, name="periodic_eval",
+        desc=f"eval @ {step}")
+    r = evaluate.summarize(accs)
+    if r["mean"] > self.best["acc"]:
+      self.best = {"acc": r["mean"], "acc_std": r["std"], "step": int(step)}
+      save_synthetic(self.path, x, y, lr, self.y_int, soft_labels=d.soft_labels, acc=r["mean"], acc_std=r["std"],
+                     step=int(step), eval_nets=d.eval_nets, eval_epochs=d.eval_epochs)
+    return {"acc": r["mean"], "acc_std": r["std"], "best_acc": self.best["acc"], "best_step": self.best["step"]}
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def pixel_grid(path: str, pixels_NHWC, *, nrow: int, scale: int = 4, gap: int = 1) -> str:
+  """The images as one PNG in pixel space: values clipped to [0, 1] (no per-image stretching), ``nrow`` rows,
+  ``gap`` white pixels between images, each pixel shown as ``scale`` × ``scale``."""
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+
+  x = np.clip(np.asarray(pixels_NHWC, np.float32), 0.0, 1.0)
+  n, h, w, ch = x.shape
+  if ch == 1:
+    x = np.repeat(x, 3, axis=-1)
+  ncol = -(-n // nrow)
+  grid = np.ones((nrow * (h + gap) - gap, ncol * (w + gap) - gap, 3), np.float32)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = x[i]
+  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  matplotlib.image.imsave(path, np.round(grid * 255).astype(np.uint8))
+  return path
+
+
+def _image_plots(workdir: str, data, x, y_int, *, ipc: int, name: str, title: str) -> None:
+  """``plots/<name>.png`` (one labelled row per class, each image stretched for display) and
+  ``plots/<name>_pixels.png`` (the same grid in pixel space: ZCA / normalisation undone, clipped to [0, 1])."""
+  show = min(ipc, 10)
+  order = np.concatenate([np.flatnonzero(y_int == c)[:show] for c in range(data.num_classes)])
+  # one row per class (IPC 1: one row of all classes)
+  nrow = data.num_classes if show > 1 else 1
+  labels = [str(c) for c in range(data.num_classes)] if show > 1 else None
+  pixels = data.to_pixels(np.asarray(x)[order])
+  plots.image_grid(plot_path(workdir, name), pixels, nrow=nrow, title=title, row_labels=labels)
+  pixel_grid(plot_path(workdir, f"{name}_pixels"), pixels, nrow=nrow)
 
 
 def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str) -> str:
   """synthetic.npz, results.json and the PNGs; returns the results path."""
   d = config.distill
   x = np.asarray(state["syn"]["x"])
-  np.savez(os.path.join(workdir, "synthetic.npz"), x=x, y=np.asarray(state["syn"]["y"]),
-           lr=float(D.lr_value(state["syn"]["lr"], d.lr_param)), labels=y_int)
+  save_synthetic(os.path.join(workdir, "synthetic.npz"), x, np.asarray(state["syn"]["y"]),
+                 float(D.lr_value(state["syn"]["lr"], d.lr_param)), y_int, soft_labels=d.soft_labels)
   path = write_results(workdir, results)
-  show = min(d.ipc, 10)
-  order = np.concatenate([np.flatnonzero(y_int == c)[:show] for c in range(data.num_classes)])
-  # one row per class (IPC 1: one row of all classes)
-  nrow = data.num_classes if show > 1 else 1
-  labels = [str(c) for c in range(data.num_classes)] if show > 1 else None
-  plots.image_grid(plot_path(workdir, "distilled_images"), data.to_pixels(x[order]), nrow=nrow,
-                   title=f"distilled, IPC {d.ipc}", row_labels=labels)
-  plots.image_grid(plot_path(workdir, "initial_images"), data.to_pixels(np.asarray(syn0["x"])[order]),
-                   nrow=nrow, title=f"initial, IPC {d.ipc}", row_labels=labels)
+  _image_plots(workdir, data, x, y_int, ipc=d.ipc, name="distilled_images", title=f"distilled, IPC {d.ipc}")
+  _image_plots(workdir, data, np.asarray(syn0["x"]), y_int, ipc=d.ipc, name="initial_images",
+               title=f"initial, IPC {d.ipc}")
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(jsonl):
     plots.from_jsonl(jsonl, ["distill/loss"], plot_path(workdir, "distill_loss"), title="matching loss")
     plots.from_jsonl(jsonl, ["distill/lr"], plot_path(workdir, "distill_lr"), title="learned step size α")
     plots.from_jsonl(jsonl, ["distill/start_epoch", "distill/window_upper"], plot_path(workdir, "distill_window"),
                      title="start epoch (mean over the log window) and window T⁺")
+    if d.eval_every:
+      plots.from_jsonl(jsonl, ["periodic_eval/acc", "periodic_eval/best_acc"], plot_path(workdir, "periodic_eval"),
+                       title=f"accuracy during distillation ({d.eval_nets} nets × {d.eval_epochs} epochs)")
   return path
+
+
+def _arm_parts(results: dict) -> dict:
+  parts = {k: f"{results[k]['mean']:.4f}±{results[k]['std']:.4f}" for k in EVAL_ARMS if k in results}
+  parts.update({a: f"{r['mean']:.4f}" for a, r in results.get("cross_arch", {}).items()})
+  return parts
+
+
+def run_evaluate(config, workdir: str) -> dict:
+  """Evaluates ``config.synthetic`` (a saved synthetic.npz) on its own: no experts, no distillation. Writes
+  results.json (the ``distilled`` arm, ``random``/``full`` when on, ``cross_arch``) and plots/synthetic_images*.png."""
+  t_start = time.time()
+  data = images.get_dataset(config.data.dataset, zca=config.data.zca, zca_eps=config.data.zca_eps,
+                            data_dir=config.data.data_dir or None)
+  syn = load_synthetic(config.synthetic, data, soft_labels_default=config.distill.soft_labels)
+  counts = np.bincount(syn["labels"], minlength=data.num_classes)
+  ipc = int(counts.max())
+  if config.eval.random and ipc > data.per_class_counts().min():
+    raise ConfigError(f"eval.random: the set has {ipc} images per class, more than {data.name} holds in its "
+                      "smallest class; set --config.eval.random=False")
+  writer = metrics.Writer(workdir, total_steps=1)
+  try:
+    targets = np.asarray(D.targets_of(jnp.asarray(syn["y"]), syn["soft_labels"]))
+    evals = evaluate_set(config, data, syn["x"], targets, syn["lr"], writer, ipc=ipc)
+    results = {
+        "method": "datm_evaluate", "variant": config.variant, "synthetic": os.path.abspath(config.synthetic),
+        "seed": config.seed, "dataset": data.name, "ipc": ipc, "images_per_class": counts.tolist(),
+        "num_images": int(len(syn["x"])), "soft_labels": syn["soft_labels"], "image_shape": list(data.image_shape),
+        "model": dict(config.model), **{k: evals[k] for k in EVAL_ARMS if k in evals},
+        **({"cross_arch": evals["cross_arch"]} if "cross_arch" in evals else {}),
+        "eval_lr": syn["lr"], "eval_seconds": evals["eval_seconds"], "eval_nets": config.eval.num,
+        "eval_epochs": config.eval.epochs, "device": str(jax.devices()[0].device_kind),
+        "total_seconds": time.time() - t_start, "config": config,
+    }
+    path = write_results(workdir, results)
+    _image_plots(workdir, data, syn["x"], syn["labels"], ipc=ipc, name="synthetic_images",
+                 title=f"{os.path.basename(config.synthetic)}, IPC {ipc}")
+    summary_line(f"DATM evaluate {data.name} IPC {ipc}", {**_arm_parts(results), "total s": results["total_seconds"]},
+                 path)
+    return json.loads(json.dumps(jsonable(results)))
+  finally:
+    writer.close()
 
 
 def run(config, workdir: str) -> dict:
@@ -241,6 +489,8 @@ def run(config, workdir: str) -> dict:
   t_start = time.time()
   validate(config)
   os.makedirs(workdir, exist_ok=True)
+  if config.synthetic:  # evaluate a saved set on its own
+    return run_evaluate(config, workdir)
   data = load_data(config)
   writer = metrics.Writer(workdir, total_steps=config.distill.iterations)
   try:
@@ -248,14 +498,31 @@ def run(config, workdir: str) -> dict:
     buf = get_experts(config, data, workdir, writer)
     experts_s = time.time() - t0
     syn0, y_int = init_synthetic(config, data, buf)
-    state, stats = distill_loop(config, buf, syn0, workdir, writer)
+    d = config.distill
+    keeper = BestKeeper(config, data, y_int, workdir) if d.eval_every else None
+    hooks = [loop.every(d.eval_every, keeper, name="periodic_eval")] if keeper else []
+    state, stats = distill_loop(config, buf, syn0, workdir, writer, hooks=hooks)
     evals = run_eval(config, data, state, writer, syn0)
+    best = None
+    if keeper is not None and keeper.best["step"] >= 0:
+      best = {"step": keeper.best["step"], "acc": keeper.best["acc"], "acc_std": keeper.best["acc_std"],
+              "eval_nets": d.eval_nets, "eval_epochs": d.eval_epochs, "file": BestKeeper.FILE}
+      if keeper.best["step"] == d.iterations:  # the final set is the best one: its arm is the distilled arm
+        evals["best"] = evals["distilled"]
+      else:  # the full evaluation protocol on the best set
+        z = load_synthetic(keeper.path, data, soft_labels_default=d.soft_labels)
+        evals["best"] = evaluate_set(config, data, z["x"], np.asarray(D.targets_of(jnp.asarray(z["y"]),
+                                                                                 d.soft_labels)),
+                                     z["lr"], writer, ipc=d.ipc, step=keeper.best["step"],
+                                     only_distilled=True)["distilled"]
     results = {
         "method": "mtt" if not config.distill.soft_labels else "datm", "variant": config.variant,
         "seed": config.seed, "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
         "model": dict(config.model), "conv_impl": {"training": convnet.resolve_conv_impl(config.model.conv_impl),
                       "meta_step": convnet.resolve_conv_impl(config.model.conv_impl, second_order=True)},
         **{k: evals[k] for k in EVAL_ARMS if k in evals},
+        **({"cross_arch": evals["cross_arch"]} if "cross_arch" in evals else {}),
+        **({"best_during_distill": best} if best else {}),
         "learned_lr": evals["eval_lr_distilled"], **stats,
         "experts": {"num": buf.num_experts, "epochs": buf.num_epochs, "seconds_this_run": experts_s,
                     "final_test_acc_mean": float(np.mean(buf.meta.get("final_test_acc", [float("nan")])))},
@@ -266,7 +533,7 @@ def run(config, workdir: str) -> dict:
         "config": config,
     }
     path = save_outputs(config, data, state, syn0, y_int, results, workdir)
-    parts = {k: f"{results[k]['mean']:.4f}±{results[k]['std']:.4f}" for k in EVAL_ARMS if k in results}
+    parts = _arm_parts(results)
     summary_line(f"DATM {data.name} IPC {config.distill.ipc}",
                  {**parts, "s/it": results["seconds_per_iteration"] or 0.0, "compile s": results["compile_seconds"],
                   "total s": results["total_seconds"]}, path)
@@ -275,4 +542,4 @@ def run(config, workdir: str) -> dict:
     writer.close()
 
 
-__all__ = ["run", "specs"]
+__all__ = ["run", "specs", "run_evaluate", "load_synthetic", "BestKeeper"]

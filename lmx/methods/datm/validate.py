@@ -1,6 +1,8 @@
 """Early checks of a DATM config: every error names the field and the fix (no JAX work is done here)."""
 from __future__ import annotations
 
+import os
+
 from lmx.core.config import ConfigError, check_choice, positive, require
 from lmx.datasets.images import DATASETS
 from lmx.methods.datm.dsa import parse_strategy
@@ -13,8 +15,16 @@ TRAIN_PER_CLASS = {"mnist5k": 400, "digits": 138, "mnist": 5421, "fashion_mnist"
                    "cifar100": 500, "tiny_imagenet": 500}
 
 
-def validate(c) -> None:
-  """Raises ConfigError for inconsistent or out-of-range settings."""
+# Architectures the evaluation can train on a distilled set (eval.cross_arch): registered image classifiers.
+EVAL_ARCHS = ("convnet", "mlp", "lenet", "resnet18")
+
+
+def validate(c, for_run: bool = True) -> None:
+  """Raises ConfigError for inconsistent or out-of-range settings.
+
+  ``for_run``: the config is about to run (the launcher's check), so the 'evaluate' variant must name its
+  ``synthetic`` file; ``get_config`` checks with ``for_run=False`` (the path comes from the command line).
+  """
   check_choice(c.method, "method", ["datm"])
   check_choice(c.data.dataset, "data.dataset", DATASETS)
   try:
@@ -27,8 +37,9 @@ def validate(c) -> None:
   positive(c.model.depth, "model.depth")
   positive(c.model.width, "model.width")
   e, d, v = c.experts, c.distill, c.eval
-  for name in ("num", "epochs", "batch", "parallel"):
+  for name in ("num", "epochs", "batch", "parallel", "fwd_chunk_experts", "fwd_chunk_images"):
     positive(e[name], f"experts.{name}")
+    require(int(e[name]) == e[name], f"experts.{name}", f"must be a whole number, got {e[name]!r}")
   positive(e.lr, "experts.lr")
   for name in ("ipc", "iterations", "syn_steps", "expert_epochs", "batch_syn", "log_every", "ckpt_every"):
     positive(d[name], f"distill.{name}")
@@ -55,6 +66,22 @@ def validate(c) -> None:
           f"needs {need}; raise experts.epochs or lower distill.max_start_epoch")
   require(d.soft_labels or not d.learn_labels, "distill.learn_labels",
           "hard labels (soft_labels=False) cannot be learned; set learn_labels=False")
+  require(d.eval_every >= 0 and int(d.eval_every) == d.eval_every, "distill.eval_every",
+          f"must be 0 (off) or a positive whole number of iterations, got {d.eval_every!r}")
+  if d.eval_every:
+    positive(d.eval_nets, "distill.eval_nets")
+    positive(d.eval_epochs, "distill.eval_epochs")
+  archs = tuple(v.cross_arch) if not isinstance(v.cross_arch, str) else tuple(
+      a.strip() for a in v.cross_arch.split(",") if a.strip())
+  for a in archs:
+    require(a in EVAL_ARCHS, "eval.cross_arch", f"{a!r} is not an evaluation architecture; valid: {list(EVAL_ARCHS)}")
+  if for_run and c.variant == "evaluate":
+    require(bool(c.synthetic), "synthetic",
+            "the evaluate variant needs the synthetic set to evaluate: --config.synthetic=/path/to/synthetic.npz "
+            "(as a DATM run writes it: x, y, lr, labels)")
+  if for_run and c.synthetic:
+    require(os.path.isfile(c.synthetic), "synthetic", f"{c.synthetic!r}: no such file; name a synthetic.npz that "
+            "a DATM run wrote (<workdir>/synthetic.npz or best_synthetic.npz)")
   positive(v.num, "eval.num")
   positive(v.epochs, "eval.epochs")
   positive(v.batch, "eval.batch")
