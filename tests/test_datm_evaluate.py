@@ -31,7 +31,8 @@ def test_forward_chunked_equals_unchunked_with_padding():
   data = images.get_dataset("digits")
   buf, m = _random_buffer(c, data)
   x = data.x_train_NHWC[:230]
-  ref = np.stack([np.asarray(m.apply(jax.tree.map(lambda a: a[e], buf.final()), jnp.asarray(x))) for e in range(5)])
+  apply = jax.jit(m.apply)
+  ref = np.stack([np.asarray(apply(jax.tree.map(lambda a: a[e], buf.final()), jnp.asarray(x))) for e in range(5)])
   out = E.forward_chunked(m.apply, buf.final(), x, expert_chunk=2, image_chunk=100)  # 5 = 2+2+1, 230 = 100+100+30
   assert out.shape == (5, 230, 10)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -50,7 +51,8 @@ def test_init_synthetic_matches_an_unchunked_computation():
   buf, m = _random_buffer(c, data)
   syn, y_int = R.init_synthetic(c, data, buf)
   # reference: every expert on every training image, no chunks
-  logits = np.stack([np.asarray(m.apply(jax.tree.map(lambda a: a[e], buf.final()), jnp.asarray(data.x_train_NHWC)))
+  apply = jax.jit(m.apply)
+  logits = np.stack([np.asarray(apply(jax.tree.map(lambda a: a[e], buf.final()), jnp.asarray(data.x_train_NHWC)))
                      for e in range(buf.num_experts)])
   idx = D.select_correct(logits.argmax(-1), data.y_train_N, data.num_classes, 3,
                          R.np_stream(c.seed, "init_synthetic"))
@@ -91,7 +93,8 @@ def _evaluate_config(path):
 
 @pytest.mark.parametrize("bad,needle", [
     ("missing", "no such file"),
-    ("garbage", "cannot be read as an .npz"),
+    ("garbage", "not an .npz archive"),
+    ("truncated", "cannot be read as an .npz"),
     ("no_lr", r"lacks \['lr'\]"),
     ("wrong_shape", "data.dataset"),
     ("bad_labels", "labels must be"),
@@ -100,6 +103,10 @@ def test_malformed_synthetic_file_is_a_clear_error(tmp_path, bad, needle):
   path = str(tmp_path / "s.npz")
   if bad == "garbage":
     open(path, "wb").write(b"not a zip file")
+  elif bad == "truncated":
+    _digits_set(path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
   elif bad == "no_lr":
     _digits_set(path, lr=None)
   elif bad == "wrong_shape":

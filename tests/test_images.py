@@ -111,3 +111,11 @@ def test_unreadable_tfds_records_are_a_data_error_naming_the_dir(tmp_path, recor
   with pytest.raises(images.DataError, match=re.escape(f"delete {vdir} and prepare it again")) as e:
     images.get_dataset("mnist", data_dir=str(tmp_path))
   assert "\n" not in str(e.value)
+
+
+def test_to_pixels_undoes_zca_on_a_dataset():
+  """The distilled-image PNGs go through to_pixels: with ZCA on it must give back the [0, 1] pixels."""
+  raw = images.load_digits()[0]
+  d = images.get_dataset("digits", zca=True)
+  assert not np.allclose(d.x_train_NHWC, raw, atol=0.05)  # whitening changed the images
+  np.testing.assert_allclose(d.to_pixels(d.x_train_NHWC), raw, atol=1e-4)

@@ -290,6 +290,12 @@ def load_synthetic(path: str, data, *, soft_labels_default: bool = True) -> dict
   where = f"synthetic={path!r}"
   if not os.path.isfile(path):
     raise images.DataError(f"{where}: no such file; name a synthetic.npz that a DATM run wrote")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head[:2] != b"PK":  # every .npz is a zip archive
+    raise images.DataError(f"{where} is not an .npz archive (no zip signature at its start; "
+                           f"{'an empty file' if not head else 'another kind of file'}); name a synthetic.npz "
+                           "that a DATM run wrote")
   try:
     with np.load(path, allow_pickle=False) as z:
       if not isinstance(z, np.lib.npyio.NpzFile):
