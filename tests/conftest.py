@@ -12,6 +12,14 @@ from absl import flags  # noqa: E402
 if not flags.FLAGS.is_parsed():
     flags.FLAGS(sys.argv[:1])
 
+# A test runner started as a background job (`cmd &`, nohup) inherits SIGINT ignored, and so would every run the
+# tests start; lmx rightly leaves an ignored SIGINT alone. The Ctrl-C tests test a terminal's Ctrl-C, so the test
+# process (and, through exec, its children) get the default disposition back.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
