@@ -233,6 +233,23 @@ def trim_heap() -> None:
     pass
 
 
+def timed_round(iters: int, step, loss_of):
+  """Runs ``step()`` ``iters`` times under an RSS sampler; returns the last output and the round's times, losses
+  (``loss_of(output)``), RSS peak and the RSS before it. Frees the heap before and after, so that the other arm's
+  process has the memory."""
+  times, losses = [], []
+  trim_heap()
+  before = rss_bytes()
+  with RssSampler() as s:
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      out = step()
+      times.append(time.perf_counter() - t0)
+      losses.append(loss_of(out))
+  trim_heap()
+  return out, {"times": times, "losses": losses, "rss_exec_peak_bytes": s.peak, "rss_before_round_bytes": before}
+
+
 class RssSampler:
   """Peak RSS sampled every ``interval`` seconds by a background thread while the ``with`` block runs."""
 
@@ -416,19 +433,8 @@ def lmx_worker(args) -> None:
 
   def run_round(iters: int) -> dict:
     peak = measured_matmul_peak("float32", n=MATMUL_N)
-    times, losses = [], []
-    trim_heap()
-    before = rss_bytes()
-    with RssSampler() as s:
-      for _ in range(iters):
-        t0 = time.perf_counter()
-        m = one()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(m["loss"]))
-    trim_heap()  # hand the iteration's buffers back, so the other arm's process has the memory
-    return {"times": times, "losses": losses, "skipped": float(m["skipped"]),
-            "matmul_peak_flops_per_sec": peak["flops_per_sec"], "rss_exec_peak_bytes": s.peak,
-            "rss_before_round_bytes": before,
+    m, rnd = timed_round(iters, one, lambda m: float(m["loss"]))
+    return {**rnd, "skipped": float(m["skipped"]), "matmul_peak_flops_per_sec": peak["flops_per_sec"],
             "rss_before_compile_bytes": rss0, "rss_highwater_bytes": highwater_bytes()}
 
   _serve(info, run_round)
@@ -630,20 +636,9 @@ def torch_worker(args) -> None:
 
   def run_round(iters: int) -> dict:
     peak = _torch_matmul_peak(torch)
-    times, losses = [], []
-    trim_heap()
-    before = rss_bytes()
-    with RssSampler() as s:
-      for _ in range(iters):
-        t0 = time.perf_counter()
-        r = it()
-        times.append(time.perf_counter() - t0)
-        losses.append(r["loss"])
-    trim_heap()
-    return {"times": times, "losses": losses, "skipped": float(not r["updated"]),
-            "matmul_peak_flops_per_sec": peak, "rss_exec_peak_bytes": s.peak, "rss_before_round_bytes": before,
-            "rss_before_compile_bytes": rss0,
-            "rss_highwater_bytes": highwater_bytes()}
+    r, rnd = timed_round(iters, it, lambda r: r["loss"])
+    return {**rnd, "skipped": float(not r["updated"]), "matmul_peak_flops_per_sec": peak,
+            "rss_before_compile_bytes": rss0, "rss_highwater_bytes": highwater_bytes()}
 
   _serve(info, run_round)
 
