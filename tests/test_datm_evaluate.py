@@ -11,6 +11,7 @@ import pytest
 
 from configs import datm as datm_config
 from lmx import launcher
+from lmx.core import plots
 from lmx.core.config import ConfigError
 from lmx.datasets import images
 from lmx.methods.datm import distill as D
@@ -173,7 +174,7 @@ def test_pixel_grid_png_holds_zca_undone_pixels(tmp_path):
   data = images.ImageData("rand", z.apply(px), np.zeros(200, np.int32), z.apply(px[:2]), np.zeros(2, np.int32), 1,
                           np.zeros(3, np.float32), np.ones(3, np.float32), zca=z)
   np.testing.assert_allclose(data.to_pixels(data.x_train_NHWC), px, atol=1e-4)  # to_pixels(zca(x)) ≈ x
-  path = R.pixel_grid(str(tmp_path / "g.png"), data.to_pixels(data.x_train_NHWC[:6]), nrow=2, scale=1, gap=1)
+  path = plots.pixel_grid(str(tmp_path / "g.png"), data.to_pixels(data.x_train_NHWC[:6]), nrow=2, scale=1, gap=1)
   import matplotlib.image
   img = matplotlib.image.imread(path)[..., :3]
   assert img.shape == (2 * 5 - 1, 3 * 5 - 1, 3)

@@ -53,6 +53,24 @@ def from_jsonl(jsonl_path: str, keys: Sequence[str], out_path: str, title: str =
   return curves(out_path, series, title=title, logy=logy)
 
 
+def pixel_grid(path: str, pixels_NHWC, *, nrow: int, scale: int = 4, gap: int = 1) -> str:
+  """The images as one PNG in pixel space: values clipped to [0, 1] (no per-image stretching), ``nrow`` rows,
+  ``gap`` white pixels between images, each pixel shown as ``scale`` × ``scale``."""
+  x = np.clip(np.asarray(pixels_NHWC, np.float32), 0.0, 1.0)
+  n, h, w, ch = x.shape
+  if ch == 1:
+    x = np.repeat(x, 3, axis=-1)
+  ncol = -(-n // nrow)
+  grid = np.ones((nrow * (h + gap) - gap, ncol * (w + gap) - gap, 3), np.float32)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = x[i]
+  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  plt.imsave(path, np.round(grid * 255).astype(np.uint8))
+  return path
+
+
 def image_grid(path: str, images_NHWC, *, nrow: int, title: str = "",
                row_labels: Sequence[str] | None = None) -> str:
   """Grid of images, ``nrow`` rows filled in order; each image min-max normalised for display."""

@@ -393,26 +393,6 @@ class BestKeeper:
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-def pixel_grid(path: str, pixels_NHWC, *, nrow: int, scale: int = 4, gap: int = 1) -> str:
-  """The images as one PNG in pixel space: values clipped to [0, 1] (no per-image stretching), ``nrow`` rows,
-  ``gap`` white pixels between images, each pixel shown as ``scale`` × ``scale``."""
-  import matplotlib.image  # pylint: disable=g-import-not-at-top
-
-  x = np.clip(np.asarray(pixels_NHWC, np.float32), 0.0, 1.0)
-  n, h, w, ch = x.shape
-  if ch == 1:
-    x = np.repeat(x, 3, axis=-1)
-  ncol = -(-n // nrow)
-  grid = np.ones((nrow * (h + gap) - gap, ncol * (w + gap) - gap, 3), np.float32)
-  for i in range(n):
-    r, col = divmod(i, ncol)
-    grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = x[i]
-  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  matplotlib.image.imsave(path, np.round(grid * 255).astype(np.uint8))
-  return path
-
-
 def _image_plots(workdir: str, data, x, y_int, *, ipc: int, name: str, title: str) -> None:
   """``plots/<name>.png`` (one labelled row per class, each image stretched for display) and
   ``plots/<name>_pixels.png`` (the same grid in pixel space: ZCA / normalisation undone, clipped to [0, 1])."""
@@ -423,7 +403,7 @@ def _image_plots(workdir: str, data, x, y_int, *, ipc: int, name: str, title: st
   labels = [str(c) for c in range(data.num_classes)] if show > 1 else None
   pixels = data.to_pixels(np.asarray(x)[order])
   plots.image_grid(plot_path(workdir, name), pixels, nrow=nrow, title=title, row_labels=labels)
-  pixel_grid(plot_path(workdir, f"{name}_pixels"), pixels, nrow=nrow)
+  plots.pixel_grid(plot_path(workdir, f"{name}_pixels"), pixels, nrow=nrow)
 
 
 def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str) -> str:
