@@ -32,7 +32,9 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       corpus="python_docs",  # the Python documentation topics (lmx.datasets.text.CORPORA)
-      seq_len=128, global_batch=32, eval_fraction=0.05, shuffle_seed=0, worker_count=0))
+      # validation: whole documents held out at random (split_seed), ~eval_fraction of the text
+      seq_len=128, global_batch=32, eval_fraction=0.05, split="document", split_seed=0, shuffle_seed=0,
+      worker_count=0))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -34,17 +34,29 @@ def decode(ids: Sequence[int]) -> str:
   return out.decode("utf-8", errors="replace")
 
 
+DOC_SEP = "\n\n"  # between documents when a corpus is read as one text
+
+
 @functools.lru_cache(maxsize=None)
-def python_docs() -> str:
-  """The ``pydoc_data.topics`` texts joined in sorted topic order."""
+def python_docs_documents() -> tuple[tuple[str, str], ...]:
+  """The ``pydoc_data.topics`` texts as (topic, text) documents, in sorted topic order."""
   from pydoc_data import topics
 
-  return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+  return tuple((k, topics.topics[k]) for k in sorted(topics.topics))
+
+
+def python_docs() -> str:
+  """The ``pydoc_data.topics`` texts joined in sorted topic order."""
+  return DOC_SEP.join(t for _, t in python_docs_documents())
 
 
 CORPORA = {
     "python_docs": python_docs,
 }
+DOCUMENTS = {  # corpus -> its (doc_id, text) documents
+    "python_docs": python_docs_documents,
+}
+SPLITS = ("document", "tail")
 
 
 def check_corpus(name: str) -> None:
@@ -77,8 +89,54 @@ class TokenWindows:
     return self.tokens[s: s + self.seq_len + 1]
 
 
-def train_eval_windows(corpus: str, seq_len: int, eval_fraction: float):
-  """Splits the encoded corpus (train first, eval tail) into two window sources."""
-  tokens = encode(load_corpus(corpus))
-  n_eval = max(int(len(tokens) * eval_fraction), seq_len + 1)
-  return TokenWindows(tokens[:-n_eval], seq_len), TokenWindows(tokens[-n_eval:], seq_len)
+def split_documents(docs: Sequence[tuple[str, str]], eval_fraction: float, seed: int):
+  """Held-out documents drawn at random: ``(train_docs, eval_docs)``, each in corpus order.
+
+  Documents are visited in a permutation fixed by ``seed``; one joins the validation set while that keeps the
+  validation characters within twice the target ``eval_fraction`` of the corpus, until the target is reached.
+  Whole documents on either side: no document is cut, so train and validation share no text, and both sample
+  the corpus's mix of documents rather than its last few.
+  """
+  lengths = np.array([len(t) for _, t in docs], np.int64)
+  target = eval_fraction * lengths.sum()
+  chosen, total = set(), 0
+  for i in np.random.default_rng(seed).permutation(len(docs)).tolist():
+    if total >= target:
+      break
+    if total + lengths[i] <= 2 * target:
+      chosen.add(i)
+      total += int(lengths[i])
+  if not chosen:
+    raise ConfigError(f"data.eval_fraction={eval_fraction} is smaller than half of every document; "
+                      f"raise it or use data.split='tail'")
+  train = [d for i, d in enumerate(docs) if i not in chosen]
+  held = [d for i, d in enumerate(docs) if i in chosen]
+  return train, held
+
+
+def train_eval_windows(corpus: str, seq_len: int, eval_fraction: float, *, split: str = "document",
+                       seed: int = 0):
+  """The corpus as train and validation window sources, and a description of the split (for results.json).
+
+  ``split='document'``: whole documents held out at random (:func:`split_documents`, fixed by ``seed``), so the
+  validation text comes from the same distribution as the training text. ``split='tail'``: the last
+  ``eval_fraction`` of the corpus text (the corpus's last documents: for ``python_docs`` an ASCII table).
+  """
+  if split not in SPLITS:
+    raise ConfigError(f"data.split={split!r} is unknown; valid: {list(SPLITS)}")
+  check_corpus(corpus)
+  if split == "tail":
+    tokens = encode(load_corpus(corpus))
+    n_eval = max(int(len(tokens) * eval_fraction), seq_len + 1)
+    train_tok, eval_tok = tokens[:-n_eval], tokens[-n_eval:]
+    info = {"split": "tail", "eval_fraction": eval_fraction}
+  else:
+    train_docs, eval_docs = split_documents(DOCUMENTS[corpus](), eval_fraction, seed)
+    train_tok = encode(DOC_SEP.join(t for _, t in train_docs))
+    eval_tok = encode(DOC_SEP.join(t for _, t in eval_docs))
+    info = {"split": "document", "seed": seed, "eval_fraction": eval_fraction,
+            "train_documents": len(train_docs), "eval_documents": len(eval_docs),
+            "eval_document_ids": [k for k, _ in eval_docs]}
+  info.update(train_tokens=int(len(train_tok)), eval_tokens=int(len(eval_tok)),
+              eval_fraction_actual=float(len(eval_tok) / (len(train_tok) + len(eval_tok))))
+  return TokenWindows(train_tok, seq_len), TokenWindows(eval_tok, seq_len), info

@@ -19,7 +19,8 @@ from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "optim", "train")
-DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "shuffle_seed", "worker_count")
+DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "split", "split_seed", "shuffle_seed",
+               "worker_count")
 TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "ckpt_keep",
                 "async_checkpointing", "plot")
 STEPS_FIELD = "train.steps"
@@ -40,6 +41,7 @@ def validate(config):
   for f in ("seq_len", "global_batch"):
     require(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive integer, got {d[f]!r}")
   require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction!r}")
+  require(d.split in text.SPLITS, "data.split", f"must be one of {list(text.SPLITS)}, got {d.split!r}")
   require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count!r}")
   optim_lib.validate(config.optim)
   require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed!r}")
@@ -82,7 +84,8 @@ def run(config, workdir: str) -> dict:
   divisor = mesh_lib.batch_size_divisor(mesh, rules)
   require(dcfg.global_batch % divisor == 0, "data.global_batch",
           f"{dcfg.global_batch} must be divisible by the batch mesh axes' size {divisor}")
-  train_src, eval_src = text.train_eval_windows(dcfg.corpus, dcfg.seq_len, dcfg.eval_fraction)
+  train_src, eval_src, split_info = text.train_eval_windows(dcfg.corpus, dcfg.seq_len, dcfg.eval_fraction,
+                                                            split=dcfg.split, seed=dcfg.split_seed)
   ds = data_lib.make_dataset(train_src, global_batch=dcfg.global_batch, seed=dcfg.shuffle_seed)
   bsh = mesh_lib.batch_sharding(mesh, rules)
   batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=dcfg.worker_count), bsh)
@@ -121,7 +124,7 @@ def run(config, workdir: str) -> dict:
       "method": "lm", "variant": config.variant, "params": n_params, "steps": t.steps,
       "resumed_from": res.resumed_from, "final_train": res.last_metrics,
       "final_eval": res.hook_metrics.get("eval", {}), "steps_per_sec": res.steps_per_sec,
-      "compile_seconds": res.compile_seconds,
+      "compile_seconds": res.compile_seconds, "data_split": split_info,
   }
   path = write_results(workdir, results)
   if jax.process_index() == 0 and t.plot:
