@@ -1,0 +1,104 @@
+r"""LET: Late-to-Early Training (a small trained teacher's final layer guides an early student layer early on).
+
+  python launch/run.py --config=configs/let.py:smoke --workdir=runs/let-smoke
+  python launch/run.py --config=configs/let.py --config.let.lam0=0.3
+
+Variants: ``smoke`` (CI, < 1 min on 2 CPU cores), default (CPU, minutes), ``pile_1b4`` (the paper's sizes: a
+LLaMA-style 1.4B student, SmolLM-135M as teacher, ~10x smaller; builds and lowers, not run here).
+
+Stages: (1) the teacher: ``teacher.source='pretrain'`` trains a small LM in-process on the same corpus (an
+``lm`` run in ``<workdir>/teacher``), ``'run'`` restores the params of the lmx run in ``teacher.workdir``,
+``'hf'`` reads the Hugging Face checkpoint in ``teacher.hf_path`` (same tokenizer as the student: positions
+align one to one). It is frozen and passed to the step as a frozen input. (2) steps [0, S_stop): CE + λ(s)·align
+with the teacher's forward; (3) steps [S_stop, steps): plain CE, no teacher (a second compiled step).
+
+Defaults for the paper's unknowns (let.md §3, §7; all [inferred] unless stated):
+  * ``let.student_layer`` k: the residual stream after block k (0-based); default ≈ 20-30% of depth
+    (block 1 of 6 here; block 5 of 24 at pile_1b4).
+  * ``let.teacher_layer``: ``-1`` = the teacher's final layer *after* its final RMSNorm (the state its
+    unembedding reads); a block index i ≥ 0 takes the residual stream after block i (before any norm).
+  * ``let.lam0`` = 0.1 (the paper's best of {0.01, 0.1, 0.3, 1, 3}, [second-hand]).
+  * ``let.s_stop`` = 1/3 of the steps (let.md suggests 25-50%); ``let.s_stop_fraction`` sets it when
+    ``let.s_stop`` is 0.
+  * ``let.align`` = 'interp': the teacher's features linearly interpolated along the feature axis to the
+    student's width (reported by a reviewer); 'project' = a learned [dS, dT] projector on the student side,
+    initialised to the interpolation matrix and trained with the student.
+  * ``let.schedule`` = 'linear' (the paper's); 'constant' keeps λ = λ0 until S_stop (the ablation).
+"""
+import ml_collections
+
+from lmx.core.config import parse_arg
+from lmx.core.mesh import DEFAULT_AXIS_RULES
+
+VARIANTS = ("", "smoke", "pile_1b4")
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
+  c = ml_collections.ConfigDict()
+  c.method = "let"
+  c.variant = a.variant
+  c.seed = a.seed
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
+  c.axis_rules = DEFAULT_AXIS_RULES
+
+  # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters.
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=260, d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
+      tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="embedded",  # 'embedded' (lmx.datasets.text) or 'tfds' (tfds_name, read through Grain)
+      corpus="python_docs", tfds_name="", seq_len=128, global_batch=32, eval_fraction=0.05, split="document",
+      split_seed=0, shuffle_seed=0, worker_count=0))
+
+  c.teacher = ml_collections.ConfigDict(dict(
+      source="pretrain",  # 'pretrain' | 'run' | 'hf'
+      workdir="",  # source='run': an lmx run's workdir (params-only restore of its newest checkpoint)
+      hf_path="",  # source='hf': a local Hugging Face checkpoint directory (Llama / Qwen2)
+      steps=400,  # source='pretrain': training steps of the teacher on the same corpus
+      model=ml_collections.ConfigDict(dict(
+          vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
+          tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
+      optim=ml_collections.ConfigDict(dict(
+          name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+          weight_decay=0.1, clip_norm=1.0))))
+
+  c.let = ml_collections.ConfigDict(dict(
+      student_layer=1, teacher_layer=-1, lam0=0.1, s_stop=0, s_stop_fraction=1 / 3, align="interp",
+      schedule="linear"))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=600, log_every=25, eval_every=100, eval_batches=4, ckpt_every=200, ckpt_keep=3,
+      async_checkpointing=True, plot=True))
+
+  if a.variant == "smoke":
+    c.model.update(d_model=64, n_layers=3, d_ff=192, max_seq_len=64)
+    c.teacher.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=96, max_seq_len=64)
+    c.teacher.update(steps=30)
+    c.teacher.optim.update(warmup_steps=5)
+    c.data.update(seq_len=64, global_batch=8)
+    c.optim.update(warmup_steps=5)
+    c.let.update(student_layer=0)
+    c.train.update(steps=40, log_every=5, eval_every=20, eval_batches=2, ckpt_every=20)
+  elif a.variant == "pile_1b4":
+    # Student: LLaMA-style 1.4B (24 layers, d 2048, SwiGLU 5632, RMSNorm, BF16), SmolLM's 49152-token vocabulary.
+    c.model.update(vocab_size=49152, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=5632,
+                   max_seq_len=2048, dtype="bfloat16", attention_impl="auto", remat="dots")
+    # Teacher: SmolLM-135M (Llama architecture, d 576, 30 layers), ~10x smaller, read from a local HF copy.
+    # teacher.model states its architecture so the step can be built and lowered without the weights.
+    c.teacher.update(source="hf", hf_path="~/models/SmolLM-135M")
+    c.teacher.model.update(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                           max_seq_len=2048, tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
+                           attention_impl="auto", rope_theta=10000.0)
+    c.mesh.update(data=1, fsdp=-1)
+    c.data.update(source="tfds", tfds_name="the_pile", seq_len=2048, global_batch=512)
+    c.optim.update(lr=3e-4, warmup_steps=2000)
+    c.let.update(student_layer=5)
+    # ~20B tokens at 2048 x 512 per step.
+    c.train.update(steps=19_000, log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000)
+  return c

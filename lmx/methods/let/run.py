@@ -1,0 +1,365 @@
+"""LET driver: a frozen teacher's late features align an early student layer during steps [0, S_stop), then CE.
+
+Stages (see ``configs/let.py``): the teacher (pretrained in-process as an ``lm`` run in ``<workdir>/teacher``,
+restored params-only from another lmx run, or read from a Hugging Face checkpoint), frozen and passed to the loop
+as a frozen input; then two compiled steps on one train state and one data stream: the LET step
+(CE + λ(s)·align, the teacher's forward inside jit) up to S_stop, and the plain CE step (no teacher) after it.
+Both phases share the workdir's checkpoints, so a resumed run continues in whichever phase it stopped.
+results.json reports each phase's steps/s (the teacher's forward is the difference).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lmx.core import data as data_lib
+from lmx.core import loop, mesh as mesh_lib, plots
+from lmx.core import optim as optim_lib
+from lmx.core import workdir as wd
+from lmx.core.config import ConfigError, check_keys, require
+from lmx.core.losses import next_token_loss
+from lmx.core.metrics import Writer
+from lmx.core.optim import make_optimizer
+from lmx.core.results import plot_path, summary_line, write_results
+from lmx.core.rng import rng_stream
+from lmx.datasets import text
+from lmx.methods.let import losses
+from lmx.models.registry import build_model, load_run
+from lmx.models.transformer import num_params
+
+CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "teacher", "let", "optim",
+                 "train")
+LM_DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "split", "split_seed", "shuffle_seed",
+                  "worker_count")
+DATA_FIELDS = LM_DATA_FIELDS + ("source", "tfds_name")
+DATA_SOURCES = ("embedded", "tfds")
+TEACHER_FIELDS = ("source", "workdir", "hf_path", "steps", "model", "optim")
+TEACHER_SOURCES = ("pretrain", "run", "hf")
+LET_FIELDS = ("student_layer", "teacher_layer", "lam0", "s_stop", "s_stop_fraction", "align", "schedule")
+SCHEDULES = ("linear", "constant")
+TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "ckpt_keep",
+                "async_checkpointing", "plot")
+STEPS_FIELD = "train.steps"
+SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+                  "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*", "axis_rules",
+                  "model.attention_impl", "model.remat")
+
+
+def s_stop(config) -> int:
+  """S_stop in steps: ``let.s_stop`` when > 0, else ``round(let.s_stop_fraction · train.steps)`` (at least 1)."""
+  if config.let.s_stop > 0:
+    return int(config.let.s_stop)
+  return max(1, int(round(config.let.s_stop_fraction * config.train.steps)))
+
+
+def teacher_model(config):
+  """The teacher's registry Model (no parameters): its architecture from ``teacher.model`` (pretrain), the
+  run's saved config (run) or the checkpoint's config.json (hf)."""
+  t = config.teacher
+  if t.source == "pretrain":
+    return build_model(t.model, axis_rules=config.axis_rules)
+  if t.source == "hf":
+    require(bool(t.hf_path), "teacher.hf_path", "is required for teacher.source='hf' (a local HF checkpoint dir)")
+    path = os.path.expanduser(t.hf_path)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"teacher.hf_path={t.hf_path!r} is not a directory; download the checkpoint there "
+                              "or set teacher.source='pretrain'")
+    return build_model(ml_collections.ConfigDict(dict(name="hf", hf_path=path)), axis_rules=config.axis_rules)
+  require(bool(t.workdir), "teacher.workdir", "is required for teacher.source='run' (an lmx run's workdir)")
+  if not os.path.isdir(os.path.join(t.workdir, "checkpoints")):
+    raise FileNotFoundError(f"teacher.workdir={t.workdir!r} has no checkpoints/; name the workdir of an lmx run")
+  from lmx.core.checkpoint import Checkpointer
+
+  with Checkpointer(os.path.join(t.workdir, "checkpoints"), async_save=False) as ckpt:
+    steps = ckpt.all_steps()
+    raw = ckpt.restore_config(steps[-1]) if steps else None
+  if raw is None:
+    raise FileNotFoundError(f"teacher.workdir={t.workdir!r}: no readable checkpoint with a config")
+  return build_model(ml_collections.ConfigDict(raw).model, axis_rules=config.axis_rules)
+
+
+def validate(config, *, check_teacher_source: bool = True):
+  """Checks every field; returns ``(student, teacher)`` Models (no parameters yet)."""
+  check_keys(config, "config", CONFIG_FIELDS)
+  check_keys(config.data, "data", DATA_FIELDS)
+  check_keys(config.teacher, "teacher", TEACHER_FIELDS)
+  check_keys(config.let, "let", LET_FIELDS)
+  check_keys(config.train, "train", TRAIN_FIELDS)
+  d, t, lc = config.data, config.teacher, config.let
+  require(d.source in DATA_SOURCES, "data.source", f"must be one of {list(DATA_SOURCES)}, got {d.source!r}")
+  if d.source == "embedded":
+    text.check_corpus(d.corpus)
+  else:
+    require(bool(d.tfds_name), "data.tfds_name", "is required for data.source='tfds'")
+  for f in ("seq_len", "global_batch"):
+    require(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive integer, got {d[f]!r}")
+  require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction!r}")
+  require(d.split in text.SPLITS, "data.split", f"must be one of {list(text.SPLITS)}, got {d.split!r}")
+  optim_lib.validate(config.optim)
+  require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed!r}")
+  for f in ("steps", "log_every", "eval_every", "ckpt_every", "ckpt_keep", "eval_batches"):
+    require(config.train[f] > 0, f"train.{f}", f"must be > 0, got {config.train[f]}")
+  require(t.source in TEACHER_SOURCES, "teacher.source", f"must be one of {list(TEACHER_SOURCES)}, got "
+          f"{t.source!r}")
+  if t.source == "pretrain":
+    require(t.steps > 0, "teacher.steps", f"must be > 0, got {t.steps}")
+    optim_lib.validate(t.optim, "teacher.optim")
+  require(lc.align in losses.ALIGN_MODES, "let.align", f"must be one of {list(losses.ALIGN_MODES)}, got "
+          f"{lc.align!r}")
+  require(lc.schedule in SCHEDULES, "let.schedule", f"must be one of {list(SCHEDULES)}, got {lc.schedule!r}")
+  require(lc.lam0 >= 0, "let.lam0", f"must be >= 0, got {lc.lam0}")
+  require(lc.s_stop >= 0, "let.s_stop", f"must be >= 0 (0: use let.s_stop_fraction), got {lc.s_stop}")
+  require(lc.s_stop > 0 or 0 < lc.s_stop_fraction <= 1, "let.s_stop_fraction",
+          f"must be in (0, 1] when let.s_stop is 0, got {lc.s_stop_fraction}")
+  require(s_stop(config) <= config.train.steps, "let.s_stop",
+          f"{s_stop(config)} exceeds train.steps={config.train.steps}")
+  student = build_model(config.model, axis_rules=config.axis_rules)
+  require(student.name == "transformer", "model.name", "the LET student must be the lmx transformer")
+  require(d.seq_len <= student.cfg.max_seq_len, "data.seq_len",
+          f"{d.seq_len} exceeds model.max_seq_len={student.cfg.max_seq_len}")
+  require(config.model.vocab_size >= text.VOCAB_SIZE, "model.vocab_size",
+          f"must be >= {text.VOCAB_SIZE} for the byte tokenizer")
+  n = student.cfg.n_layers
+  require(0 <= lc.student_layer < n, "let.student_layer", f"must be a block index in [0, {n}), got "
+          f"{lc.student_layer}")
+  teacher = teacher_model(config) if (check_teacher_source or t.source == "pretrain") else None
+  if teacher is not None:
+    nt = teacher.cfg.n_layers
+    require(-1 <= lc.teacher_layer < nt, "let.teacher_layer",
+            f"must be -1 (final, after the final norm) or a block index in [0, {nt}), got {lc.teacher_layer}")
+    require(teacher.cfg.vocab_size == student.cfg.vocab_size, "teacher.model.vocab_size",
+            f"the teacher's vocabulary ({teacher.cfg.vocab_size}) must be the student's "
+            f"({student.cfg.vocab_size}): LET aligns positions one to one, so both share one tokenizer")
+    require(d.seq_len <= teacher.cfg.max_seq_len, "teacher.model.max_seq_len",
+            f"{teacher.cfg.max_seq_len} is shorter than data.seq_len={d.seq_len}")
+  return student, teacher
+
+
+# ------------------------------------------------------------------------------------------ the two steps
+
+
+def student_forward(model, params, x_BT, layer: int):
+  """``(logits_BTV, h_BTD after block layer, aux_loss)`` of the student."""
+  logits, hiddens, aux = model.apply(params, x_BT, hidden_layers=(layer,), return_aux=True)
+  return logits, hiddens[f"block{layer}"], aux["aux_loss"]
+
+
+def teacher_features(model, params, x_BT, layer: int):
+  """The teacher's hidden state [B, T, dT]: ``layer=-1`` the post-final-norm state, else after block ``layer``."""
+  i = model.cfg.n_layers - 1 if layer == -1 else layer
+  _, hiddens = model.apply(params, x_BT, hidden_layers=(i,))
+  return jax.lax.stop_gradient(hiddens["final"] if layer == -1 else hiddens[f"block{i}"])
+
+
+def weight_fn(config):
+  """``step -> λ(step)`` (traced), by ``let.schedule``."""
+  lc, stop = config.let, s_stop(config)
+  if lc.schedule == "constant":
+    return lambda step: jnp.where(jnp.asarray(step) < stop, jnp.float32(lc.lam0), jnp.float32(0.0))
+  return lambda step: losses.let_weight(step, lc.lam0, stop)
+
+
+def make_losses(config, student, teacher):
+  """``(let_loss, ce_loss)``, each ``loss(trainable, frozen, tokens_BT, step) -> (loss, metrics)``;
+  ``trainable = {"params": student params[, "proj": projector]}``, ``frozen = {"teacher": params}``."""
+  lc = config.let
+  k, weight = int(lc.student_layer), weight_fn(config)
+
+  def let_loss(trainable, frozen, tokens_BT, step):
+    x_BT = tokens_BT[:, :-1]
+    logits, h_s, aux_loss = student_forward(student, trainable["params"], x_BT, k)
+    ce = next_token_loss(logits, tokens_BT)
+    h_t = teacher_features(teacher, frozen["teacher"], x_BT, int(lc.teacher_layer))
+    mask_BT = x_BT != text.PAD
+    align = losses.align_loss(h_s, h_t, mask_BT, mode=lc.align, proj=trainable.get("proj"))
+    lam = weight(step)
+    return ce + aux_loss + lam * align, {"ce": ce, "align": align, "lambda": lam}
+
+  def ce_loss(trainable, frozen, tokens_BT, step):
+    del frozen, step
+    logits, aux = student.apply(trainable["params"], tokens_BT[:, :-1], return_aux=True)
+    ce = next_token_loss(logits, tokens_BT)
+    return ce + aux["aux_loss"], {"ce": ce, "lambda": jnp.float32(0.0)}
+
+  return let_loss, ce_loss
+
+
+def make_steps(config, student, teacher, mesh):
+  """``(let_step, ce_step, init_fn, state_shardings)``: two loop steps on one train state
+  ``{"params", ["proj",] "opt_state"}`` (the projector trained with the student by the same optimiser)."""
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  rules = config.axis_rules
+  use_proj = config.let.align == "project"
+  d_s = student.cfg.d_model
+  d_t = teacher.cfg.d_model if teacher is not None else config.teacher.model.d_model
+  abstract = {"params": student.abstract_params()}
+  tr_sh = {"params": student.shardings(mesh, rules)}
+  if use_proj:
+    abstract["proj"] = jax.eval_shape(lambda: losses.init_projector(d_s, d_t))
+    tr_sh["proj"] = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract["proj"])
+  sh = loop.optax_shardings(tr_sh, tx, abstract, mesh)
+  shardings = {**sh["params"], "opt_state": sh["opt_state"]}
+
+  def init_fn(key):
+    trainable = {"params": student.init(key)}
+    if use_proj:
+      trainable["proj"] = losses.init_projector(d_s, d_t)
+    return {**trainable, "opt_state": tx.init(trainable)}
+
+  def as_step(loss_fn):
+    def step(state, frozen, batch, rng):
+      del rng
+      trainable = {k: state[k] for k in abstract}
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, state["step"])
+      updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+      new = optax.apply_updates(trainable, updates)
+      metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+      return dict(state, **new, opt_state=opt_state), metrics
+
+    return step
+
+  let_loss, ce_loss = make_losses(config, student, teacher)
+  return as_step(let_loss), as_step(ce_loss), init_fn, shardings
+
+
+# ------------------------------------------------------------------------------------------ the teacher
+
+
+def teacher_lm_config(config):
+  """The ``lm`` run config that pretrains the teacher in-process on the student's corpus and split."""
+  c = ml_collections.ConfigDict()
+  c.method, c.variant, c.seed = "lm", "let_teacher", int(config.seed)
+  c.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
+  c.axis_rules = config.axis_rules
+  c.model = ml_collections.ConfigDict(config.teacher.model.to_dict())
+  c.data = ml_collections.ConfigDict({f: config.data[f] for f in LM_DATA_FIELDS})
+  c.optim = ml_collections.ConfigDict(config.teacher.optim.to_dict())
+  t = config.teacher.steps
+  c.train = ml_collections.ConfigDict(dict(
+      steps=int(t), log_every=max(1, min(int(config.train.log_every), t)), eval_every=int(t),
+      eval_batches=int(config.train.eval_batches), ckpt_every=int(t), ckpt_keep=1, async_checkpointing=False,
+      plot=False))
+  return c
+
+
+def load_teacher(config, workdir: str, mesh):
+  """``(teacher Model, params on mesh, info dict)`` by ``teacher.source``."""
+  t, rules = config.teacher, config.axis_rules
+  if t.source == "pretrain":
+    tdir = os.path.join(workdir, "teacher")
+    if not os.path.exists(os.path.join(tdir, "results.json")):
+      from lmx.methods import lm
+
+      lm.run(teacher_lm_config(config), tdir)
+    _, model, params = load_run(tdir, mesh=mesh, axis_rules=rules)
+    return model, params, {"source": "pretrain", "workdir": tdir, "steps": int(t.steps)}
+  if t.source == "run":
+    _, model, params = load_run(t.workdir, mesh=mesh, axis_rules=rules)
+    return model, params, {"source": "run", "workdir": t.workdir}
+  model = teacher_model(config)
+  with jax.set_mesh(mesh):
+    params = jax.jit(model.init, out_shardings=model.shardings(mesh, rules))(rng_stream(config.seed, "teacher"))
+  return model, params, {"source": "hf", "hf_path": t.hf_path}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def run(config, workdir: str) -> dict:
+  student, _ = validate(config, check_teacher_source=False)
+  d = config.data
+  if d.source != "embedded":
+    raise ConfigError(f"data.source={d.source!r}: reading a tfds text source is not implemented yet (the "
+                      "pile_1b4 variant builds and lowers only); use data.source='embedded'")
+  mesh = mesh_lib.make_mesh(config.mesh)
+  student.cfg.check_mesh(dict(mesh.shape))
+  rules = config.axis_rules
+  divisor = mesh_lib.batch_size_divisor(mesh, rules)
+  require(d.global_batch % divisor == 0, "data.global_batch",
+          f"{d.global_batch} must be divisible by the batch mesh axes' size {divisor}")
+  os.makedirs(workdir, exist_ok=True)
+  teacher, teacher_params, teacher_info = load_teacher(config, workdir, mesh)
+  validate(config)  # the teacher's layer, vocabulary and length against the student, now that it exists
+
+  train_src, eval_src, split_info = text.train_eval_windows(d.corpus, d.seq_len, d.eval_fraction, split=d.split,
+                                                            seed=d.split_seed)
+  ds = data_lib.make_dataset(train_src, global_batch=d.global_batch, seed=d.shuffle_seed)
+  bsh = mesh_lib.batch_sharding(mesh, rules)
+  batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=d.worker_count), bsh)
+  let_step, ce_step, init_fn, shardings = make_steps(config, student, teacher, mesh)
+
+  n_eval = min(config.train.eval_batches * d.global_batch, len(eval_src))
+  n_eval -= n_eval % divisor
+  eval_np = np.stack([eval_src[i] for i in range(n_eval)]) if n_eval else None
+  ce_of = lambda m: jax.jit(lambda p, tok: next_token_loss(m.apply(p, tok[:, :-1]), tok))  # noqa: E731
+  eval_loss = ce_of(student)
+
+  def evaluate(step, state, writer):
+    del step, writer
+    if eval_np is None:
+      return {}
+    ce = float(loop.host(eval_loss(state["params"], jax.device_put(eval_np, bsh))))
+    return {"ce": ce, "bits_per_byte": ce / np.log(2)}
+
+  teacher_eval_ce = (float(loop.host(ce_of(teacher)(teacher_params, jax.device_put(eval_np, bsh))))
+                     if eval_np is not None else None)
+  writer = Writer(workdir, total_steps=config.train.steps)
+  n_params, n_teacher = num_params(student.abstract_params()), num_params(teacher_params)
+  writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))
+  stop, t = s_stop(config), config.train
+  print(f"let: student {n_params:,} params, teacher {n_teacher:,} ({teacher_info['source']}, eval CE "
+        f"{teacher_eval_ce}), student block {config.let.student_layer} <- teacher layer "
+        f"{config.let.teacher_layer} ({config.let.align}), lambda0 {config.let.lam0}, S_stop {stop}/{t.steps}, "
+        f"workdir {workdir}", flush=True)
+  common = dict(init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=workdir, seed=config.seed,
+                data=batches, config=config, writer=writer, hooks=[loop.every(t.eval_every, evaluate, name="eval")],
+                log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
+                async_checkpointing=t.async_checkpointing, items_per_step=d.global_batch * d.seq_len)
+  phases = {}
+  try:
+    done = wd.newest_checkpoint_step(workdir) or 0
+    if done < stop:  # phase 1: CE + λ(s)·align, the teacher's forward in the step
+      res = loop.train(step_fn=let_step, frozen={"teacher": teacher_params}, total_steps=stop,
+                       desc="let (teacher)", **common)
+      phases["let"] = res
+    if stop < t.steps:  # phase 2: plain CE, no teacher
+      res = loop.train(step_fn=ce_step, total_steps=t.steps, desc="let (ce only)", **common)
+      phases["ce"] = res
+  finally:
+    writer.close()
+  last = phases.get("ce") or phases.get("let")
+
+  def phase_info(name, first, end):
+    r = phases.get(name)
+    if r is None:
+      return {"steps": [first, end], "ran": False}
+    return {"steps": [first, end], "ran": True, "steps_per_sec": r.steps_per_sec,
+            "compile_seconds": r.compile_seconds, "resumed_from": r.resumed_from, "last_train": r.last_metrics}
+
+  let_ph, ce_ph = phase_info("let", 0, stop), phase_info("ce", stop, t.steps)
+  sps_let, sps_ce = let_ph.get("steps_per_sec"), ce_ph.get("steps_per_sec")
+  overhead = (sps_ce / sps_let - 1.0) if (sps_let and sps_ce and np.isfinite(sps_let) and np.isfinite(sps_ce)) \
+      else None
+  results = {
+      "method": "let", "variant": config.variant, "params": n_params, "teacher_params": n_teacher,
+      "teacher": {**teacher_info, "eval_ce": teacher_eval_ce}, "steps": t.steps, "s_stop": stop,
+      "let": config.let.to_dict(),
+      "final_train": last.last_metrics if last else {},
+      "final_eval": (last.hook_metrics.get("eval", {}) if last else {}),
+      "phases": {"let": let_ph, "ce": ce_ph},
+      # (CE-only steps/s) / (LET steps/s) − 1: the teacher forward's share of a LET step, as measured here
+      "teacher_step_overhead": overhead,
+      "data_split": split_info,
+  }
+  path = write_results(workdir, results)
+  if jax.process_index() == 0 and t.plot:
+    plots.from_jsonl(os.path.join(workdir, "metrics.jsonl"), ["train/ce", "eval/ce", "train/align"],
+                     plot_path(workdir, "loss"), title=f"let {config.variant or 'default'}")
+  summary_line("let", {"eval ce": results["final_eval"].get("eval/ce"), "teacher eval ce": teacher_eval_ce,
+                       "LET steps/s": sps_let, "CE steps/s": sps_ce}, path)
+  return results
