@@ -1,0 +1,252 @@
+"""LET: the pure pieces against independent numpy references, the step's gradients and retracing, a smoke run
+through launch/run.py, and the paper-scale student step lowered for a GPU target."""
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmx.core import checkpoint as ckpt_lib
+from lmx.core import loop
+from lmx.core import mesh as mesh_lib
+from lmx.kernels import attention as attention_lib
+from lmx.methods.let import losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+let_run = importlib.import_module("lmx.methods.let.run")  # the module (the package re-exports its run())
+
+
+def _config(variant):
+  spec = importlib.util.spec_from_file_location("let_config", os.path.join(ROOT, "configs", "let.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+def _np_interp_features(h, d_out):
+  """Reference: PyTorch align_corners=False sample points, np.interp (clamps at the ends) per row."""
+  d_in = h.shape[-1]
+  x = (np.arange(d_out) + 0.5) * d_in / d_out - 0.5
+  flat = h.reshape(-1, d_in)
+  return np.stack([np.interp(x, np.arange(d_in), r) for r in flat]).reshape(h.shape[:-1] + (d_out,))
+
+
+# ------------------------------------------------------------------------------------------ feature_interp
+
+
+def test_feature_interp_hand_values():
+  # up 2 -> 4: sample points -0.25, 0.25, 0.75, 1.25 -> clamp, 2.5, 7.5, clamp
+  out = np.asarray(losses.feature_interp(jnp.array([[[0.0, 10.0]]]), 4))
+  np.testing.assert_allclose(out[0, 0], [0.0, 2.5, 7.5, 10.0], atol=1e-6)
+  # down 4 -> 2: sample points 0.5 and 2.5 -> neighbour means, no antialias averaging over 4 inputs
+  out = np.asarray(losses.feature_interp(jnp.array([[[0.0, 1.0, 4.0, 9.0]]]), 2))
+  np.testing.assert_allclose(out[0, 0], [0.5, 6.5], atol=1e-6)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(5, 8), (64, 128), (8, 3), (128, 48), (7, 7)])
+def test_feature_interp_matches_np_interp(d_in, d_out):
+  h = np.random.default_rng(d_in * 100 + d_out).normal(size=(2, 3, d_in)).astype(np.float32)
+  out = np.asarray(losses.feature_interp(jnp.asarray(h), d_out))
+  assert out.shape == (2, 3, d_out)
+  np.testing.assert_allclose(out, _np_interp_features(h, d_out), atol=1e-4)  # float32 sample points
+
+
+def test_feature_interp_downsampling_differs_from_antialiased_resize():
+  # The reason for antialias=False: JAX's default widens the kernel when downsampling.
+  h = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 8)).astype(np.float32))
+  ours = np.asarray(losses.feature_interp(h, 3))
+  aa = np.asarray(jax.image.resize(h, (1, 1, 3), "linear"))
+  assert np.max(np.abs(ours - aa)) > 1e-2
+
+
+def test_projector_starts_at_the_interpolation():
+  h = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 12)).astype(np.float32))
+  proj = losses.init_projector(12, 5)
+  assert proj["w_dSdT"].shape == (12, 5)
+  np.testing.assert_allclose(np.asarray(losses.project(h, proj)), np.asarray(losses.feature_interp(h, 5)),
+                             atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ neg_cos_align
+
+
+def _np_align(s, t, mask):
+  cos = np.sum(s * t, -1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
+  return np.sum((1 - cos) * mask) / np.sum(mask)
+
+
+def test_neg_cos_align_hand_value():
+  s = jnp.array([[[1.0, 0.0], [0.0, 2.0]]])
+  t = jnp.array([[[1.0, 1.0], [0.0, -3.0]]])  # cos = 1/sqrt(2), -1
+  np.testing.assert_allclose(float(losses.neg_cos_align(s, t)), ((1 - 2 ** -0.5) + 2.0) / 2, rtol=1e-6)
+  only_first = jnp.array([[1, 0]])
+  np.testing.assert_allclose(float(losses.neg_cos_align(s, t, only_first)), 1 - 2 ** -0.5, rtol=1e-6)
+
+
+def test_neg_cos_align_masks_padding():
+  rng = np.random.default_rng(2)
+  s = rng.normal(size=(3, 6, 16)).astype(np.float32)
+  t = rng.normal(size=(3, 6, 16)).astype(np.float32)
+  mask = np.ones((3, 6), np.float32)
+  mask[0, :2] = 0  # left padding
+  mask[2, 4:] = 0  # right padding
+  t[mask == 0] = -s[mask == 0]  # padded positions maximally misaligned: counting them would raise the loss
+  got = float(losses.neg_cos_align(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask)))
+  np.testing.assert_allclose(got, _np_align(s, t, mask), rtol=1e-5)
+  assert abs(got - _np_align(s, t, np.ones_like(mask))) > 0.05  # the mask matters for this input
+  # padded values do not matter at all
+  s2 = s.copy()
+  s2[mask == 0] = 1e3 * rng.normal(size=s2[mask == 0].shape)
+  np.testing.assert_allclose(float(losses.neg_cos_align(jnp.asarray(s2), jnp.asarray(t), jnp.asarray(mask))),
+                             got, rtol=1e-6)
+  assert float(losses.neg_cos_align(jnp.asarray(s), jnp.asarray(t), jnp.zeros((3, 6)))) == 0.0
+
+
+def test_alignment_gives_the_teacher_no_gradient():
+  rng = np.random.default_rng(3)
+  s = jnp.asarray(rng.normal(size=(2, 4, 8)).astype(np.float32))
+  t = jnp.asarray(rng.normal(size=(2, 4, 6)).astype(np.float32))
+  mask = jnp.ones((2, 4))
+  for mode, proj in (("interp", None), ("project", losses.init_projector(8, 6))):
+    f = lambda s_, t_, p_: losses.align_loss(s_, t_, mask, mode=mode, proj=p_)  # noqa: E731
+    g_s, g_t = jax.grad(f, argnums=(0, 1))(s, t, proj)
+    assert float(jnp.abs(g_t).max()) == 0.0, mode
+    assert float(jnp.abs(g_s).max()) > 0.0, mode
+  g_p = jax.grad(lambda p: losses.align_loss(s, t, mask, mode="project", proj=p))(losses.init_projector(8, 6))
+  assert float(jnp.abs(g_p["w_dSdT"]).max()) > 0.0  # the projector is trained
+
+
+# ------------------------------------------------------------------------------------------ let_weight
+
+
+def test_let_weight_hand_values_and_traced():
+  expect = {0: 0.1, 25: 0.075, 50: 0.05, 99: 0.001, 100: 0.0, 101: 0.0, 1000: 0.0}
+  for s, v in expect.items():
+    np.testing.assert_allclose(float(losses.let_weight(s, 0.1, 100)), v, atol=1e-7)
+  jitted = jax.jit(lambda step: losses.let_weight(step, 0.1, 100))
+  steps = jnp.array(list(expect), jnp.int32)
+  np.testing.assert_allclose(np.asarray(jax.vmap(jitted)(steps)), list(expect.values()), atol=1e-7)
+  np.testing.assert_allclose(float(jitted(jnp.int32(25))), 0.075, atol=1e-7)
+  with pytest.raises(ValueError):
+    losses.let_weight(0, 0.1, 0)
+
+
+def test_config_schedules():
+  c = _config("smoke")
+  c.train.steps, c.let.s_stop, c.let.lam0 = 100, 40, 0.3
+  w = jax.jit(let_run.weight_fn(c))
+  np.testing.assert_allclose([float(w(jnp.int32(s))) for s in (0, 20, 40, 60)], [0.3, 0.15, 0.0, 0.0], atol=1e-7)
+  c.let.schedule = "constant"
+  w = jax.jit(let_run.weight_fn(c))
+  np.testing.assert_allclose([float(w(jnp.int32(s))) for s in (0, 39, 40)], [0.3, 0.3, 0.0])
+  c.let.s_stop = 0
+  c.let.s_stop_fraction = 0.25
+  assert let_run.s_stop(c) == 25
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def _small_models(align="interp"):
+  c = _config("smoke")
+  c.let.align = align
+  student, teacher = let_run.validate(c)
+  return c, student, teacher
+
+
+def test_let_loss_gives_frozen_teacher_no_gradient_and_swapping_it_does_not_retrace():
+  c, student, teacher = _small_models()
+  let_loss, _ = let_run.make_losses(c, student, teacher)
+  trainable = {"params": jax.jit(student.init)(jax.random.key(0))}
+  frozen = {"teacher": jax.jit(teacher.init)(jax.random.key(1))}
+  tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, 256)
+  g = jax.jit(jax.grad(lambda fr: let_loss(trainable, fr, tokens, jnp.int32(0))[0]))(frozen)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) == 0.0
+  traces = []
+
+  def counted(tr, fr, tok, step):
+    traces.append(1)
+    return let_loss(tr, fr, tok, step)[1]["align"]
+
+  f = jax.jit(counted)
+  a1 = float(f(trainable, frozen, tokens, jnp.int32(0)))
+  a2 = float(f(trainable, {"teacher": jax.jit(teacher.init)(jax.random.key(7))}, tokens, jnp.int32(3)))
+  assert len(traces) == 1 and a1 != a2  # a new teacher is new data, not a new program
+
+
+def test_let_step_trains_projector_and_ce_step_skips_teacher():
+  c, student, teacher = _small_models("project")
+  let_step, ce_step, init_fn, _ = let_run.make_steps(c, student, teacher, mesh_lib.make_mesh(c.mesh))
+  state = {**jax.jit(init_fn)(jax.random.key(0)), "step": jnp.int32(3)}  # past lr warmup step 0 (lr 0)
+  frozen = {"teacher": jax.jit(teacher.init)(jax.random.key(1))}
+  tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, 256)
+  step = jax.jit(let_step)
+  mid, _ = step(state, frozen, tokens, jax.random.key(3))  # optax's own count: its first update has lr 0
+  new, m = step(dict(mid, step=state["step"]), frozen, tokens, jax.random.key(4))
+  assert float(jnp.abs(new["proj"]["w_dSdT"] - state["proj"]["w_dSdT"]).max()) > 0
+  lam = float(let_run.weight_fn(c)(3))
+  assert float(m["lambda"]) == pytest.approx(lam) and lam > 0
+  np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + lam * float(m["align"]), rtol=1e-5)
+  # the CE step's program never reads the teacher: it runs with frozen=None
+  _, m2 = jax.jit(ce_step)(state, None, tokens, jax.random.key(3))
+  np.testing.assert_allclose(float(m2["loss"]), float(m["ce"]), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_smoke_through_launch(tmp_path):
+  w = str(tmp_path / "let")
+  env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "run.py"), "--config=configs/let.py:smoke",
+                      f"--workdir={w}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.load(open(os.path.join(w, "results.json")))
+  stop = res["s_stop"]
+  assert 0 < stop < res["steps"]
+  let_ph, ce_ph = res["phases"]["let"], res["phases"]["ce"]
+  assert let_ph["ran"] and ce_ph["ran"] and let_ph["steps"] == [0, stop] and ce_ph["steps"] == [stop, res["steps"]]
+  assert let_ph["steps_per_sec"] > 0 and ce_ph["steps_per_sec"] > 0
+  assert res["teacher_step_overhead"] is not None
+  assert np.isfinite(res["teacher"]["eval_ce"]) and np.isfinite(res["final_eval"]["eval/ce"])
+  assert os.path.exists(os.path.join(w, "teacher", "results.json"))  # the in-process teacher run
+  recs = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
+  align_steps = [x["step"] for x in recs if "train/align" in x]
+  assert align_steps and max(align_steps) <= stop  # the teacher is used only before S_stop
+  lam = {x["step"]: x["train/lambda"] for x in recs if "train/lambda" in x}
+  assert all(v == 0.0 for s, v in lam.items() if s > stop) and any(v > 0 for v in lam.values())
+
+
+@pytest.mark.slow
+def test_pile_1b4_student_step_lowers_for_cuda():
+  c = _config("pile_1b4")
+  c.teacher.source = "pretrain"  # the SmolLM-135M architecture from teacher.model; no weights are needed
+  student, teacher = let_run.validate(c)
+  mesh = mesh_lib.make_mesh(c.mesh)
+  let_step, ce_step, init_fn, shardings = let_run.make_steps(c, student, teacher, mesh)
+  lp = loop.Loop(step_fn=let_step, init_fn=init_fn, mesh=mesh, workdir=str(ROOT), total_steps=c.train.steps,
+                 seed=c.seed, state_shardings=shardings, ckpt_every=0)
+  with jax.set_mesh(mesh):
+    frozen = {"teacher": ckpt_lib.abstract_like(teacher.abstract_params(), teacher.shardings(mesh, c.axis_rules))}
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  bsh = mesh_lib.batch_sharding(mesh, c.axis_rules)
+  tokens = jax.ShapeDtypeStruct((c.data.global_batch, c.data.seq_len + 1), jnp.int32, sharding=bsh)
+  rep = mesh_lib.replicated(mesh)
+  texts = {}
+  for name, step in (("let", let_step), ("ce", ce_step)):
+    jitted = jax.jit(loop.guarded(step, seed=0), in_shardings=(lp.state_shardings, frozen_sh, bsh),
+                     out_shardings=(lp.state_shardings, rep), donate_argnums=(0,))
+    with jax.set_mesh(mesh), attention_lib.target_platform("cuda"):
+      texts[name] = jitted.trace(lp.abstract_state(), frozen, tokens).lower(lowering_platforms=("cuda",)).as_text()
+  marker = "__gpu$xla.gpu.triton"
+  # LET: student fwd + bwd (>= 3 kernels a layer) and the teacher's forward (>= 1 a layer); CE: the student only
+  n_let, n_ce = texts["let"].count(marker), texts["ce"].count(marker)
+  assert n_ce >= 3 * c.model.n_layers
+  assert n_let - n_ce >= c.teacher.model.n_layers
