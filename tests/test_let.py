@@ -156,15 +156,24 @@ def test_config_schedules():
 def _small_models(align="interp"):
   c = _config("smoke")
   c.let.align = align
+  # tinier than smoke (compile time is most of these tests): 2-layer d=32 student, 1-layer d=16 teacher
+  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64)
+  c.teacher.model.update(d_model=16, n_heads=2, n_kv_heads=1, d_ff=32)
   student, teacher = let_run.validate(c)
   return c, student, teacher
+
+
+def _rand_params(model, seed):
+  """Random parameters of ``model`` drawn on the host (jit-compiling the NNX init costs seconds per model)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape).astype(a.dtype)), model.abstract_params())
 
 
 def test_let_loss_gives_frozen_teacher_no_gradient_and_swapping_it_does_not_retrace():
   c, student, teacher = _small_models()
   let_loss, _ = let_run.make_losses(c, student, teacher)
-  trainable = {"params": jax.jit(student.init)(jax.random.key(0))}
-  frozen = {"teacher": jax.jit(teacher.init)(jax.random.key(1))}
+  trainable = {"params": _rand_params(student, 0)}
+  frozen = {"teacher": _rand_params(teacher, 1)}
   tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, 256)
   g = jax.jit(jax.grad(lambda fr: let_loss(trainable, fr, tokens, jnp.int32(0))[0]))(frozen)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) == 0.0
@@ -176,15 +185,18 @@ def test_let_loss_gives_frozen_teacher_no_gradient_and_swapping_it_does_not_retr
 
   f = jax.jit(counted)
   a1 = float(f(trainable, frozen, tokens, jnp.int32(0)))
-  a2 = float(f(trainable, {"teacher": jax.jit(teacher.init)(jax.random.key(7))}, tokens, jnp.int32(3)))
+  a2 = float(f(trainable, {"teacher": _rand_params(teacher, 7)}, tokens, jnp.int32(3)))
   assert len(traces) == 1 and a1 != a2  # a new teacher is new data, not a new program
 
 
 def test_let_step_trains_projector_and_ce_step_skips_teacher():
   c, student, teacher = _small_models("project")
   let_step, ce_step, init_fn, _ = let_run.make_steps(c, student, teacher, mesh_lib.make_mesh(c.mesh))
-  state = {**jax.jit(init_fn)(jax.random.key(0)), "step": jnp.int32(3)}  # past lr warmup step 0 (lr 0)
-  frozen = {"teacher": jax.jit(teacher.init)(jax.random.key(1))}
+  # init_fn's tree with zero optimiser moments, host-random student params and the interpolation projector
+  state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(init_fn, jax.random.key(0)))
+  state.update(params=_rand_params(student, 0), proj=losses.init_projector(c.model.d_model, c.teacher.model.d_model),
+               step=jnp.int32(3))
+  frozen = {"teacher": _rand_params(teacher, 1)}
   tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, 256)
   step = jax.jit(let_step)
   mid, _ = step(state, frozen, tokens, jax.random.key(3))  # optax's own count: its first update has lr 0
