@@ -236,10 +236,16 @@ def test_smoke_through_launch(tmp_path):
   assert all(v == 0.0 for s, v in lam.items() if s > stop) and any(v > 0 for v in lam.values())
 
 
+MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}  # the Pallas kernels' custom calls
+
+
 @pytest.mark.slow
-def test_pile_1b4_student_step_lowers_for_cuda():
+@pytest.mark.parametrize("target", ["cuda", "tpu"])
+def test_pile_1b4_student_step_lowers_for_accelerator(target):
   c = _config("pile_1b4")
   c.teacher.source = "pretrain"  # the SmolLM-135M architecture from teacher.model; no weights are needed
+  if target == "cuda":  # 'auto' picks cuDNN there, which cannot be traced on a CPU host; lower the Triton kernel
+    c.model.attention_impl = c.teacher.model.attention_impl = "pallas"
   student, teacher = let_run.validate(c)
   mesh = mesh_lib.make_mesh(c.mesh)
   let_step, ce_step, init_fn, shardings = let_run.make_steps(c, student, teacher, mesh)
@@ -255,10 +261,10 @@ def test_pile_1b4_student_step_lowers_for_cuda():
   for name, step in (("let", let_step), ("ce", ce_step)):
     jitted = jax.jit(loop.guarded(step, seed=0), in_shardings=(lp.state_shardings, frozen_sh, bsh),
                      out_shardings=(lp.state_shardings, rep), donate_argnums=(0,))
-    with jax.set_mesh(mesh), attention_lib.target_platform("cuda"):
-      texts[name] = jitted.trace(lp.abstract_state(), frozen, tokens).lower(lowering_platforms=("cuda",)).as_text()
-  marker = "__gpu$xla.gpu.triton"
-  # LET: student fwd + bwd (>= 3 kernels a layer) and the teacher's forward (>= 1 a layer); CE: the student only
+    with jax.set_mesh(mesh), attention_lib.target_platform(target):
+      texts[name] = jitted.trace(lp.abstract_state(), frozen, tokens).lower(lowering_platforms=(target,)).as_text()
+  marker = MARKERS[target]
+  # Both hold the student's attention kernels; only LET's also holds the teacher's forward kernel (its own head
+  # count and sequence of shapes; identical layers share one outlined function, so counts are per shape, not layer).
   n_let, n_ce = texts["let"].count(marker), texts["ce"].count(marker)
-  assert n_ce >= 3 * c.model.n_layers
-  assert n_let - n_ce >= c.teacher.model.n_layers
+  assert n_ce >= 1 and n_let > n_ce, (n_let, n_ce)
