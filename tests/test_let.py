@@ -268,3 +268,35 @@ def test_pile_1b4_student_step_lowers_for_accelerator(target):
   # count and sequence of shapes; identical layers share one outlined function, so counts are per shape, not layer).
   n_let, n_ce = texts["let"].count(marker), texts["ce"].count(marker)
   assert n_ce >= 1 and n_let > n_ce, (n_let, n_ce)
+
+
+# ------------------------------------------------------------------------------------------ the comparison driver
+
+
+def test_steps_to_reach_and_speedup_by_hand():
+  from lmx.methods.let import compare
+
+  steps, ce = [10, 20, 30, 40], [3.0, 2.5, 2.0, 1.9]
+  assert compare.steps_to_reach(steps, ce, 2.25) == pytest.approx(25.0)  # halfway between 2.5 and 2.0
+  assert compare.steps_to_reach(steps, ce, 3.5) == 10.0
+  assert compare.steps_to_reach(steps, ce, 1.0) is None
+  per_seed = {0: {"baseline": (np.array([10, 20, 30, 40]), np.array([3.0, 2.6, 2.3, 2.25])),
+                  "let": (np.array(steps), np.array(ce))}}
+  t = compare.summarize(per_seed, ("baseline", "let"), 40)
+  assert t["per_seed"]["0"]["let"]["steps_to_baseline_final"] == pytest.approx(25.0)
+  assert t["per_seed"]["0"]["let"]["speedup"] == pytest.approx(40 / 25)
+  assert t["mean"]["let"]["final_eval_ce"]["mean"] == pytest.approx(1.9)
+
+
+def test_arms_differ_only_where_they_should():
+  from lmx.core import workdir as wd
+  from lmx.methods.let import compare
+
+  c = _config("")
+  base = wd.flatten(compare.arm_config(c, "baseline", 3, "/t").to_dict())
+  expect = {"let": {"let.lam0"}, "l2l": {"let.lam0", "let.student_layer"},
+            "constant": {"let.lam0", "let.schedule"}, "large": {"let.lam0"}}
+  for arm, fields in expect.items():
+    other = wd.flatten(compare.arm_config(c, arm, 3, "/t").to_dict())
+    assert {k for k in base if base[k] != other[k]} == fields, arm
+  assert base["seed"] == base["data.shuffle_seed"] == 3 and base["teacher.source"] == "run"
