@@ -19,7 +19,8 @@ Defaults for the paper's unknowns (let.md §3, §7; all [inferred] unless stated
     unembedding reads); a block index i ≥ 0 takes the residual stream after block i (before any norm).
   * ``let.lam0`` = 0.1 (the paper's best of {0.01, 0.1, 0.3, 1, 3}, [second-hand]).
   * ``let.s_stop`` = 1/3 of the steps (let.md suggests 25-50%); ``let.s_stop_fraction`` sets it when
-    ``let.s_stop`` is 0.
+    ``let.s_stop`` is 0. A resume that raises ``train.steps`` then moves S_stop with it (and the lr schedule, as
+    in every method); set ``let.s_stop`` explicitly to keep it fixed.
   * ``let.align`` = 'interp': the teacher's features linearly interpolated along the feature axis to the
     student's width (reported by a reviewer); 'project' = a learned [dS, dT] projector on the student side,
     initialised to the interpolation matrix and trained with the student.

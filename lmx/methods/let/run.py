@@ -5,7 +5,8 @@ restored params-only from another lmx run, or read from a Hugging Face checkpoin
 as a frozen input; then two compiled steps on one train state and one data stream: the LET step
 (CE + λ(s)·align, the teacher's forward inside jit) up to S_stop, and the plain CE step (no teacher) after it.
 Both phases share the workdir's checkpoints, so a resumed run continues in whichever phase it stopped.
-results.json reports each phase's steps/s (the teacher's forward is the difference).
+results.json reports each phase's steps/s (the teacher's forward is the difference). The CE phase starts by
+restoring the LET phase's checkpoint at S_stop, so its log shows ``resumed_from_step=S_stop`` by design.
 """
 from __future__ import annotations
 
