@@ -30,6 +30,7 @@ from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import rng_stream
 from lmx.datasets import text
 from lmx.methods.let import losses
+from lmx.methods.lm.run import heldout_eval
 from lmx.models.registry import build_model, load_run
 from lmx.models.transformer import num_params
 
@@ -294,21 +295,10 @@ def run(config, workdir: str) -> dict:
   batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=d.worker_count), bsh)
   let_step, ce_step, init_fn, shardings = make_steps(config, student, teacher, mesh)
 
-  n_eval = min(config.train.eval_batches * d.global_batch, len(eval_src))
-  n_eval -= n_eval % divisor
-  eval_np = np.stack([eval_src[i] for i in range(n_eval)]) if n_eval else None
-  ce_of = lambda m: jax.jit(lambda p, tok: next_token_loss(m.apply(p, tok[:, :-1]), tok))  # noqa: E731
-  eval_loss = ce_of(student)
-
-  def evaluate(step, state, writer):
-    del step, writer
-    if eval_np is None:
-      return {}
-    ce = float(loop.host(eval_loss(state["params"], jax.device_put(eval_np, bsh))))
-    return {"ce": ce, "bits_per_byte": ce / np.log(2)}
-
-  teacher_eval_ce = (float(loop.host(ce_of(teacher)(teacher_params, jax.device_put(eval_np, bsh))))
-                     if eval_np is not None else None)
+  n_windows = config.train.eval_batches * d.global_batch
+  evaluate = heldout_eval(student, eval_src, n_windows=n_windows, divisor=divisor, batch_sharding=bsh)
+  teacher_eval_ce = heldout_eval(teacher, eval_src, n_windows=n_windows, divisor=divisor,
+                                 batch_sharding=bsh).ce(teacher_params)
   writer = Writer(workdir, total_steps=config.train.steps)
   n_params, n_teacher = num_params(student.abstract_params()), num_params(teacher_params)
   writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))

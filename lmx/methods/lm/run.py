@@ -76,6 +76,30 @@ def make_step(config, model, mesh):
       shardings
 
 
+def heldout_eval(model, eval_src, *, n_windows: int, divisor: int, batch_sharding):
+  """The validation hook: next-token CE and bits per byte of ``model`` on a fixed set of held-out windows (the
+  first ``n_windows`` of ``eval_src``, rounded down to a multiple of the batch axes' size ``divisor``; no
+  shuffle). ``hook(step, state, writer) -> {"ce", "bits_per_byte"}`` (``{}`` when no window fits);
+  ``hook.ce(params)`` is the CE alone (None when no window fits), e.g. for a frozen teacher."""
+  n = min(n_windows, len(eval_src))
+  n -= n % divisor
+  eval_np = np.stack([eval_src[i] for i in range(n)]) if n else None
+  loss = jax.jit(lambda params, tokens_BT: next_token_loss(model.apply(params, tokens_BT[:, :-1]), tokens_BT))
+
+  def ce(params):
+    if eval_np is None:
+      return None
+    return float(loop.host(loss(params, jax.device_put(eval_np, batch_sharding))))
+
+  def hook(step, state, writer):
+    del step, writer
+    c = ce(state["params"])
+    return {} if c is None else {"ce": c, "bits_per_byte": c / np.log(2)}
+
+  hook.ce = ce
+  return hook
+
+
 def run(config, workdir: str) -> dict:
   model = validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -91,18 +115,8 @@ def run(config, workdir: str) -> dict:
   batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=dcfg.worker_count), bsh)
   step_fn, init_fn, shardings = make_step(config, model, mesh)
 
-  # Eval: a fixed set of held-out windows (no shuffle), loss and bits per byte.
-  n_eval = min(config.train.eval_batches * dcfg.global_batch, len(eval_src))
-  n_eval -= n_eval % divisor
-  eval_np = np.stack([eval_src[i] for i in range(n_eval)]) if n_eval else None
-  eval_loss = jax.jit(lambda params, tokens_BT: next_token_loss(model.apply(params, tokens_BT[:, :-1]), tokens_BT))
-
-  def evaluate(step, state, writer):
-    del step, writer
-    if eval_np is None:
-      return {}
-    ce = float(loop.host(eval_loss(state["params"], jax.device_put(eval_np, bsh))))
-    return {"ce": ce, "bits_per_byte": ce / np.log(2)}
+  evaluate = heldout_eval(model, eval_src, n_windows=config.train.eval_batches * dcfg.global_batch,
+                          divisor=divisor, batch_sharding=bsh)
 
   os.makedirs(workdir, exist_ok=True)
   # Per-expert routing scalars go to metrics.jsonl and TensorBoard, not to the console line.
