@@ -26,32 +26,28 @@ Defaults for the paper's unknowns (let.md §3, §7; all [inferred] unless stated
     initialised to the interpolation matrix and trained with the student.
   * ``let.schedule`` = 'linear' (the paper's); 'constant' keeps λ = λ0 until S_stop (the ablation).
 """
+import os
+
 import ml_collections
 
-from lmx.core.config import parse_arg
-from lmx.core.mesh import DEFAULT_AXIS_RULES
+from lmx.core.config import load_config_file, parse_arg
 
 VARIANTS = ("", "smoke", "pile_1b4")
 
 
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
-  c = ml_collections.ConfigDict()
+  # The student is trained as configs/lm.py trains a model (mesh, rules, model, data, optimiser and loop blocks
+  # from there); this file states only what LET changes.
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py"))
   c.method = "let"
   c.variant = a.variant
   c.seed = a.seed
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
-  c.axis_rules = DEFAULT_AXIS_RULES
 
   # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters.
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=260, d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
-      tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"))
-
-  c.data = ml_collections.ConfigDict(dict(
-      source="embedded",  # 'embedded' (lmx.datasets.text) or 'tfds' (tfds_name, read through Grain)
-      corpus="python_docs", tfds_name="", seq_len=128, global_batch=32, eval_fraction=0.05, split="document",
-      split_seed=0, shuffle_seed=0, worker_count=0))
+  c.model.update(n_layers=6)
+  c.data.source = "embedded"  # 'embedded' (lmx.datasets.text) or 'tfds' (tfds_name, read through Grain)
+  c.data.tfds_name = ""
 
   c.teacher = ml_collections.ConfigDict(dict(
       source="pretrain",  # 'pretrain' | 'run' | 'hf'
@@ -61,21 +57,13 @@ def get_config(arg=None):
       model=ml_collections.ConfigDict(dict(
           vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
           tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
-      optim=ml_collections.ConfigDict(dict(
-          name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-          weight_decay=0.1, clip_norm=1.0))))
+      optim=ml_collections.ConfigDict(c.optim.to_dict())))
 
   c.let = ml_collections.ConfigDict(dict(
       student_layer=1, teacher_layer=-1, lam0=0.1, s_stop=0, s_stop_fraction=1 / 3, align="interp",
       schedule="linear"))
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.1, clip_norm=1.0))
-
-  c.train = ml_collections.ConfigDict(dict(
-      steps=600, log_every=25, eval_every=100, eval_batches=4, ckpt_every=200, ckpt_keep=3,
-      async_checkpointing=True, plot=True))
+  c.train.update(eval_every=100)
 
   if a.variant == "smoke":
     c.model.update(d_model=64, n_layers=3, d_ff=192, max_seq_len=64)

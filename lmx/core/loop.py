@@ -110,16 +110,26 @@ def optax_shardings(params_shardings, tx: optax.GradientTransformation, abstract
   return {"params": params_shardings, "opt_state": opt_sh}
 
 
-def optax_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable | None = None):
-  """``step(state, frozen, batch, rng)`` for ``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``."""
+def optax_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable | None = None, *,
+               trainable: Sequence[str] | None = None, pass_step: bool = False):
+  """``step(state, frozen, batch, rng)`` for ``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``.
+
+  ``trainable=None`` differentiates ``state["params"]``; a tuple of state keys (e.g. ``("params", "proj")``)
+  differentiates the dict ``{k: state[k]}`` instead (``tx``'s state must then be built on that dict).
+  ``pass_step=True`` gives ``loss_fn`` the traced ``state["step"]`` in place of the rng (for in-step schedules).
+  """
 
   def step(state, frozen, batch, rng):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = state["params"] if trainable is None else {k: state[k] for k in trainable}
+    last = state["step"] if pass_step else rng
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, last)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
     metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
       metrics["lr"] = schedule(state["step"])
-    return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state), metrics
+    new = optax.apply_updates(params, updates)
+    new = {"params": new} if trainable is None else new
+    return dict(state, **new, opt_state=opt_state), metrics
 
   return step
 

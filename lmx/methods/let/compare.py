@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-import importlib.util
 import json
 import os
 import sys
 
 import numpy as np
+
+from lmx.core.config import load_config_file
 
 ARMS = ("baseline", "let", "l2l", "constant", "large")
 
@@ -136,14 +137,6 @@ def compare(config, workdir: str, seeds, arms=("baseline", "let")) -> dict:
   return out
 
 
-def _load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("let_compare_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
-
-
 def main(argv=None) -> int:
   import argparse
 
@@ -155,7 +148,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=0, help="override train.steps")
   p.add_argument("--eval_every", type=int, default=0, help="override train.eval_every (curve resolution)")
   a = p.parse_args(argv)
-  config = _load_config(a.config)
+  config = load_config_file(a.config)
   if a.steps:
     config.train.steps = a.steps
   if a.eval_every:

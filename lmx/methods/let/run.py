@@ -10,13 +10,13 @@ restoring the LET phase's checkpoint at S_stop, so its log shows ``resumed_from_
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from lmx.core import data as data_lib
 from lmx.core import loop, mesh as mesh_lib, plots
@@ -213,19 +213,8 @@ def make_steps(config, student, teacher, mesh):
       trainable["proj"] = losses.init_projector(d_s, d_t)
     return {**trainable, "opt_state": tx.init(trainable)}
 
-  def as_step(loss_fn):
-    def step(state, frozen, batch, rng):
-      del rng
-      trainable = {k: state[k] for k in abstract}
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, state["step"])
-      updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-      new = optax.apply_updates(trainable, updates)
-      metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
-      return dict(state, **new, opt_state=opt_state), metrics
-
-    return step
-
   let_loss, ce_loss = make_losses(config, student, teacher)
+  as_step = functools.partial(loop.optax_step, tx=tx, schedule=schedule, trainable=tuple(abstract), pass_step=True)
   return as_step(let_loss), as_step(ce_loss), init_fn, shardings
 
 
