@@ -1,7 +1,15 @@
 """Embedded text corpora (ship with every Python; no download) and a byte-level tokenizer.
 
 Corpora (``data.corpus``):
-  ``python_docs``  the Python documentation topics in ``pydoc_data.topics`` (~465k characters).
+  ``python_docs``        the Python documentation topics in ``pydoc_data.topics`` (~465k characters).
+  ``stdlib_docstrings``  every docstring of the CPython standard library's sources (an ``ast`` walk; test
+                         packages, ``site-packages`` and ``idlelib`` excluded), one document per module
+                         (~1.8M characters on CPython 3.11).
+  ``legal``              licence texts found on this machine: the LICENSE*/LICENCE*/COPYING*/NOTICE* files of the
+                         installed distributions (``importlib.metadata``) and ``/usr/share/common-licenses/*``
+                         (Debian base-files) when present, with repeated paragraphs dropped (first copy kept), one
+                         document per file. Its size depends on what is installed: :func:`corpus_info` gives size
+                         and a content hash to record.
 """
 from __future__ import annotations
 
@@ -50,11 +58,117 @@ def python_docs() -> str:
   return DOC_SEP.join(t for _, t in python_docs_documents())
 
 
+def _stdlib_dir() -> str:
+  import sysconfig
+
+  return sysconfig.get_paths()["stdlib"]
+
+
+# Parts of the stdlib tree that are not the library proper: test suites, third-party installs, IDLE's own tests.
+_STDLIB_SKIP_DIRS = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
+                     "turtledemo")
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_docstrings_documents() -> tuple[tuple[str, str], ...]:
+  """The docstrings of every stdlib module (module, class and function docstrings in source order, cleaned by
+  ``ast.get_docstring``) as (relative path, text) documents, in sorted path order; modules without docstrings
+  and files that do not parse are skipped."""
+  import ast
+  import os
+
+  root = _stdlib_dir()
+  paths = []
+  for d, dirs, files in os.walk(root):
+    dirs[:] = sorted(x for x in dirs if x not in _STDLIB_SKIP_DIRS and not x.startswith("test"))
+    paths += [os.path.join(d, f) for f in files if f.endswith(".py") and not f.startswith("test_")]
+  docs = []
+  for path in sorted(paths):
+    try:
+      with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    parts = [ast.get_docstring(n) for n in ast.walk(tree)
+             if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    parts = [p.strip() for p in parts if p and p.strip()]
+    if parts:
+      docs.append((os.path.relpath(path, root), DOC_SEP.join(parts)))
+  return tuple(docs)
+
+
+def stdlib_docstrings() -> str:
+  """The stdlib docstrings (:func:`stdlib_docstrings_documents`) joined in path order."""
+  return DOC_SEP.join(t for _, t in stdlib_docstrings_documents())
+
+
+_LICENSE_NAME = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+_NOT_TEXT = (".py", ".pyc", ".pyi", ".so", ".pyd", ".dll", ".json", ".html", ".h", ".c", ".cc", ".cpp", ".js")
+COMMON_LICENSES = "/usr/share/common-licenses"
+
+
+def _license_files() -> list[tuple[str, str]]:
+  """(doc_id, text) of every licence file on this machine, sorted by doc_id (see :func:`legal_documents`)."""
+  import importlib.metadata
+  import os
+
+  out = {}
+  for dist in importlib.metadata.distributions():
+    name = dist.metadata.get("Name") or "?"
+    for f in dist.files or ():
+      base = f.name.upper()
+      if not base.startswith(_LICENSE_NAME) or f.suffix.lower() in _NOT_TEXT:
+        continue
+      try:
+        t = f.read_text(encoding="utf-8")
+      except (OSError, UnicodeDecodeError, ValueError):
+        continue
+      if t and t.strip():
+        out[f"{name}:{f}"] = t
+  if os.path.isdir(COMMON_LICENSES):
+    for f in sorted(os.listdir(COMMON_LICENSES)):
+      path = os.path.join(COMMON_LICENSES, f)
+      if os.path.isfile(path) and not os.path.islink(path):  # GPL -> GPL-3 etc. are links: read the target once
+        try:
+          with open(path, encoding="utf-8") as fh:
+            out[f"common-licenses:{f}"] = fh.read()
+        except (OSError, UnicodeDecodeError):
+          continue
+  return sorted(out.items())
+
+
+@functools.lru_cache(maxsize=None)
+def legal_documents() -> tuple[tuple[str, str], ...]:
+  """Licence texts on this machine as (source:path, text) documents in sorted id order. A paragraph (text between
+  blank lines, compared with whitespace collapsed) already seen in an earlier document is dropped, so the many
+  copies of the Apache, MIT and BSD texts count once; documents left empty are dropped."""
+  seen, docs = set(), []
+  for doc_id, t in _license_files():
+    keep = []
+    for para in t.replace("\r\n", "\n").split("\n\n"):
+      key = " ".join(para.split())
+      if key and key not in seen:
+        seen.add(key)
+        keep.append(para.strip("\n"))
+    if keep:
+      docs.append((doc_id, DOC_SEP.join(keep)))
+  return tuple(docs)
+
+
+def legal() -> str:
+  """The licence texts (:func:`legal_documents`) joined in id order."""
+  return DOC_SEP.join(t for _, t in legal_documents())
+
+
 CORPORA = {
     "python_docs": python_docs,
+    "stdlib_docstrings": stdlib_docstrings,
+    "legal": legal,
 }
 DOCUMENTS = {  # corpus -> its (doc_id, text) documents
     "python_docs": python_docs_documents,
+    "stdlib_docstrings": stdlib_docstrings_documents,
+    "legal": legal_documents,
 }
 SPLITS = ("document", "tail")
 
@@ -63,6 +177,16 @@ def check_corpus(name: str) -> None:
   """Raises ConfigError unless ``name`` is a key of :data:`CORPORA`."""
   if name not in CORPORA:
     raise ConfigError(f"data.corpus={name!r} is unknown; valid corpora: {sorted(CORPORA)}")
+
+
+def corpus_info(name: str) -> dict:
+  """Size and content hash of corpus ``name`` (for results.json: the machine-dependent corpora differ by host)."""
+  import hashlib
+
+  check_corpus(name)
+  t = load_corpus(name)
+  return {"corpus": name, "documents": len(DOCUMENTS[name]()), "chars": len(t), "bytes": len(t.encode("utf-8")),
+          "sha256": hashlib.sha256(t.encode("utf-8")).hexdigest()}
 
 
 def load_corpus(name: str) -> str:
