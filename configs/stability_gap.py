@@ -18,6 +18,7 @@ windows), lr re-warmup (``train.warmup_ratio``) then cosine, eval every ``train.
   random   a random 1/epochs of the domain documents, ``epochs`` epochs       (b)
   hq       the lowest byte-5-gram-perplexity 1/epochs (n-gram fit on the general corpus), ``epochs`` epochs (c)
   hq_mix   hq with general replay: each epoch ``domain_ratio`` hq + the rest general windows, redrawn per epoch (d)
+  full_mix (a control, not in the default list) all domain windows with the same general replay
 ``strategies.domain_ratio`` = 0.82: the paper replaces the Llama mixture's CC + C4 share (82%) by domain tokens.
 """
 import ml_collections

@@ -10,6 +10,9 @@ windows, the same for every strategy:
   hq_mix   epochs of the hq subset's size mixing ``domain_ratio`` hq windows with ``1 - domain_ratio`` general
            (replay) windows, both drawn afresh every epoch (``resample=True``: the paper's "rate-fixed-data-dynamic";
            ``False``: the same draw every epoch, "data-fixed"), mixed by ``grain.MapDataset.mix`` (d)
+  full_mix the replay control (not one of the paper's strategies): ``full``'s windows mixed with general replay at
+           the same ``domain_ratio`` (one mixture epoch the size of the whole domain), so (d) − (c) can be told
+           apart from what replay alone does
 
 Each epoch is a seeded shuffle of its pool (epoch ``e`` uses ``np_stream(seed, <name>, e)``) and the epochs are
 concatenated and cut to exactly ``steps * global_batch`` windows, so the data order is a pure function of
@@ -26,7 +29,7 @@ from lmx.core.config import ConfigError
 from lmx.core.rng import np_stream
 from lmx.datasets import text
 
-STRATEGIES = ("full", "random", "hq", "hq_mix")
+STRATEGIES = ("full", "random", "hq", "hq_mix", "full_mix")
 
 
 def windows(docs: Sequence[tuple[str, str]], seq_len: int, n: int | None = None) -> text.TokenWindows:
@@ -142,11 +145,11 @@ def strategy_stream(name: str, pools: Pools, *, steps: int, global_batch: int, s
       pool, taken = pools.hq, pools.hq_docs
     info = {"documents": len(taken)}
     ds = epochs_stream(pool, n_items, seed=seed, name=name)
-  elif name == "hq_mix":
-    pool = pools.hq
-    info = {"documents": len(pools.hq_docs), "domain_ratio": domain_ratio, "resample_each_epoch": resample,
-            "epoch_windows": len(pool)}
-    ds = mixture_stream(pools.hq, pools.general, n_items, domain_ratio=domain_ratio, epoch_len=len(pool), seed=seed,
+  elif name in ("hq_mix", "full_mix"):
+    pool = pools.hq if name == "hq_mix" else pools.domain
+    info = {"documents": len(pools.hq_docs) if name == "hq_mix" else len(pools.domain_docs),
+            "domain_ratio": domain_ratio, "resample_each_epoch": resample, "epoch_windows": len(pool)}
+    ds = mixture_stream(pool, pools.general, n_items, domain_ratio=domain_ratio, epoch_len=len(pool), seed=seed,
                         resample=resample)
   else:
     raise ConfigError(f"strategies.names: {name!r} is not a strategy; valid: {list(STRATEGIES)}")

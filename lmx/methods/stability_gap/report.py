@@ -60,3 +60,34 @@ def reduction(per_seed: Mapping[int, Mapping[str, dict]], key: str, strategy: st
   return {"per_seed": per, "of_means": float(1 - mb / ma) if ma > 0 else None, "reference_mean": ma,
           "strategy_mean": mb, "difference": ma - mb, "noise_std": noise,
           "beyond_noise": bool(len(a) > 1 and abs(ma - mb) > noise)}
+
+
+def _pm(ms: dict, digits: int = 3) -> str:
+  if ms.get("mean") is None:
+    return "–"
+  return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+  """The per-strategy table of a run's results.json (mean ± std over its seeds) as Markdown."""
+  s = results["summary"]
+  n = len(results["seeds"])
+  rows = ["| strategy | max general CE rise | general CE recovered (seeds; mean step) | max general probe acc drop "
+          "| max general probe margin drop | final general CE | final domain CE | rel. update bottom/top (first → "
+          "final eval) |", "|---|---|---|---|---|---|---|---|"]
+  for st in results["strategies"]:
+    r = s[st]
+    rec = r["general_ce_recover_step"]
+    rec_txt = f"{rec['recovered']}" + (f"; {rec['mean']:.0f}" if rec["mean"] is not None else "")
+    rows.append(f"| {st} | {_pm(r['general_ce_max_drop'])} | {rec_txt} | {_pm(r['probe_general_acc_max_drop'])} | "
+                f"{_pm(r['probe_general_margin_max_drop'], 4)} | {_pm(r['general_ce_final'])} | "
+                f"{_pm(r['domain_ce_final'])} | {_pm(r['relupd_ratio_first'], 2)} → {_pm(r['relupd_ratio_final'], 2)} |")
+  out = "\n".join(rows) + f"\n\n(mean ± std over {n} seed(s); CE in nats per byte)\n"
+  for st, red in results.get("drop_reduction_vs_full", {}).items():
+    g = red["general_ce"]
+    per = ", ".join("–" if v is None else f"{v:.2f}" for v in g["per_seed"])
+    of = "–" if g["of_means"] is None else f"{g['of_means']:.2f}"
+    out += (f"\n- {st} vs full, max general CE rise: reduction {of} of the means (per seed {per}); difference "
+            f"{g['difference']:.3f} vs seed noise (larger std) {g['noise_std']:.3f}: "
+            f"{'beyond' if g['beyond_noise'] else 'NOT beyond'} the noise")
+  return out + "\n"

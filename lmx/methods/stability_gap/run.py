@@ -362,7 +362,7 @@ def run(config, workdir: str) -> dict:
   summary = report.summarize(per_seed, keys)
   targets = {}
   if "full" in s.names:
-    for st in ("hq", "hq_mix", "random"):
+    for st in ("hq", "hq_mix", "random", "full_mix"):
       if st in s.names:
         targets[st] = {m: report.reduction(per_seed, f"{m}_max_drop", st, "full")
                        for m in ("general_ce", "probe_general_acc", "probe_general_margin")}
@@ -380,8 +380,11 @@ def run(config, workdir: str) -> dict:
       "drop_reduction_vs_full": targets, "run_wall_seconds": walls, "wall_seconds": time.time() - t_start,
   }
   path = write_results(workdir, results)
-  if jax.process_index() == 0 and t.plot:
-    plot_curves(workdir, config)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+      f.write(report.markdown(results))
+    if t.plot:
+      plot_curves(workdir, config)
   hm = targets.get("hq_mix", {}).get("general_ce", {})
   summary_line("stability_gap", {
       **{f"{st} max general CE rise": summary[st]["general_ce_max_drop"]["mean"] for st in s.names},
