@@ -9,8 +9,11 @@ LLaMA-style 1.4B student, SmolLM-135M as teacher, ~10x smaller; builds and lower
 Stages: (1) the teacher: ``teacher.source='pretrain'`` trains a small LM in-process on the same corpus (an
 ``lm`` run in ``<workdir>/teacher``), ``'run'`` restores the params of the lmx run in ``teacher.workdir``,
 ``'hf'`` reads the Hugging Face checkpoint in ``teacher.hf_path`` (same tokenizer as the student: positions
-align one to one). It is frozen and passed to the step as a frozen input. (2) steps [0, S_stop): CE + λ(s)·align
-with the teacher's forward; (3) steps [S_stop, steps): plain CE, no teacher (a second compiled step).
+align one to one). It is frozen and passed to the step as a frozen input. (2) With ``let.with_baseline`` (default
+on), the paired baseline: the same run with λ0 = 0 in ``<workdir>/baseline``. (3) steps [0, S_stop): CE +
+λ(s)·align with the teacher's forward; (4) steps [S_stop, steps): plain CE, no teacher (a second compiled step).
+results.json's ``vs_baseline`` holds both final validation CEs and the speedup (baseline steps / steps LET needs to
+reach the baseline's final CE); ``plots/vs_baseline.png`` the two curves.
 
 Defaults for the paper's unknowns (let.md §3, §7; all [inferred] unless stated):
   * ``let.student_layer`` k: the residual stream after block k (0-based); default ≈ 20-30% of depth
@@ -46,8 +49,11 @@ def get_config(arg=None):
 
   # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters.
   c.model.update(n_layers=6)
-  c.data.source = "embedded"  # 'embedded' (lmx.datasets.text) or 'tfds' (tfds_name, read through Grain)
-  c.data.tfds_name = ""
+  # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
+  # record's text_key) read through Grain, tokenized by ``tokenizer`` ('' = bytes, else a dir with tokenizer.json)
+  # and packed into windows (lmx.datasets.tfds_text); data_dir '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data.update(dict(source="embedded", tfds_name="", tfds_split="train", tfds_eval_split="validation",
+                     data_dir="", text_key="text", tokenizer=""))
 
   c.teacher = ml_collections.ConfigDict(dict(
       source="pretrain",  # 'pretrain' | 'run' | 'hf'
@@ -61,7 +67,10 @@ def get_config(arg=None):
 
   c.let = ml_collections.ConfigDict(dict(
       student_layer=1, teacher_layer=-1, lam0=0.1, s_stop=0, s_stop_fraction=1 / 3, align="interp",
-      schedule="linear"))
+      schedule="linear",
+      # also train the paired baseline (λ0 = 0, same seed, data order and steps) in <workdir>/baseline first and
+      # report the speedup; the multi-seed driver with the ablations is lmx.methods.let.compare
+      with_baseline=True))
 
   c.train.update(eval_every=100)
 
@@ -85,7 +94,10 @@ def get_config(arg=None):
                            max_seq_len=2048, tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
                            attention_impl="auto", rope_theta=10000.0)
     c.mesh.update(data=1, fsdp=-1)
-    c.data.update(source="tfds", tfds_name="the_pile", seq_len=2048, global_batch=512)
+    # The paper trains on The Pile, which the tfds catalogue lacks: c4/en is the nearest web corpus tfds prepares;
+    # point data.tfds_name at a locally built Pile builder for the paper's data. SmolLM's tokenizer for both.
+    c.data.update(source="tfds", tfds_name="c4/en", seq_len=2048, global_batch=512,
+                  tokenizer="~/models/SmolLM-135M")
     c.optim.update(lr=3e-4, warmup_steps=2000)
     c.let.update(student_layer=5)
     # ~20B tokens at 2048 x 512 per step.

@@ -229,6 +229,14 @@ def test_smoke_through_launch(tmp_path):
   assert res["teacher_step_overhead"] is not None
   assert np.isfinite(res["teacher"]["eval_ce"]) and np.isfinite(res["final_eval"]["eval/ce"])
   assert os.path.exists(os.path.join(w, "teacher", "results.json"))  # the in-process teacher run
+  # the paired baseline: same steps, λ0 = 0 throughout, its final CE and the speedup reported against it
+  base = json.load(open(os.path.join(w, "baseline", "results.json")))
+  assert base["let"]["lam0"] == 0.0 and base["steps"] == res["steps"] and "vs_baseline" not in base
+  vb = res["vs_baseline"]
+  assert vb["baseline_final_eval_ce"] == base["final_eval"]["eval/ce"]
+  assert vb["let_final_eval_ce"] == res["final_eval"]["eval/ce"]
+  assert vb["let_final_eval_ce"] > vb["baseline_final_eval_ce"] or vb["speedup"] >= 1.0
+  assert os.path.exists(os.path.join(w, "plots", "vs_baseline.png"))
   recs = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
   align_steps = [x["step"] for x in recs if "train/align" in x]
   assert align_steps and max(align_steps) <= stop  # the teacher is used only before S_stop

@@ -17,6 +17,7 @@ evaluations) with the speedup ``baseline steps / those steps``. Arms already fin
 """
 from __future__ import annotations
 
+import ast
 import copy
 import importlib
 import json
@@ -36,6 +37,7 @@ def arm_config(config, arm: str, seed: int, teacher_dir: str):
   c.seed = int(seed)
   c.data.shuffle_seed = int(seed)
   c.teacher.source, c.teacher.workdir = "run", teacher_dir
+  c.let.with_baseline = False  # the driver trains the baseline arm itself
   if arm == "baseline":
     c.let.lam0 = 0.0
   elif arm == "l2l":
@@ -147,8 +149,22 @@ def main(argv=None) -> int:
   p.add_argument("--arms", default="baseline,let")
   p.add_argument("--steps", type=int, default=0, help="override train.steps")
   p.add_argument("--eval_every", type=int, default=0, help="override train.eval_every (curve resolution)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="override any config field, e.g. --set data.global_batch=16 (repeatable)")
   a = p.parse_args(argv)
   config = load_config_file(a.config)
+  for item in a.set:
+    field, eq, value = item.partition("=")
+    if not eq:
+      p.error(f"--set {item!r}: expected FIELD=VALUE")
+    *parents, leaf = field.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      p.error(f"--set {item!r}: the config has no field {field!r}")
+    old = node[leaf]
+    node[leaf] = type(old)(ast.literal_eval(value)) if not isinstance(old, str) else value
   if a.steps:
     config.train.steps = a.steps
   if a.eval_every:

@@ -10,9 +10,11 @@ restoring the LET phase's checkpoint at S_stop, so its log shows ``resumed_from_
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,7 +24,7 @@ from lmx.core import data as data_lib
 from lmx.core import loop, mesh as mesh_lib, plots
 from lmx.core import optim as optim_lib
 from lmx.core import workdir as wd
-from lmx.core.config import ConfigError, check_keys, require
+from lmx.core.config import check_keys, require
 from lmx.core.losses import next_token_loss
 from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
@@ -38,11 +40,15 @@ CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "da
                  "train")
 LM_DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "split", "split_seed", "shuffle_seed",
                   "worker_count")
-DATA_FIELDS = LM_DATA_FIELDS + ("source", "tfds_name")
+# data.source='tfds': a prepared tfds text data set (lmx.datasets.tfds_text), tokenized by ``data.tokenizer`` (''
+# = bytes, else a directory holding a Hugging Face tokenizer.json) and packed into windows
+TFDS_FIELDS = ("tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "text_key", "tokenizer")
+DATA_FIELDS = LM_DATA_FIELDS + ("source",) + TFDS_FIELDS
 DATA_SOURCES = ("embedded", "tfds")
 TEACHER_FIELDS = ("source", "workdir", "hf_path", "steps", "model", "optim")
 TEACHER_SOURCES = ("pretrain", "run", "hf")
-LET_FIELDS = ("student_layer", "teacher_layer", "lam0", "s_stop", "s_stop_fraction", "align", "schedule")
+LET_FIELDS = ("student_layer", "teacher_layer", "lam0", "s_stop", "s_stop_fraction", "align", "schedule",
+              "with_baseline")
 SCHEDULES = ("linear", "constant")
 TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "ckpt_keep",
                 "async_checkpointing", "plot")
@@ -115,6 +121,7 @@ def validate(config, *, check_teacher_source: bool = True):
           f"{lc.align!r}")
   require(lc.schedule in SCHEDULES, "let.schedule", f"must be one of {list(SCHEDULES)}, got {lc.schedule!r}")
   require(lc.lam0 >= 0, "let.lam0", f"must be >= 0, got {lc.lam0}")
+  require(isinstance(lc.with_baseline, bool), "let.with_baseline", f"must be True or False, got {lc.with_baseline!r}")
   require(lc.s_stop >= 0, "let.s_stop", f"must be >= 0 (0: use let.s_stop_fraction), got {lc.s_stop}")
   require(lc.s_stop > 0 or 0 < lc.s_stop_fraction <= 1, "let.s_stop_fraction",
           f"must be in (0, 1] when let.s_stop is 0, got {lc.s_stop_fraction}")
@@ -124,8 +131,9 @@ def validate(config, *, check_teacher_source: bool = True):
   require(student.name == "transformer", "model.name", "the LET student must be the lmx transformer")
   require(d.seq_len <= student.cfg.max_seq_len, "data.seq_len",
           f"{d.seq_len} exceeds model.max_seq_len={student.cfg.max_seq_len}")
-  require(config.model.vocab_size >= text.VOCAB_SIZE, "model.vocab_size",
-          f"must be >= {text.VOCAB_SIZE} for the byte tokenizer")
+  if d.source == "embedded" or not d.tokenizer:
+    require(config.model.vocab_size >= text.VOCAB_SIZE, "model.vocab_size",
+            f"must be >= {text.VOCAB_SIZE} for the byte tokenizer")
   n = student.cfg.n_layers
   require(0 <= lc.student_layer < n, "let.student_layer", f"must be a block index in [0, {n}), got "
           f"{lc.student_layer}")
@@ -258,15 +266,80 @@ def load_teacher(config, workdir: str, mesh):
   return model, params, {"source": "hf", "hf_path": t.hf_path}
 
 
+# ------------------------------------------------------------------------------------------ the data
+
+
+def make_data(config, batch_sharding, n_eval_windows: int, *, vocab_size: int):
+  """``(train batches, eval windows, split info)``: the embedded corpus split by document, or a prepared tfds
+  text data set (train split shuffled and packed; the first windows of the eval split as validation)."""
+  d = config.data
+  if d.source == "embedded":
+    train_src, eval_src, split_info = text.train_eval_windows(d.corpus, d.seq_len, d.eval_fraction, split=d.split,
+                                                              seed=d.split_seed)
+    ds = data_lib.make_dataset(train_src, global_batch=d.global_batch, seed=d.shuffle_seed)
+    return data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=d.worker_count), batch_sharding), \
+        eval_src, split_info
+  from lmx.datasets import tfds_text
+  from lmx.datasets.tokenizer import load_tokenizer
+
+  if d.tokenizer:
+    tok = load_tokenizer(os.path.expanduser(d.tokenizer))
+    require(tok.vocab_size <= vocab_size, "data.tokenizer",
+            f"its vocabulary ({tok.vocab_size}) exceeds model.vocab_size={vocab_size}")
+    tokenize = tfds_text.hf_tokenize(tok)
+  else:
+    tokenize = tfds_text.byte_tokenize
+  data_dir = d.data_dir or None
+  train = tfds_text.packed_windows(tfds_text.open_source(d.tfds_name, d.tfds_split, data_dir=data_dir),
+                                   seq_len=d.seq_len, global_batch=d.global_batch, seed=d.shuffle_seed,
+                                   tokenize=tokenize, text_key=d.text_key)
+  if d.worker_count > 0:
+    train = train.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+  eval_np = tfds_text.eval_windows(tfds_text.open_source(d.tfds_name, d.tfds_eval_split, data_dir=data_dir),
+                                   seq_len=d.seq_len, n_windows=n_eval_windows, tokenize=tokenize,
+                                   text_key=d.text_key)
+  split_info = {"split": "tfds", "tfds_name": d.tfds_name, "train_split": d.tfds_split,
+                "eval_split": d.tfds_eval_split, "eval_windows": int(len(eval_np)),
+                "tokenizer": d.tokenizer or "bytes"}
+  return data_lib.GlobalBatches(iter(train), batch_sharding), eval_np, split_info
+
+
 # ------------------------------------------------------------------------------------------ the run
+
+
+def baseline_config(config, teacher_info: dict):
+  """The paired baseline of a run: the same config, seed and data order with λ0 = 0 (same steps, same teacher
+  input, so its step time is comparable), reading the teacher the run trained or restored."""
+  c = copy.deepcopy(config)
+  c.let.lam0, c.let.with_baseline = 0.0, False
+  if teacher_info["source"] == "pretrain":
+    c.teacher.source, c.teacher.workdir = "run", teacher_info["workdir"]
+  return c
+
+
+def vs_baseline(config, workdir: str, base_dir: str) -> dict:
+  """This run's validation curve against its paired baseline's: both final CEs, the steps this run needs to reach
+  the baseline's final CE and the speedup (lmx.methods.let.compare.summarize), plus a two-curve plot."""
+  from lmx.methods.let import compare
+
+  curves = {"baseline": compare.eval_curve(base_dir), "let": compare.eval_curve(workdir)}
+  table = compare.summarize({config.seed: curves}, ("baseline", "let"), int(config.train.steps))
+  row = table["per_seed"][str(config.seed)]
+  out = {"workdir": base_dir, "baseline_final_eval_ce": row["baseline"]["final_eval_ce"],
+         "let_final_eval_ce": row["let"]["final_eval_ce"], "steps_to_baseline_final":
+         row["let"]["steps_to_baseline_final"], "speedup": row["let"]["speedup"]}
+  if jax.process_index() == 0 and config.train.plot:
+    plots.curves(plot_path(workdir, "vs_baseline"), {k: tuple(map(list, v)) for k, v in curves.items()},
+                 title=f"LET vs baseline (λ0 = 0), seed {config.seed}: validation CE")
+  return out
 
 
 def run(config, workdir: str) -> dict:
   student, _ = validate(config, check_teacher_source=False)
   d = config.data
-  if d.source != "embedded":
-    raise ConfigError(f"data.source={d.source!r}: reading a tfds text source is not implemented yet (the "
-                      "pile_1b4 variant builds and lowers only); use data.source='embedded'")
+  require(d.source == "embedded" or config.teacher.source != "pretrain", "teacher.source",
+          "'pretrain' trains the teacher on the embedded corpus; with data.source='tfds' name a trained teacher "
+          "(teacher.source='run' or 'hf')")
   mesh = mesh_lib.make_mesh(config.mesh)
   student.cfg.check_mesh(dict(mesh.shape))
   rules = config.axis_rules
@@ -276,15 +349,16 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   teacher, teacher_params, teacher_info = load_teacher(config, workdir, mesh)
   validate(config)  # the teacher's layer, vocabulary and length against the student, now that it exists
+  base_dir = os.path.join(workdir, "baseline")
+  if config.let.with_baseline and not os.path.exists(os.path.join(base_dir, "results.json")):
+    print(f"let: first the paired baseline (lambda0 = 0, same seed and data order) in {base_dir}", flush=True)
+    run(baseline_config(config, teacher_info), base_dir)
 
-  train_src, eval_src, split_info = text.train_eval_windows(d.corpus, d.seq_len, d.eval_fraction, split=d.split,
-                                                            seed=d.split_seed)
-  ds = data_lib.make_dataset(train_src, global_batch=d.global_batch, seed=d.shuffle_seed)
   bsh = mesh_lib.batch_sharding(mesh, rules)
-  batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=d.worker_count), bsh)
+  n_windows = config.train.eval_batches * d.global_batch
+  batches, eval_src, split_info = make_data(config, bsh, n_windows, vocab_size=student.cfg.vocab_size)
   let_step, ce_step, init_fn, shardings = make_steps(config, student, teacher, mesh)
 
-  n_windows = config.train.eval_batches * d.global_batch
   evaluate = heldout_eval(student, eval_src, n_windows=n_windows, divisor=divisor, batch_sharding=bsh)
   teacher_eval_ce = heldout_eval(teacher, eval_src, n_windows=n_windows, divisor=divisor,
                                  batch_sharding=bsh).ce(teacher_params)
@@ -336,10 +410,14 @@ def run(config, workdir: str) -> dict:
       "teacher_step_overhead": overhead,
       "data_split": split_info,
   }
+  if config.let.with_baseline:
+    results["vs_baseline"] = vs_baseline(config, workdir, base_dir)
   path = write_results(workdir, results)
   if jax.process_index() == 0 and t.plot:
     plots.from_jsonl(os.path.join(workdir, "metrics.jsonl"), ["train/ce", "eval/ce", "train/align"],
                      plot_path(workdir, "loss"), title=f"let {config.variant or 'default'}")
-  summary_line("let", {"eval ce": results["final_eval"].get("eval/ce"), "teacher eval ce": teacher_eval_ce,
-                       "LET steps/s": sps_let, "CE steps/s": sps_ce}, path)
+  vb = results.get("vs_baseline", {})
+  summary_line("let", {"eval ce": results["final_eval"].get("eval/ce"), "baseline eval ce":
+                       vb.get("baseline_final_eval_ce"), "speedup": vb.get("speedup"),
+                       "teacher eval ce": teacher_eval_ce, "LET steps/s": sps_let, "CE steps/s": sps_ce}, path)
   return results
