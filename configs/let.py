@@ -47,8 +47,10 @@ def get_config(arg=None):
   c.variant = a.variant
   c.seed = a.seed
 
-  # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters.
+  # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes so
+  # that one arm (600 steps) takes ~2.5 minutes on one CPU core and the default run (teacher, baseline, LET) ~6.
   c.model.update(n_layers=6)
+  c.data.update(seq_len=64, global_batch=16)
   # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
   # record's text_key) read through Grain, tokenized by ``tokenizer`` ('' = bytes, else a dir with tokenizer.json)
   # and packed into windows (lmx.datasets.tfds_text); data_dir '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
@@ -59,7 +61,7 @@ def get_config(arg=None):
       source="pretrain",  # 'pretrain' | 'run' | 'hf'
       workdir="",  # source='run': an lmx run's workdir (params-only restore of its newest checkpoint)
       hf_path="",  # source='hf': a local Hugging Face checkpoint directory (Llama / Qwen2)
-      steps=400,  # source='pretrain': training steps of the teacher on the same corpus
+      steps=1000,  # source='pretrain': training steps of the teacher on the same corpus (~1 min on one core)
       model=ml_collections.ConfigDict(dict(
           vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
           tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
@@ -72,7 +74,7 @@ def get_config(arg=None):
       # report the speedup; the multi-seed driver with the ablations is lmx.methods.let.compare
       with_baseline=True))
 
-  c.train.update(eval_every=100)
+  c.train.update(eval_every=50, eval_batches=8)  # 12 points on the validation curve, 128 held-out windows
 
   if a.variant == "smoke":
     c.model.update(d_model=64, n_layers=3, d_ff=192, max_seq_len=64)
