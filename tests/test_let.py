@@ -294,6 +294,18 @@ def test_steps_to_reach_and_speedup_by_hand():
   assert t["per_seed"]["0"]["let"]["steps_to_baseline_final"] == pytest.approx(25.0)
   assert t["per_seed"]["0"]["let"]["speedup"] == pytest.approx(40 / 25)
   assert t["mean"]["let"]["final_eval_ce"]["mean"] == pytest.approx(1.9)
+  assert t["per_seed"]["0"]["let"]["delta_final_eval_ce"] == pytest.approx(1.9 - 2.25)
+
+
+def test_mean_curves_over_seeds_by_hand():
+  from lmx.methods.let import compare
+
+  per_seed = {0: {"a": (np.array([10, 20, 30]), np.array([3.0, 2.0, 1.0]))},
+              1: {"a": (np.array([10, 20]), np.array([5.0, 4.0]))}}  # seed 1 stopped early: shared steps only
+  m = compare.mean_curves(per_seed, ("a",))["a"]
+  assert m["steps"] == [10, 20]
+  np.testing.assert_allclose(m["mean"], [4.0, 3.0])
+  np.testing.assert_allclose(m["std"], [1.0, 1.0])  # population std of {3, 5} and {2, 4}
 
 
 def test_arms_differ_only_where_they_should():

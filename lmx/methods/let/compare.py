@@ -88,11 +88,12 @@ def summarize(per_seed: dict, arms, total_steps: int) -> dict:
       entry = {"final_eval_ce": float(ce[-1])}
       if arm != "baseline":
         reach = steps_to_reach(steps, ce, base_final)
-        entry.update(steps_to_baseline_final=reach, speedup=(total_steps / reach) if reach else None)
+        entry.update(steps_to_baseline_final=reach, speedup=(total_steps / reach) if reach else None,
+                     delta_final_eval_ce=float(ce[-1]) - base_final)  # paired: same seed, init and data order
       row[arm] = entry
     table["per_seed"][str(seed)] = row
   for arm in arms:
-    for key in ("final_eval_ce", "speedup"):
+    for key in ("final_eval_ce", "speedup", "delta_final_eval_ce"):
       vals = [table["per_seed"][str(s)][arm].get(key) for s in per_seed]
       vals = [v for v in vals if v is not None]
       if vals:
@@ -131,11 +132,24 @@ def compare(config, workdir: str, seeds, arms=("baseline", "let")) -> dict:
          "steps": int(config.train.steps), "s_stop": let_run.s_stop(config), "table": table,
          "teacher_eval_ce": results[f"let-s{seeds[0]}"]["teacher"]["eval_ce"] if "let" in arms else None,
          "teacher_step_overhead": {k: r.get("teacher_step_overhead") for k, r in results.items()}}
+  out["curves"] = mean_curves(per_seed, arms)
+  series = {arm: (c["steps"], c["mean"]) for arm, c in out["curves"].items()}
+  bands = {arm: c["std"] for arm, c in out["curves"].items()} if len(seeds) > 1 else None
+  plots.curves(os.path.join(workdir, "compare_eval_ce.png"), series, bands=bands, ylabel="validation CE (nats)",
+               title=f"LET arms, mean ± std over {len(seeds)} seed(s) ({config.variant or 'default'})")
   with open(os.path.join(workdir, "compare.json"), "w") as f:
     json.dump(out, f, indent=1)
-  plots.curves(os.path.join(workdir, "compare_eval_ce.png"),
-               {f"{arm} s{seed}": tuple(map(list, per_seed[seed][arm])) for seed in seeds for arm in arms},
-               title=f"LET vs baseline: validation CE ({config.variant or 'default'})")
+  return out
+
+
+def mean_curves(per_seed: dict, arms) -> dict:
+  """Per arm: the validation-CE curve's mean and std over seeds at the evaluation steps all seeds share."""
+  out = {}
+  for arm in arms:
+    curves = [per_seed[s][arm] for s in per_seed]
+    common = sorted(set.intersection(*(set(int(x) for x in c[0]) for c in curves)))
+    vals = np.array([[dict(zip(map(int, c[0]), c[1]))[k] for k in common] for c in curves])
+    out[arm] = {"steps": common, "mean": vals.mean(0).tolist(), "std": vals.std(0).tolist()}
   return out
 
 
