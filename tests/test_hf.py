@@ -298,3 +298,15 @@ def test_live_against_transformers(tmp_path, variant):
   out = gen.generate(nnx.merge(lmx_model.graphdef, params), prompt_BP, lens_B, jax.random.key(0), temperature=0.0,
                      max_new_tokens=mr.GEN_NEW)
   np.testing.assert_array_equal(np.asarray(out["new_tokens"]), mr.reference_generate(model))
+
+
+def test_lm_validates_a_hugging_face_model_by_its_own_vocabulary():
+  """configs/lm.py with model.name='hf': the vocabulary check reads the checkpoint's config.json (300 here), so a
+  config without model.vocab_size validates."""
+  from lmx.core.config import load_config_file
+  lm_run = importlib.import_module("lmx.methods.lm.run")
+
+  c = load_config_file(os.path.join(os.path.dirname(DATA), "..", "..", "configs", "lm.py") + ":smoke")
+  c.model = ml_collections.ConfigDict(dict(name="hf", hf_path=QWEN2, dtype="float32"))
+  model = lm_run.validate(c)
+  assert model.cfg.vocab_size == 300

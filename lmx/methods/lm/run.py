@@ -48,8 +48,9 @@ def validate(config):
   model = build_model(config.model, axis_rules=config.axis_rules)
   require(config.data.seq_len <= model.cfg.max_seq_len, "data.seq_len",
           f"{config.data.seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
-  require(config.model.vocab_size >= text.VOCAB_SIZE, "model.vocab_size",
-          f"must be >= {text.VOCAB_SIZE} for the byte tokenizer")
+  # the built model's vocabulary: a Hugging Face model (model.name='hf') states it in its config.json, not here
+  require(model.cfg.vocab_size >= text.VOCAB_SIZE, "model.vocab_size",
+          f"must be >= {text.VOCAB_SIZE} for the byte tokenizer, got {model.cfg.vocab_size}")
   for f in ("steps", "log_every", "eval_every", "ckpt_every", "ckpt_keep", "eval_batches"):
     require(config.train[f] > 0, f"train.{f}", f"must be > 0, got {config.train[f]}")
   return model
