@@ -73,15 +73,20 @@ def markdown(results: dict) -> str:
   s = results["summary"]
   n = len(results["seeds"])
   rows = ["| strategy | max general CE rise | general CE recovered (seeds; mean step) | max general probe acc drop "
-          "| max general probe margin drop | final general CE | final domain CE | rel. update bottom/top (first → "
-          "final eval) |", "|---|---|---|---|---|---|---|---|"]
+          "| max general probe margin drop | margin recovered (seeds; mean step) | final general CE | final domain CE "
+          "| final domain probe margin | rel. update bottom/top (first → final eval) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+
+  def rec(ms):
+    return f"{ms['recovered']}" + (f"; {ms['mean']:.0f}" if ms["mean"] is not None else "")
+
   for st in results["strategies"]:
     r = s[st]
-    rec = r["general_ce_recover_step"]
-    rec_txt = f"{rec['recovered']}" + (f"; {rec['mean']:.0f}" if rec["mean"] is not None else "")
-    rows.append(f"| {st} | {_pm(r['general_ce_max_drop'])} | {rec_txt} | {_pm(r['probe_general_acc_max_drop'])} | "
-                f"{_pm(r['probe_general_margin_max_drop'], 4)} | {_pm(r['general_ce_final'])} | "
-                f"{_pm(r['domain_ce_final'])} | {_pm(r['relupd_ratio_first'], 2)} → {_pm(r['relupd_ratio_final'], 2)} |")
+    rows.append(f"| {st} | {_pm(r['general_ce_max_drop'])} | {rec(r['general_ce_recover_step'])} | "
+                f"{_pm(r['probe_general_acc_max_drop'])} | {_pm(r['probe_general_margin_max_drop'], 4)} | "
+                f"{rec(r['probe_general_margin_recover_step'])} | {_pm(r['general_ce_final'])} | "
+                f"{_pm(r['domain_ce_final'])} | {_pm(r['probe_domain_margin_final'], 4)} | "
+                f"{_pm(r['relupd_ratio_first'], 2)} → {_pm(r['relupd_ratio_final'], 2)} |")
   out = "\n".join(rows) + f"\n\n(mean ± std over {n} seed(s); CE in nats per byte)\n"
   for st, red in results.get("drop_reduction_vs_full", {}).items():
     g = red["general_ce"]

@@ -425,10 +425,12 @@ def run_strategy(config, name: str, seed: int, rdir: str, *, model, base_params,
 
 
 def plot_curves(workdir: str, config) -> list[str]:
-  """One PNG per metric: each strategy's mean over seeds with a ± std band."""
-  paths = []
-  metrics = list(CURVES) + ["relupd_ratio"]
-  for m in metrics:
+  """One PNG per metric, and all of them as panels of ``plots/curves.png``: each strategy's mean over seeds with
+  a ± std band."""
+  import matplotlib.pyplot as plt  # lmx.core.plots has selected the Agg backend
+
+  paths, panels = [], {}
+  for m in list(CURVES) + ["relupd_ratio"]:
     series, bands = {}, {}
     for name in config.strategies.names:
       runs = [eval_curves(os.path.join(workdir, f"{name}-s{seed}")).get(m) for seed in config.seeds]
@@ -440,6 +442,26 @@ def plot_curves(workdir: str, config) -> list[str]:
       series[name] = (steps, vals.mean(0))
       bands[name] = vals.std(0)
     if series:
+      n_seeds = len(list(config.seeds))
       paths.append(plots.curves(plot_path(workdir, m), series, bands=bands, ylabel=m,
-                                title=f"{m} during continual pretraining ({len(list(config.seeds))} seed(s))"))
+                                title=f"{m} during continual pretraining ({n_seeds} seed(s))"))
+      panels[m] = (series, bands)
+  if panels:
+    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(4.2 * ((len(panels) + 1) // 2), 7), squeeze=False)
+    for ax, (m, (series, bands)) in zip(axes.ravel(), panels.items()):
+      for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name)
+        ax.fill_between(xs, ys - bands[name], ys + bands[name], alpha=0.2)
+      ax.set(title=m, xlabel="step")
+      ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+      ax.axis("off")
+    axes.ravel()[0].legend()
+    fig.suptitle(f"continual pretraining from the base, mean ± std over {len(list(config.seeds))} seed(s)")
+    path = plot_path(workdir, "curves")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
   return paths
