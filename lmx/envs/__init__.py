@@ -1,0 +1,2 @@
+"""Small jittable environments: pure ``reset(key)``/``step(key, state, action)`` functions with static shapes, so
+rollouts are ``lax.scan`` and batches of environments are ``vmap`` (PureJaxRL/gymnax style)."""
