@@ -12,6 +12,7 @@ import pytest
 from lmx.envs import cartpole
 from lmx.rl import advantages as adv_lib
 from lmx.rl import losses
+from lmx.rl import ppo
 
 # ----------------------------------------------------------------------------------------------- GAE
 
@@ -286,3 +287,76 @@ def test_aggregation_modes_on_a_ragged_batch():
   assert float(losses.agg_loss(L, m, "seq-mean-token-sum-norm", norm=7.0)) == pytest.approx(21 / 7)
   with pytest.raises(ValueError, match="aggregation mode"):
     losses.agg_loss(L, m, "token-sum")
+
+# ------------------------------------------------------------------------------------------- CartPole
+
+
+def _cartpole_reference(x, x_dot, th, th_dot, action):
+  """The classic cart-pole equations (Barto, Sutton & Anderson 1983, as in gym's cartpole.py), Euler, τ = 0.02."""
+  g, mc, mp, l, f_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+  f = f_mag if action == 1 else -f_mag
+  temp = (f + mp * l * th_dot ** 2 * math.sin(th)) / (mc + mp)
+  th_acc = (g * math.sin(th) - math.cos(th) * temp) / (l * (4 / 3 - mp * math.cos(th) ** 2 / (mc + mp)))
+  x_acc = temp - mp * l * th_acc * math.cos(th) / (mc + mp)
+  return x + tau * x_dot, x_dot + tau * x_acc, th + tau * th_dot, th_dot + tau * th_acc
+
+
+def test_cartpole_first_push_hand_computed():
+  state = cartpole.State(*(jnp.float32(0.0),) * 4, jnp.int32(0), jnp.float32(0.0))
+  obs, _, reward, done, info = cartpole.step(jax.random.key(0), state, 1)
+  # F = 10: temp = 10/1.1, θ̈ = −temp/(0.5·(4/3 − 0.1/1.1)), ẍ = temp − 0.05·θ̈/1.1
+  temp = 10 / 1.1
+  th_acc = -temp / (0.5 * (4 / 3 - 0.1 / 1.1))
+  np.testing.assert_allclose(obs, [0.0, 0.02 * (temp - 0.05 * th_acc / 1.1), 0.0, 0.02 * th_acc], rtol=1e-5)
+  assert float(reward) == 1.0 and not bool(done) and not bool(info["truncated"])
+
+
+def test_cartpole_matches_classic_equations_and_terminates():
+  step = jax.jit(cartpole.step)
+  obs, state = cartpole.reset(jax.random.key(3))
+  assert np.all(np.abs(np.asarray(obs)) <= 0.05)
+  ref = [float(v) for v in obs]
+  actions = [1, 1, 0, 1, 0, 0, 0, 1] + [1] * 60
+  for t, a in enumerate(actions):
+    ref = _cartpole_reference(*ref, a)
+    obs, state, reward, done, info = step(jax.random.key(100 + t), state, a)
+    np.testing.assert_allclose(info["final_obs"], ref, rtol=1e-4, atol=1e-5)
+    term = abs(ref[0]) > 2.4 or abs(ref[2]) > 12 * 2 * math.pi / 360
+    assert bool(info["terminated"]) == term and bool(done) == term and not bool(info["truncated"])
+    if term:
+      break
+  assert term, "pushing right for 60 steps must drop the pole"
+  # auto-reset: a fresh episode's observation, and the ended episode's return/length reported
+  assert int(state.time) == 0 and np.all(np.abs(np.asarray(obs)) <= 0.05)
+  assert int(info["episode_length"]) == t + 1 and float(info["episode_return"]) == t + 1
+
+
+def test_cartpole_truncates_at_500_steps_separately_from_termination():
+  state = cartpole.State(*(jnp.float32(0.0),) * 4, jnp.int32(499), jnp.float32(499.0))
+  obs, new_state, _, done, info = cartpole.step(jax.random.key(0), state, 1)
+  assert bool(done) and bool(info["truncated"]) and not bool(info["terminated"])
+  assert float(info["episode_return"]) == 500 and int(new_state.time) == 0
+  assert float(info["final_obs"][1]) > 0  # the reached state, not the reset one
+  state = state._replace(time=jnp.int32(498))
+  assert not bool(cartpole.step(jax.random.key(0), state, 1)[3])
+
+# ------------------------------------------------------------------------------------------------ PPO
+
+
+def test_ppo_config_validation():
+  with pytest.raises(ValueError, match="unknown PPO config field"):
+    ppo.make_train({"learning_rate": 1e-3})
+  with pytest.raises(ValueError, match="divisible by num_minibatches"):
+    ppo.make_train({"num_envs": 3, "num_steps": 5})
+  cfg = ppo.resolve_config({"total_timesteps": 5120})
+  assert cfg["num_updates"] == 10 and cfg["minibatch_size"] == 128
+
+
+@pytest.mark.slow
+def test_ppo_a_few_updates_improve_cartpole_return():
+  # 64 updates of PureJaxRL's default config (4 envs × 128 steps, 32k env steps). A random policy lasts ~22 steps.
+  out = jax.jit(ppo.make_train({"total_timesteps": 32_768, "eval_envs": 16}))(jax.random.key(0))
+  ret = np.asarray(out["metrics"]["episode_return"])
+  assert np.all(np.isfinite(np.asarray(out["metrics"]["loss"])))
+  assert ret[:2].mean() < 40 and ret[-4:].mean() > 2 * ret[:2].mean()
+  assert float(np.mean(out["eval_return"])) > 60
