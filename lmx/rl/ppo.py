@@ -17,6 +17,7 @@ PureJaxRL). Defaults are PureJaxRL's CartPole settings.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -58,8 +59,11 @@ def _dense(key, n_in, n_out, scale):
           "b": jnp.zeros((n_out,), jnp.float32)}
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def init_params(key, obs_dim: int, num_actions: int, hidden: int = 64) -> dict:
-  """Actor and critic MLPs (two tanh layers each), orthogonal init: √2 hidden, 0.01 policy head, 1 value head."""
+  """Actor and critic MLPs (two tanh layers each), orthogonal init: √2 hidden, 0.01 policy head, 1 value head.
+
+  Jitted (eager orthogonal init compiles op by op: ~10 s on a loaded CPU core against ~1 s as one program)."""
   k = jax.random.split(key, 6)
   s2 = float(np.sqrt(2))
   return {"actor": [_dense(k[0], obs_dim, hidden, s2), _dense(k[1], hidden, hidden, s2),
@@ -99,6 +103,24 @@ def evaluate(params, key, num_envs: int = 32, greedy: bool = False, env=cartpole
   return ret
 
 
+def loss(params, batch, cfg):
+  """The PPO loss of one minibatch (``obs``, ``action``, ``logp``, ``value``, ``advantage``, ``return``):
+  clipped surrogate + ``vf_coef``·clipped value loss − ``ent_coef``·entropy, token-mean over the minibatch;
+  advantages normalised per minibatch when ``normalize_advantages``. Returns ``(loss, metrics)``."""
+  logits, value = apply(params, batch["obs"])
+  logp_all = jax.nn.log_softmax(logits)
+  logp = jnp.take_along_axis(logp_all, batch["action"][:, None], -1)[:, 0]
+  adv = batch["advantage"]
+  if cfg["normalize_advantages"]:
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+  pg, pg_m = losses.ppo_policy_loss(logp, batch["logp"], adv, clip_low=cfg["clip_eps"], dual_clip=cfg["dual_clip"])
+  vf, _ = losses.value_loss(value, batch["value"], batch["return"], clip=cfg["vf_clip"])
+  entropy = losses.entropy_from_logits(logits).mean()
+  total = pg + cfg["vf_coef"] * vf - cfg["ent_coef"] * entropy
+  return total, {"loss": total, "pg_loss": pg, "vf_loss": vf, "entropy": entropy,
+                 "approx_kl": pg_m["ppo_kl"], "clipfrac": pg_m["clipfrac_high"] + pg_m["clipfrac_low"]}
+
+
 def make_train(config: Mapping[str, Any] | None = None, env=cartpole):
   """A pure ``train(key) -> dict`` running PPO on ``env`` (a module with ``reset``/``step``/``OBS_DIM``/
   ``NUM_ACTIONS``/``MAX_STEPS``), for ``jax.jit`` and ``jax.vmap`` over keys.
@@ -119,20 +141,7 @@ def make_train(config: Mapping[str, Any] | None = None, env=cartpole):
   tx = optax.chain(optax.clip_by_global_norm(cfg["max_grad_norm"]),
                    optax.adam(schedule if cfg["anneal_lr"] else cfg["lr"], eps=1e-5))
 
-  def loss_fn(params, batch):
-    logits, value = apply(params, batch["obs"])
-    logp_all = jax.nn.log_softmax(logits)
-    logp = jnp.take_along_axis(logp_all, batch["action"][:, None], -1)[:, 0]
-    adv = batch["advantage"]
-    if cfg["normalize_advantages"]:
-      adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    pg, pg_m = losses.ppo_policy_loss(logp, batch["logp"], adv, clip_low=cfg["clip_eps"],
-                                      dual_clip=cfg["dual_clip"])
-    vf, _ = losses.value_loss(value, batch["value"], batch["return"], clip=cfg["vf_clip"])
-    entropy = losses.entropy_from_logits(logits).mean()
-    total = pg + cfg["vf_coef"] * vf - cfg["ent_coef"] * entropy
-    return total, {"loss": total, "pg_loss": pg, "vf_loss": vf, "entropy": entropy,
-                   "approx_kl": pg_m["ppo_kl"], "clipfrac": pg_m["clipfrac_high"] + pg_m["clipfrac_low"]}
+  loss_fn = functools.partial(loss, cfg=cfg)
 
   def train(key):
     k_init, k_reset, k_loop, k_eval = jax.random.split(key, 4)
