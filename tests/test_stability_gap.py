@@ -309,8 +309,7 @@ def test_corpora_are_present_and_recorded():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-@pytest.mark.slow
-def test_smoke_through_launch(tmp_path):
+def test_smoke_through_launch(tmp_path):  # the CI's run of the smoke config (~50 s on one core)
   w = str(tmp_path / "sg")
   env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
