@@ -369,3 +369,21 @@ def test_ppo_loss_gradient_matches_hand_written_numpy_backprop():
   r = ppo_cartpole.grad_check({})
   assert r["loss_abs_diff"] < 1e-5 and r["grad_max_abs_diff"] < 1e-5 * max(1.0, r["grad_max_abs"] * 100)
   assert r["grad_max_abs"] > 1e-3  # a real gradient, not zeros on both sides
+
+
+def test_numpy_baseline_cartpole_is_the_same_environment():
+  # The benchmark's NumPy CartPole (its PPO baseline's environment) steps like lmx.envs.cartpole.
+  from benchmarks import ppo_cartpole
+  g = np.random.default_rng(1)
+  env = ppo_cartpole.NumpyCartPole(64, g)
+  env.s = g.uniform([-2.5, -1.0, -0.25, -1.0], [2.5, 1.0, 0.25, 1.0], (64, 4))  # some beyond the limits
+  env.t = g.integers(490, 500, 64)
+  s0, t0, a = env.s.copy(), env.t.copy(), g.integers(0, 2, 64)
+  _, _, term, trunc, final, _ = env.step(a)
+  state = cartpole.State(*(jnp.asarray(s0[:, i], jnp.float32) for i in range(4)), jnp.asarray(t0, jnp.int32),
+                         jnp.zeros(64))
+  _, _, _, _, info = jax.jit(jax.vmap(cartpole.step))(jax.random.split(jax.random.key(0), 64), state, jnp.asarray(a))
+  np.testing.assert_allclose(final, info["final_obs"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(term, info["terminated"])
+  np.testing.assert_array_equal(trunc, info["truncated"])
+  assert trunc.any() and term.any()
