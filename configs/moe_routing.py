@@ -1,0 +1,85 @@
+r"""MoE routing phases ("Three Phases of Expert Routing", Mouzouni 2026): γ_eff, load balance and their evolution
+over checkpoints, for lmx's MoE trained here or for any MoE's exported routing records.
+
+  python launch/run.py --config=configs/moe_routing.py --workdir=/tmp/moe/default
+  python launch/run.py --config=configs/moe_routing.py:smoke --workdir=/tmp/moe/smoke
+  python launch/run.py --config=configs/moe_routing.py:analyze --config.routing_dir=D --workdir=/tmp/moe/an
+  python tools/export_hf_routing.py --model=allenai/OLMoE-1B-7B-0924 --revision=... --out=D/olmoe  # then analyze
+
+Variants: default (CPU: three 600-step MoE LMs, one per load-balancing weight, ~10 min on one core), ``smoke``
+(CI: tiny, two arms, seconds of training), ``analyze`` (no training: analyse the routing ``.npz`` files under
+``routing_dir``; see lmx/methods/moe_routing/records.py for the format), ``olmoe`` (the OLMoE-1B-7B MoE shape
+with its 0.01 load-balancing weight, for an accelerator; its train step lowers for cuda in the slow test).
+
+Stages (default/smoke): for each ``sweep.lb_loss_coef`` w, an MoE LM (configs/lm.py's ``moe`` model, smaller)
+trained from scratch on the embedded corpus in ``<workdir>/lb<w>`` with a params-only snapshot at every step of
+``routing.ckpt_steps`` (dense early, sparse later); then per snapshot (restored params-only) the routing records
+of ``routing.n_batches`` fixed held-out batches, written to ``<workdir>/routing/lb<w>/step_S/layer_L.npz``; then
+the analysis of ``<workdir>/routing`` (exactly what ``analyze`` does on a directory).
+"""
+import os
+
+import ml_collections
+
+from lmx.core.config import load_config_file, parse_arg
+
+VARIANTS = ("", "smoke", "analyze", "olmoe")
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
+  # The arms are trained as configs/lm.py trains its MoE (mesh, rules, model, data, optimiser, loop blocks).
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py:moe"))
+  c.method = "moe_routing"
+  c.variant = a.variant
+  c.seed = a.seed
+  # analyze: a directory of routing files (step_<S>/layer_<L>.npz, or sub-folders of runs holding them)
+  c.routing_dir = ""
+
+  # CPU-sized MoE: 2 layers of 8 experts, top-2, dropless; aux losses summed over layers (Switch style); the
+  # load-balancing weight is set per arm by the sweep.
+  c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, moe_d_ff=128, max_seq_len=64,
+                 moe_stats_per_expert=False)
+  # 10 % of the documents held out: the routing batches (50 x 8 windows) come from there
+  c.data.update(seq_len=64, global_batch=16, eval_fraction=0.1)
+  c.train.update(steps=600, log_every=50, eval_every=200, eval_batches=4, ckpt_every=200, ckpt_keep=1,
+                 async_checkpointing=False)
+
+  c.sweep = ml_collections.ConfigDict(dict(lb_loss_coef=(0.0, 0.01, 0.1)))
+  c.routing = ml_collections.ConfigDict(dict(
+      # params-only snapshots: every 10 steps early (the surge region), then sparser
+      ckpt_steps=(10, 20, 30, 40, 60, 80, 100, 130, 160, 200, 250, 300, 400, 500, 600),
+      n_batches=50,  # fixed held-out text batches (the paper bootstraps over 50)
+      batch_windows=8))  # windows of data.seq_len tokens per batch
+  c.analysis = ml_collections.ConfigDict(dict(
+      n_types=4,  # token types (k-means clusters) of the multi-type extension
+      sigma=1.0,  # logit-response temperature of the game (1: logit units) [reconstructed]
+      phi="linear",  # congestion φ(ρ) for γ_eff: 'linear' (default) or 'log' (γ is then τ − σ exactly)
+      # the L1 fit's search interval: γ >= 0 (congestion; below 0 the damped fixed point is unstable once
+      # |γ|·max ρ > σ); a fit at a bound is flagged (at 0: the routing is sharper than softmax(q/σ))
+      gamma_lo=0.0, gamma_hi=200.0,
+      iters=400,  # damped fixed-point iterations of the equilibrium
+      n_boot=1000))  # bootstrap resamples over batches
+
+  if a.variant == "smoke":
+    c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, n_experts=4, moe_d_ff=32)
+    c.data.update(seq_len=32, global_batch=8)
+    c.optim.update(warmup_steps=5)
+    c.train.update(steps=30, log_every=10, eval_every=30, eval_batches=1, ckpt_every=30)
+    c.sweep.lb_loss_coef = (0.0, 0.1)
+    c.routing.update(ckpt_steps=(10, 20, 30), n_batches=4, batch_windows=4)
+    c.analysis.update(n_boot=200, iters=200)
+  elif a.variant == "olmoe":
+    # OLMoE-1B-7B's MoE (configs/lm.py:moe_1b7b): 16 layers of 64 experts, top-8, weight 0.01; for an
+    # accelerator (the checkpoint schedule dense in the surge region, as the paper's 20 checkpoints).
+    big = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py:moe_1b7b"))
+    for f in ("mesh", "model", "data", "optim"):
+      c[f] = big[f]
+    c.train.update(steps=50_000, log_every=50, eval_every=2000, ckpt_every=1000, ckpt_keep=2,
+                   async_checkpointing=True)
+    c.sweep.lb_loss_coef = (0.01,)
+    c.routing.update(ckpt_steps=(500, 1000, 2000, 3000, 4000, 6000, 8000, 10_000, 15_000, 20_000, 25_000, 30_000,
+                                 35_000, 40_000, 45_000, 50_000), n_batches=50, batch_windows=8)
+  elif a.variant == "analyze":
+    c.analysis.update(n_boot=1000)
+  return c

@@ -1,0 +1,302 @@
+"""moe_routing driver: train the aux-weight arms (MoE LMs with a checkpoint schedule), collect their routing, analyse.
+
+Stages (``configs/moe_routing.py``): (1) per ``sweep.lb_loss_coef`` w, an ``lm``-style MoE run in
+``<workdir>/lb<w>`` (lmx.methods.lm's step, held-out eval and data, the one loop) with a hook that saves a
+params-only snapshot at each step of ``routing.ckpt_steps`` into ``<workdir>/lb<w>/snapshots`` (loop.train has a
+fixed ``ckpt_every`` only, so the schedule is a hook; the loop's own checkpoints, for resuming, stay sparse);
+(2) every snapshot restored params-only (``load_run``) and run over the same fixed held-out batches; the records
+written to ``<workdir>/routing/lb<w>/step_S/layer_L.npz`` (records.py's format); (3) the analysis of
+``<workdir>/routing``, which is what the ``analyze`` variant does for any ``routing_dir``: per checkpoint and
+layer γ_eff (bootstrap CI), balance, held-out L1 of MFG vs softmax, the multi-type gain; per layer the phase
+annotation; results.json and plots. Each stage skips what a previous (interrupted) run already wrote.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from lmx.core import checkpoint as ckpt_lib
+from lmx.core import data as data_lib
+from lmx.core import loop, mesh as mesh_lib
+from lmx.core.config import ConfigError, check_keys, require
+from lmx.core.metrics import Writer
+from lmx.core.results import summary_line, write_results
+from lmx.datasets import text
+from lmx.methods.moe_routing import analysis, estimators as est, records, report
+from lmx.models.registry import load_run
+from lmx.models.transformer import num_params
+
+CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "optim", "train", "sweep",
+                 "routing", "analysis", "routing_dir")
+ROUTING_FIELDS = ("ckpt_steps", "n_batches", "batch_windows")
+ANALYSIS_FIELDS = ("n_types", "sigma", "phi", "gamma_lo", "gamma_hi", "iters", "n_boot")
+STEPS_FIELD = None  # the checkpoint schedule and the lr schedule are tied to train.steps: no continuing
+SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.plot", "mesh.*",
+                  "axis_rules", "model.attention_impl", "model.remat", "model.moe_impl")
+# The abstract's held-out L1 load-prediction errors (MFG, softmax), quoted next to the measured ones.
+# lmx.methods.lm re-exports run(), which shadows the module's name as a package attribute
+lm_run = importlib.import_module("lmx.methods.lm.run")
+
+PAPER_HELDOUT_L1 = {"mfg": 0.199, "softmax": 0.200}
+
+
+def validate(config):
+  """Checks every field before anything is built (for training variants also the model)."""
+  check_keys(config, "config", CONFIG_FIELDS)
+  check_keys(config.routing, "routing", ROUTING_FIELDS)
+  check_keys(config.analysis, "analysis", ANALYSIS_FIELDS)
+  a = config.analysis
+  require(a.phi in est.PHIS, "analysis.phi", f"must be one of {list(est.PHIS)}, got {a.phi!r}")
+  require(a.sigma > 0, "analysis.sigma", f"must be > 0, got {a.sigma}")
+  require(a.gamma_lo < a.gamma_hi, "analysis.gamma_lo", f"must be < analysis.gamma_hi={a.gamma_hi}")
+  require(a.n_types >= 1, "analysis.n_types", f"must be >= 1, got {a.n_types}")
+  for f in ("iters", "n_boot"):
+    require(a[f] > 0, f"analysis.{f}", f"must be > 0, got {a[f]}")
+  if config.variant == "analyze" or config.routing_dir:
+    require(bool(config.routing_dir), "routing_dir", "the analyze variant needs --config.routing_dir=D, a "
+            "directory of step_<S>/layer_<L>.npz routing files (or of runs holding them)")
+    if not os.path.isdir(config.routing_dir):
+      raise FileNotFoundError(f"routing_dir={config.routing_dir!r} is not a directory")
+    return None
+  r = config.routing
+  steps = tuple(int(s) for s in r.ckpt_steps)
+  require(len(steps) >= 2 and all(b > a_ for a_, b in zip(steps, steps[1:])), "routing.ckpt_steps",
+          f"must be >= 2 strictly increasing steps, got {steps}")
+  require(steps[0] > 0 and steps[-1] <= config.train.steps, "routing.ckpt_steps",
+          f"must lie in [1, train.steps={config.train.steps}], got {steps}")
+  require(r.n_batches >= 2 and r.batch_windows >= 1, "routing.n_batches",
+          f"need >= 2 batches (fit and held-out halves) of >= 1 window, got {r.n_batches} x {r.batch_windows}")
+  coefs = tuple(config.sweep.lb_loss_coef)
+  require(len(coefs) >= 1 and all(w >= 0 for w in coefs) and len(set(coefs)) == len(coefs),
+          "sweep.lb_loss_coef", f"must be distinct weights >= 0, got {coefs}")
+  model = lm_run.validate(arm_config(config, coefs[0]))
+  require(model.cfg.moe_layers, "model.moe_every", "the model has no MoE layer: nothing routes")
+  return model
+
+
+def arm_name(w: float) -> str:
+  return f"lb{w:g}"
+
+
+def arm_config(config, w: float):
+  """The ``lm`` run config of one arm: the model with ``lb_loss_coef = w``, this config's data/optim/train."""
+  c = ml_collections.ConfigDict()
+  c.method, c.variant, c.seed = "lm", f"moe_routing_{arm_name(w)}", int(config.seed)
+  c.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
+  c.axis_rules = config.axis_rules
+  c.model = ml_collections.ConfigDict(dict(config.model.to_dict(), lb_loss_coef=float(w)))
+  c.data = ml_collections.ConfigDict(config.data.to_dict())
+  c.optim = ml_collections.ConfigDict(config.optim.to_dict())
+  c.train = ml_collections.ConfigDict(config.train.to_dict())
+  return c
+
+
+# ------------------------------------------------------------------------------------------ (1) training
+
+
+def snapshot_hook(arm_cfg, snap_dir: str, steps):
+  """``hook(step, state, writer)`` for ``loop.every(1, ...)``: a params-only checkpoint (with the arm's config,
+  so ``load_run(snap_dir, step)`` rebuilds the model) at each step of ``steps``; steps already saved (a resumed
+  run) are skipped."""
+  wanted = set(int(s) for s in steps)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(snap_dir, "checkpoints"), keep=len(wanted) + 1, async_save=False)
+  saved = set(ckpt.all_steps())
+
+  def hook(step, state, writer):
+    del writer
+    if step in wanted and step not in saved:
+      ckpt.save(step, {"params": state["params"]}, config=arm_cfg, force=True)
+      saved.add(step)
+    return None
+
+  hook.close = ckpt.close
+  return hook
+
+
+def train_arm(arm_cfg, arm_dir: str, ckpt_steps) -> dict:
+  """Trains one arm as ``lm.run`` does (its step, data and held-out eval), plus the snapshot hook; writes
+  ``<arm_dir>/results.json`` and returns it."""
+  model = lm_run.validate(arm_cfg)
+  mesh = mesh_lib.make_mesh(arm_cfg.mesh)
+  rules, d, t = arm_cfg.axis_rules, arm_cfg.data, arm_cfg.train
+  divisor = mesh_lib.batch_size_divisor(mesh, rules)
+  require(d.global_batch % divisor == 0, "data.global_batch",
+          f"{d.global_batch} must be divisible by the batch mesh axes' size {divisor}")
+  train_src, eval_src, split_info = text.train_eval_windows(d.corpus, d.seq_len, d.eval_fraction, split=d.split,
+                                                            seed=d.split_seed)
+  ds = data_lib.make_dataset(train_src, global_batch=d.global_batch, seed=d.shuffle_seed)
+  bsh = mesh_lib.batch_sharding(mesh, rules)
+  batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=d.worker_count), bsh)
+  step_fn, init_fn, shardings = lm_run.make_step(arm_cfg, model, mesh)
+  evaluate = lm_run.heldout_eval(model, eval_src, n_windows=t.eval_batches * d.global_batch, divisor=divisor,
+                                 batch_sharding=bsh)
+  os.makedirs(arm_dir, exist_ok=True)
+  snap = snapshot_hook(arm_cfg, os.path.join(arm_dir, "snapshots"), ckpt_steps)
+  writer = Writer(arm_dir, total_steps=t.steps, console_exclude=r"/(load|mean_prob)/e\d+$|/layer\d+/")
+  try:
+    res = loop.train(step_fn=step_fn, init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=arm_dir,
+                     total_steps=t.steps, seed=arm_cfg.seed, data=batches, config=arm_cfg, writer=writer,
+                     hooks=[loop.every(t.eval_every, evaluate, name="eval"),
+                            loop.every(1, snap, name="snapshot", at_end=False)],
+                     log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
+                     async_checkpointing=t.async_checkpointing, desc=f"moe_routing {os.path.basename(arm_dir)}",
+                     items_per_step=d.global_batch * d.seq_len)
+  finally:
+    writer.close()
+    snap.close()
+  out = {"lb_loss_coef": float(arm_cfg.model.lb_loss_coef), "params": num_params(model.abstract_params()),
+         "steps": t.steps, "final_train": res.last_metrics, "final_eval": res.hook_metrics.get("eval", {}),
+         "steps_per_sec": res.steps_per_sec, "compile_seconds": res.compile_seconds, "data_split": split_info}
+  write_results(arm_dir, out)
+  return out
+
+
+# ------------------------------------------------------------------------------------------ (2) routing records
+
+
+def collect_arm(config, arm_dir: str, out_dir: str, batches_BWT: np.ndarray, forward=None):
+  """Writes the routing records of every snapshot of ``arm_dir`` (restored params-only) to ``out_dir``; returns
+  ``(files written, the jitted routing forward)`` (snapshots whose files all exist are skipped). ``forward``: a
+  routing forward jitted for another arm of the same architecture (the arms differ in the aux weight only, which
+  the forward does not read), so that it compiles once per run."""
+  snap_dir = os.path.join(arm_dir, "snapshots")
+  with ckpt_lib.Checkpointer(os.path.join(snap_dir, "checkpoints"), async_save=False) as ckpt:
+    steps = ckpt.all_steps()
+  missing = sorted(set(int(s) for s in config.routing.ckpt_steps) - set(steps))
+  if missing:
+    raise FileNotFoundError(f"{snap_dir}: no snapshot at step(s) {missing}; delete {arm_dir} to retrain the arm")
+  written, fwd, model, target = 0, forward, None, None
+  with ckpt_lib.Checkpointer(os.path.join(snap_dir, "checkpoints"), async_save=False) as ckpt:
+    for step in steps:
+      if model is None:  # the first snapshot: the model from its saved config, the restore target from it
+        _, model, params = load_run(snap_dir, step)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+      if all(os.path.exists(records.record_path(out_dir, step, i)) for i in model.cfg.moe_layers):
+        continue
+      params = ckpt.restore_subset({"params": target}, step=step)[1]["params"]  # params only
+      fwd = fwd or jax.jit(records.routing_forward(model))  # one compile for all snapshots (same shapes)
+      for layer, rec in records.collect_params(model, params, batches_BWT, step, forward=fwd).items():
+        records.write_record(records.record_path(out_dir, step, layer), rec)
+        written += 1
+  return written, fwd
+
+
+def routing_batches(config) -> np.ndarray:
+  d = config.data
+  _, eval_src, _ = text.train_eval_windows(d.corpus, d.seq_len, d.eval_fraction, split=d.split, seed=d.split_seed)
+  return records.eval_batches(eval_src, int(config.routing.n_batches), int(config.routing.batch_windows))
+
+
+# ------------------------------------------------------------------------------------------ (3) analysis
+
+
+def analyse_dir(config, routing_dir: str) -> dict:
+  """Every run under ``routing_dir`` (records.find_runs) analysed (analysis.analyse_run)."""
+  a = config.analysis
+  kw = dict(n_types=int(a.n_types), sigma=float(a.sigma), phi=a.phi, gamma_lo=float(a.gamma_lo),
+            gamma_hi=float(a.gamma_hi), iters=int(a.iters), n_boot=int(a.n_boot), seed=int(config.seed))
+  runs = records.find_runs(routing_dir)
+  out = {}
+  for name, paths in runs.items():
+    n = sum(len(v) for v in paths.values())
+    print(f"moe_routing: analysing {name}: {len(paths)} checkpoints, {n} layer files", flush=True)
+    out[name] = analysis.analyse_run(paths, records.read_record, **kw)
+  return out
+
+
+def summarize(runs: dict, coefs: dict | None = None) -> dict:
+  """Run-level numbers: held-out L1 (MFG, softmax; mean over checkpoints and layers) next to the paper's, the
+  multi-type gain, the phases per layer, and — with ``coefs`` {run: aux weight} — γ_eff against the aux weight."""
+  rows = [r for run in runs.values() for r in run["checkpoints"]]
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else None  # noqa: E731
+  out = {
+      "heldout_l1": {"mfg": mean([r["heldout_l1"]["mfg"] for r in rows]),
+                     "softmax": mean([r["heldout_l1"]["softmax"] for r in rows]),
+                     "uniform": mean([r["heldout_l1"]["uniform"] for r in rows]),
+                     "multitype": mean([r["heldout_l1"]["multitype"] for r in rows]),
+                     "paper": PAPER_HELDOUT_L1},
+      "multitype_gain_mean": mean([r["multitype_gain"] for r in rows if r["multitype_gain"] is not None]),
+      "multitype_gain_positive_frac": mean([float(r["multitype_gain"] > 0) for r in rows
+                                            if r["multitype_gain"] is not None]),
+      "phases": {name: {layer: v["phases"]["shows"] for layer, v in run["layers"].items()}
+                 for name, run in runs.items()},
+      "per_run": {},
+  }
+  for name, run in runs.items():
+    rs = run["checkpoints"]
+    last = max(r["step"] for r in rs)
+    out["per_run"][name] = {
+        "gamma_eff_mean_over_checkpoints": mean([r["gamma_eff"]["mean"] for r in rs]),
+        "gamma_eff_final": mean([r["gamma_eff"]["mean"] for r in rs if r["step"] == last]),
+        "gamma_eff_final_by_layer": {str(r["layer"]): [r["gamma_eff"]["lo"], r["gamma_eff"]["mean"],
+                                                       r["gamma_eff"]["hi"]] for r in rs if r["step"] == last},
+        "b0_final": mean([r["balance"]["b0"] for r in rs if r["step"] == last]),
+        "heldout_l1_mfg": mean([r["heldout_l1"]["mfg"] for r in rs]),
+        "heldout_l1_softmax": mean([r["heldout_l1"]["softmax"] for r in rs])}
+  if coefs:
+    order = sorted(coefs, key=coefs.get)
+    fin = [out["per_run"][n]["gamma_eff_final"] for n in order]
+    avg = [out["per_run"][n]["gamma_eff_mean_over_checkpoints"] for n in order]
+    out["gamma_vs_aux"] = {
+        "order": order, "lb_loss_coef": [coefs[n] for n in order], "gamma_eff_final": fin,
+        "gamma_eff_mean_over_checkpoints": avg,
+        "rises_final": bool(all(b > a for a, b in zip(fin, fin[1:]))),
+        "rises_mean": bool(all(b > a for a, b in zip(avg, avg[1:])))}
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  coefs, arms = None, {}
+  if config.routing_dir:
+    routing_dir = config.routing_dir
+  else:
+    routing_dir = os.path.join(workdir, "routing")
+    batches_BWT = routing_batches(config)  # the same held-out batches for every arm and checkpoint
+    coefs, fwd = {}, None
+    for w in config.sweep.lb_loss_coef:
+      name = arm_name(w)
+      arm_dir = os.path.join(workdir, name)
+      cfg = arm_config(config, w)
+      if os.path.exists(os.path.join(arm_dir, "results.json")):
+        arms[name] = json.load(open(os.path.join(arm_dir, "results.json")))
+      else:
+        print(f"moe_routing: training arm {name} (lb_loss_coef={w}) in {arm_dir}", flush=True)
+        arms[name] = train_arm(cfg, arm_dir, config.routing.ckpt_steps)
+      n, fwd = collect_arm(config, arm_dir, os.path.join(routing_dir, name), batches_BWT, fwd)
+      print(f"moe_routing: {name}: {n} routing files written to {os.path.join(routing_dir, name)}", flush=True)
+      coefs[name] = float(w)
+  runs = analyse_dir(config, routing_dir)
+  if coefs is not None:
+    m = config.model
+    for name, w in coefs.items():
+      runs[name]["lb_loss_coef"] = w
+      # γ_explicit of the Switch loss [reconstructed]; summed over layers each layer's router sees α
+      runs[name]["gamma_explicit"] = est.gamma_explicit(w, int(m.n_experts), int(m.top_k), m.lb_loss_norm)
+      runs[name]["train"] = arms[name]
+  summary = summarize(runs, coefs)
+  results = {"method": "moe_routing", "variant": config.variant, "routing_dir": routing_dir,
+             "phase_rule": est.annotate_phases.__doc__.split("\n\n")[1].strip(),
+             "labels": "see lmx/methods/moe_routing/estimators.py: B_0, K/M, eps_l, the game, the fits and the "
+                       "quality estimators are [reconstructed] definitions, not the paper's",
+             "summary": summary, "runs": runs}
+  if not os.path.isdir(routing_dir):
+    raise ConfigError(f"routing_dir={routing_dir!r} vanished during the run")
+  path = write_results(workdir, results)
+  if jax.process_index() == 0 and config.train.plot:
+    report.plots(workdir, runs, coefs)
+  h = summary["heldout_l1"]
+  parts = {"held-out L1 MFG": h["mfg"], "softmax": h["softmax"], "(paper 0.199 vs 0.200) multi-type gain":
+           summary["multitype_gain_mean"]}
+  if "gamma_vs_aux" in summary:
+    g = summary["gamma_vs_aux"]
+    parts["gamma_eff final by aux weight"] = " ".join(f"{w:g}:{x:.3g}" for w, x in
+                                                       zip(g["lb_loss_coef"], g["gamma_eff_final"]))
+  summary_line("moe_routing", parts, path)
+  return results
