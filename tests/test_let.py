@@ -218,7 +218,7 @@ def test_smoke_through_launch(tmp_path):
   env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "run.py"), "--config=configs/let.py:smoke",
-                      f"--workdir={w}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+                      f"--workdir={w}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.load(open(os.path.join(w, "results.json")))
   stop = res["s_stop"]

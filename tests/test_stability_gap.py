@@ -315,7 +315,7 @@ def test_smoke_through_launch(tmp_path):  # the CI's run of the smoke config (~5
   env.pop("XLA_FLAGS", None)
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "run.py"),
                       "--config=configs/stability_gap.py:smoke", f"--workdir={w}"], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=240)
+                     capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.load(open(os.path.join(w, "results.json")))
   assert res["strategies"] == ["full", "random", "hq", "hq_mix"]

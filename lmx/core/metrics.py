@@ -122,3 +122,14 @@ def read_jsonl(path: str) -> list[dict]:
       except json.JSONDecodeError:
         pass
   return out
+
+
+def curves(path: str, prefix: str = "eval/") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{name: (steps, values)}`` of a metrics.jsonl's ``<prefix><name>`` records (the last record per step; None
+  values skipped), e.g. ``curves(f"{workdir}/metrics.jsonl")["ce"]`` is a run's validation-CE curve."""
+  pts: dict[str, dict[int, float]] = {}
+  for r in read_jsonl(path):
+    for k, v in r.items():
+      if k.startswith(prefix) and v is not None:
+        pts.setdefault(k[len(prefix):], {})[int(r["step"])] = float(v)
+  return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in pts.items()}

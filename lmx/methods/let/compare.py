@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+from lmx.core import metrics
 from lmx.core.config import load_config_file
 
 ARMS = ("baseline", "let", "l2l", "constant", "large")
@@ -53,14 +54,7 @@ def arm_config(config, arm: str, seed: int, teacher_dir: str):
 
 def eval_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """``(steps, eval CE)`` from a run's metrics.jsonl (last record per step)."""
-  pts = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if "eval/ce" in r:
-        pts[int(r["step"])] = float(r["eval/ce"])
-  steps = np.array(sorted(pts))
-  return steps, np.array([pts[s] for s in steps])
+  return metrics.curves(os.path.join(workdir, "metrics.jsonl"))["ce"]
 
 
 def steps_to_reach(steps, values, target: float) -> float | None:

@@ -32,7 +32,7 @@ from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import rng_stream
 from lmx.datasets import text
 from lmx.methods.let import losses
-from lmx.methods.lm.run import heldout_eval
+from lmx.methods.lm.run import heldout_eval, stage_config
 from lmx.models.registry import build_model, load_run
 from lmx.models.transformer import num_params
 
@@ -231,19 +231,9 @@ def make_steps(config, student, teacher, mesh):
 
 def teacher_lm_config(config):
   """The ``lm`` run config that pretrains the teacher in-process on the student's corpus and split."""
-  c = ml_collections.ConfigDict()
-  c.method, c.variant, c.seed = "lm", "let_teacher", int(config.seed)
-  c.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
-  c.axis_rules = config.axis_rules
-  c.model = ml_collections.ConfigDict(config.teacher.model.to_dict())
-  c.data = ml_collections.ConfigDict({f: config.data[f] for f in LM_DATA_FIELDS})
-  c.optim = ml_collections.ConfigDict(config.teacher.optim.to_dict())
-  t = config.teacher.steps
-  c.train = ml_collections.ConfigDict(dict(
-      steps=int(t), log_every=max(1, min(int(config.train.log_every), t)), eval_every=int(t),
-      eval_batches=int(config.train.eval_batches), ckpt_every=int(t), ckpt_keep=1, async_checkpointing=False,
-      plot=False))
-  return c
+  return stage_config(config, variant="let_teacher", model=config.teacher.model, optim=config.teacher.optim,
+                      data={f: config.data[f] for f in LM_DATA_FIELDS}, steps=config.teacher.steps,
+                      seed=config.seed)
 
 
 def load_teacher(config, workdir: str, mesh):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from lmx.core import data as data_lib
@@ -75,6 +76,25 @@ def make_step(config, model, mesh):
   shardings = loop.optax_shardings(model.shardings(mesh, config.axis_rules), tx, abstract, mesh)
   return loop.optax_step(lm_loss(model), tx, schedule), (lambda key: loop.optax_state(model.init(key), tx)), \
       shardings
+
+
+def stage_config(parent, *, variant: str, model, optim, data: dict, steps: int, seed: int):
+  """The ``lm`` run config of an in-process pretraining stage of another method (LET's teacher, the stability
+  gap's base): ``parent``'s mesh and rules, the given model / optimiser / data fields, ``steps`` steps with one
+  evaluation and one checkpoint at the end, logging as often as ``parent.train.log_every``."""
+  c = ml_collections.ConfigDict()
+  c.method, c.variant, c.seed = "lm", variant, int(seed)
+  c.mesh = ml_collections.ConfigDict(parent.mesh.to_dict())
+  c.axis_rules = parent.axis_rules
+  c.model = ml_collections.ConfigDict(model.to_dict())
+  c.data = ml_collections.ConfigDict(dict(data))
+  c.optim = ml_collections.ConfigDict(optim.to_dict())
+  t = int(steps)
+  c.train = ml_collections.ConfigDict(dict(
+      steps=t, log_every=max(1, min(int(parent.train.log_every), t)), eval_every=t,
+      eval_batches=int(parent.train.eval_batches), ckpt_every=t, ckpt_keep=1, async_checkpointing=False,
+      plot=False))
+  return c
 
 
 def heldout_eval(model, eval_src, *, n_windows: int, divisor: int, batch_sharding):

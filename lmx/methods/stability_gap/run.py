@@ -31,11 +31,12 @@ from lmx.core import data as data_lib
 from lmx.core import loop, mesh as mesh_lib, plots
 from lmx.core import optim as optim_lib
 from lmx.core.config import ConfigError, check_keys, require
-from lmx.core.metrics import Writer, read_jsonl
+from lmx.core import metrics as metrics_lib
+from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.datasets import text
-from lmx.methods.lm.run import heldout_eval, lm_loss
+from lmx.methods.lm.run import heldout_eval, lm_loss, stage_config
 from lmx.methods.stability_gap import data as sg_data
 from lmx.methods.stability_gap import ngram, probe as probe_lib, report, weights
 from lmx.models.registry import build_model, load_run
@@ -184,22 +185,12 @@ def load_corpora(config) -> dict:
 
 def base_lm_config(config):
   """The ``lm`` run config that pretrains the base in-process on the general corpus's train split."""
-  d, b = config.data, config.base
-  c = ml_collections.ConfigDict()
-  c.method, c.variant, c.seed = "lm", "stability_gap_base", int(config.seed)
-  c.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
-  c.axis_rules = config.axis_rules
-  c.model = ml_collections.ConfigDict(b.model.to_dict())
-  c.data = ml_collections.ConfigDict(dict(
-      corpus=d.general, seq_len=d.seq_len, global_batch=d.global_batch, eval_fraction=d.eval_fraction,
-      split="document", split_seed=d.split_seed, shuffle_seed=int(config.seed), worker_count=d.worker_count))
-  c.optim = ml_collections.ConfigDict(b.optim.to_dict())
-  t = int(b.steps)
-  c.train = ml_collections.ConfigDict(dict(
-      steps=t, log_every=max(1, min(int(config.train.log_every), t)), eval_every=t,
-      eval_batches=int(config.train.eval_batches), ckpt_every=t, ckpt_keep=1, async_checkpointing=False,
-      plot=False))
-  return c
+  d = config.data
+  return stage_config(config, variant="stability_gap_base", model=config.base.model, optim=config.base.optim,
+                      data=dict(corpus=d.general, seq_len=d.seq_len, global_batch=d.global_batch,
+                                eval_fraction=d.eval_fraction, split="document", split_seed=d.split_seed,
+                                shuffle_seed=int(config.seed), worker_count=d.worker_count),
+                      steps=config.base.steps, seed=config.seed)
 
 
 def load_base(config, workdir: str, mesh):
@@ -283,12 +274,7 @@ def make_evaluator(config, model, base_params, corpora, divisor: int, batch_shar
 
 def eval_curves(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """``{metric: (steps, values)}`` of a strategy run's ``eval/*`` records (last record per step)."""
-  pts: dict[str, dict[int, float]] = {}
-  for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-    for k, v in r.items():
-      if k.startswith("eval/") and v is not None:
-        pts.setdefault(k[len("eval/"):], {})[int(r["step"])] = float(v)
-  return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in pts.items()}
+  return metrics_lib.curves(os.path.join(workdir, "metrics.jsonl"))
 
 
 def run_stats(curves: dict) -> dict:
