@@ -34,7 +34,7 @@ def _shade_phases(ax, steps, labels):
   seen = set()
   for i, lab in enumerate(labels):
     if lab in PHASE_COLORS:
-      ax.axvspan(edges[i], edges[i + 1], color=PHASE_COLORS[lab], alpha=0.08,
+      ax.axvspan(edges[i], edges[i + 1], color=PHASE_COLORS[lab], alpha=0.08, linewidth=0,
                  label=None if lab in seen else f"phase: {lab}")
       seen.add(lab)
 
