@@ -306,6 +306,12 @@ def test_mean_curves_over_seeds_by_hand():
   assert m["steps"] == [10, 20]
   np.testing.assert_allclose(m["mean"], [4.0, 3.0])
   np.testing.assert_allclose(m["std"], [1.0, 1.0])  # population std of {3, 5} and {2, 4}
+  per_seed[0]["baseline"] = (np.array([10, 20, 30]), np.array([3.5, 2.0, 1.5]))
+  per_seed[1]["baseline"] = (np.array([10, 20]), np.array([4.0, 4.5]))
+  d = compare.delta_curves(per_seed, ("baseline", "a"))
+  assert list(d) == ["a"] and d["a"]["steps"] == [10, 20]
+  np.testing.assert_allclose(d["a"]["mean"], [(-0.5 + 1.0) / 2, (0.0 - 0.5) / 2])
+  np.testing.assert_allclose(d["a"]["std"], [0.75, 0.25])
 
 
 def test_arms_differ_only_where_they_should():

@@ -131,8 +131,30 @@ def compare(config, workdir: str, seeds, arms=("baseline", "let")) -> dict:
   bands = {arm: c["std"] for arm, c in out["curves"].items()} if len(seeds) > 1 else None
   plots.curves(os.path.join(workdir, "compare_eval_ce.png"), series, bands=bands, ylabel="validation CE (nats)",
                title=f"LET arms, mean ± std over {len(seeds)} seed(s) ({config.variant or 'default'})")
+  out["delta_curves"] = delta_curves(per_seed, arms)
+  if out["delta_curves"]:
+    plots.curves(os.path.join(workdir, "compare_delta_ce.png"),
+                 {arm: (c["steps"], c["mean"]) for arm, c in out["delta_curves"].items()},
+                 bands={arm: c["std"] for arm, c in out["delta_curves"].items()} if len(seeds) > 1 else None,
+                 ylabel="validation CE − baseline's (nats)",
+                 title=f"paired difference to the baseline, mean ± std over {len(seeds)} seed(s)")
   with open(os.path.join(workdir, "compare.json"), "w") as f:
     json.dump(out, f, indent=1)
+  return out
+
+
+def delta_curves(per_seed: dict, arms) -> dict:
+  """Per non-baseline arm: mean and std over seeds of (arm's validation CE − the same seed's baseline's) at the
+  evaluation steps every run shares; < 0 where the arm is ahead."""
+  out = {}
+  for arm in arms:
+    if arm == "baseline":
+      continue
+    runs = [(per_seed[s][arm], per_seed[s]["baseline"]) for s in per_seed]
+    common = sorted(set.intersection(*(set(map(int, c[0])) & set(map(int, b[0])) for c, b in runs)))
+    vals = np.array([[dict(zip(map(int, c[0]), c[1]))[k] - dict(zip(map(int, b[0]), b[1]))[k] for k in common]
+                     for c, b in runs])
+    out[arm] = {"steps": common, "mean": vals.mean(0).tolist(), "std": vals.std(0).tolist()}
   return out
 
 
