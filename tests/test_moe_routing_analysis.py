@@ -389,7 +389,7 @@ def test_smoke_through_launch(tmp_path):
   r = _launch(["--config=configs/moe_routing.py:smoke", f"--workdir={wd}"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.load(open(wd / "results.json"))
-  assert set(res["runs"]) == {f"lb{w}" for w in _config("smoke").sweep.lb_loss_coef}
+  assert set(res["runs"]) == {run_lib.arm_name(w) for w in _config("smoke").sweep.lb_loss_coef}
   for name, run in res["runs"].items():
     assert run["layers"]["0"]["steps"] == list(_config("smoke").routing.ckpt_steps), name
   assert os.path.exists(wd / "plots" / "gamma_eff_layer0.png")
