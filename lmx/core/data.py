@@ -15,16 +15,24 @@ import numpy as np
 from lmx.core.config import ConfigError
 
 
-def make_dataset(source: Sequence[Any], *, global_batch: int, seed: int, transform: Callable | None = None,
-                 shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, drop_remainder: bool = True) -> grain.MapDataset:
-  """Builds the per-process batched ``MapDataset`` (random access; ``len`` may be huge when repeating)."""
+def process_share(source: Sequence[Any], global_batch: int, process_index: int | None = None,
+                  process_count: int | None = None) -> tuple[int, int]:
+  """``(process index, process count)`` (jax's unless given), after checking that the global batch splits evenly
+  over the processes and that ``source`` is not empty (ConfigError otherwise)."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if global_batch % pc:
     raise ConfigError(f"global batch {global_batch} is not divisible by the process count {pc}")
   if len(source) == 0:
     raise ConfigError("the data source is empty")
+  return pi, pc
+
+
+def make_dataset(source: Sequence[Any], *, global_batch: int, seed: int, transform: Callable | None = None,
+                 shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, drop_remainder: bool = True) -> grain.MapDataset:
+  """Builds the per-process batched ``MapDataset`` (random access; ``len`` may be huge when repeating)."""
+  pi, pc = process_share(source, global_batch, process_index, process_count)
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 
 import grain
 import grain.experimental as grain_exp
-import jax
 import numpy as np
 
+from lmx.core import data as data_lib
 from lmx.datasets import text
 from lmx.datasets.images import DataError, _first_line
 
@@ -81,12 +81,7 @@ def packed_windows(source, *, seq_len: int, global_batch: int, seed: int, tokeni
   ``process_count``-th document of the shuffled stream, so processes never read the same text. With a finite
   ``num_epochs`` the last window is filled with ``pad_id`` after the final document.
   """
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  if global_batch % pc:
-    raise DataError(f"data.global_batch={global_batch} is not divisible by the process count {pc}")
-  if len(source) == 0:
-    raise DataError("the tfds text source is empty")
+  pi, pc = data_lib.process_share(source, global_batch, process_index, process_count)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
   ds = ds[pi::pc] if pc > 1 else ds
   ds = ds.map(lambda r: {"tokens": np.asarray(tokenize(_as_text(r[text_key])), np.int32)})

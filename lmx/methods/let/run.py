@@ -32,7 +32,7 @@ from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import rng_stream
 from lmx.datasets import text
 from lmx.methods.let import losses
-from lmx.methods.lm.run import heldout_eval, stage_config
+from lmx.methods.lm.run import heldout_eval, run_stage, stage_config
 from lmx.models.registry import build_model, load_run
 from lmx.models.transformer import num_params
 
@@ -240,11 +240,7 @@ def load_teacher(config, workdir: str, mesh):
   """``(teacher Model, params on mesh, info dict)`` by ``teacher.source``."""
   t, rules = config.teacher, config.axis_rules
   if t.source == "pretrain":
-    tdir = os.path.join(workdir, "teacher")
-    if not os.path.exists(os.path.join(tdir, "results.json")):
-      from lmx.methods import lm
-
-      lm.run(teacher_lm_config(config), tdir)
+    tdir = run_stage(teacher_lm_config(config), os.path.join(workdir, "teacher"))
     _, model, params = load_run(tdir, mesh=mesh, axis_rules=rules)
     return model, params, {"source": "pretrain", "workdir": tdir, "steps": int(t.steps)}
   if t.source == "run":

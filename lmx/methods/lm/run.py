@@ -97,6 +97,14 @@ def stage_config(parent, *, variant: str, model, optim, data: dict, steps: int, 
   return c
 
 
+def run_stage(stage, workdir: str) -> str:
+  """Trains the :func:`stage_config` run in ``workdir`` unless it has finished there (its results.json exists);
+  returns ``workdir`` (a resumed stage continues from its checkpoint like any run)."""
+  if not os.path.exists(os.path.join(workdir, "results.json")):
+    run(stage, workdir)
+  return workdir
+
+
 def heldout_eval(model, eval_src, *, n_windows: int, divisor: int, batch_sharding):
   """The validation hook: next-token CE and bits per byte of ``model`` on a fixed set of held-out windows (the
   first ``n_windows`` of ``eval_src``, rounded down to a multiple of the batch axes' size ``divisor``; no

@@ -36,7 +36,7 @@ from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.datasets import text
-from lmx.methods.lm.run import heldout_eval, lm_loss, stage_config
+from lmx.methods.lm.run import heldout_eval, lm_loss, run_stage, stage_config
 from lmx.methods.stability_gap import data as sg_data
 from lmx.methods.stability_gap import ngram, probe as probe_lib, report, weights
 from lmx.models.registry import build_model, load_run
@@ -197,11 +197,7 @@ def load_base(config, workdir: str, mesh):
   """``(model, params, info)``: pretrained in ``<workdir>/base`` (reused when finished) or read from a run."""
   b, rules = config.base, config.axis_rules
   if b.source == "pretrain":
-    bdir = os.path.join(workdir, "base")
-    if not os.path.exists(os.path.join(bdir, "results.json")):
-      from lmx.methods import lm
-
-      lm.run(base_lm_config(config), bdir)
+    bdir = run_stage(base_lm_config(config), os.path.join(workdir, "base"))
     info = {"source": "pretrain", "workdir": bdir, "steps": int(b.steps)}
   else:
     bdir = os.path.expanduser(b.workdir)
