@@ -383,8 +383,7 @@ def test_analyze_variant_through_launch(tmp_path):
   assert r.returncode == 2 and "layer_0.npz: missing key(s)" in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_smoke_through_launch(tmp_path):
+def test_smoke_through_launch(tmp_path):  # the CI's run of the smoke config
   wd = tmp_path / "smoke"
   r = _launch(["--config=configs/moe_routing.py:smoke", f"--workdir={wd}"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -13,10 +13,11 @@ import numpy as np  # noqa: E402
 from lmx.core.metrics import read_jsonl  # noqa: E402
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+  """Writes ``fig`` to ``path`` (directories made, tight layout) and closes it; returns ``path``."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
 
@@ -38,7 +39,7 @@ def curves(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[float
   ax.grid(alpha=0.3)
   if len(series) > 1:
     ax.legend()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def from_jsonl(jsonl_path: str, keys: Sequence[str], out_path: str, title: str = "", logy: bool = False) -> str:
@@ -93,4 +94,4 @@ def image_grid(path: str, images_NHWC, *, nrow: int, title: str = "",
       ax.set_ylabel(str(row_labels[i // ncol]), rotation=0, labelpad=12, fontsize=8)
   if title:
     fig.suptitle(title)
-  return _save(fig, path)
+  return save_figure(fig, path)

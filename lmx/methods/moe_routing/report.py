@@ -6,7 +6,6 @@ its own (with the same Agg backend and lmx.core.results.plot_path locations).
 """
 from __future__ import annotations
 
-import os
 
 import matplotlib
 
@@ -14,17 +13,14 @@ matplotlib.use("Agg")  # as lmx.core.plots: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmx.core import plots as core_plots  # noqa: E402
 from lmx.core.results import plot_path  # noqa: E402
 
 PHASE_COLORS = {"surge": "tab:red", "stabilisation": "tab:green", "relaxation": "tab:blue"}
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return core_plots.save_figure(fig, path, dpi=110)
 
 
 def _shade_phases(ax, steps, labels):
