@@ -345,3 +345,13 @@ def test_nan_patience_tolerates_a_short_run_of_bad_steps(tmp_path):
                    total_steps=8, seed=0, log_every=1, ckpt_every=100, nan_patience=3)
   assert float(res.state["x"]) == 6.0 and int(res.state["guard"]["bad"]) == 2
   assert int(res.state["guard"]["max_run"]) == 2 and int(res.state["guard"]["first"]) == 2
+
+
+def test_at_steps_hook_runs_on_its_schedule_only():
+  h = loop.at_steps([10, 20, 40], lambda *a: None)
+  assert [s for s in range(1, 61) if h.due(s, 60)] == [10, 20, 40]  # not at the end unless asked
+  h_end = loop.at_steps([10], lambda *a: None, at_end=True)
+  assert [s for s in range(1, 31) if h_end.due(s, 30)] == [10, 30]
+  assert [s for s in range(1, 31) if loop.every(10, lambda *a: None).due(s, 30)] == [10, 20, 30]
+  with pytest.raises(ValueError):
+    loop.at_steps([0, 5], lambda *a: None)

@@ -63,7 +63,8 @@ def host(x) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-  """``fn(step, state, writer) -> dict | None`` after every ``every``-th step (and the last when ``at_end``).
+  """``fn(step, state, writer) -> dict | None`` after every ``every``-th step, or at the listed ``steps`` when
+  given (and the last step when ``at_end``).
 
   A returned dict is logged (one console line) under ``<name>/``.
   """
@@ -71,9 +72,11 @@ class Hook:
   every: int
   fn: Callable
   at_end: bool = True
+  steps: frozenset | None = None
 
   def due(self, step: int, total: int) -> bool:
-    return step % self.every == 0 or (self.at_end and step == total)
+    on = (step in self.steps) if self.steps is not None else step % self.every == 0
+    return on or (self.at_end and step == total)
 
 
 def every(k: int, fn: Callable, *, name: str | None = None, at_end: bool = True) -> Hook:
@@ -81,6 +84,14 @@ def every(k: int, fn: Callable, *, name: str | None = None, at_end: bool = True)
   if int(k) <= 0:
     raise ValueError(f"hook cadence must be > 0, got {k}")
   return Hook(name or getattr(fn, "__name__", "hook"), int(k), fn, at_end)
+
+
+def at_steps(steps, fn: Callable, *, name: str | None = None, at_end: bool = False) -> Hook:
+  """A hook running ``fn`` after each step in ``steps`` (a schedule, e.g. dense early and sparse later)."""
+  steps = frozenset(int(s) for s in steps)
+  if not steps or min(steps) <= 0:
+    raise ValueError(f"hook steps must be a non-empty set of steps > 0, got {sorted(steps)}")
+  return Hook(name or getattr(fn, "__name__", "hook"), 1, fn, at_end, steps)
 
 
 @dataclasses.dataclass

@@ -100,7 +100,7 @@ def arm_config(config, w: float):
 
 
 def snapshot_hook(arm_cfg, snap_dir: str, steps):
-  """``hook(step, state, writer)`` for ``loop.every(1, ...)``: a params-only checkpoint (with the arm's config,
+  """``hook(step, state, writer)`` for ``loop.at_steps(steps, ...)``: a params-only checkpoint (with the arm's config,
   so ``load_run(snap_dir, step)`` rebuilds the model) at each step of ``steps``; steps already saved (a resumed
   run) are skipped."""
   wanted = set(int(s) for s in steps)
@@ -109,7 +109,7 @@ def snapshot_hook(arm_cfg, snap_dir: str, steps):
 
   def hook(step, state, writer):
     del writer
-    if step in wanted and step not in saved:
+    if step not in saved:
       ckpt.save(step, {"params": state["params"]}, config=arm_cfg, force=True)
       saved.add(step)
     return None
@@ -142,7 +142,7 @@ def train_arm(arm_cfg, arm_dir: str, ckpt_steps) -> dict:
     res = loop.train(step_fn=step_fn, init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=arm_dir,
                      total_steps=t.steps, seed=arm_cfg.seed, data=batches, config=arm_cfg, writer=writer,
                      hooks=[loop.every(t.eval_every, evaluate, name="eval"),
-                            loop.every(1, snap, name="snapshot", at_end=False)],
+                            loop.at_steps(ckpt_steps, snap, name="snapshot")],
                      log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
                      async_checkpointing=t.async_checkpointing, desc=f"moe_routing {os.path.basename(arm_dir)}",
                      items_per_step=d.global_batch * d.seq_len)
