@@ -26,11 +26,16 @@ setup(
         "scikit-learn>=1.4",  # ships the 8x8 digits used by fast tests
         "safetensors>=0.4.3",  # Hugging Face checkpoints (lmx.models.hf), read through NumPy: no torch
         "tokenizers>=0.19",  # Hugging Face tokenizer.json (lmx.datasets.tokenizer)
+        "textworld>=1.6",  # text-agent games for SPA (lmx.envs.textworld); bundles its Inform7 compiler
+        "mujoco>=3.1",  # physics for the cable-routing simulator (lmx.envs.cable)
+        "distrax>=0.1.5",  # tanh-Gaussian policies with the log-det (cable routing's BC heads)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "launch": ["xmanager>=0.5"],
+        # tools/export_hf_routing.py: router logits from a Hugging Face MoE's own forward (torch CPU build)
+        "export": ["torch>=2.4", "transformers>=4.45"],
     },
 )
