@@ -1,0 +1,87 @@
+r"""SEIF: Self-Evolving Reinforcement Learning for Instruction Following (Ren et al., arXiv 2605.07465) in miniature.
+
+  python launch/run.py --config=configs/seif.py --workdir=runs/seif
+  python launch/run.py --config=configs/seif.py:smoke --workdir=runs/seif-smoke
+  python launch/run.py --config=configs/seif.py --config.seeds="(0,)" --workdir=runs/seif-1seed
+
+Variants: default (CPU: three variants x three seeds, byte-level tiny Instructor and Follower trained in process),
+``smoke`` (CI, seconds), ``qwen2_5_7b`` (the paper's model, group size, KL and clipping: its GRPO step builds and
+lowers for GPU with abstract shapes, see ``lmx.methods.seif.paper``; it does not run here).
+
+Variants compared at equal Follower GRPO steps (``variants``): ``seif`` (Instructor evolution with the Filter),
+``random`` (uniformly random instructions that the Filter accepts; no Instructor), ``no_filter`` (Instructor
+rewarded 1 − adherence without the Filter gate).
+"""
+import ml_collections
+
+from lmx.core.config import parse_arg
+
+VARIANTS = ("", "smoke", "qwen2_5_7b")
+
+
+def _model(**kw):
+  base = dict(vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, max_seq_len=256,
+              tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, variant="", variants=VARIANTS)
+  c = ml_collections.ConfigDict()
+  c.method = "seif"
+  c.variant = a.variant
+  c.seeds = (0, 1, 2)
+  c.variants = ("seif", "random", "no_filter")
+  c.vocab = ml_collections.ConfigDict(dict(
+      keywords=("sun", "sea", "tree", "bird", "cat", "rain", "moon", "star", "fish", "wind"),
+      end_phrases=("bye", "the end", "ok", "thanks"), start_phrases=("yes", "well", "so"),
+      nochars=("a", "e", "o", "s", "t"), max_words_lt=(4, 12), min_words_ge=(3, 10),
+      kinds=("lower", "upper", "nocomma", "quote", "incl", "excl", "nochar", "words_lt", "words_ge", "end",
+             "start")))
+  c.answer_chars = 48  # the Follower's answer budget (bytes); also the Filter's length budget
+  c.follower = ml_collections.ConfigDict(dict(model=_model(), prompt_len=176, new_tokens=49))
+  c.instructor = ml_collections.ConfigDict(dict(model=_model(max_seq_len=128), prompt_len=40, new_tokens=64,
+                                                max_constraints=4))
+  c.sft = ml_collections.ConfigDict(dict(follower_steps=800, instructor_steps=300, batch=32,
+                                         follower_max_constraints=2))
+  c.sft_optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=50, weight_decay=0.01, clip_norm=1.0))
+  # The paper: lr 1e-6 for a 7B model; a 0.2M-parameter byte LM needs a much larger step.
+  c.rl_optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, weight_decay=0.01, clip_norm=1.0))
+  # The paper's GRPO: n = 5 rollouts at temperature 1, k3 KL as a loss with beta 0.01, clip 0.2 / 0.3, dual clip
+  # 3, token-mean aggregation.
+  c.grpo = ml_collections.ConfigDict(dict(group_size=5, temperature=1.0, kl_coef=0.01, kl_kind="k3",
+                                          clip_low=0.2, clip_high=0.3, dual_clip=3.0, agg="token-mean",
+                                          minibatches=2))
+  c.rounds = ml_collections.ConfigDict(dict(
+      n=3, follower_steps=25, follower_epochs=(3, 1, 1), instructor_steps=30, prompts_per_step=8,
+      pool_size=160, gen_temperature=0.7, random_constraints=(1, 4)))
+  c.eval = ml_collections.ConfigDict(dict(levels=(1, 2, 3, 4), per_level=30, seed=1234, hard_level=4))
+  c.train = ml_collections.ConfigDict(dict(log_every=10, plot=True, examples=4))
+  c.paper = ml_collections.ConfigDict(dict(enabled=False))
+
+  if a.variant == "smoke":
+    c.seeds = (0,)
+    # one tiny shape for both roles: they share one compiled SFT step, GRPO step and sampler
+    c.follower.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=176)
+    c.follower.update(prompt_len=120, new_tokens=49)
+    c.instructor.model = ml_collections.ConfigDict(c.follower.model.to_dict())
+    c.instructor.update(prompt_len=120, new_tokens=49)
+    c.sft.update(follower_steps=0, instructor_steps=0, batch=8)  # no SFT compile in CI (the default covers it)
+    c.rounds.update(n=2, follower_steps=1, follower_epochs=(2, 1), instructor_steps=1, prompts_per_step=2,
+                    pool_size=10)
+    c.grpo.update(minibatches=1)
+    c.eval.update(levels=(1, 3), per_level=2, hard_level=3)
+    c.train.update(log_every=1, examples=2)
+  elif a.variant == "qwen2_5_7b":
+    # Qwen2.5-7B-Instruct: the architecture is stated so the step lowers without the weights; a run would read
+    # the checkpoint with model.name='hf' (lmx.models.hf) and its tokenizer.
+    c.paper = ml_collections.ConfigDict(dict(
+        enabled=True, hf_path="~/models/Qwen2.5-7B-Instruct",
+        model=ml_collections.ConfigDict(dict(
+            vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+            max_seq_len=2048 + 8192, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=False, norm_eps=1e-6,
+            dtype="bfloat16", param_dtype="bfloat16", remat="full", attention_impl="xla")),
+        lr=1e-6, weight_decay=1e-2, clip_norm=1.0, max_prompt=2048, max_response=8192, micro_batch=4,
+        rollout_batch_prompts=384, global_batch=96))
+  return c
