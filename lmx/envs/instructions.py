@@ -52,8 +52,8 @@ wording; ``"short"``: a terse form for tiny models).
 The Filter (:func:`conflicts`, :func:`is_valid`): pairwise rules (contradictions such as include and forbid one
 word, lowercase with a case-sensitive capitalised literal or with all caps, count ranges that cannot overlap,
 two end phrases neither of which ends the other, a required phrase with a forbidden character or a comma under
-no-comma) and the paper's template incompatibilities (JSON with bullets, sections, two responses, an end or
-start phrase that JSON cannot end or start with); per-constraint impossibilities (counts < 1 where at least one
+no-comma) and the paper's template incompatibilities (JSON with bullets, sections, paragraphs, two responses, or
+a prompt to repeat that cannot start a JSON text); per-constraint impossibilities (counts < 1 where at least one
 is needed, e.g. fewer than 1 word; with ``max_chars`` a length no answer of that budget can reach). Length,
 tightness or difficulty alone is not a conflict. Note: IFEval's keyword checks ignore case, so a capitalised
 keyword does *not* conflict with lowercase.
@@ -674,7 +674,6 @@ def pair_conflict(a: Constraint, b: Constraint) -> str | None:
   return None
 
 
-_JSON_ENDS = '}]"0123456789el'  # the last character of a JSON text: } ] " a digit, true/false (e), null (l)
 _JSON_STARTS = '{["-0123456789tfn'
 
 
@@ -749,12 +748,10 @@ def _directed_conflict(a: Constraint, b: Constraint) -> str | None:
       if not (b.id == "detectable_format:number_bullet_lists" and kb["num_bullets"] == 0) and not (
           b.id == "length_constraints:number_paragraphs" and kb["num_paragraphs"] == 1):
         return "json_vs_structure"
-    if b.id == "startend:end_checker" and kb["end_phrase"].strip()[-1:] not in _JSON_ENDS:
-      return "json_vs_end_phrase"
-    if b.id in ("lmx:start_checker", "combination:repeat_prompt"):
-      phrase = kb.get("start_phrase") or kb.get("prompt_to_repeat")
-      if phrase.strip()[:1] not in _JSON_STARTS:
-        return "json_vs_start_phrase"
+    # (an end or lmx start phrase is no conflict: those checkers strip quotes, so a JSON string literal
+    # '"... bye"' follows both; repeat_prompt does not strip, so the prompt must start a JSON text)
+    if b.id == "combination:repeat_prompt" and kb["prompt_to_repeat"].strip()[:1] not in _JSON_STARTS:
+      return "json_vs_repeat_prompt"
   if a.id == "combination:two_responses" and b.id == "combination:repeat_prompt":
     return "two_responses_vs_repeat_prompt"
   return None
