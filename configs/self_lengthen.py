@@ -36,9 +36,9 @@ def get_config(arg=None):
   c.axis_rules = DEFAULT_AXIS_RULES
 
   c.base = ml_collections.ConfigDict(dict(
-      steps=600, corpus="stdlib_docstrings", seq_len=128, global_batch=32,
+      steps=300, corpus="stdlib_docstrings", seq_len=128, global_batch=16,
       model=ml_collections.ConfigDict(dict(
-          vocab_size=260, d_model=96, n_layers=3, n_heads=4, n_kv_heads=1, d_ff=256, max_seq_len=512,
+          vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=192, max_seq_len=512,
           tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
       optim=ml_collections.ConfigDict(dict(
           name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -47,30 +47,30 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       max_topic_chars=40,  # topics (dotted names) longer than this are skipped
       heldout_fraction=0.15,  # modules (by path hash) whose topics are held out for evaluation
-      max_chars=128,  # every response fits this many bytes (the sampler's max_new_tokens)
-      draft_chars=72))  # the bootstrap Generator's targets: first paragraphs of at most this many characters
+      max_chars=96,  # every response fits this many bytes (the sampler's max_new_tokens)
+      draft_chars=56))  # the bootstrap Generator's targets: first paragraphs of at most this many characters
 
-  c.bootstrap = ml_collections.ConfigDict(dict(gen_steps=150, ext_steps=250, max_examples=4000))
+  c.bootstrap = ml_collections.ConfigDict(dict(gen_steps=80, ext_steps=120, max_examples=4000))
 
   c.loop = ml_collections.ConfigDict(dict(
-      macro_iters=3, n_prompts=48, samples_per_prompt=2, draft_retries=1, ext_jobs=2, ext_retries=1,
+      macro_iters=3, n_prompts=32, samples_per_prompt=2, draft_retries=1, ext_jobs=2, ext_retries=1,
       micro_iters=3, min_gain=1.2, line_keep=0.8, drop_short=True,
       flavour="llama",  # English: whitespace-word 10-grams, ASCII terminal punctuation, meta-talk words
       meta_talk=True))
 
   c.sft = ml_collections.ConfigDict(dict(
-      batch=16, epochs=4.0, warmup_ratio=0.1,
+      batch=8, epochs=4.0, warmup_ratio=0.1,
       optim=ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=1.0))))
 
   c.sampling = ml_collections.ConfigDict(dict(
       batch=64, temperature=0.7, top_k=20, top_p=0.8,
-      prompt_buckets=(96, 192, 336)))  # Generator / stage 1 / stage 2 prompts (left-padded to a bucket)
+      prompt_buckets=(96, 176, 272)))  # Generator / stage 1 / stage 2 prompts (left-padded to a bucket)
 
   c.length_sft = ml_collections.ConfigDict(dict(
-      min_words=6, max_words=30, epochs=4.0, p_coarse=0.2, coarse_unit=2000, fine_unit=1000,
-      eval_buckets=((8, 12), (12, 16), (16, 24)), eval_topics=8))
+      min_words=4, max_words=30, epochs=4.0, p_coarse=0.2, coarse_unit=2000, fine_unit=1000,
+      eval_buckets=((6, 10), (10, 14), (14, 20)), eval_topics=8))
 
-  c.eval = ml_collections.ConfigDict(dict(n_topics=64, n_samples=1))
+  c.eval = ml_collections.ConfigDict(dict(n_topics=48, n_samples=1))
   c.train = ml_collections.ConfigDict(dict(log_every=50, eval_batches=2, plot=True))
 
   if a.variant == "smoke":

@@ -145,7 +145,8 @@ class Sampler:
     raise ValueError(f"a prompt of {n} tokens exceeds the largest prompt bucket {self.buckets[-1]}")
 
   def __call__(self, params, prompts: list[list[int]], key) -> tuple[list[str], np.ndarray]:
-    """Texts (decoded up to EOS) and ``done`` flags (EOS emitted within ``max_new_tokens``)."""
+    """Texts (decoded up to EOS; invalid UTF-8 dropped) and ``done`` flags (EOS emitted within
+    ``max_new_tokens``)."""
     texts, done = [], []
     for start in range(0, len(prompts), self.batch):
       chunk = prompts[start:start + self.batch]
@@ -154,6 +155,7 @@ class Sampler:
       p_BP, l_B = gen_lib.left_pad(chunk, pad_id=PAD, length=self.bucket(max(len(c) for c in chunk)))
       out = self.fn(params, jnp.asarray(p_BP), jnp.asarray(l_B), jax.random.fold_in(key, start))
       new = np.asarray(out["new_tokens"])[:real]
-      texts += [text_lib.decode(row) for row in new]
+      # bytes that are not valid UTF-8 are dropped (not replaced by U+FFFD, which would re-encode to 3 bytes)
+      texts += [text_lib.decode(row).replace("\ufffd", "") for row in new]
       done += np.asarray(out["done"])[:real].tolist()
     return texts, np.asarray(done, bool)

@@ -300,7 +300,7 @@ def run_seed(config, seed: int, *, model, base_params, train_items, held_topics,
                       rng=np_stream(seed, "sft", 0, 0), warmup_ratio=sc.warmup_ratio)
   ext, ei = sft.train(base_params, ext_boot, length=lens["ext"], epochs=bc.ext_steps * sc.batch / len(ext_boot),
                       rng=np_stream(seed, "sft", 0, 1), warmup_ratio=sc.warmup_ratio)
-  log(f"seed {seed}: bootstrap Generator {gi['examples']} pairs, CE {gi['first_ce']:.3f}->{gi['last_ce']:.3f}; "
+  log(f"seed {seed}: bootstrap Generator {gi['steps']} steps,  {gi['examples']} pairs, CE {gi['first_ce']:.3f}->{gi['last_ce']:.3f}; "
       f"Extender {ei['examples']} pairs, CE {ei['first_ce']:.3f}->{ei['last_ce']:.3f} ({time.time() - t0:.0f}s)")
   eval_topics = held_topics[:config.eval.n_topics]
   ekey = rng_stream(seed, "eval")

@@ -1,0 +1,276 @@
+"""Self-Lengthen: word counting, the filters, the acceptance rule, drop_short, the length-following score and
+the constraint sampler on hand-made cases with hand-computed values; bad configs; a smoke run through the
+method's run(); the paper-scale SFT step and sampler lowered for GPU (slow)."""
+import importlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmx.core.config import ConfigError
+from lmx.methods.self_lengthen import filters as F
+from lmx.methods.self_lengthen import lm as sl_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sl_run = importlib.import_module("lmx.methods.self_lengthen.run")
+
+
+def _config(variant):
+  spec = importlib.util.spec_from_file_location("sl_config", os.path.join(ROOT, "configs", "self_lengthen.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+# ------------------------------------------------------------------------------------------ words and filters
+
+
+def test_count_words_hand_cases():
+  assert F.count_words("") == 0
+  assert F.count_words("  one two\tthree\nfour  ") == 4
+  assert F.count_words("don't stop-me now.") == 3  # punctuation sticks to its word
+  assert F.count_words("你好世界") == 4  # each CJK character is a word
+  assert F.count_words("我爱 Python 3。") == 2 + 2 + 1  # 我 爱 + 'Python' '3' + '。' (CJK punctuation)
+  assert F.count_words("ＡＢ c") == 3  # full-width forms are one word each
+
+
+def test_terminal_punctuation():
+  assert F.ends_with_punctuation("It works.  \n")
+  assert F.ends_with_punctuation('He said "yes"')
+  assert not F.ends_with_punctuation("no end here")
+  assert not F.ends_with_punctuation("   ")
+  assert F.ends_with_punctuation("列表：", "llama") is False
+  assert F.ends_with_punctuation("结束。", "qwen") and not F.ends_with_punctuation("end.", "qwen")
+  with pytest.raises(ValueError, match="flavour"):
+    F.ends_with_punctuation("x.", "gpt")
+
+
+def test_repeated_ngram_llama_10_words():
+  nine = "a b c d e f g h i"
+  # the same 10 words twice: repeated; 9 words twice with a different 10th: every 10-gram distinct
+  assert F.repeated_ngram(f"{nine} j x {nine} k.") is None  # 9 shared words are not a 10-gram
+  text = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 mid w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+  assert F.repeated_ngram(text) == tuple(f"w{i}" for i in range(1, 11))
+  text9 = "w1 w2 w3 w4 w5 w6 w7 w8 w9 mid w1 w2 w3 w4 w5 w6 w7 w8 w9"
+  assert F.repeated_ngram(text9) is None
+  # overlapping repeats count: 11 copies of one word hold the 10-gram (x,)*10 twice
+  assert F.repeated_ngram(" ".join(["x"] * 11)) == ("x",) * 10
+  assert F.repeated_ngram(" ".join(["x"] * 10)) is None
+  assert F.repeated_ngram("a b a b a b", n=2) == ("a", "b")
+
+
+def test_qwen_units_and_13_gram():
+  # ASCII runs (spaces included) are one unit, each non-ASCII character its own unit
+  assert F.units("ab c中d", "qwen") == ["ab c", "中", "d"]
+  assert F.units("中文ok", "qwen") == ["中", "文", "ok"]
+  assert F.units("", "qwen") == []
+  s = "一二三四五六七八九十百千万"  # 13 distinct units
+  assert F.repeated_ngram(s + "x" + s, "qwen") == tuple(s)
+  assert F.repeated_ngram(s[:12] + "x" + s[:12], "qwen") is None
+
+
+def test_check_details_each_filter():
+  good = "Return the value.\nIt is cached."
+  assert F.check_details(good) == {"punctuation": True, "repetition": True, "meta": True, "ok": True}
+  d = F.check_details("Return the value")
+  assert not d["punctuation"] and d["repetition"] and not d["ok"]
+  d = F.check_details("Here is the revised text.\nIt is fine.")
+  assert d["punctuation"] and not d["meta"] and not d["ok"]
+  assert F.check_response("Here is the revised text.\nIt is fine.", meta_talk=False)
+  # meta words only count in the first 2 and last 3 lines
+  mid = "\n".join(["a.", "b.", "the response.", "c.", "d.", "e."])
+  assert F.check_response(mid)
+  rep = " ".join(["spam"] * 12) + "."
+  d = F.check_details(rep)
+  assert d["punctuation"] and not d["repetition"]
+  assert F.check_details("x.", "qwen")["meta"]  # no meta-talk check for qwen
+
+
+def test_acceptance_rule():
+  init = "one two three four five."  # 5 words
+  assert not F.accept_extension(init, "one two three four five six.")  # 6 = 1.2 x 5: not strictly more
+  assert F.accept_extension(init, "one two three four five six seven.")  # 7 > 6
+  assert not F.accept_extension(init, init)
+  assert F.accept_extension(init, "a b c d e f g h i j k.", min_gain=2.0)  # 11 > 10
+  assert not F.accept_extension(init, "a b c d e f g h i j.", min_gain=2.0)
+  # a micro-iteration's candidate must pass the filters and be longer than the current best
+  assert F.better_candidate("one two three four five six.", init)
+  assert not F.better_candidate("one two three four five six", init)  # no terminal punctuation
+  assert not F.better_candidate("one two three four.", init)  # shorter
+  assert not F.better_candidate(" ".join(["na"] * 12) + ".", init)  # repeated 10-gram
+
+
+def test_split_half_and_keep_two_thirds():
+  assert F.first_half("p1\n\np2\n\np3\n\np4") == "p1\n\np2"
+  assert F.first_half("p1\n\np2\n\np3") == "p1"  # 3 paragraphs: floor(3/2) = 1
+  # at most 2 blank-line pieces: split on lines instead
+  assert F.first_half("l1\nl2\n\nl3\nl4") == "l1\n\nl2"  # lines l1, l2, '', l3, l4 -> first 2
+  assert F.first_half("only one line") == ""
+  assert F.keep_two_thirds("a\n\nb\n\nc") == "a\n\nb"
+  assert F.keep_two_thirds("a\n\nb\n\nc\n\nd\n\ne") == "a\n\nb\n\nc"  # 5*2//3 = 3
+  assert F.keep_two_thirds("single paragraph") == ""
+
+
+def test_degrade_lines_uses_one_draw_per_line():
+  class Fixed:
+    def random(self, n):
+      return np.array([0.1, 0.9, 0.5, 0.79, 0.8][:n])
+
+  assert F.degrade_lines("a\nb\nc\nd\ne", Fixed()) == "a\nc\nd"  # kept when u < 0.8
+  assert F.degrade_lines("a\nb\nc\nd\ne", Fixed(), joiner="\n\n") == "a\n\nc\n\nd"
+
+
+def test_drop_short_ranks_and_probabilities():
+  lengths = [10, 40, 20, 30]
+  # sorted 10 20 30 40: ranks 1, 0.25, 0.75, 0.5
+  np.testing.assert_allclose(F.drop_short_ranks(lengths), [1.0, 0.25, 0.75, 0.5])
+  np.testing.assert_allclose(F.drop_short_keep_prob(lengths),
+                             [0.0, 1 - 2 * 0.25 ** 3, max(0, 1 - 2 * 0.75 ** 3), 1 - 2 * 0.5 ** 3])
+  # ties share the rank of the first occurrence
+  np.testing.assert_allclose(F.drop_short_ranks([5, 5, 7]), [1.0, 1.0, 1 / 3])
+
+  class Fixed:
+    def random(self, n):
+      return np.array([0.99, 0.5, 0.99, 0.2])
+
+  # keep when u > 2 rank^3: 2 rank^3 = 2, 0.03125, 0.84375, 0.25
+  assert F.drop_short(lengths, Fixed()).tolist() == [1, 2]
+  # the bottom ~20.6 % (rank^3 > 0.5) never survives
+  rng = np.random.default_rng(0)
+  kept = np.concatenate([F.drop_short(list(range(100)), rng) for _ in range(20)])
+  assert kept.min() >= 20
+
+
+# ------------------------------------------------------------------------------------------ length following
+
+
+@pytest.mark.parametrize("length,kind,x,hi,expect", [
+    (100, "about", 100, None, 1.0), (80, "about", 100, None, 1.0), (120, "about", 100, None, 1.0),
+    (60, "about", 100, None, 2 * 60 / 80 - 1), (40, "about", 100, None, 0.0),
+    (150, "about", 100, None, 3 - 2 * 150 / 120), (200, "about", 100, None, 0.0),
+    (250, "range", 200, 300, 1.0), (150, "range", 200, 300, 0.5), (330, "range", 200, 300, 0.8),
+    (140, "above", 100, None, 1.0), (90, "above", 100, None, 0.8), (165, "above", 100, None, 0.8),
+    (50, "below", 100, None, 1.0), (45, "below", 100, None, 0.8), (110, "below", 100, None, 0.8),
+    (0, "below", 100, None, 0.0),
+])
+def test_length_following_score_hand_values(length, kind, x, hi, expect):
+  assert F.length_following_score(length, kind, x, hi) == pytest.approx(expect)
+
+
+def test_length_following_bad_kind():
+  with pytest.raises(ValueError, match="constraint kind"):
+    F.length_following_score(10, "exactly", 10)
+  with pytest.raises(ValueError, match="hi"):
+    F.target_interval("range", 10)
+
+
+def test_num_round_released_rule():
+  assert F.num_round(7) == (7, 7, 7)
+  assert F.num_round(47) == (50, 40, 50)
+  assert F.num_round(45) == (40, 40, 50)  # Python's round: ties to even (4.5 -> 4)
+  assert F.num_round(100) == (100, 90, 100)
+  assert F.num_round(349) == (300, 300, 400)
+  assert F.num_round(1000) == (1000, 900, 1000)
+  assert F.num_round(3499) == (3000, 3000, 4000)
+  assert F.num_round(3499, 2000) == (4000, 2000, 4000)  # 1.7495 rounds to 2
+  assert F.num_round(5000, 2000) == (4000, 4000, 6000)  # 2.5 -> 2 (ties to even)
+
+
+def test_constraint_sampler_types_and_caps():
+  class Seq:
+    def __init__(self, u):
+      self.u = list(u)
+
+    def random(self):
+      return self.u.pop(0)
+
+  # first draw: unit (< 0.2 coarse); second: type
+  c = F.sample_length_constraint(3499, Seq([0.5, 0.1]), lo=2000, hi=8000)
+  assert c == {"kind": "about", "x": 3000, "hi": None, "text": "around 3000 words"}
+  c = F.sample_length_constraint(3499, Seq([0.1, 0.5]), lo=2000, hi=8000)  # coarse 2000: 4000, 2000, 4000
+  assert (c["kind"], c["x"], c["hi"], c["text"]) == ("range", 2000, 4000, "2000-4000 words")
+  c = F.sample_length_constraint(7900, Seq([0.5, 0.7]), lo=2000, hi=8000)  # floor 7000
+  assert (c["kind"], c["x"], c["text"]) == ("above", 7000, "more than 7000 words")
+  c = F.sample_length_constraint(7900, Seq([0.5, 0.9]), lo=2000, hi=7500)  # ceil 8000 capped at hi
+  assert (c["kind"], c["x"], c["text"]) == ("below", 7500, "less than 7500 words")
+  c = F.sample_length_constraint(2100, Seq([0.1, 0.7]), lo=3000, hi=8000)  # coarse floor 2000 raised to lo
+  assert (c["kind"], c["x"]) == ("above", 3000)
+  c = F.sample_length_constraint(13, Seq([0.5, 0.5]), lo=6, hi=30)  # tens below 100 words
+  assert (c["kind"], c["x"], c["hi"]) == ("range", 10, 20)
+  # the type shares of the released code: 0.4 / 0.25 / 0.1 / 0.25
+  rng = np.random.default_rng(0)
+  kinds = [F.sample_length_constraint(3000, rng, lo=2000, hi=8000)["kind"] for _ in range(4000)]
+  shares = {k: kinds.count(k) / len(kinds) for k in F.CONSTRAINT_TYPES}
+  for k, p in zip(F.CONSTRAINT_TYPES, (0.4, 0.25, 0.1, 0.25)):
+    assert abs(shares[k] - p) < 0.03
+
+
+# ------------------------------------------------------------------------------------------ formats, configs
+
+
+def test_sft_arrays_mask_covers_response_and_eos():
+  tok, mask = sl_lm.sft_arrays([("ab", "xyz")], 10)
+  # BOS a b | x y z EOS | pad pad pad
+  assert tok[0].tolist() == [sl_lm.BOS, 97, 98, 120, 121, 122, sl_lm.EOS, sl_lm.PAD, sl_lm.PAD, sl_lm.PAD]
+  assert mask[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
+  with pytest.raises(ValueError, match="exceeds"):
+    sl_lm.sft_arrays([("ab", "xyz")], 6)
+
+
+def test_cosine_lr():
+  assert sl_lm.cosine_lr(0, 10, 1.0, 0.1) == pytest.approx(1.0)  # warmup of 1 step: (0+1)/1
+  assert sl_lm.cosine_lr(0, 20, 1.0, 0.1) == pytest.approx(0.5)  # warmup 2 steps
+  assert sl_lm.cosine_lr(2, 20, 1.0, 0.1) == pytest.approx(1.0)
+  assert sl_lm.cosine_lr(11, 20, 1.0, 0.1) == pytest.approx(0.5)  # halfway through the 18 cosine steps
+  assert sl_lm.cosine_lr(20, 20, 1.0, 0.1) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loop.macro_iters", 0, "loop.macro_iters"),
+    ("loop.min_gain", 0.9, "loop.min_gain"),
+    ("loop.flavour", "gpt", "loop.flavour"),
+    ("loop.line_keep", 0.0, "loop.line_keep"),
+    ("data.draft_chars", 10_000, "data.draft_chars"),
+    ("length_sft.eval_buckets", ((5, 3),), "length_sft.eval_buckets"),
+    ("base.model.max_seq_len", 64, "base.model.max_seq_len"),
+    ("seeds", (1, 1), "seeds"),
+])
+def test_bad_config_names_the_field(field, value, match):
+  c = _config("smoke")
+  node, key = c, field.split(".")
+  for k in key[:-1]:
+    node = node[k]
+  node[key[-1]] = value
+  with pytest.raises(ConfigError, match=match):
+    sl_run.validate(c)
+
+
+def test_unknown_field_is_refused():
+  c = _config("smoke")
+  c.loop.typo = 1
+  with pytest.raises(ConfigError, match="loop"):
+    sl_run.validate(c)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_smoke_run_end_to_end(tmp_path):
+  from lmx.methods.self_lengthen import run
+
+  c = _config("smoke")
+  res = run(c, str(tmp_path))
+  with open(tmp_path / "results.json") as f:
+    saved = json.load(f)
+  assert saved["method"] == "self_lengthen" and len(saved["per_seed"]) == 1
+  r = saved["per_seed"][0]
+  assert len(r["evals"]) == c.loop.macro_iters + 1 and len(r["iters"]) == c.loop.macro_iters
+  for ev in r["evals"]:
+    assert 0 <= ev["pass_repetition"] <= 1 and len(ev["words"]) == c.eval.n_topics * c.eval.n_samples
+    assert ev["words_mean"] == pytest.approx(np.mean(ev["words"]))
+  assert 0 <= r["length_sft"]["before"]["overall"] <= 1
+  assert os.path.exists(tmp_path / "plots" / "length.png") or any(p.endswith(".png") for p in
+                                                                   os.listdir(tmp_path / "plots"))
+  assert res["summary"]["iters"][0]["words_mean"]["n"] == 1
