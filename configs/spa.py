@@ -31,31 +31,31 @@ def get_config(arg=None):
       n_train=24, n_eval=16, quest_lengths=(4, 6, 8), world_size=3, nb_objects=5,
       train_seed0=0, eval_seed0=10_000, source="textworld", alfworld_dir=""))
   c.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-      max_seq_len=128, tie_embeddings=True, dtype="float32", param_dtype="float32", remat="none",
+      name="transformer", vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+      max_seq_len=56, tie_embeddings=True, dtype="float32", param_dtype="float32", remat="none",
       attention_impl="xla"))
   c.shapes = ml_collections.ConfigDict(dict(
-      k=12, length=112, cand_len=8, max_steps=16, objective_len=72, history_len=16))
-  c.sft = ml_collections.ConfigDict(dict(steps=300, batch=32, lr=3e-3, copies=2))
-  c.explore = ml_collections.ConfigDict(dict(rollouts=4, count_steps=True, temperature=1.0))
+      k=6, length=56, cand_len=6, max_steps=12, objective_len=32, history_len=6))
+  c.sft = ml_collections.ConfigDict(dict(steps=200, batch=16, lr=3e-3, copies=2))
+  c.explore = ml_collections.ConfigDict(dict(rollouts=2, count_steps=True, temperature=1.0))
   c.estimator = ml_collections.ConfigDict(dict(
       head="hidden",  # 'hidden' (the paper: MLP on the last hidden state) | 'logits' (the code: Linear(V->1))
-      hidden=64, steps=150, batch=16, lr=1e-3, l2=0.0, train_backbone=True))
+      hidden=32, steps=100, batch=8, lr=1e-3, l2=0.0, train_backbone=True))
   c.spa = ml_collections.ConfigDict(dict(
       alpha=1.0, beta=0.5,
       final_always=False,  # the code's rule: the last step always gets the grounding bonus
       weighting="unit",  # 'remaining': StepTool's (T-k-1) weighting kept by the released code
       reward_source="estimator"))  # 'loo': the released example's leave-one-out overwrite of the contributions
   c.rl = ml_collections.ConfigDict(dict(
-      env_steps=1500, games_per_iter=4, group=4, epochs=2, minibatch=64, lr=3e-4, clip=0.2, vf_coef=0.5,
+      env_steps=1500, games_per_iter=4, group=4, epochs=1, minibatch=64, lr=3e-4, clip=0.2, vf_coef=0.5,
       ent_coef=0.01, gamma=0.99, lam=0.95, eval_every=4, whiten=True))
   c.paper = ml_collections.ConfigDict(dict(hf_path="", seq_len=4096, batch=8))
 
   if a.variant == "smoke":
     c.seeds = (0,)
     c.games.update(n_train=2, n_eval=1, quest_lengths=(3,), world_size=2, nb_objects=3)
-    c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=64)
-    c.shapes.update(k=6, length=56, objective_len=24, history_len=8, max_steps=5)
+    c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=40)
+    c.shapes.update(k=4, length=40, objective_len=16, history_len=4, max_steps=4)
     c.sft.update(steps=4, batch=8, copies=1)
     c.explore.update(rollouts=2)
     c.estimator.update(steps=3, batch=4, hidden=8)

@@ -37,10 +37,19 @@ def encode_words(text: str, vocab_size: int) -> list[int]:
   return [N_SPECIAL + zlib.crc32(w.encode()) % n for w in words(text)]
 
 
+STOPWORDS = frozenset(
+    "a an the of to in on at and then that this is it its if you your i me my be is are was for with from by "
+    "so as all off first after okay like could would should will can need do does there here how what once "
+    "step objective task today good got over handled winner stop sure make ensure assure doublecheck check "
+    "see look try attempt just not too much trouble within inside".split())
+
+
 def strip_objective(objective: str) -> str:
-  """The quest text without TextWorld's greeting sentences (those naming TextWorld)."""
+  """The quest text without TextWorld's greeting sentences (those naming TextWorld) and without filler words
+  (:data:`STOPWORDS`), so that an 8-step quest fits a short prompt."""
   sents = re.split(r"(?<=[.!?])\s+", str(objective))
-  return " ".join(s for s in sents if "textworld" not in s.lower())
+  kept = " ".join(s for s in sents if "textworld" not in s.lower())
+  return " ".join(w for w in words(kept) if w not in STOPWORDS)
 
 
 def prompt_ids(objective: str, room: str, history: list[str], *, vocab_size: int, objective_len: int,
