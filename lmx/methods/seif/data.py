@@ -141,7 +141,9 @@ def solve(topic: str, constraints: Sequence[I.Constraint], rng: np.random.Genera
   while n_words() < ge and fill:
     toks.insert(len(toks) - 1 if toks and toks[-1] == "." else len(toks), fill[j % len(fill)])
     j += 1
-  toks = [t for k, t in enumerate(toks) if not (t == "," and (k == 0 or toks[k - 1] == ","))]
+  toks = [t for k, t in enumerate(toks)  # no comma first, doubled, last, before '.' or before a removed clause
+          if not (t == "," and (k == 0 or toks[k - 1] == "," or k + 1 == len(toks) or toks[k + 1] == "."
+                                or k + 2 >= len(toks) - 1))]
   body = _join(toks).strip().lstrip(",").strip()
   if end:
     body = body.rstrip(".").rstrip(",").strip() + " " + end
@@ -156,9 +158,13 @@ def solve(topic: str, constraints: Sequence[I.Constraint], rng: np.random.Genera
   return body[:max_chars]
 
 
-def prompt_text(question: str, constraints: Sequence[I.Constraint]) -> str:
-  """The Follower's prompt: the question, the short rendering of each constraint, then ``A:``."""
-  return I.render_instruction(question, constraints, "short") + "\nA:"
+def prompt_text(question: str, constraints: Sequence[I.Constraint], style: str = "spec") -> str:
+  """The Follower's prompt: the question, the constraints, then ``A:``. ``style``: ``"spec"`` (the text form
+  the Instructor writes, ``C: lower; incl sun``: the shortest, what the CPU miniature uses), ``"short"`` or
+  ``"ifeval"`` (one rendered instruction sentence per line)."""
+  if style == "spec":
+    return f"{question}\nC: {I.to_text(constraints)}\nA:" if constraints else f"{question}\nA:"
+  return I.render_instruction(question, constraints, style) + "\nA:"
 
 
 def instructor_prompt(question: str) -> str:

@@ -81,6 +81,10 @@ def validate(config):
     need = config[role].prompt_len + config[role].new_tokens
     require(need <= m.max_seq_len, f"{role}.prompt_len",
             f"prompt_len + new_tokens = {need} exceeds {role}.model.max_seq_len={m.max_seq_len}")
+  require(config.follower.prompt_style in ("spec", "short", "ifeval"), "follower.prompt_style",
+          f"must be 'spec', 'short' or 'ifeval', got {config.follower.prompt_style!r}")
+  require(isinstance(config.sft.seed, int) and config.sft.seed >= 0, "sft.seed",
+          f"must be an integer >= 0, got {config.sft.seed!r}")
   require(config.follower.new_tokens >= config.answer_chars + 1, "follower.new_tokens",
           f"must be >= answer_chars + 1 (EOS) = {config.answer_chars + 1}")
   require(config.paper.enabled is False, "paper.enabled",
@@ -107,11 +111,15 @@ def build_policies(config) -> tuple[Policy, Policy]:
 # ------------------------------------------------------------------------------------------ SFT warm starts
 
 
+def _fp(config, question, constraints):
+  return D.prompt_text(question, constraints, config.follower.prompt_style)
+
+
 def follower_sft_example(config, vocab, rng, qs):
   topic, q = qs[rng.integers(len(qs))]
   n = int(rng.integers(0, config.sft.follower_max_constraints + 1))
   cs = D.sample_set(vocab, rng, n, max_chars=config.answer_chars) if n else ()
-  return D.prompt_text(q, cs), D.solve(topic, cs, rng, max_chars=config.answer_chars), cs
+  return _fp(config, q, cs), D.solve(topic, cs, rng, max_chars=config.answer_chars), cs
 
 
 def instructor_sft_example(config, vocab, rng, qs):
@@ -144,7 +152,7 @@ def sft(policy: Policy, make_example, steps: int, batch: int, seed: int, name: s
 
 def evaluate(config, follower: Policy, params, heldout, key) -> dict:
   """Greedy answers to the held-out set: per level mean adherence and the all-followed rate, plus per kind."""
-  prompts = [D.prompt_text(h["question"], h["constraints"]) for h in heldout]
+  prompts = [_fp(config, h["question"], h["constraints"]) for h in heldout]
   texts = follower.sample_batched(params, prompts, key, 0.0, config.rounds.prompts_per_step * config.grpo.group_size)
   by_level, by_id = {}, {}
   for h, t in zip(heldout, texts):
@@ -182,7 +190,7 @@ def train_instructor(config, inst: Policy, inst_params, fol: Policy, fol_params,
     out = inst.sample(state["params"], prompts, key, g.temperature)
     parsed = [parse_proposal(t, max_constraints=config.instructor.max_constraints) for t in out["texts"]]
     topics = [t for t, _ in picks for _ in range(g.group_size)]
-    fprompts = [D.prompt_text(q, cs or ()) for (_, q), cs in zip([p for p in picks for _ in range(g.group_size)],
+    fprompts = [_fp(config, q, cs or ()) for (_, q), cs in zip([p for p in picks for _ in range(g.group_size)],
                                                                   parsed)]
     answers = fol.sample(fol_params, fprompts, jax.random.fold_in(key, 1), 0.0)["texts"]
     rewards = [instructor_reward(cs, a, use_filter=use_filter, max_chars=config.answer_chars)
@@ -232,7 +240,7 @@ def pool_stats(config, pool, fol: Policy, params_by_name: dict, key) -> dict:
          "filter_reject": float(np.mean([not I.is_valid(p["constraints"], max_chars=config.answer_chars)
                                          for p in pool]))}
   sub = pool[: config.rounds.prompts_per_step * config.grpo.group_size * 2]
-  prompts = [D.prompt_text(p["question"], p["constraints"]) for p in sub]
+  prompts = [_fp(config, p["question"], p["constraints"]) for p in sub]
   b = config.rounds.prompts_per_step * config.grpo.group_size
   for name, params in params_by_name.items():
     texts = fol.sample_batched(params, prompts, key, 0.0, b)
@@ -255,7 +263,7 @@ def train_follower(config, fol: Policy, fol_params, pool, steps: int, *, seed: i
   stats = []
   for step in range(steps):
     items = [pool[i] for i in rng.integers(0, len(pool), r.prompts_per_step)]
-    prompts = [D.prompt_text(it["question"], it["constraints"]) for it in items for _ in range(g.group_size)]
+    prompts = [_fp(config, it["question"], it["constraints"]) for it in items for _ in range(g.group_size)]
     cons = [it["constraints"] for it in items for _ in range(g.group_size)]
     out = fol.sample(state["params"], prompts, rng_stream(seed, "seif_fol_sample", rnd, VARIANTS.index(variant),
                                                           step), g.temperature)
@@ -309,7 +317,7 @@ def run_variant(config, variant, seed, fol, inst, f0, i0, heldout, vocab, writer
     f_prev = f_new
     rec["eval"] = evaluate(config, fol, f_prev, heldout, rng_stream(seed, "seif_eval"))
     ex_items = pool[:config.train.examples]
-    ex_texts = fol.sample_batched(f_prev, [D.prompt_text(p["question"], p["constraints"]) for p in ex_items],
+    ex_texts = fol.sample_batched(f_prev, [_fp(config, p["question"], p["constraints"]) for p in ex_items],
                                   rng_stream(seed, "seif_examples"), 0.0,
                                   config.rounds.prompts_per_step * config.grpo.group_size) if ex_items else []
     rec["examples"] = [{"instruction": p.get("text", I.to_text(p["constraints"])), "question": p["question"],
@@ -337,31 +345,35 @@ def run(config, workdir: str) -> dict:
   heldout = D.heldout_set(vocab, tuple(ev.levels), ev.per_level, ev.seed, max_chars=config.answer_chars)
   per_seed = {}
   try:
+    # The warm starts (the paper's base model): trained once, shared by every seed and variant; the seeds vary
+    # the RL (proposals, rollouts, prompt order).
+    ts, sseed = time.time(), int(config.sft.seed)
+    qs = D.questions("train")
+    f0, fsft = sft(fol, lambda rng: follower_sft_example(config, vocab, rng, qs), config.sft.follower_steps,
+                   config.sft.batch, sseed, "follower", writer, config.train.log_every)
+    i0, isft = sft(inst, lambda rng: instructor_sft_example(config, vocab, rng, qs), config.sft.instructor_steps,
+                   config.sft.batch, sseed, "instructor", writer, config.train.log_every)
+    eval0 = evaluate(config, fol, f0, heldout, rng_stream(sseed, "seif_eval"))
+    sft_info = {"follower_nll": fsft.get(f"s{sseed}/sft_follower/nll"),
+                "instructor_nll": isft.get(f"s{sseed}/sft_instructor/nll"), "seconds": time.time() - ts,
+                "F0_eval": {k: v for k, v in eval0.items() if k != "examples"}, "F0_examples": eval0["examples"]}
+    print(f"seif: SFT warm starts in {sft_info['seconds']:.0f}s (follower nll {sft_info['follower_nll']}, "
+          f"instructor nll {sft_info['instructor_nll']}); F0 held-out mean adherence {eval0['mean/adherence']:.3f}",
+          flush=True)
     for seed in config.seeds:
-      ts = time.time()
-      qs = D.questions("train")
-      f0, fsft = sft(fol, lambda rng: follower_sft_example(config, vocab, rng, qs), config.sft.follower_steps,
-                     config.sft.batch, seed, "follower", writer, config.train.log_every)
-      i0, isft = sft(inst, lambda rng: instructor_sft_example(config, vocab, rng, qs), config.sft.instructor_steps,
-                     config.sft.batch, seed, "instructor", writer, config.train.log_every)
-      eval0 = evaluate(config, fol, f0, heldout, rng_stream(seed, "seif_eval"))
-      print(f"seif seed {seed}: SFT done in {time.time() - ts:.0f}s (follower nll {fsft.get(f's{seed}/sft_follower/nll')}"
-            f", instructor nll {isft.get(f's{seed}/sft_instructor/nll')}); F0 held-out mean adherence "
-            f"{eval0['mean/adherence']:.3f}", flush=True)
-      per_seed[seed] = {"sft": {"follower_nll": fsft.get(f"s{seed}/sft_follower/nll"),
-                                "instructor_nll": isft.get(f"s{seed}/sft_instructor/nll"),
-                                "seconds": time.time() - ts}, "variants": {}}
+      per_seed[seed] = {"variants": {}}
       for variant in config.variants:
         tv = time.time()
         per_seed[seed]["variants"][variant] = run_variant(config, variant, seed, fol, inst, f0, i0, heldout, vocab,
                                                           writer, eval0)
         per_seed[seed]["variants"][variant]["seconds"] = time.time() - tv
+        print(f"seif: seed {seed} {variant} done in {time.time() - tv:.0f}s", flush=True)
   finally:
     writer.close()
   summary = report.summarize(per_seed, list(config.variants), list(ev.levels), config.rounds.n)
   results = {"method": "seif", "variant": config.variant, "seeds": list(config.seeds),
              "variants": list(config.variants), "levels": list(ev.levels), "hard_level": ev.hard_level,
-             "summary": summary, "per_seed": per_seed, "seconds": time.time() - t_start,
+             "summary": summary, "sft": sft_info, "per_seed": per_seed, "seconds": time.time() - t_start,
              "heldout": [{"level": h["level"], "question": h["question"], "instruction": I.to_text(h["constraints"])}
                          for h in heldout]}
   path = write_results(workdir, results)
