@@ -320,23 +320,38 @@ def test_hf_exporter_on_a_tiny_random_mixtral(tmp_path):
                                    num_experts_per_tok=2, max_position_embeddings=64)
   model = transformers.MixtralForCausalLM(cfg).eval()
   batches = np.random.default_rng(0).integers(0, 64, (3, 2, 8))
-  # independent reference: the gates' own outputs, captured by forward hooks on every router Linear
+  # Independent reference: each router module's own output, captured by forward hooks. Older transformers
+  # route with an nn.Linear (output: the logits); 5.x with MixtralTopKRouter (output: logits, top-k scores,
+  # top-k indices), whose choices and renormalised gates the exported records must then equal as well.
   seen = []
-  hooks = [mod.register_forward_hook(lambda m, i, o: seen.append(o.detach().float().numpy()))
-           for name, mod in model.named_modules() if name.endswith("gate") and isinstance(mod, torch.nn.Linear)]
+
+  def capture(mod, inp, out):
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    seen.append([x.detach().float().numpy() for x in parts])
+
+  hooks = [mod.register_forward_hook(capture) for name, mod in model.named_modules() if name.endswith("mlp.gate")
+           or name.endswith("block_sparse_moe.gate")]
+  assert len(hooks) == 2, [n for n, _ in model.named_modules()]
   paths = exporter.export(model, batches, str(tmp_path / "mixtral"), step=3)
   for h in hooks:
     h.remove()
-  assert len(paths) == 2
+  assert len(paths) == 2 and len(seen) == 2 * 3  # 2 layers x 3 batches, in forward order
   for layer, path in enumerate(paths):
     rec = rec_lib.read_record(path)
     assert rec.router_logits.shape == (3 * 2 * 8, 4) and rec.top_k == 2 and rec.n_batches == 3
     np.testing.assert_array_equal(rec.token_ids, batches.reshape(-1))
     np.testing.assert_array_equal(rec.experts, np.argsort(-rec.router_logits, -1, kind="stable")[:, :2])
     np.testing.assert_allclose(rec.gates.sum(-1), 1.0, rtol=1e-5)  # Mixtral renormalises the top-2
-    if seen:
-      ref = np.concatenate([seen[layer + 2 * b].reshape(-1, 4) for b in range(3)])
-      np.testing.assert_allclose(rec.router_logits, ref, rtol=1e-5, atol=1e-6)
+    mine = [seen[layer + 2 * b] for b in range(3)]
+    np.testing.assert_allclose(rec.router_logits, np.concatenate([m[0].reshape(-1, 4) for m in mine]),
+                               rtol=1e-5, atol=1e-6)
+    if len(mine[0]) == 3:  # the router's own top-k choice and gates
+      hf_idx = np.concatenate([m[2].reshape(-1, 2) for m in mine]).astype(np.int64)
+      hf_gate = np.concatenate([m[1].reshape(-1, 2) for m in mine])
+      np.testing.assert_array_equal(np.sort(rec.experts, -1), np.sort(hf_idx, -1))
+      order_mine, order_hf = np.argsort(rec.experts, -1), np.argsort(hf_idx, -1)
+      np.testing.assert_allclose(np.take_along_axis(rec.gates, order_mine, -1),
+                                 np.take_along_axis(hf_gate, order_hf, -1), rtol=1e-5, atol=1e-6)
   out = analysis.analyse_record(rec_lib.read_record(paths[0]), n_boot=50)
   assert np.isfinite(out["gamma_eff"]["pooled"])
 
