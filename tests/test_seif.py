@@ -164,6 +164,64 @@ def test_validate_names_fields():
     seif_run.validate(_config("qwen2_5_7b"))
 
 
+class _StubPolicy:
+  """A policy without a network (no compilation): the Instructor writes fixed proposals, the Follower fixed
+  answers; training steps count their calls. Exercises the whole driver in seconds."""
+
+  class _Model:
+    class cfg:  # noqa: N801
+      max_seq_len = 136
+
+  model = _Model()
+
+  def __init__(self):
+    self.grpo_calls = 0
+
+  def init_state(self, key, tx="sft", params=None):
+    return {"params": {"w": np.zeros(1)} if params is None else params}
+
+  def sft_step(self, state, batch):
+    return state, {"loss": 0.0}
+
+  def grpo_step(self, state, ref, batch):
+    self.grpo_calls += 1
+    assert batch["tokens_BT"].shape[0] % 5 == 0
+    return state, {"loss": 0.0, "kl_ref": 0.0}
+
+  def sample(self, params, prompts, key, temperature):
+    texts = [(["lower; incl sun", "lower; upper", "nonsense"][i % 3] if p.endswith("C:") else "the sun is here")
+             for i, p in enumerate(prompts)]
+    b = len(prompts)
+    return {"texts": texts, "tokens": np.zeros((b, 6), np.int32), "new_tokens": np.zeros((b, 2), np.int32),
+            "mask": np.ones((b, 2), bool), "sequence_mask": np.ones((b, 6), bool),
+            "logprobs": np.zeros((b, 2), np.float32), "lengths": np.full((b,), 2)}
+
+  def sample_batched(self, params, prompts, key, temperature, batch):
+    return self.sample(params, prompts, key, temperature)["texts"]
+
+
+def test_driver_end_to_end_with_stub_policies(tmp_path, monkeypatch):
+  """The smoke config through ``run`` with network-free policies (the real networks: the slow test below)."""
+  seif_run = importlib.import_module("lmx.methods.seif.run")
+  fol, inst = _StubPolicy(), _StubPolicy()
+  monkeypatch.setattr(seif_run, "build_policies", lambda config: (fol, inst))
+  res = seif_run.run(_config("smoke"), str(tmp_path))
+  s = res["per_seed"][0]["variants"]
+  # the stub Follower's answer "the sun is here" follows 'lower' and 'incl sun' of every held-out set it meets
+  assert fol.grpo_calls == 3 * 3  # 3 variants x (2 + 1) Follower steps, 1 minibatch each
+  assert inst.grpo_calls == 2 * 2  # seif and no_filter: 2 rounds x 1 Instructor step
+  seif_pool, nf_pool = s["seif"]["rounds"][1]["pool"], s["no_filter"]["rounds"][1]["pool"]
+  # proposals: 'lower; incl sun' (valid), 'lower; upper' (a contradiction), 'nonsense' (unparsable, dropped)
+  assert seif_pool["filter_reject"] == pytest.approx(nf_pool["filter_reject"])
+  assert 0 < seif_pool["filter_reject"] < 1
+  assert s["random"]["rounds"][1]["pool"]["filter_reject"] == 0.0  # random sets pass the Filter
+  assert s["random"]["instructor_steps"] == 0
+  ex = s["seif"]["rounds"][1]["examples"][0]
+  assert ex["answer"] == "the sun is here" and ex["followed"] == I.check_all(ex["answer"], P(ex["instruction"]))
+  assert os.path.exists(tmp_path / "plots" / "heldout_levels.png")
+
+
+@pytest.mark.slow
 def test_smoke_end_to_end(tmp_path):
   seif_run = importlib.import_module("lmx.methods.seif.run")
   res = seif_run.run(_config("smoke"), str(tmp_path))
