@@ -47,10 +47,10 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       max_topic_chars=40,  # topics (dotted names) longer than this are skipped
       heldout_fraction=0.15,  # modules (by path hash) whose topics are held out for evaluation
-      max_chars=96,  # every response fits this many bytes (the sampler's max_new_tokens)
-      draft_chars=56))  # the bootstrap Generator's targets: first paragraphs of at most this many characters
+      max_chars=128,  # every response fits this many bytes (the sampler's max_new_tokens)
+      draft_chars=40))  # the bootstrap Generator's targets: first paragraphs of at most this many characters
 
-  c.bootstrap = ml_collections.ConfigDict(dict(gen_steps=80, ext_steps=120, max_examples=4000))
+  c.bootstrap = ml_collections.ConfigDict(dict(gen_steps=60, ext_steps=100, max_examples=4000))
 
   c.loop = ml_collections.ConfigDict(dict(
       macro_iters=3, n_prompts=32, samples_per_prompt=2, draft_retries=1, ext_jobs=2, ext_retries=1,
@@ -64,7 +64,7 @@ def get_config(arg=None):
 
   c.sampling = ml_collections.ConfigDict(dict(
       batch=64, temperature=0.7, top_k=20, top_p=0.8,
-      prompt_buckets=(96, 176, 272)))  # Generator / stage 1 / stage 2 prompts (left-padded to a bucket)
+      prompt_buckets=(96, 208, 336)))  # Generator / stage 1 / stage 2 prompts (left-padded to a bucket)
 
   c.length_sft = ml_collections.ConfigDict(dict(
       min_words=4, max_words=30, epochs=4.0, p_coarse=0.2, coarse_unit=2000, fine_unit=1000,

@@ -274,3 +274,18 @@ def test_smoke_run_end_to_end(tmp_path):
   assert os.path.exists(tmp_path / "plots" / "length.png") or any(p.endswith(".png") for p in
                                                                    os.listdir(tmp_path / "plots"))
   assert res["summary"]["iters"][0]["words_mean"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_paper_scale_sft_step_and_sampler_lower_for_cuda():
+  from lmx.methods.self_lengthen import paper
+
+  c = _config("qwen2_7b")
+  # 'auto' picks cuDNN on a GPU, which cannot be traced on a CPU host; lower the Triton kernel instead
+  out = paper.lower(c, "cuda", seq_len=16384, gen_batch=8, prompt_len=2048, new_tokens=16384,
+                    attention_impl="pallas")
+  assert 7.0e9 < out["params"] < 8.0e9  # Qwen2-7B: 7.6B parameters
+  sft_hlo = out["sft"].as_text()
+  assert "16384" in sft_hlo and "bf16" in sft_hlo
+  gen_hlo = out["generate"].as_text()
+  assert "while" in gen_hlo  # the cached sampling loop

@@ -243,7 +243,10 @@ def evaluate_lengths(config, sampler, params, topics, key) -> dict:
   texts, done = sampler(params, [sl_lm.encode_prompt(sl_lm.gen_prompt(t)) for t in jobs], key)
   det = [F.check_details(t, lp.flavour, meta_talk=lp.meta_talk) for t in texts]
   words = np.array([F.count_words(t) for t in texts], np.float64)
+  fin = np.array([bool(dn) and x["ok"] for dn, x in zip(done, det)])  # ended (EOS) and passed every filter
   return {"words_mean": float(words.mean()), "words_median": float(np.median(words)),
+          "finished_rate": float(fin.mean()),
+          "words_mean_finished": float(words[fin].mean()) if fin.any() else float("nan"),
           "words_p90": float(np.quantile(words, 0.9)), "words": words.astype(int).tolist(),
           "chars_mean": float(np.mean([len(t) for t in texts])), "eos_rate": float(done.mean()),
           **{f"pass_{k}": float(np.mean([x[k] for x in det])) for k in ("punctuation", "repetition", "meta", "ok")},
@@ -306,7 +309,8 @@ def run_seed(config, seed: int, *, model, base_params, train_items, held_topics,
   ekey = rng_stream(seed, "eval")
   evals = [evaluate_lengths(config, sampler, gen, eval_topics, ekey)]
   writer.scalars(0, {k: v for k, v in evals[0].items() if isinstance(v, float)}, prefix=f"s{seed}/eval/")
-  log(f"seed {seed} iter 0: held-out words {evals[0]['words_mean']:.1f}, repetition pass "
+  log(f"seed {seed} iter 0: held-out words {evals[0]['words_mean']:.1f} (finished {evals[0]['finished_rate']:.2f}: "
+      f"{evals[0]['words_mean_finished']:.1f}), repetition pass "
       f"{evals[0]['pass_repetition']:.2f}, all filters {evals[0]['pass_ok']:.2f}")
   iters, collected = [], []
   train_topics = [t for t, _ in train_items]
@@ -341,7 +345,7 @@ def run_seed(config, seed: int, *, model, base_params, train_items, held_topics,
     log(f"seed {seed} iter {it}: drafts {dstat['kept']}/{dstat['jobs']} ({dstat['words_mean']:.1f} words), "
         f"extensions accepted {n_acc}/{xstat['jobs']} kept {len(acc)} "
         f"({xstat.get('draft_words_mean', 0):.1f}->{xstat.get('extended_words_mean', 0):.1f} words); held-out "
-        f"words {ev['words_mean']:.1f}, repetition pass {ev['pass_repetition']:.2f}, all {ev['pass_ok']:.2f} "
+        f"words {ev['words_mean']:.1f} (finished {ev['finished_rate']:.2f}: {ev['words_mean_finished']:.1f}), repetition pass {ev['pass_repetition']:.2f}, all {ev['pass_ok']:.2f} "
         f"({time.time() - ti:.0f}s)")
 
   # the length-following fine-tune
@@ -366,8 +370,10 @@ def run_seed(config, seed: int, *, model, base_params, train_items, held_topics,
   log(f"seed {seed}: length following {before['overall']:.3f} -> "
       f"{after['overall'] if after else float('nan'):.3f} ({len(lf_pairs)} constrained pairs)")
   w0, wl = evals[0]["words_mean"], evals[-1]["words_mean"]
+  f0, fl = evals[0]["words_mean_finished"], evals[-1]["words_mean_finished"]
   return {"seed": seed, "bootstrap": {"gen": gi, "ext": ei, "gen_pairs": len(gen_boot), "ext_pairs": len(ext_boot)},
           "evals": evals, "iters": iters, "length_ratio": wl / max(w0, 1e-9),
+          "length_ratio_finished": fl / f0 if np.isfinite(f0) and np.isfinite(fl) else None,
           "length_sft": {"pairs": len(lf_pairs), "train": lfs, "before": before, "after": after},
           "wall_seconds": time.time() - t0}
 
@@ -392,7 +398,7 @@ def load_base(config, workdir, model, mesh):
 
 
 def _ms(xs):
-  xs = np.asarray([x for x in xs if x is not None], np.float64)
+  xs = np.asarray([x for x in xs if x is not None and np.isfinite(x)], np.float64)
   if not len(xs):
     return {"mean": None, "std": None, "n": 0}
   return {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, "n": int(len(xs)),
@@ -404,7 +410,7 @@ def summarize(per_seed: list[dict], macro_iters: int) -> dict:
   s = {"iters": []}
   for i in range(macro_iters + 1):
     row = {"iter": i}
-    for k in ("words_mean", "words_median", "eos_rate", "pass_punctuation", "pass_repetition", "pass_meta",
+    for k in ("words_mean", "words_median", "words_mean_finished", "finished_rate", "eos_rate", "pass_punctuation", "pass_repetition", "pass_meta",
               "pass_ok"):
       row[k] = _ms([r["evals"][i][k] for r in per_seed])
     if i > 0:
@@ -415,6 +421,7 @@ def summarize(per_seed: list[dict], macro_iters: int) -> dict:
       row["draft_words_mean"] = _ms([x["extension"].get("draft_words_mean") for x in it])
     s["iters"].append(row)
   s["length_ratio"] = _ms([r["length_ratio"] for r in per_seed])
+  s["length_ratio_finished"] = _ms([r.get("length_ratio_finished") for r in per_seed])
   for when in ("before", "after"):
     s[f"length_following_{when}"] = {k: _ms([(r["length_sft"][when] or {}).get(k) for r in per_seed])
                                      for k in ("overall",) + F.CONSTRAINT_TYPES}
