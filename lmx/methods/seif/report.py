@@ -91,3 +91,40 @@ def plots(results: Mapping, workdir: str) -> list[str]:
   ax.legend()
   out.append(plots_lib.save_figure(fig, plot_path(workdir, "heldout_levels")))
   return out
+
+
+def _ms(m, digits=3):
+  return "–" if m is None or m.get("mean") is None else f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}"
+
+
+def markdown(results: Mapping) -> str:
+  """The README tables of a results.json: held-out adherence per level per round per variant, the paired
+  difference to ``random``, and the proposals' difficulty per round."""
+  s = results["summary"]
+  variants, levels = results["variants"], results["levels"]
+  n_rounds = len(next(iter(s["per_round"].values()))["mean/adherence"]) - 1
+  hard = results["hard_level"]
+  lines = ["| variant | round | " + " | ".join(f"L{lv} adherence" for lv in levels) + " | mean | "
+           f"L{hard} all followed |", "|---" * (len(levels) + 4) + "|"]
+  for v in variants:
+    for t in range(n_rounds + 1):
+      pr = s["per_round"][v]
+      lines.append(f"| {v} | {t} | " + " | ".join(_ms(pr[f'L{lv}/adherence'][t]) for lv in levels) +
+                   f" | {_ms(pr['mean/adherence'][t])} | {_ms(pr[f'L{hard}/all_followed'][t])} |")
+  out = ["\n".join(lines)]
+  if s.get("paired_vs_random"):
+    rows = ["| variant − random (last round) | " + " | ".join(f"L{lv}" for lv in levels) + " |",
+            "|---" * (len(levels) + 1) + "|"]
+    for v, d in s["paired_vs_random"].items():
+      rows.append(f"| {v} | " + " | ".join(_ms(d[f'L{lv}/adherence']) for lv in levels) + " |")
+    out.append("\n".join(rows))
+  rows = ["| variant | round | constraints / instruction | rejected by the Filter | F0 adherence | F_{T-1} adherence "
+          "| Instructor reward (last steps) | Instructor proposals passing the Filter |", "|---" * 8 + "|"]
+  for v in variants:
+    pr = s["per_round"][v]
+    for t in range(1, n_rounds + 1):
+      rows.append(f"| {v} | {t} | {_ms(pr['pool/n_constraints'][t], 2)} | {_ms(pr['pool/filter_reject'][t], 2)} | "
+                  f"{_ms(pr['pool/adherence_F0'][t])} | {_ms(pr['pool/adherence_Fprev'][t])} | "
+                  f"{_ms(pr['instructor/reward_last'][t])} | {_ms(pr['instructor/filter_pass_last'][t], 2)} |")
+  out.append("\n".join(rows))
+  return "\n\n".join(out)
