@@ -18,11 +18,11 @@ VALID = np.array([[1, 0, 1, 1], [0, 1, 1, 1]], np.float32)
 
 
 def test_estimator_loss_hand_computed():
-  loss, m = progress.progress_estimator_loss(C, M, R)
+  loss, m = progress.progress_estimator_loss(C, M, R, tol=0.2)
   # sums 0.9 and 0.4 (padding ignored); errors -0.1, 0.4 -> mse (0.01 + 0.16)/2 = 0.085
   np.testing.assert_allclose(float(loss), 0.085, rtol=1e-5)
   np.testing.assert_allclose(float(m["mae"]), 0.25, rtol=1e-5)
-  np.testing.assert_allclose(float(m["acc"]), 0.5)  # |err| <= 0.1 for the first only
+  np.testing.assert_allclose(float(m["acc"]), 0.5)  # |err| <= 0.2 for the first only
   loss2, _ = progress.progress_estimator_loss(C, M, R, l2=0.5)
   # l2 term: 0.5 * (0.04 + 0.09 + 0.16 + 0.25 + 0.01) / 5 = 0.055
   np.testing.assert_allclose(float(loss2), 0.085 + 0.055, rtol=1e-5)
@@ -122,6 +122,7 @@ def smoke_results(tmp_path_factory):
   return spa_run_fn(cfg, wd), wd
 
 
+@pytest.mark.slow  # ~60 s on an idle core (five jit compiles of the policy), far over the CI share; see README
 def test_smoke_end_to_end(smoke_results):
   res, wd = smoke_results
   assert set(res["arms"]) >= {"outcome", "spa"}

@@ -430,43 +430,53 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   fns = make_fns(model, config)
   pool = agent.EnvPool(shp.max_steps)
   per_seed, diags, sft_ms = {}, {}, {}
+  results = {}
   try:
     for seed in config.seeds:
       per_seed[seed], diags[seed], sft_ms[seed] = run_seed(config, workdir, model, fns, shp, train, held, pool,
                                                            int(seed))
+      # written after every seed: a run stopped part-way keeps the seeds it finished
+      results = _results(config, per_seed, diags, sft_ms, train, held, t0, t_games)
+      path = write_results(workdir, results)
+      with open(os.path.join(workdir, "samples.json"), "w") as f:
+        json.dump({a: per_seed[config.seeds[0]][a]["samples"] for a in config.arms}, f, indent=1)
+      _plots(results, config, workdir)
   finally:
     pool.close()
+  summary_line("spa", {f"{a} success": f"{v['success']['mean']:.3f}±{v['success']['std']:.3f}"
+                       for a, v in results["arms"].items()}, path)
+  return results
+
+
+def _results(config, per_seed, diags, sft_ms, train, held, t0, t_games):
+  """results.json's content for the seeds finished so far (mean ± std over them per arm)."""
+  seeds = list(per_seed)
   arms = {}
   for arm in config.arms:
-    rs = [per_seed[s][arm] for s in config.seeds]
+    rs = [per_seed[s][arm] for s in seeds]
     arms[arm] = {"success": _mean_std([r["success"] for r in rs]),
                  "grounding": _mean_std([r["grounding"] for r in rs]),
                  "env_steps": _mean_std([r["env_steps"] for r in rs])}
   paired = {}
-  if "spa" in arms and "outcome" in arms:
-    paired["spa_minus_outcome_success"] = _mean_std(
-        [per_seed[s]["spa"]["success"] - per_seed[s]["outcome"]["success"] for s in config.seeds])
-  results = {
-      "method": "spa", "variant": config.variant, "seeds": list(config.seeds),
+  for arm in ("outcome", "grounding", "rloo", "sft"):
+    if "spa" in arms and arm in arms:
+      paired[f"spa_minus_{arm}_success"] = _mean_std(
+          [per_seed[s]["spa"]["success"] - per_seed[s][arm]["success"] for s in seeds])
+  return {
+      "method": "spa", "variant": config.variant, "seeds": seeds, "seeds_asked": list(config.seeds),
       "games": {"n_train": len(train), "n_eval": len(held), "quest_lengths": list(config.games.quest_lengths)},
       "arms": arms, "paired": paired, "sft": {str(s): m for s, m in sft_ms.items()},
       "estimator": {str(s): d for s, d in diags.items() if d},
       "per_seed": {str(s): {a: {k: v for k, v in r.items() if k != "samples"} for a, r in res.items()}
                    for s, res in per_seed.items()},
       "wall_s": time.time() - t0, "games_wall_s": t_games}
-  path = write_results(workdir, results)
-  with open(os.path.join(workdir, "samples.json"), "w") as f:
-    json.dump({a: per_seed[config.seeds[0]][a]["samples"] for a in config.arms}, f, indent=1)
-  _plots(results, config, workdir)
-  summary_line("spa", {f"{a} success": f"{v['success']['mean']:.3f}±{v['success']['std']:.3f}"
-                       for a, v in arms.items()}, path)
-  return results
 
 
 def _plots(results, config, workdir):
+  seeds = results["seeds"]
   series, bands = {}, {}
   for arm in config.arms:
-    curves = [results["per_seed"][str(s)][arm]["curve"] for s in config.seeds]
+    curves = [results["per_seed"][str(s)][arm]["curve"] for s in seeds]
     n = min(len(c) for c in curves)
     xs = np.mean([[p[0] for p in c[:n]] for c in curves], 0)
     ys = np.array([[p[1] for p in c[:n]] for c in curves])
