@@ -34,8 +34,8 @@ def paper_model(config, *, attention_impl: str | None = None):
   """The registry Model of Qwen2-7B-Instruct's architecture with ``base.model``'s overrides."""
   m = config.base.model
   cfg = hf_lib.config_from_hf(QWEN2_7B, where="QWEN2_7B", axis_rules=config.axis_rules, dtype=m.dtype,
-                max_seq_len=m.max_seq_len, attention_impl=attention_impl or m.attention_impl,
-                remat=m.remat)
+                              max_seq_len=m.max_seq_len, attention_impl=attention_impl or m.attention_impl,
+                              remat=m.remat)
   return transformer_model(cfg, name="hf")
 
 
@@ -56,22 +56,22 @@ def lower(config, target: str = "cuda", *, seq_len: int = 16384, gen_batch: int 
   state_sh = loop.optax_shardings(psh, tx, abstract, mesh)
   abs_state = {"params": abstract, "opt_state": jax.eval_shape(tx.init, abstract)}
   abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state,
-                             {"params": state_sh["params"], "opt_state": state_sh["opt_state"]})
+                           {"params": state_sh["params"], "opt_state": state_sh["opt_state"]})
   bsh = mesh_lib.batch_sharding(mesh, rules)
-  b = config.sft.batch
+  b = config.sft.batch * mesh_lib.batch_size_divisor(mesh, rules)  # per-device batch 1, as LLaMA-Factory's
   batch = {"tokens_BT": jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=bsh),
-             "loss_mask_BT": jax.ShapeDtypeStruct((b, seq_len), jnp.float32, sharding=bsh)}
+           "loss_mask_BT": jax.ShapeDtypeStruct((b, seq_len), jnp.float32, sharding=bsh)}
   step = loop.optax_step(sl_lm.sft_loss(model.apply), tx)
   s = config.sampling
   sampling = gen_lib.SamplingConfig(max_new_tokens=new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                      top_p=s.top_p, eos_id=151645, pad_id=151643)  # <|im_end|>, <|endoftext|>
+                                    top_p=s.top_p, eos_id=151645, pad_id=151643)  # <|im_end|>, <|endoftext|>
   gen = gen_lib.make_generate_fn(model.graphdef, sampling)
   params_sh = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, psh)
   key = jax.eval_shape(lambda: jax.random.key(0))
   with jax.set_mesh(mesh), attention_lib.target_platform(target):
     sft = jax.jit(lambda st, bt: step(st, None, bt, jax.random.key(0))).trace(abs_state, batch).lower(
-      lowering_platforms=(target,))
+        lowering_platforms=(target,))
     g = gen.trace(params_sh, jax.ShapeDtypeStruct((gen_batch, prompt_len), jnp.int32),
-                      jax.ShapeDtypeStruct((gen_batch,), jnp.int32), key).lower(lowering_platforms=(target,))
+                  jax.ShapeDtypeStruct((gen_batch,), jnp.int32), key).lower(lowering_platforms=(target,))
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
   return {"sft": sft, "generate": g, "params": n}
