@@ -27,17 +27,17 @@ def get_config(arg=None):
   c.env = ml_collections.ConfigDict(dict(
       clips=3, particles=28, p_snag=0.03, slip_stretch=1.08, res=32, decisions=12, steps=12, goto_sigma=0.015))
   c.demos = ml_collections.ConfigDict(dict(
-      episodes=48,  # training layouts 0..episodes-1, one noisy oracle episode each (all arms train on these)
+      episodes=40,  # training layouts 0..episodes-1, one noisy oracle episode each (all arms train on these)
       action_sigma=0.2))
-  c.model = ml_collections.ConfigDict(dict(widths=(16, 32), hidden=(128, 128), history=6, embed=4,
-                                           selector_hidden=128))
+  c.model = ml_collections.ConfigDict(dict(widths=(8, 16), hidden=(64, 64), history=6, embed=4,
+                                           selector_hidden=64))
   c.train = ml_collections.ConfigDict(dict(
-      bc_steps=600, sel_steps=600, batch=64, lr=1e-3, sel_lr=3e-4, weight_decay=3e-3, warmup=50,
+      bc_steps=400, sel_steps=400, batch=32, lr=1e-3, sel_lr=3e-4, weight_decay=3e-3, warmup=50,
       augment_shift=2))
   c.dagger = ml_collections.ConfigDict(dict(
-      episodes=24,  # more training layouts (ids after the demos'), rolled out with the learned selector
-      steps=200, lr=3e-5, warmup=20))
-  c.eval = ml_collections.ConfigDict(dict(episodes=40, batch=40, strips=4))
+      episodes=16,  # more training layouts (ids after the demos'), rolled out with the learned selector
+      steps=300, lr=3e-4, warmup=15))
+  c.eval = ml_collections.ConfigDict(dict(episodes=32, batch=32, strips=4))
   c.real = ml_collections.ConfigDict(dict(data_dir="", split="train", max_episodes=0, res=64, steps=2000,
                                           batch=64))
 

@@ -84,7 +84,7 @@ def group_norm(p, x_BHWC, groups, eps=1e-5):
 
 
 def init_encoder(key, in_ch: int = 3, widths=(16, 32)):
-  """A ResNet: a 3x3 stem, one basic block per width (stride 2 after the first), GroupNorm, GAP."""
+  """A ResNet: a 3x3 stride-2 stem, one basic block per width (stride 2 after the first), GroupNorm, GAP."""
   keys = iter(jax.random.split(key, 4 * len(widths) + 2))
   p = dict(stem=_conv_init(next(keys), 3, in_ch, widths[0]), stem_gn=_gn_init(widths[0]), blocks=[])
   cin = widths[0]
@@ -104,7 +104,7 @@ def _groups(c):
 
 def encoder(p, x_BHWC):
   """Features (B, widths[-1]) of images in [0, 1]."""
-  h = jax.nn.relu(group_norm(p["stem_gn"], _conv(p["stem"], x_BHWC), _groups(p["stem"].shape[-1])))
+  h = jax.nn.relu(group_norm(p["stem_gn"], _conv(p["stem"], x_BHWC, 2), _groups(p["stem"].shape[-1])))
   for i, blk in enumerate(p["blocks"]):
     s = 1 if i == 0 else 2
     c = blk["c1"].shape[-1]
