@@ -5,7 +5,7 @@ r"""SEIF: Self-Evolving Reinforcement Learning for Instruction Following (Ren et
   python launch/run.py --config=configs/seif.py --config.seeds="(0,)" --workdir=runs/seif-1seed
 
 Variants: default (CPU: three variants x three seeds, byte-level tiny Instructor and Follower trained in process),
-``smoke`` (CI, seconds), ``qwen2_5_7b`` (the paper's model, group size, KL and clipping: its GRPO step builds and
+``smoke`` (CI, seconds), ``long`` (twice the RL steps at twice the RL learning rate), ``qwen2_5_7b`` (the paper's model, group size, KL and clipping: its GRPO step builds and
 lowers for GPU with abstract shapes, see ``lmx.methods.seif.paper``; it does not run here).
 
 Variants compared at equal Follower GRPO steps (``variants``): ``seif`` (Instructor evolution with the Filter),
@@ -16,7 +16,7 @@ import ml_collections
 
 from lmx.core.config import parse_arg
 
-VARIANTS = ("", "smoke", "qwen2_5_7b")
+VARIANTS = ("", "smoke", "long", "qwen2_5_7b")
 
 
 def _model(**kw):
@@ -76,6 +76,9 @@ def get_config(arg=None):
     c.grpo.update(minibatches=1)
     c.eval.update(levels=(1, 3), per_level=2, hard_level=3)
     c.train.update(log_every=1, examples=2)
+  elif a.variant == "long":  # twice the RL steps per round at twice the RL learning rate
+    c.rounds.update(follower_steps=16, instructor_steps=16)
+    c.rl_optim.update(lr=2e-4)
   elif a.variant == "qwen2_5_7b":
     # Qwen2.5-7B-Instruct: the architecture is stated so the step lowers without the weights; a run would read
     # the checkpoint with model.name='hf' (lmx.models.hf) and its tokenizer.
