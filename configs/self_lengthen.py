@@ -84,7 +84,7 @@ def get_config(arg=None):
     c.sampling.update(batch=8, prompt_buckets=(128,))
     c.length_sft.update(min_words=1, max_words=30, epochs=1.0, eval_buckets=((2, 6),), eval_topics=1)
     c.eval.update(n_topics=4)
-    c.train.update(plot=True)
+    c.train.update(plot=False)
   elif a.variant == "qwen2_7b":
     c.seeds = (0,)
     # Qwen2-7B-Instruct: model.name='hf' reads a local checkpoint; paper.lower() builds the same architecture from
