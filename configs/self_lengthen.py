@@ -50,7 +50,7 @@ def get_config(arg=None):
       max_chars=128,  # every response fits this many bytes (the sampler's max_new_tokens)
       draft_chars=40))  # the bootstrap Generator's targets: first paragraphs of at most this many characters
 
-  c.bootstrap = ml_collections.ConfigDict(dict(gen_steps=60, ext_steps=100, max_examples=4000))
+  c.bootstrap = ml_collections.ConfigDict(dict(gen_steps=60, ext_steps=100, max_examples=4000, lr=1e-3))
 
   c.loop = ml_collections.ConfigDict(dict(
       macro_iters=3, n_prompts=32, samples_per_prompt=2, draft_retries=1, ext_jobs=2, ext_retries=1,
@@ -60,7 +60,8 @@ def get_config(arg=None):
 
   c.sft = ml_collections.ConfigDict(dict(
       batch=8, epochs=4.0, warmup_ratio=0.1,
-      optim=ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=1.0))))
+      # the paper's lr (1e-4) for the macro-iterations' SFT; bootstrap.lr for the roles' starting SFT
+      optim=ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=1.0))))
 
   c.sampling = ml_collections.ConfigDict(dict(
       batch=64, temperature=0.7, top_k=20, top_p=0.8,

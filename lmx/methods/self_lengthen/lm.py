@@ -107,9 +107,11 @@ class SFT:
     self._step = jax.jit(lambda state, batch: step(state, None, batch, jax.random.key(0)), donate_argnums=0)
     self._init = jax.jit(self.tx.init)
 
-  def train(self, params, pairs, *, length: int, epochs: float, rng: np.random.Generator, warmup_ratio: float):
+  def train(self, params, pairs, *, length: int, epochs: float, rng: np.random.Generator, warmup_ratio: float,
+            lr: float | None = None):
     """Fine-tunes a copy of ``params`` on ``pairs`` for ``epochs`` passes (shuffled, batches of ``batch``
-    drawn without replacement and wrapping around), fresh AdamW state, warmup + cosine. Returns
+    drawn without replacement and wrapping around), fresh AdamW state, warmup + cosine to 0 from ``lr``
+    (default: the optimiser config's). Returns
     ``(params, {"steps", "first_ce", "last_ce", "examples"})``."""
     tok, mask = sft_arrays(pairs, length)
     n = len(pairs)
@@ -119,7 +121,7 @@ class SFT:
     ces = []
     for s in range(steps):
       idx = order[s * self.batch:(s + 1) * self.batch]
-      state["opt_state"] = set_lr(state["opt_state"], cosine_lr(s, steps, self.optim.lr, warmup_ratio))
+      state["opt_state"] = set_lr(state["opt_state"], cosine_lr(s, steps, lr or self.optim.lr, warmup_ratio))
       state, m = self._step(state, {"tokens_BT": jnp.asarray(tok[idx]), "loss_mask_BT": jnp.asarray(mask[idx])})
       ces.append(m["ce"])
     ces = [float(c) for c in ces]

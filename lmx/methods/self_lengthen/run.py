@@ -49,7 +49,7 @@ CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "ba
                  "sft", "sampling", "length_sft", "eval", "train")
 BASE_FIELDS = ("steps", "corpus", "seq_len", "global_batch", "model", "optim")
 DATA_FIELDS = ("max_topic_chars", "heldout_fraction", "max_chars", "draft_chars")
-BOOT_FIELDS = ("gen_steps", "ext_steps", "max_examples")
+BOOT_FIELDS = ("gen_steps", "ext_steps", "max_examples", "lr")
 LOOP_FIELDS = ("macro_iters", "n_prompts", "samples_per_prompt", "draft_retries", "ext_jobs", "ext_retries",
                "micro_iters", "min_gain", "line_keep", "drop_short", "flavour", "meta_talk")
 SFT_FIELDS = ("batch", "epochs", "warmup_ratio", "optim")
@@ -300,9 +300,9 @@ def run_seed(config, seed: int, *, model, base_params, train_items, held_topics,
           "data.draft_chars")
   bc = config.bootstrap
   gen, gi = sft.train(base_params, gen_boot, length=lens["gen"], epochs=bc.gen_steps * sc.batch / len(gen_boot),
-                      rng=np_stream(seed, "sft", 0, 0), warmup_ratio=sc.warmup_ratio)
+                      rng=np_stream(seed, "sft", 0, 0), warmup_ratio=sc.warmup_ratio, lr=bc.lr)
   ext, ei = sft.train(base_params, ext_boot, length=lens["ext"], epochs=bc.ext_steps * sc.batch / len(ext_boot),
-                      rng=np_stream(seed, "sft", 0, 1), warmup_ratio=sc.warmup_ratio)
+                      rng=np_stream(seed, "sft", 0, 1), warmup_ratio=sc.warmup_ratio, lr=bc.lr)
   log(f"seed {seed}: bootstrap Generator {gi['steps']} steps,  {gi['examples']} pairs, CE {gi['first_ce']:.3f}->{gi['last_ce']:.3f}; "
       f"Extender {ei['examples']} pairs, CE {ei['first_ce']:.3f}->{ei['last_ce']:.3f} ({time.time() - t0:.0f}s)")
   eval_topics = held_topics[:config.eval.n_topics]
