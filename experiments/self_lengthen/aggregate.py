@@ -10,7 +10,9 @@ import sys
 import numpy as np
 
 from lmx.core.results import write_results
-from lmx.methods.self_lengthen import run as sl_run
+import importlib
+
+sl_run = importlib.import_module("lmx.methods.self_lengthen.run")  # the module (the package re-exports run())
 
 
 def fmt(m, digits=2):
