@@ -27,8 +27,7 @@ setup(
         "safetensors>=0.4.3",  # Hugging Face checkpoints (lmx.models.hf), read through NumPy: no torch
         "tokenizers>=0.19",  # Hugging Face tokenizer.json (lmx.datasets.tokenizer)
         "textworld>=1.6",  # text-agent games for SPA (lmx.envs.textworld); bundles its Inform7 compiler
-        "mujoco>=3.1",  # physics for the cable-routing simulator (lmx.envs.cable)
-        "distrax>=0.1.5",  # tanh-Gaussian policies with the log-det (cable routing's BC heads)
+        "distrax>=0.1.5",  # the reference the cable-routing tests check the tanh-Gaussian log-probs against
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
