@@ -145,4 +145,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except ValueError as e:  # not a routed MoE, or too little text: one line, nothing written
+    print(f"export_hf_routing: {e}", file=sys.stderr)
+    sys.exit(2)
