@@ -75,6 +75,7 @@ SLOW_TIER = {
     "test_datm.py::test_conv_impls_give_the_same_network_and_auto_resolves_per_use": 28,
     "test_launch.py::test_smoke_twice_second_resumes": 47,
     "test_interfaces.py::test_continuation_from_cache_equals_generating_from_scratch[capacity]": 27,
+    "test_benchmarks.py::test_lm_step_writes_consistent_json": 10,  # the benchmark script, not the runtime
 }
 
 

@@ -118,7 +118,6 @@ def test_renderer_shapes_and_pixels():
   assert ring[16, 16, 2] < 0.5 and ring[16, 18, 2] > 0.5  # open: a ring (radius 0.018 = 2.4 px), hollow
 
 
-@pytest.mark.slow
 def test_scripted_demos_succeed_on_all_layouts_without_noise():
   from lmx.methods.cable_routing import rollout as R
 

@@ -221,7 +221,7 @@ def test_driver_end_to_end_with_stub_policies(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / "plots" / "heldout_levels.png")
 
 
-@pytest.mark.slow
+# The CI's run of the smoke config with the real networks: about 9 s on one idle core.
 def test_smoke_end_to_end(tmp_path):
   seif_run = importlib.import_module("lmx.methods.seif.run")
   res = seif_run.run(_config("smoke"), str(tmp_path))

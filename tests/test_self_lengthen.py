@@ -314,9 +314,8 @@ def test_drafts_redraw_failures_then_drop_short():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-# About 45 s of CPU (five compilations: init, one sampler bucket, two SFT lengths, plus the stdlib ast walk), well
-# over the CI budget for one test, so it runs with the slow tests; the loop's logic is covered above by stubs.
-@pytest.mark.slow
+# The CI's run of the smoke config: about 14 s on one idle core (five compilations: init, one sampler bucket, two
+# SFT lengths, plus the stdlib ast walk).
 def test_smoke_run_end_to_end(tmp_path):
   from lmx.methods.self_lengthen import run
 

@@ -122,7 +122,7 @@ def smoke_results(tmp_path_factory):
   return spa_run_fn(cfg, wd), wd
 
 
-@pytest.mark.slow  # ~60 s on an idle core (five jit compiles of the policy), far over the CI share; see README
+# The CI's run of the smoke config: about 23 s on one idle core (game generation, five compiles of the policy).
 def test_smoke_end_to_end(smoke_results):
   res, wd = smoke_results
   assert set(res["arms"]) >= {"outcome", "spa"}
