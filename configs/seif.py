@@ -5,7 +5,7 @@ r"""SEIF: Self-Evolving Reinforcement Learning for Instruction Following (Ren et
   python launch/run.py --config=configs/seif.py --config.seeds="(0,)" --workdir=runs/seif-1seed
 
 Variants: default (CPU: three variants x three seeds, byte-level tiny Instructor and Follower trained in process;
-24 min wall / 6 min CPU on one heavily shared core, results in experiments/seif/README.md),
+about 3 min on one idle core, results in experiments/seif/README.md),
 ``smoke`` (CI, seconds), ``long`` (twice the RL steps at twice the RL learning rate), ``qwen2_5_7b`` (the paper's model, group size, KL and clipping: its GRPO step builds and
 lowers for GPU with abstract shapes, see ``lmx.methods.seif.paper``; it does not run here).
 
