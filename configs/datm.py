@@ -12,8 +12,9 @@ Variants
                    scan with per-step remat (as fast as unrolling at N = 25, much shorter compile:
                    benchmarks/results/datm_step_n25.json) and the opt-in spike guard (distill.spike_factor = 10);
                    about 8 minutes on 2 cores (experiments/datm/README.md).
-  ipc10_n25_e03    ipc10_n25 with stronger experts (experts.lr = distill.lr_init = 0.03): the image updates add on
-                   seeds 1 and 2 (experiments/datm/README.md §0d); about 10.5 min on one core.
+  ipc10_n25_e03    ipc10_n25 with stronger experts (experts.lr = distill.lr_init = 0.03): distilled above its initial
+                   set and ≥ 2.4× the combined std above random on 3 seeds (experiments/datm/README.md §0d);
+                   about 10.5 min on one loaded core.
   mtt              MTT preset of the same code: hard labels, real init, no window growth, no loss threshold.
   cifar10_ipc{1,10,50,500,1000}, cifar100_ipc{1,10,50,100}
                    the DATM paper's hyperparameters (datm.md §8.1) for an accelerator: ZCA, ConvNet-3 width 128,
