@@ -43,9 +43,25 @@ SPEC = D.InnerSpec(syn_steps=3, batch_syn=4, dsa_strategy=("color", "crop", "cut
 @pytest.mark.parametrize("unroll,remat", [(True, False), (True, True), (False, False), (False, True)])
 def test_meta_gradient_matches_central_finite_differences(unroll, remat):
   """Exact second-order meta-gradient into pixels, label logits and step size (scan/unrolled × remat)."""
+  _check_meta_gradient_by_finite_differences(dataclasses.replace(SPEC, unroll=unroll, remat=remat))
+
+
+def test_hoisted_dsa_meta_gradient_matches_finite_differences():
+  """With the N minibatches augmented before the (rolled, rematerialised) inner loop the meta-gradient is still the
+  exact derivative, and the loss is the in-step augmentation's: DSA does not depend on θ."""
+  spec = dataclasses.replace(SPEC, unroll=False, remat=True, hoist_dsa=True)
+  _check_meta_gradient_by_finite_differences(spec)
   with jax.enable_x64(True):
     p0, p1, syn = _tiny(jnp.float64)
-    spec = dataclasses.replace(SPEC, unroll=unroll, remat=remat)
+    key = jax.random.key(3)
+    in_step = dataclasses.replace(spec, hoist_dsa=False)
+    assert float(D.meta_loss(syn, p0, p1, key, spec)) == pytest.approx(float(D.meta_loss(syn, p0, p1, key, in_step)),
+                                                                       rel=1e-12)
+
+
+def _check_meta_gradient_by_finite_differences(spec):
+  with jax.enable_x64(True):
+    p0, p1, syn = _tiny(jnp.float64)
     key = jax.random.key(3)
     vg = jax.jit(jax.value_and_grad(lambda s: D.meta_loss(s, p0, p1, key, spec)))
     _, g = vg(syn)

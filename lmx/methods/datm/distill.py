@@ -45,6 +45,9 @@ class InnerSpec:
   unroll: bool = True
   remat: bool = True
   lr_param: str = "log"
+  # Augment all N minibatches before the inner loop (one batched DSA call whose backward is one scatter) instead of
+  # inside each step, where per-step remat recomputes it; DSA does not depend on θ, so the function is the same.
+  hoist_dsa: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- small pieces
@@ -104,12 +107,17 @@ def inner_loop(syn: Syn, theta_start, key: jax.Array, spec: InnerSpec, apply_fn:
   # Augmentation parameters do not depend on the images: drawn for all steps up front, outside the gradient.
   aug_S = jax.vmap(lambda k: dsa.draw(k, batch_shape, spec.dsa_strategy))(jax.random.split(k_aug, spec.syn_steps))
 
+  def augmented(aug, idx_B):
+    return dsa.apply_params(x_NHWC[idx_B], aug) if spec.dsa_strategy else x_NHWC[idx_B]
+
   def step(theta, inputs):
     aug, idx_B = inputs
-    xb = dsa.apply_params(x_NHWC[idx_B], aug) if spec.dsa_strategy else x_NHWC[idx_B]
+    xb = aug if spec.hoist_dsa else augmented(aug, idx_B)
     g = jax.grad(lambda th: soft_cross_entropy(apply_fn(th, xb), targets_NC[idx_B]))(theta)
     return jax.tree.map(lambda p, gp: p - alpha * gp, theta, g), None
 
+  if spec.hoist_dsa:  # (N, B, H, W, C) augmented minibatches, computed once outside the differentiated steps' remat
+    aug_S = jax.vmap(augmented)(aug_S, idx_SB)
   if spec.remat:
     step = jax.checkpoint(step)
   if spec.unroll:

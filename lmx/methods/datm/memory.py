@@ -86,8 +86,10 @@ def estimate(config) -> dict[str, int]:
   # the N + 1 parameter checkpoints of the scan, one inner step's second-order activations
   # unrolled without remat (or unrolled with it: XLA CSEs the recompute away) keeps every step's activations
   live_steps = 1 if (d.remat and not d.unroll) else d.syn_steps
+  # distill.hoist_dsa: the N augmented minibatches live through the scan and its backward, with their cotangents
+  hoisted = 2 * d.syn_steps * d.batch_syn * img if d.hoist_dsa else 0
   out["meta_step"] = F32 * (3 * syn + 2 * p + (d.syn_steps + 1) * p + live_steps * d.batch_syn * META_PER_A * a
-                            + d.syn_steps * d.batch_syn * 16)  # + the DSA parameters drawn for all steps (small)
+                            + d.syn_steps * d.batch_syn * 16 + hoisted)  # + the DSA parameters for all steps (small)
   data_on_device = n_train if v.full else max(n_syn, d.ipc * classes)
   out["eval_train"] = F32 * (v.num * v.batch * TRAIN_PER_A * a + 4 * v.num * p + v.num * v.batch * img
                              + data_on_device * (img + classes))

@@ -41,7 +41,7 @@ def specs(config) -> tuple[D.InnerSpec, D.OuterSpec]:
   inner = D.InnerSpec(syn_steps=d.syn_steps, batch_syn=d.batch_syn, soft_labels=d.soft_labels,
                       learn_labels=d.learn_labels, learn_lr=d.learn_lr,
                       dsa_strategy=dsa.parse_strategy(config.data.dsa_strategy), unroll=d.unroll, remat=d.remat,
-                      lr_param=d.lr_param)
+                      lr_param=d.lr_param, hoist_dsa=bool(d.hoist_dsa))
   outer = D.OuterSpec(lr_img=d.lr_img, lr_lr=d.lr_lr, lr_y=d.lr_y, momentum_img=d.momentum_img,
                       momentum_lr=d.momentum_lr, momentum_y=d.momentum_y, threshold=float(d.threshold),
                       lr_min=d.lr_min, lr_max=d.lr_max, lr_init=d.lr_init, spike_factor=float(d.spike_factor))
