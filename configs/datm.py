@@ -10,11 +10,11 @@ Variants
   smoke            scikit-learn 8×8 digits, tiny net, IPC 1, < 90 s (CI).
   ipc1             MNIST-5k at IPC 1, early window, N = 25, 1,000 iterations (~5.5 min on one core): distilled
                    +18 to +26 points over random real on 3 seeds (experiments/datm/README.md §0e).
-  ipc50            MNIST-5k at IPC 50, late window.
+  ipc50            MNIST-5k at IPC 50, late window, N = 25.
                    Every MNIST-5k variant except ipc10_n10 / ipc10_n25 trains the same experts (3 × 8 epochs at
                    lr 0.03), so one buffer serves them all: ``--config.experts.dir=<a default run>/experts``.
   ipc100           MNIST-5k at IPC 100 (1,000 images, a quarter of the training split: the "lossless" regime),
-                   late window, against a full-data reference trained for 15 epochs.
+                   late window, N = 25, against a full-data reference trained for 15 epochs.
   ipc10_n10        the previous default: N = 10 unrolled, lr_img 30, experts at lr 0.01 (~94 %), no guard; its gain
                    over the initial set is inside the noise (README §0, §1).
   ipc10_n25        N = 25 as the default but with the lr-0.01 experts: misses the initial set on one seed (§0d).
@@ -125,12 +125,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              current_max_start_epoch=3, lr_lr=1e-7, lr_y=5.0, threshold=1.1, iterations=1000, unroll=False,
              remat=True)
   elif a.variant == "ipc50":
-    d.update(ipc=50, batch_syn=100, syn_steps=10, min_start_epoch=3, max_start_epoch=6, sequential=False,
-             current_max_start_epoch=6, lr_img=1000.0, iterations=80)
+    d.update(ipc=50, batch_syn=100, syn_steps=25, min_start_epoch=3, max_start_epoch=6, sequential=False,
+             current_max_start_epoch=6, lr_img=1000.0, iterations=80, unroll=False, remat=True)
     c.eval.update(epochs=60, full_epochs=15)
   elif a.variant == "ipc100":  # 1,000 images, 25 % of the training split (CIFAR-10 IPC 1000's ratio)
-    d.update(ipc=100, batch_syn=100, syn_steps=10, min_start_epoch=3, max_start_epoch=6, sequential=False,
-             current_max_start_epoch=6, lr_img=50.0, iterations=60)  # lr_img: the paper's at IPC 500/1000
+    d.update(ipc=100, batch_syn=100, syn_steps=25, min_start_epoch=3, max_start_epoch=6, sequential=False,
+             current_max_start_epoch=6, lr_img=50.0, iterations=60,  # lr_img: the paper's at IPC 500/1000
+             unroll=False, remat=True)
     c.eval.update(epochs=40, full_epochs=15)  # the full-data reference trained to convergence (15 epochs)
   elif a.variant in ("", "ipc10", "ipc10_n25_e03", "ipc10_n25"):
     # N = 25 (N : M·steps-per-epoch = 25 : 126 ≈ 0.2, the paper's ratio) as a rolled scan with per-step remat
