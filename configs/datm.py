@@ -11,13 +11,13 @@ Variants
   ipc1             MNIST-5k at IPC 1, early window, N = 25, 1,000 iterations (~5.5 min on one core): distilled
                    +18 to +26 points over random real on 3 seeds (experiments/datm/README.md §0e).
   ipc50            MNIST-5k at IPC 50, late window, N = 25.
-                   Every MNIST-5k variant except ipc10_n10 / ipc10_n25 trains the same experts (3 × 8 epochs at
-                   lr 0.03), so one buffer serves them all: ``--config.experts.dir=<a default run>/experts``.
   ipc100           MNIST-5k at IPC 100 (1,000 images, a quarter of the training split: the "lossless" regime),
                    late window, N = 25, against a full-data reference trained for 15 epochs.
   ipc10_n10        the previous default: N = 10 unrolled, lr_img 30, experts at lr 0.01 (~94 %), no guard; its gain
                    over the initial set is inside the noise (README §0, §1).
   ipc10_n25        N = 25 as the default but with the lr-0.01 experts: misses the initial set on one seed (§0d).
+                   Every other MNIST-5k variant trains the same experts (3 × 8 epochs at lr 0.03), so one buffer
+                   serves them all: ``--config.experts.dir=<a default run>/experts``.
   mtt              MTT preset of the same code: hard labels, real init, no window growth, no loss threshold.
   cifar10_ipc{1,10,50,500,1000}, cifar100_ipc{1,10,50,100}
                    the DATM paper's hyperparameters (datm.md §8.1) for an accelerator: ZCA, ConvNet-3 width 128,
