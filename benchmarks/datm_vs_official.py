@@ -370,7 +370,7 @@ def _expert_trajectory(p0, epochs: int, seed_name: str):
   return traj
 
 
-def _meta_step_flops(compiled, fn, inner, outer, apply_fn, args):
+def _meta_step_flops(compiled, inner, outer, apply_fn, args):
   """FLOPs of one iteration and where they come from. XLA's cost analysis counts a while loop's body once, so for a
   rolled scan (and to leave remat's recomputation out) the count is taken from the same step unrolled without
   remat, lowered but not compiled (``Lowered.cost_analysis``: the HLO before optimisation)."""
@@ -418,8 +418,7 @@ def lmx_worker(args) -> None:
   t0 = time.perf_counter()
   compiled = fn.lower(state, traj[0], traj[EXPERT_EPOCHS], key).compile()
   compile_s = time.perf_counter() - t0
-  flops, flops_from = _meta_step_flops(compiled, fn, inner, outer, apply_fn, (state, traj[0], traj[EXPERT_EPOCHS],
-                                                                              key))
+  flops, flops_from = _meta_step_flops(compiled, inner, outer, apply_fn, (state, traj[0], traj[EXPERT_EPOCHS], key))
   mem = compiled.memory_analysis()
   mem_b = {k: int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in ("temp", "argument", "output", "alias",
                                                                     "generated_code")} if mem else {}

@@ -87,7 +87,7 @@ def _base() -> ml_collections.ConfigDict:
       lr_init=0.03, lr_param="log_sgd", lr_min=1e-4, lr_max=1.0,
       unroll=True, remat=False,
       # augment the N minibatches of an iteration in one call before the inner loop, not inside each (rematerialised)
-      # step: the same function, 7-23 % less time per iteration on CPU (benchmarks/results/datm_vs_official.json)
+      # step: the same function, 10-26 % less time per iteration on CPU (benchmarks/results/datm_step_hoist.json)
       hoist_dsa=True,
       log_every=10, ckpt_every=50, max_nonfinite=20,
       spike_factor=0.0,  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
