@@ -6,7 +6,7 @@ r"""Language-model train-step benchmark: tokens/s, compiled vs analytic FLOPs, M
   python benchmarks/lm_step.py --size=125m --lower_for=cuda --attention_impl=pallas   # build for GPU on a CPU host
 
 For each model it times the train step users run: the configs/lm.py variant's model from the registry,
-``lmx.methods.lm.run.make_step`` (next-token loss + MoE aux losses, the config's AdamW with clipping and schedule)
+``lmx.train.lm.make_step`` (next-token loss + MoE aux losses, the config's AdamW with clipping and schedule)
 inside the shared ``lmx.core.loop.Loop`` (step counter, rng, NaN guard), compiled ahead of time by
 ``Loop.compile`` for a sharded [B, T+1] token batch. It reads ``cost_analysis()["flops"]``, times ``--steps``
 steps after warm-up (median, ``block_until_ready``) and reports:
@@ -55,7 +55,7 @@ from configs import lm as lm_config  # noqa: E402
 from lmx.core import loop, mesh as mesh_lib  # noqa: E402
 from lmx.core.config import require  # noqa: E402
 from lmx.kernels import attention as attention_lib  # noqa: E402
-from lmx.methods.lm.run import make_step  # noqa: E402
+from lmx.train.lm import make_step  # noqa: E402
 from lmx.models.registry import build_model  # noqa: E402
 from lmx.models.transformer import TransformerConfig  # noqa: E402
 from benchmarks import common  # noqa: E402
@@ -121,7 +121,7 @@ def bench_train_step(c, batch: int, seq: int, steps: int, measured_peak: float |
   """Compiles and times the LM train step users run for config ``c`` at [batch, seq] (see the module docstring).
 
   ``c`` is a configs/lm.py config; its data shape is set to [batch, seq] so the model, mesh and batch checks
-  are the ones ``lmx.methods.lm.run`` makes.
+  are the ones ``lmx.train.lm`` makes.
   """
   c.data.update(seq_len=seq, global_batch=batch)
   model = build_model(c.model, axis_rules=c.axis_rules)
@@ -167,7 +167,7 @@ def bench_train_step(c, batch: int, seq: int, steps: int, measured_peak: float |
   precision = common.matmul_precision(cfg.dtype)
   peak = common.spec_peak_flops(jax.devices()[0].device_kind, precision)
   return {
-      "timed": "lmx.methods.lm.run.make_step in lmx.core.loop.Loop.compile (NaN guard, config.optim)",
+      "timed": "lmx.train.lm.make_step in lmx.core.loop.Loop.compile (NaN guard, config.optim)",
       "params": n_params, **n,
       "batch": batch, "seq": seq, "tokens_per_step": n_tok,
       "compile_seconds": round(compile_s, 2),

@@ -68,7 +68,7 @@ def test_model_validation_names_fields():
 
 
 def test_lm_validation_rejects_bad_fields():
-  from lmx.methods.lm.run import validate
+  from lmx.train.lm import validate
 
   cfg = config_lib.load_config_file(f"{ROOT}/configs/lm.py:smoke")
   cfg.data.seq_len = 10_000

@@ -1,5 +1,4 @@
 """Grain pipelines: determinism, per-process shards, iterator state round trip, global batches."""
-import jax
 import numpy as np
 
 from lmx.core import data as data_lib

@@ -304,7 +304,7 @@ def test_lm_validates_a_hugging_face_model_by_its_own_vocabulary():
   """configs/lm.py with model.name='hf': the vocabulary check reads the checkpoint's config.json (300 here), so a
   config without model.vocab_size validates."""
   from lmx.core.config import load_config_file
-  lm_run = importlib.import_module("lmx.methods.lm.run")
+  lm_run = importlib.import_module("lmx.train.lm")
 
   c = load_config_file(os.path.join(os.path.dirname(DATA), "..", "..", "configs", "lm.py") + ":smoke")
   c.model = ml_collections.ConfigDict(dict(name="hf", hf_path=QWEN2, dtype="float32"))

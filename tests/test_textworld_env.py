@@ -1,7 +1,6 @@
 """The TextWorld adapter on locally generated games: the walkthrough wins, reward only at the end, invalid
 commands flagged, the same seed gives the same game, a different seed a different one, ALFWorld's clear error."""
 import json
-import os
 
 import pytest
 

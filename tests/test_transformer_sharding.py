@@ -1,4 +1,4 @@
-"""The LM train step users run (``lmx.methods.lm.run.make_step`` on ``configs/lm.py:smoke``, clipped AdamW on
+"""The LM train step users run (``lmx.train.lm.make_step`` on ``configs/lm.py:smoke``, clipped AdamW on
 the warmup-cosine schedule, compiled once by :class:`lmx.core.loop.Loop`) gives the same losses, metrics and
 parameters on 8 fake devices as on one device (fp32), dense and MoE, with parameter shardings from the
 logical-axis rules; activations follow the rules' batch axes."""
@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from lmx.core import config as config_lib
 from lmx.core import loop as loop_lib
 from lmx.core import mesh as mesh_lib
-from lmx.methods.lm.run import make_step  # (lmx.methods.lm re-exports the function run, not the module)
+from lmx.train.lm import make_step  # (lmx.methods.lm re-exports the function run, not the module)
 from lmx.models.registry import build_model
 from lmx.models.transformer import Transformer, TransformerConfig
 

@@ -92,3 +92,54 @@ class GlobalBatches:
 
   def set_state(self, state):
     self.iterator.set_state(state)
+
+
+class ArrayBatches:
+  """Minibatches of in-memory arrays (a dict of ``[N, ...]`` NumPy arrays) for :class:`lmx.core.loop.Loop`.
+
+  Batch ``k`` is a pure function of ``(seed, name, k)``: ``replace=True`` draws ``batch`` rows uniformly with
+  replacement from ``np_stream(seed, name, k)``; ``replace=False`` walks epochs, each a fresh permutation from
+  ``np_stream(seed, name, epoch)`` (the last partial batch of an epoch is dropped). The position is the JSON
+  state the loop checkpoints, so a resumed stage sees the same batches. ``sharding`` places each batch on a mesh
+  (default: host arrays, which the jitted step copies to its device).
+  """
+
+  def __init__(self, arrays: dict, batch: int, *, seed: int, name: str, replace: bool = True, sharding=None):
+    from lmx.core.rng import np_stream
+
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if not arrays or len(set(sizes.values())) != 1:
+      raise ValueError(f"ArrayBatches needs arrays with one common first dimension, got {sizes}")
+    self.arrays, self.batch, self.seed, self.name = arrays, int(batch), int(seed), name
+    self.n = next(iter(sizes.values()))
+    if self.n == 0:
+      raise ConfigError(f"no data to train on ({name}: 0 rows)")
+    if not replace and self.batch > self.n:
+      raise ConfigError(f"{name}: batch {self.batch} is larger than the {self.n} rows of one epoch")
+    self.replace, self.sharding, self.k = replace, sharding, 0
+    self._np_stream = np_stream
+    self._perm = (None, None)
+
+  def indices(self, k: int) -> np.ndarray:
+    if self.replace:
+      return self._np_stream(self.seed, self.name, k).integers(0, self.n, size=self.batch)
+    per_epoch = self.n // self.batch
+    epoch, j = divmod(k, per_epoch)
+    if self._perm[0] != epoch:
+      self._perm = (epoch, self._np_stream(self.seed, self.name, epoch).permutation(self.n))
+    return self._perm[1][j * self.batch:(j + 1) * self.batch]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    idx = self.indices(self.k)
+    self.k += 1
+    out = {key: v[idx] for key, v in self.arrays.items()}
+    return out if self.sharding is None else jax.device_put(out, self.sharding)
+
+  def get_state(self) -> dict:
+    return {"k": self.k}
+
+  def set_state(self, state: dict) -> None:
+    self.k = int(state["k"])

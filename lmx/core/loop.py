@@ -10,10 +10,19 @@ A method supplies
   ``data``                                       a Grain iterator, :class:`lmx.core.data.GlobalBatches`, any
                                                  iterator with ``get_state``/``set_state`` (JSON-able state), or
                                                  ``None`` when the step makes its own data on device
+  ``batch_fn(step, state) -> batch``             instead of ``data``: a batch made on the host from the step
+                                                 number and the current state (RL rollouts of the current
+                                                 policy); it must be a pure function of (seed, step, state) so a
+                                                 resumed run sees the same batches
+  ``stop_fn(step, state) -> bool``               optional: ends the run early after a step (an environment-step
+                                                 budget); that step is treated as the last one (checkpoint,
+                                                 ``at_end`` hooks), also when a resumed run restores it
   ``hooks``                                      :func:`every` ``(k, fn)``: ``fn(step, state, writer)`` after
                                                  every k-th step (evaluate, plot, sample, refresh a reference...)
 
 ``ckpt_every <= 0`` turns checkpoints off (short inner trainings such as DATM's experts and evaluation networks).
+``ckpt_dir`` (default ``<workdir>/checkpoints``) lets the stages of one method keep their own checkpoints under the
+workdir's ``checkpoints/`` (:func:`lmx.core.stages.checkpoint_dir`).
 The loop owns ``state["step"]`` and ``state["guard"]`` (non-finite bookkeeping). A step whose ``finite_keys``
 metrics (default ``loss``, ``grad_norm``) are NaN/Inf leaves the method's parts unchanged; ``nan_patience``
 consecutive such steps stop the run with :class:`NonFiniteLossError`, keeping the last good checkpoint.
@@ -48,6 +57,32 @@ from lmx.core.metrics import Writer, progress
 from lmx.core.rng import rng_stream
 
 LOOP_KEYS = ("step", "guard")
+
+# Fault injection for the tests of every method's stop and resume paths (never set in normal use):
+#   LMX_FAULT=nan:<name>:<k>          the loop named <name> (its log prefix without "/", or its desc) sees a NaN
+#                                     loss at step k (as if the step computed one: the guard keeps the state)
+#   LMX_FAULT=sigterm_after_save:<n>  the process sends itself SIGTERM after its n-th checkpoint save
+FAULT_ENV = "LMX_FAULT"
+_saves = 0
+
+
+def _fault() -> tuple[str, str, int] | None:
+  spec = os.environ.get(FAULT_ENV, "")
+  if not spec:
+    return None
+  kind, _, rest = spec.partition(":")
+  name, _, k = rest.rpartition(":")
+  return kind, name, int(k)
+
+
+def _after_save() -> None:
+  global _saves
+  _saves += 1
+  f = _fault()
+  if f is not None and f[0] == "sigterm_after_save" and _saves == f[2]:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,6 +138,7 @@ class TrainResult:
   compile_seconds: float
   resumed_from: int | None
   temp_bytes: int | None  # compiled step's scratch memory (XLA memory analysis), where the backend reports it
+  steps: int = 0  # the step the run ended at (``total_steps``, or earlier when ``stop_fn`` ended it)
 
 
 # ------------------------------------------------------------------------------------------ optax train state
@@ -148,12 +184,18 @@ def optax_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Ca
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss", "grad_norm")) -> Callable:
+def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss", "grad_norm"),
+            names: Sequence[str] = ()) -> Callable:
   """``(state, frozen, batch) -> (state, metrics)``: the step with its rng, step count and NaN guard."""
   base = rng_stream(seed, "step")
+  fault = _fault()
+  nan_at = fault[2] if fault is not None and fault[0] == "nan" and fault[1] in names else None
 
   def wrapped(state, frozen, batch):
     new, metrics = step_fn(state, frozen, batch, jax.random.fold_in(base, state["step"]))
+    if nan_at is not None:
+      metrics = {k: (jnp.where(state["step"] + 1 == nan_at, jnp.nan, v) if k in finite_keys else v)
+                 for k, v in metrics.items()}
     checks = [jnp.all(jnp.isfinite(metrics[k])) for k in finite_keys if k in metrics]
     ok = jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
     parts = [k for k in state if k not in LOOP_KEYS]
@@ -217,9 +259,14 @@ class Loop:
                ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
                finite_keys: Sequence[str] = ("loss", "grad_norm"), desc: str = "train", items_per_step: int = 0,
                item_name: str = "tokens", log_prefix: str = "train/", log_console: bool = True,
-               postfix: Sequence[str] = ("loss",), allow_fresh_start: bool | None = None):
+               postfix: Sequence[str] = ("loss",), allow_fresh_start: bool | None = None,
+               batch_fn: Callable | None = None, stop_fn: Callable | None = None, ckpt_dir: str | None = None):
+    if data is not None and batch_fn is not None:
+      raise ValueError("give the loop either data (an iterator) or batch_fn (host batches from the state), not both")
     self.mesh, self.workdir, self.total_steps, self.seed = mesh, workdir, int(total_steps), int(seed)
     self.init_fn, self.data, self.hooks, self.config = init_fn, data, tuple(hooks), config
+    self.batch_fn, self.stop_fn = batch_fn, stop_fn
+    self.ckpt_dir = ckpt_dir or os.path.join(workdir, "checkpoints")
     self.log_every, self.ckpt_every, self.nan_patience = int(log_every), int(ckpt_every), int(nan_patience)
     self.desc, self.items_per_step, self.item_name, self.postfix = desc, items_per_step, item_name, tuple(postfix)
     self.writer, self.log_prefix, self.log_console = writer, log_prefix, log_console
@@ -237,7 +284,8 @@ class Loop:
     self._frozen_avals = None
     if frozen is not None:
       self.set_frozen(frozen)
-    self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys)
+    self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys,
+                         names=(log_prefix.strip("/"), desc))
     self._ckpt_args = dict(keep=ckpt_keep, async_save=async_checkpointing)
     self._ckpt = None  # opened by restore_or_init / run (a Loop used only to compile opens nothing)
     self._compiled = None
@@ -255,7 +303,9 @@ class Loop:
   def _init_state(self, key):
     return {**self.init_fn(key), **_loop_parts()}
 
-  def _next_batch(self):
+  def _next_batch(self, step: int, state):
+    if self.batch_fn is not None:
+      return self.batch_fn(step, state)
     return None if self.data is None else next(self.data)
 
   def compile(self, state, batch):
@@ -291,7 +341,7 @@ class Loop:
     with jax.set_mesh(self.mesh):
       abstract = jax.eval_shape(self._init_state, key)
       if self._ckpt is None:
-        self._ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), **self._ckpt_args)
+        self._ckpt = ckpt_lib.Checkpointer(self.ckpt_dir, **self._ckpt_args)
       restored = self._ckpt.restore(ckpt_lib.abstract_like(abstract, self.state_shardings),
                                     data_iter=_checkpointable(self.data), allow_fresh_start=self.allow_fresh_start)
     if restored is not None and restored[0] > self.total_steps:
@@ -324,13 +374,14 @@ class Loop:
       start, state = self.restore_or_init()
       if start:
         res.resumed_from = start
-        writer.summary(start, {"resumed_from_step": start})
+        writer.summary(start, {"resumed_from_step": start}, total=total)
       pbar = progress(total, desc=self.desc, initial=min(start, total))
       acc, n_acc, t_window, steps_window, t_run, steps_run = None, 0, time.time(), 0, 0.0, 0
       step = start
+      stopped = start > 0 and self._stopped(start, state)
       with jax.set_mesh(self.mesh):
-        while step < total:
-          batch = self._next_batch()
+        while step < total and not stopped:
+          batch = self._next_batch(step, state)
           if self._compiled is None:
             t0 = time.time()
             self._compiled = self.compile(state, batch)
@@ -342,8 +393,10 @@ class Loop:
           acc = m if acc is None else _accumulate(acc, m)
           n_acc, step, steps_window = n_acc + 1, step + 1, steps_window + 1
           pbar.update(1)
-          log_now = step % self.log_every == 0 or step == total
-          ckpt_now = self.ckpt_every > 0 and (step % self.ckpt_every == 0 or step == total)
+          stopped = self._stopped(step, state)
+          last = step == total or stopped
+          log_now = step % self.log_every == 0 or last
+          ckpt_now = self.ckpt_every > 0 and (step % self.ckpt_every == 0 or last)
           if log_now or ckpt_now:
             self._check_finite(state)
           if log_now:
@@ -354,33 +407,41 @@ class Loop:
               if self.items_per_step:
                 vals[f"{self.item_name}_per_sec"] = steps_window * self.items_per_step / dt
               t_run, steps_run = t_run + dt, steps_run + steps_window
-            res.last_metrics = (writer.summary if self.log_console else writer.scalars)(step, vals,
-                                                                                        prefix=self.log_prefix)
+            if self.log_console:
+              res.last_metrics = writer.summary(step, vals, prefix=self.log_prefix, total=total)
+            else:
+              res.last_metrics = writer.scalars(step, vals, prefix=self.log_prefix)
             pbar.set_postfix({k: f"{vals[k]:.4g}" for k in self.postfix if k in vals}, refresh=False)
             acc, n_acc, steps_window, t_window = None, 0, 0, time.time()
           t_hooks = time.time()
           for hook in self.hooks:
-            if hook.due(step, total):
+            if hook.due(step, step if stopped else total):
               out = hook.fn(step, state, writer)
               if out:
-                res.hook_metrics[hook.name] = writer.summary(step, out, prefix=f"{hook.name}/")
+                res.hook_metrics[hook.name] = writer.summary(step, out, prefix=f"{hook.name}/", total=total)
           t_window += time.time() - t_hooks  # steps/s counts training only
           if ckpt_now:
-            self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config)
-          signum = self._stop_signal(log_now) if step < total else None
+            self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config, force=stopped)
+            _after_save()
+          signum = self._stop_signal(log_now) if not last else None
           if signum is not None:
             self._stop(step, state, ckpt_data, saved=ckpt_now, signum=signum)
-        if start == total and start > 0:  # resumed at the end (a crash after the last save): finish the outputs
+        if step == start and start > 0 and (start == total or stopped):
+          # resumed at the end (a crash after the last save): finish the outputs
           for hook in self.hooks:
             if hook.at_end:
               out = hook.fn(step, state, writer)
               if out:
-                res.hook_metrics[hook.name] = writer.summary(step, out, prefix=f"{hook.name}/")
+                res.hook_metrics[hook.name] = writer.summary(step, out, prefix=f"{hook.name}/", total=total)
       res.state = state
+      res.steps = step
       res.steps_per_sec = steps_run / t_run if t_run else float("nan")
     finally:
       if pbar is not None:
         pbar.close()
+
+  def _stopped(self, step: int, state) -> bool:
+    return bool(self.stop_fn(step, state)) if self.stop_fn is not None else False
 
   def _stop_signal(self, log_now: bool) -> int | None:
     """The signal to stop at, agreed by all processes: on a pod the preemption reaches the hosts at different

@@ -69,11 +69,14 @@ class Writer:
           self._tb.add_scalar(k, v, int(step))
     return vals
 
-  def summary(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Records and prints one line: ``[step 120/600] loss=2.31 lr=0.003 ...``."""
+  def summary(self, step: int, metrics: Mapping[str, Any], prefix: str = "", *,
+              total: int | None = None) -> dict[str, float]:
+    """Records and prints one line: ``[step 120/600] loss=2.31 lr=0.003 ...`` (``total`` overrides the writer's
+    step count, for the stages of a method that share one writer)."""
     vals = self.scalars(step, metrics, prefix)
     if self.enabled:
-      total = f"/{self.total_steps}" if self.total_steps else ""
+      total = total or self.total_steps
+      total = f"/{total}" if total else ""
       body = " ".join(f"{k}={_fmt(v)}" for k, v in vals.items()
                       if not (self.console_exclude and self.console_exclude.search(k)))
       tqdm.write(f"[step {int(step)}{total}] {body}", file=sys.stdout)
@@ -82,6 +85,24 @@ class Writer:
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled and self._tb is not None:
       self._tb.add_text(tag, text, int(step))
+
+  def image(self, tag: str, image, step: int = 0) -> None:
+    """An image in TensorBoard: an ``[H, W, C]`` (or ``[H, W]``) array, uint8 or floats in [0, 1], or the path of
+    a PNG (a plot the run saved)."""
+    if not (self.enabled and self._tb is not None):
+      return
+    if isinstance(image, str):
+      import matplotlib.image as mpimg
+
+      image = mpimg.imread(image)
+    img = np.asarray(image)
+    if img.ndim == 2:
+      img = img[..., None]
+    if img.dtype != np.uint8:
+      img = (np.clip(img.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+    if img.shape[-1] == 4:
+      img = img[..., :3]
+    self._tb.add_image(tag, img, int(step), dataformats="HWC")
 
   def flush(self) -> None:
     if self._tb is not None:

@@ -11,7 +11,6 @@ vocabulary of 5):
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from lmx.envs import cable

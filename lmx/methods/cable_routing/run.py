@@ -20,7 +20,6 @@ oracle_selector (oracle high level + learned route) and scripted (the demonstrat
 """
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmx.core import plots
-from lmx.core.config import ConfigError, check_keys, require
+from lmx.core.config import check_keys, require
 from lmx.core.metrics import Writer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import np_stream, rng_stream

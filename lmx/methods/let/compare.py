@@ -102,12 +102,12 @@ def summarize(per_seed: dict, arms, total_steps: int) -> dict:
 def compare(config, workdir: str, seeds, arms=("baseline", "let")) -> dict:
   """Runs (or reuses) every arm × seed and writes ``<workdir>/compare.json`` and ``compare_eval_ce.png``."""
   from lmx.core import plots
-  lm_run = importlib.import_module("lmx.methods.lm.run")
+  from lmx.train.lm import pretrain
   let_run = importlib.import_module("lmx.methods.let.run")  # the module (the package re-exports its run())
   if "baseline" not in arms:
     arms = ("baseline",) + tuple(arms)
   os.makedirs(workdir, exist_ok=True)
-  teacher_dir = lm_run.run_stage(let_run.teacher_lm_config(config), os.path.join(workdir, "teacher"))
+  teacher_dir = pretrain(let_run.teacher_lm_config(config), os.path.join(workdir, "teacher"))
   per_seed, results = {}, {}
   for seed in seeds:
     per_seed[seed] = {}

@@ -29,12 +29,11 @@ from lmx.core.losses import next_token_loss
 from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
 from lmx.core.results import plot_path, summary_line, write_results
-from lmx.core.rng import rng_stream
 from lmx.datasets import text
 from lmx.methods.let import losses
-from lmx.methods.lm.run import heldout_eval, run_stage, stage_config
-from lmx.models.registry import build_model, load_run
+from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
+from lmx.train.lm import heldout_eval, load_base, stage_config
 
 CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "teacher", "let", "optim",
                  "train")
@@ -238,18 +237,14 @@ def teacher_lm_config(config):
 
 def load_teacher(config, workdir: str, mesh):
   """``(teacher Model, params on mesh, info dict)`` by ``teacher.source``."""
-  t, rules = config.teacher, config.axis_rules
-  if t.source == "pretrain":
-    tdir = run_stage(teacher_lm_config(config), os.path.join(workdir, "teacher"))
-    _, model, params = load_run(tdir, mesh=mesh, axis_rules=rules)
-    return model, params, {"source": "pretrain", "workdir": tdir, "steps": int(t.steps)}
-  if t.source == "run":
-    _, model, params = load_run(t.workdir, mesh=mesh, axis_rules=rules)
-    return model, params, {"source": "run", "workdir": t.workdir}
-  model = teacher_model(config)
-  with jax.set_mesh(mesh):
-    params = jax.jit(model.init, out_shardings=model.shardings(mesh, rules))(rng_stream(config.seed, "teacher"))
-  return model, params, {"source": "hf", "hf_path": t.hf_path}
+  t = config.teacher
+  model, params, info = load_base(
+      t.source, mesh=mesh, axis_rules=config.axis_rules, workdir=os.path.join(workdir, "teacher"),
+      stage=teacher_lm_config(config) if t.source == "pretrain" else None, run_dir=t.workdir,
+      model=teacher_model(config) if t.source == "hf" else None, seed=config.seed, name="teacher")
+  if t.source == "hf":
+    info["hf_path"] = t.hf_path
+  return model, params, info
 
 
 # ------------------------------------------------------------------------------------------ the data

@@ -12,7 +12,6 @@ annotation; results.json and plots. Each stage skips what a previous (interrupte
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -29,6 +28,7 @@ from lmx.core.results import summary_line, write_results
 from lmx.datasets import text
 from lmx.methods.moe_routing import analysis, estimators as est, records, report
 from lmx.models.registry import load_run
+from lmx.train import lm as lm_run
 from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "optim", "train", "sweep",
@@ -39,8 +39,6 @@ STEPS_FIELD = None  # the checkpoint schedule and the lr schedule are tied to tr
 SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.plot", "mesh.*",
                   "axis_rules", "model.attention_impl", "model.remat", "model.moe_impl")
 # The abstract's held-out L1 load-prediction errors (MFG, softmax), quoted next to the measured ones.
-# lmx.methods.lm re-exports run(), which shadows the module's name as a package attribute
-lm_run = importlib.import_module("lmx.methods.lm.run")
 
 PAPER_HELDOUT_L1 = {"mfg": 0.199, "softmax": 0.200}
 

@@ -8,7 +8,6 @@ Formats (byte tokenizer of :mod:`lmx.datasets.text`; every sequence starts with 
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -24,12 +24,10 @@ Stages (see ``configs/self_lengthen.py``):
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from lmx.core import mesh as mesh_lib, plots
@@ -38,11 +36,11 @@ from lmx.core.metrics import Writer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import np_stream, rng_stream
 from lmx.datasets import text as text_lib
-from lmx.methods.lm.run import run_stage, stage_config
 from lmx.methods.self_lengthen import filters as F
 from lmx.methods.self_lengthen import lm as sl_lm
 from lmx.methods.self_lengthen import seeds as seeds_lib
-from lmx.models.registry import build_model, load_run
+from lmx.train.lm import load_base as load_lm, stage_config
+from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "base", "data", "bootstrap", "loop",
@@ -392,9 +390,9 @@ def base_lm_config(config):
 def load_base(config, workdir, model, mesh):
   if config.base.steps == 0:
     return jax.jit(model.init)(rng_stream(config.seed, "base_init")), {"source": "random init"}
-  bdir = run_stage(base_lm_config(config), os.path.join(workdir, "base"))
-  _, _, params = load_run(bdir, mesh=mesh, axis_rules=config.axis_rules)
-  return params, {"source": "pretrain", "workdir": bdir, "steps": int(config.base.steps)}
+  _, params, info = load_lm("pretrain", mesh=mesh, axis_rules=config.axis_rules, stage=base_lm_config(config),
+                            workdir=os.path.join(workdir, "base"))
+  return params, info
 
 
 def _ms(xs):

@@ -24,7 +24,6 @@ Stages per seed (see ``configs/spa.py``):
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -102,7 +101,7 @@ def validate(config):
 def make_fns(model, config):
   """The jitted policy, SFT, estimator and PPO steps (shapes fixed by the config, compiled once per run)."""
   apply = model.apply
-  s, r, e = config.shapes, config.rl, config.estimator
+  r, e = config.rl, config.estimator
 
   def value_of(params, h_MKLD, pe_M):
     h = policy.gather_positions(h_MKLD, jnp.zeros_like(pe_M), pe_M)

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from lmx.core import data as data_lib
+from lmx.core import workdir as wd
 from lmx.core import loop, mesh as mesh_lib, plots
 from lmx.core import optim as optim_lib
 from lmx.core.config import ConfigError, check_keys, require
@@ -36,10 +37,10 @@ from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.datasets import text
-from lmx.methods.lm.run import heldout_eval, lm_loss, run_stage, stage_config
 from lmx.methods.stability_gap import data as sg_data
 from lmx.methods.stability_gap import ngram, probe as probe_lib, report, weights
-from lmx.models.registry import build_model, load_run
+from lmx.train.lm import heldout_eval, lm_loss, load_base as load_lm, stage_config
+from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "base", "data", "ngram", "strategies",
@@ -195,17 +196,16 @@ def base_lm_config(config):
 
 def load_base(config, workdir: str, mesh):
   """``(model, params, info)``: pretrained in ``<workdir>/base`` (reused when finished) or read from a run."""
-  b, rules = config.base, config.axis_rules
-  if b.source == "pretrain":
-    bdir = run_stage(base_lm_config(config), os.path.join(workdir, "base"))
-    info = {"source": "pretrain", "workdir": bdir, "steps": int(b.steps)}
-  else:
-    bdir = os.path.expanduser(b.workdir)
-    info = {"source": "run", "workdir": bdir}
-  base_cfg, model, params = load_run(bdir, mesh=mesh, axis_rules=rules)
+  b = config.base
+  model, params, info = load_lm(b.source, mesh=mesh, axis_rules=config.axis_rules,
+                                stage=base_lm_config(config) if b.source == "pretrain" else None,
+                                workdir=os.path.join(workdir, "base"), run_dir=b.workdir)
+  bdir = info["workdir"]
   if b.source == "run":
-    require(base_cfg.get("data", {}).get("corpus", config.data.general) == config.data.general, "base.workdir",
-            f"the run in {bdir} was trained on {base_cfg.data.corpus!r}, not data.general={config.data.general!r}")
+    base_cfg = wd.saved_config(bdir) or {}
+    corpus = base_cfg.get("data", {}).get("corpus", config.data.general)
+    require(corpus == config.data.general, "base.workdir",
+            f"the run in {bdir} was trained on {corpus!r}, not data.general={config.data.general!r}")
   check_model(config, model, field="base.model" if b.source == "pretrain" else f"{bdir}: model")
   return model, params, info
 

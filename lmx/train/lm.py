@@ -1,4 +1,10 @@
-"""Plain next-token language-model pretraining on an embedded corpus (the runtime's end-to-end method)."""
+"""Next-token language-model pretraining: the ``lm`` method, and the shared stage other methods build on.
+
+``run(config, workdir)`` trains one LM run (the ``lm`` method). Other methods use the pieces: ``stage_config`` +
+``pretrain`` train a base or teacher LM in a sub-workdir of theirs (reused when finished), ``load_base`` gives a
+base model from that pretraining, another lmx run or a Hugging Face checkpoint, ``heldout_eval`` is the
+validation hook, ``lm_loss`` / ``make_step`` the training step.
+"""
 from __future__ import annotations
 
 import os
@@ -97,12 +103,42 @@ def stage_config(parent, *, variant: str, model, optim, data: dict, steps: int, 
   return c
 
 
-def run_stage(stage, workdir: str) -> str:
+def pretrain(stage, workdir: str) -> str:
   """Trains the :func:`stage_config` run in ``workdir`` unless it has finished there (its results.json exists);
   returns ``workdir`` (a resumed stage continues from its checkpoint like any run)."""
+  from lmx.core import interrupt
+
   if not os.path.exists(os.path.join(workdir, "results.json")):
+    interrupt.check(f"before pretraining {workdir}")
     run(stage, workdir)
   return workdir
+
+
+def load_base(source: str, *, mesh, axis_rules, stage=None, workdir: str | None = None,
+              run_dir: str | None = None, model=None, seed: int = 0, name: str = "base"):
+  """``(model, params, info)`` of a base (or teacher) LM by ``source``:
+
+  ``"pretrain"``  the :func:`stage_config` run ``stage``, trained in ``workdir`` (reused when finished);
+  ``"run"``       the newest checkpoint of the lmx run in ``run_dir``;
+  ``"hf"`` / ``"init"``  ``model`` (built by the caller, e.g. ``model.name='hf'``, whose init reads the checkpoint's
+                  weights) initialised on ``mesh`` from ``rng_stream(seed, name)``.
+  """
+  from lmx.core.rng import rng_stream
+  from lmx.models.registry import load_run
+
+  if source == "pretrain":
+    d = pretrain(stage, workdir)
+    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules)
+    return model, params, {"source": "pretrain", "workdir": d, "steps": int(stage.train.steps)}
+  if source == "run":
+    d = os.path.expanduser(run_dir)
+    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules)
+    return model, params, {"source": "run", "workdir": d}
+  if source in ("hf", "init"):
+    with jax.set_mesh(mesh):
+      params = jax.jit(model.init, out_shardings=model.shardings(mesh, axis_rules))(rng_stream(seed, name))
+    return model, params, {"source": source}
+  raise ValueError(f"unknown base source {source!r}: 'pretrain', 'run', 'hf' or 'init'")
 
 
 def heldout_eval(model, eval_src, *, n_windows: int, divisor: int, batch_sharding):
