@@ -172,10 +172,6 @@ def routing_stats(experts_NK, probs_NE, *, dropped_frac=None):
   return stats
 
 
-def _swiglu_dense(x_ND, w1_DF, w3_DF, w2_FD):
-  return (jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)) @ w2_FD
-
-
 def _next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 

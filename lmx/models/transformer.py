@@ -271,13 +271,6 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def rope_tables(max_len: int, head_dim: int, theta: float):
-  """sin/cos tables of shape [max_len, head_dim // 2]."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  ang = jnp.arange(max_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  return jnp.sin(ang), jnp.cos(ang)
-
-
 def segment_positions(segment_ids_BT):
   """RoPE positions from segment ids: each token's index within its run of equal ids (a new segment starts
   where the id changes), int32 [B, T]. Left padding (id 0) forms its own run, so the first real token is 0."""

@@ -1,6 +1,6 @@
 """PPO on a pure-JAX environment in the PureJaxRL shape: ``make_train(config)`` returns a pure ``train(key)``.
 
-The check that the RL core learns (issue 15, item 4): the whole run (rollouts of ``vmap``-ed environments under
+The check that the RL core learns: the whole run (rollouts of ``vmap``-ed environments under
 ``lax.scan``, truncation-aware GAE from :mod:`lmx.rl.advantages`, the clipped losses of :mod:`lmx.rl.losses`,
 epochs × minibatches of Adam) is one jittable function of a key, so seeds are ``jax.vmap(train)(keys)``::
 

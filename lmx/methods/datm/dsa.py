@@ -31,10 +31,6 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
   return groups
 
 
-def _u(key, n):
-  return jax.random.uniform(key, (n,), jnp.float32)
-
-
 # Every DSA op is "resample with a per-sample affine map (pixel units, align_corners=True, zero padding), then a
 # per-sample colour transform, then a cutout mask". Each group only sets its own parameters and leaves the rest at
 # the identity, so the 'S' mode can select *parameters* by the random group index instead of branching on the
