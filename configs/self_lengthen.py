@@ -59,9 +59,12 @@ def get_config(arg=None):
       meta_talk=True))
 
   c.sft = ml_collections.ConfigDict(dict(
-      batch=8, epochs=4.0, warmup_ratio=0.1,
-      # the paper's lr (1e-4) for the macro-iterations' SFT; bootstrap.lr for the roles' starting SFT
-      optim=ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=1.0))))
+      batch=8, epochs=4.0,
+      warmup_ratio=0.1,  # every SFT: linear warmup over this share of its steps, then cosine to 0
+      # lmx.core.optim.make_optimizer's block: the paper's lr (1e-4) for the macro-iterations' SFT (bootstrap.lr
+      # for the roles' starting SFT)
+      optim=ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
+                                           clip_norm=1.0, min_lr_ratio=0.0))))
 
   c.sampling = ml_collections.ConfigDict(dict(
       batch=64, temperature=0.7, top_k=20, top_p=0.8,
@@ -85,7 +88,6 @@ def get_config(arg=None):
     c.sampling.update(batch=8, prompt_buckets=(128,))
     c.length_sft.update(min_words=1, max_words=30, epochs=1.0, eval_buckets=((2, 6),), eval_topics=1)
     c.eval.update(n_topics=4)
-    c.train.update(plot=False)
   elif a.variant == "qwen2_7b":
     c.seeds = (0,)
     # Qwen2-7B-Instruct: model.name='hf' reads a local checkpoint; paper.lower() builds the same architecture from
@@ -95,8 +97,7 @@ def get_config(arg=None):
                                                   max_seq_len=32768, attention_impl="auto", remat="dots"))
     c.data.update(max_chars=16384, draft_chars=16384, max_topic_chars=2000)
     c.loop.update(n_prompts=5000, draft_retries=20, ext_retries=20, flavour="qwen")
-    c.sft.update(batch=1, epochs=4.0, optim=ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.999,
-                                                                           weight_decay=0.0, clip_norm=1.0)))
+    c.sft.update(batch=1, epochs=4.0)
     c.sampling.update(batch=64, prompt_buckets=(2048,))
     c.length_sft.update(min_words=2000, max_words=8000,
                         eval_buckets=((2000, 4000), (4000, 6000), (6000, 8000)), eval_topics=10)

@@ -1,6 +1,8 @@
 """Self-Lengthen: word counting, the filters, the acceptance rule, drop_short, the length-following score and
-the constraint sampler on hand-made cases with hand-computed values; bad configs; a smoke run through the
-method's run(); the paper-scale SFT step and sampler lowered for GPU (slow)."""
+the constraint sampler on hand-made cases with hand-computed values; the SFT schedule and batch order against
+independent references; bad configs; the smoke config through launch/run.py (results, workdir layout, SIGTERM
+→ resume equal to the uninterrupted run, NaN in an SFT stage and in the base pretraining); every stage with a
+stub sampler and a rerun that reads them back; the paper-scale SFT step and sampler lowered for GPU (slow)."""
 import importlib
 import importlib.util
 import json
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from lmx.core.config import ConfigError
+import resume_check
 from lmx.methods.self_lengthen import filters as F
 from lmx.methods.self_lengthen import lm as sl_lm
 
@@ -219,12 +222,29 @@ def test_sft_arrays_mask_covers_response_and_eos():
     sl_lm.sft_arrays([("ab", "xyz")], 6)
 
 
-def test_cosine_lr():
-  assert sl_lm.cosine_lr(0, 10, 1.0, 0.1) == pytest.approx(1.0)  # warmup of 1 step: (0+1)/1
-  assert sl_lm.cosine_lr(0, 20, 1.0, 0.1) == pytest.approx(0.5)  # warmup 2 steps
-  assert sl_lm.cosine_lr(2, 20, 1.0, 0.1) == pytest.approx(1.0)
-  assert sl_lm.cosine_lr(11, 20, 1.0, 0.1) == pytest.approx(0.5)  # halfway through the 18 cosine steps
-  assert sl_lm.cosine_lr(20, 20, 1.0, 0.1) == pytest.approx(0.0)
+def test_sft_schedule_is_warmup_then_cosine():
+  c = _config("smoke")
+  c.sft.optim.lr = 1.0
+  # 20 steps, warmup ratio 0.1: 2 warmup steps from 0, then cosine over the remaining 18 to 0
+  _, sched = sl_lm.sft_optimizer(c.sft.optim, 20, warmup_ratio=0.1)
+  ref = lambda s: s / 2 if s < 2 else 0.5 * (1 + np.cos(np.pi * (s - 2) / 18))  # noqa: E731
+  for s in (0, 1, 2, 5, 11, 19, 20):
+    assert float(sched(s)) == pytest.approx(ref(s), abs=1e-6)
+  assert float(sched(11)) == pytest.approx(0.5)
+  # the bootstrap's own rate, no warmup when the ratio rounds to 0 steps
+  _, sched = sl_lm.sft_optimizer(c.sft.optim, 4, warmup_ratio=0.1, lr=1e-3)
+  assert float(sched(0)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("n,batch", [(3, 8), (10, 4), (8, 8)])
+def test_sft_batches_walk_epochs_across_batch_boundaries(n, batch):
+  from lmx.core.rng import np_stream
+
+  ref = np.concatenate([np_stream(5, "s0/x", e).permutation(n) for e in range(20)])
+  for k in range(6):
+    rows = sl_lm.wrapped_epoch_rows(n, batch, k, seed=5, name="s0/x")
+    assert rows.tolist() == ref[k * batch:(k + 1) * batch].tolist()
+  assert sl_lm.sft_steps(3, 8, 4.0) == 2 and sl_lm.sft_steps(1, 8, 0.1) == 1 and sl_lm.sft_steps(16, 8, 1.0) == 2
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -236,6 +256,9 @@ def test_cosine_lr():
     ("length_sft.eval_buckets", ((5, 3),), "length_sft.eval_buckets"),
     ("base.model.max_seq_len", 64, "base.model.max_seq_len"),
     ("seeds", (1, 1), "seeds"),
+    ("sft.optim.lr", 0.0, "sft.optim.lr"),
+    ("sft.warmup_ratio", 1.0, "sft.warmup_ratio"),
+    ("bootstrap.gen_steps", 0, "bootstrap.gen_steps"),
 ])
 def test_bad_config_names_the_field(field, value, match):
   c = _config("smoke")
@@ -264,7 +287,7 @@ class StubSampler:
   def __init__(self):
     self.prompts = []
 
-  def __call__(self, params, prompts, key):
+  def __call__(self, params, prompts, key, **kw):
     from lmx.datasets import text as text_lib
     out = []
     for p in prompts:
@@ -299,7 +322,7 @@ def test_drafts_redraw_failures_then_drop_short():
   class Flaky:
     calls = 0
 
-    def __call__(self, params, prompts, key):
+    def __call__(self, params, prompts, key, **kw):
       Flaky.calls += 1
       # first call: one good, one without terminal punctuation; the retry fixes it
       if Flaky.calls == 1:
@@ -314,23 +337,105 @@ def test_drafts_redraw_failures_then_drop_short():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-# The CI's run of the smoke config: about 14 s on one idle core (five compilations: init, one sampler bucket, two
-# SFT lengths, plus the stdlib ast walk).
-def test_smoke_run_end_to_end(tmp_path):
-  from lmx.methods.self_lengthen import run
+SMOKE = "configs/self_lengthen.py:smoke"
 
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """One uninterrupted smoke run through launch/run.py, shared by the end-to-end, layout and resume tests."""
+  work = tmp_path_factory.mktemp("sl") / "uninterrupted"
+  r = resume_check.run(SMOKE, work)
+  assert r.returncode == 0, resume_check.fail(r, "smoke run")
+  return work
+
+
+def test_smoke_run_end_to_end(smoke_run):
   c = _config("smoke")
-  res = run(c, str(tmp_path))
-  with open(tmp_path / "results.json") as f:
-    saved = json.load(f)
-  assert saved["method"] == "self_lengthen" and len(saved["per_seed"]) == 1
+  saved = resume_check.results(smoke_run)
+  assert saved["method"] == "self_lengthen" and len(saved["per_seed"]) == 1 and "wall_s" in saved
   r = saved["per_seed"][0]
   assert len(r["evals"]) == c.loop.macro_iters + 1 and len(r["iters"]) == c.loop.macro_iters
   for ev in r["evals"]:
     assert 0 <= ev["pass_repetition"] <= 1 and len(ev["words"]) == c.eval.n_topics * c.eval.n_samples
     assert ev["words_mean"] == pytest.approx(np.mean(ev["words"]))
   assert 0 <= r["length_sft"]["before"]["overall"] <= 1
-  assert res["summary"]["iters"][0]["words_mean"]["n"] == 1
+  boot = r["bootstrap"]["gen"]
+  assert boot["steps"] == c.bootstrap.gen_steps and boot["lr"] == c.bootstrap.lr
+  assert np.isfinite(boot["first_ce"]) and np.isfinite(boot["last_ce"])
+  # one seed: the sample std is undefined, n is stated
+  assert saved["summary"]["iters"][0]["words_mean"]["n"] == 1
+  assert saved["summary"]["iters"][0]["words_mean"]["std"] is None
+  resume_check.check_layout(smoke_run)
+  for name in ("s0", "s0/boot_gen", "s0/boot_ext", "s0/it0/eval", "s0/it1/draft", "s0/it1/extend",
+               "s0/it1/filter", "s0/it1/eval", "s0/lf/before"):
+    assert os.path.isfile(smoke_run / "stages" / name / "stage.json"), name
+  rows = [json.loads(x) for x in open(smoke_run / "metrics.jsonl")]
+  assert any("s0/boot_gen/loss" in x for x in rows) and any("s0/eval/words_mean" in x for x in rows)
+
+
+def test_sigterm_resume_equals_uninterrupted(tmp_path, smoke_run):
+  resume_check.check_sigterm_resume(tmp_path, SMOKE, reference=smoke_run)
+
+
+def test_nan_in_the_bootstrap_sft_stops(tmp_path):
+  line = resume_check.check_nan_stops(tmp_path, SMOKE, "s0/boot_gen", 1)
+  assert "s0/boot_gen" in line or "checkpoint" in line
+
+
+def test_nan_in_the_base_pretraining_stops(tmp_path):
+  # the base LM trains in the shared lm stage (its loop's log prefix is "train/")
+  resume_check.check_nan_stops(tmp_path, SMOKE, "train", 1, "--config.base.steps=2")
+
+
+class PassingSampler:
+  """Stands in for the LM with outputs that pass the filters, so every stage runs: drafts of 2-4 words by
+  topic, stage-1 enrichments of three paragraphs, a stage-2 tail; the words vary with the prompt so drop_short
+  keeps some."""
+
+  def __init__(self, *a, **kw):
+    pass
+
+  def __call__(self, params, prompts, key, bar=None):
+    import zlib
+
+    from lmx.datasets import text as text_lib
+    out = []
+    for p in prompts:
+      t = text_lib.decode(p)
+      n = 2 + zlib.crc32(t.encode()) % 5
+      if t.endswith("Text:\n"):
+        out.append(" ".join(["word"] * n) + ".")
+      elif t.endswith("Enriched:\n"):
+        out.append(" ".join(["P1"] * n) + ".\n\nP2 b.\n\nP3 c.")
+      else:
+        out.append("\n\nTail words here.")
+    return out, np.ones(len(prompts), bool)
+
+
+@pytest.mark.slow  # five SFT compilations
+def test_every_stage_runs_and_a_rerun_reads_them_back(tmp_path, monkeypatch):
+  from lmx.methods.self_lengthen import run
+
+  monkeypatch.setattr(sl_lm, "Sampler", PassingSampler)
+  monkeypatch.setenv("LMX_NO_PROGRESS", "1")
+  c = _config("smoke")
+  c.loop.n_prompts = 8
+  c.train.plot = False
+  res = run(c, str(tmp_path))
+  it = res["per_seed"][0]["iters"][0]
+  kept = it["extension"]["kept"]
+  assert 0 < kept < it["accepted_before_drop_short"]
+  assert it["gen_sft"]["steps"] == sl_lm.sft_steps(kept, c.sft.batch, c.sft.epochs) == it["ext_sft"]["steps"]
+  lf = res["per_seed"][0]["length_sft"]
+  assert lf["pairs"] > 0 and lf["train"]["steps"] == sl_lm.sft_steps(lf["pairs"], c.sft.batch, c.length_sft.epochs)
+  assert lf["after"] is not None
+  saved = resume_check.checkpoints(tmp_path)
+  for name in ("s0/it1/gen_sft", "s0/it1/ext_sft", "s0/lf/sft"):
+    assert any(f"/checkpoints/{name}/" in d for d in saved), name
+  # a rerun on the same workdir reads every stage back: same results, nothing trained again
+  again = run(c, str(tmp_path))
+  assert resume_check.without_timing(json.loads(json.dumps(again, default=float))) == \
+      resume_check.without_timing(json.loads(json.dumps(res, default=float)))
 
 
 @pytest.mark.slow

@@ -16,9 +16,10 @@ sl_run = importlib.import_module("lmx.methods.self_lengthen.run")  # the module 
 
 
 def fmt(m, digits=2):
+  """``mean ± sample std`` of a :func:`lmx.core.stages.mean_std` dict (n is stated once, under the table)."""
   if m["mean"] is None:
     return "n/a"
-  return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}"
+  return f"{m['mean']:.{digits}f} ± {'n/a' if m['std'] is None else format(m['std'], f'.{digits}f')}"
 
 
 def main(out, runs):
@@ -27,12 +28,12 @@ def main(out, runs):
     with open(os.path.join(r, "results.json")) as f:
       res = json.load(f)
     per_seed += res["per_seed"]
-    walls.append(res["wall_seconds"])
+    walls.append(res["wall_s"])
   n_iter = len(per_seed[0]["iters"])
   summary = sl_run.summarize(per_seed, n_iter)
   os.makedirs(out, exist_ok=True)
   write_results(out, {"method": "self_lengthen", "runs": runs, "seeds": [r["seed"] for r in per_seed],
-                      "wall_seconds": walls, "summary": summary, "per_seed": per_seed})
+                      "wall_s": walls, "summary": summary, "per_seed": per_seed})
   sl_run.plot_all(out, per_seed, n_iter)
   rows = ["| iter | words (all) | finished rate | words (finished) | EOS rate | repetition pass | punctuation pass "
           "| all filters | acceptance |", "|---|---|---|---|---|---|---|---|---|"]
@@ -48,6 +49,8 @@ def main(out, runs):
   for when in ("before", "after"):
     m = summary[f"length_following_{when}"]
     lf.append(f"| {when} | " + " | ".join(fmt(m[k]) for k in ("overall", "about", "range", "above", "below")) + " |")
+  lf.append("")
+  lf.append(f"mean ± sample std (ddof 1) over n = {len(per_seed)} seed(s)")
   text = "\n".join(rows + [""] + lf) + "\n"
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(text)

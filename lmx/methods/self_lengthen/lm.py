@@ -1,4 +1,5 @@
-"""The LM side of Self-Lengthen: prompt formats, SFT batches and step, bucketed cached sampling.
+"""The LM side of Self-Lengthen: prompt formats, SFT data, the SFT stage on the shared loop, bucketed cached
+sampling.
 
 Formats (byte tokenizer of :mod:`lmx.datasets.text`; every sequence starts with BOS, a response ends with EOS):
   Generator   ``Topic: {topic}\\n[Length: {constraint}\\n]Text:\\n`` → response
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
-from lmx.core import loop
+from lmx.core import interrupt, loop, stages
+from lmx.core.optim import make_optimizer
+from lmx.core.rng import np_stream
 from lmx.datasets import text as text_lib
 from lmx.models import generate as gen_lib
 
@@ -73,58 +76,81 @@ def sft_loss(apply_fn):
   return loss_fn
 
 
-def make_tx(optim_cfg):
-  """AdamW with the learning rate as a hyperparameter in the optimiser state (``inject_hyperparams``), so one
-  compiled step serves every SFT run's schedule; global-norm clipping first."""
-  opt = optax.inject_hyperparams(optax.adamw)(learning_rate=float(optim_cfg.lr), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                                              weight_decay=optim_cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), opt)
+def sft_optimizer(optim_cfg, total_steps: int, *, warmup_ratio: float, lr: float | None = None):
+  """``(tx, schedule)`` of one SFT run from the shared builder (:func:`lmx.core.optim.make_optimizer`): the
+  ``optim_cfg`` block with linear warmup over ``round(warmup_ratio · total_steps)`` steps, then cosine to
+  ``lr · min_lr_ratio``; ``lr`` (default: the block's) is the bootstrap SFT's own rate."""
+  cfg = optim_cfg.to_dict() if hasattr(optim_cfg, "to_dict") else dict(optim_cfg)
+  cfg.update(warmup_steps=int(round(warmup_ratio * total_steps)), **({"lr": float(lr)} if lr else {}))
+  return make_optimizer(ml_collections.ConfigDict(cfg), total_steps)
 
 
-def set_lr(opt_state, lr: float):
-  """The optimiser state with its injected learning rate set to ``lr``."""
-  opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-  return opt_state
+def sft_steps(n: int, batch: int, epochs: float) -> int:
+  """Steps of ``epochs`` passes over ``n`` examples in batches of ``batch`` (at least one)."""
+  return max(1, int(np.ceil(epochs * n / batch)))
 
 
-def cosine_lr(step: int, total: int, lr: float, warmup_ratio: float, min_ratio: float = 0.0) -> float:
-  """Linear warmup over ``round(warmup_ratio·total)`` steps, then cosine to ``lr·min_ratio`` at ``total``."""
-  w = int(round(warmup_ratio * total))
-  if step < w:
-    return lr * (step + 1) / w
-  frac = (step - w) / max(1, total - w)
-  return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
+def wrapped_epoch_rows(n: int, batch: int, k: int, *, seed: int, name: str) -> np.ndarray:
+  """The rows of SFT batch ``k``: the concatenation of epochs, epoch ``e`` the permutation
+  ``np_stream(seed, name, e)`` of the ``n`` examples, cut into batches of ``batch`` that run on across epoch
+  boundaries (so a set smaller than one batch, as the few accepted extensions of a macro-iteration, still fills
+  it). A pure function of (seed, name, k)."""
+  pos = np.arange(k * batch, (k + 1) * batch)
+  epochs, offset = np.divmod(pos, n)
+  perms = {int(e): np_stream(seed, name, int(e)).permutation(n) for e in np.unique(epochs)}
+  return np.array([perms[int(e)][o] for e, o in zip(epochs, offset)], np.int64)
 
 
-class SFT:
-  """One compiled SFT step per sequence length, shared by every training run of both roles."""
+def sft_batch_fn(tokens_BT: np.ndarray, loss_mask_BT: np.ndarray, batch: int, *, seed: int, name: str):
+  """``batch_fn(step, state)`` for the loop: the :func:`wrapped_epoch_rows` batch of the SFT arrays."""
+  n = len(tokens_BT)
 
-  def __init__(self, model, optim_cfg, *, batch: int):
-    self.model, self.optim, self.batch = model, optim_cfg, batch
-    self.tx = make_tx(optim_cfg)
-    step = loop.optax_step(sft_loss(model.apply), self.tx)
-    self._step = jax.jit(lambda state, batch: step(state, None, batch, jax.random.key(0)), donate_argnums=0)
-    self._init = jax.jit(self.tx.init)
+  def batch_fn(step, state):
+    del state
+    rows = wrapped_epoch_rows(n, batch, step, seed=seed, name=name)
+    return {"tokens_BT": tokens_BT[rows], "loss_mask_BT": loss_mask_BT[rows]}
 
-  def train(self, params, pairs, *, length: int, epochs: float, rng: np.random.Generator, warmup_ratio: float,
-            lr: float | None = None):
-    """Fine-tunes a copy of ``params`` on ``pairs`` for ``epochs`` passes (shuffled, batches of ``batch``
-    drawn without replacement and wrapping around), fresh AdamW state, warmup + cosine to 0 from ``lr``
-    (default: the optimiser config's). Returns
-    ``(params, {"steps", "first_ce", "last_ce", "examples"})``."""
-    tok, mask = sft_arrays(pairs, length)
-    n = len(pairs)
-    steps = max(1, int(np.ceil(epochs * n / self.batch)))
-    order = np.concatenate([rng.permutation(n) for _ in range(int(np.ceil(steps * self.batch / n)) + 1)])
-    state = {"params": jax.tree.map(lambda x: x + 0, params), "opt_state": self._init(params)}
-    ces = []
-    for s in range(steps):
-      idx = order[s * self.batch:(s + 1) * self.batch]
-      state["opt_state"] = set_lr(state["opt_state"], cosine_lr(s, steps, lr or self.optim.lr, warmup_ratio))
-      state, m = self._step(state, {"tokens_BT": jnp.asarray(tok[idx]), "loss_mask_BT": jnp.asarray(mask[idx])})
-      ces.append(m["ce"])
-    ces = [float(c) for c in ces]
-    return state["params"], {"steps": steps, "examples": n, "first_ce": ces[0], "last_ce": float(np.mean(ces[-5:]))}
+  return batch_fn
+
+
+def sft_step(loss_fn, tx, schedule, total_steps: int, tail: int = 5):
+  """The loop's step for SFT (:func:`lmx.core.loop.optax_step`) that also keeps, in the train state, the CE of
+  the first step and the mean CE of the last ``min(tail, total_steps)`` steps, so a stage's summary is read
+  from its (checkpointed) state and does not depend on where a run was interrupted."""
+  inner = loop.optax_step(loss_fn, tx, schedule)
+  k = min(int(tail), int(total_steps))
+
+  def step(state, frozen, batch, rng):
+    new, metrics = inner(state, frozen, batch, rng)
+    ce, s = metrics["ce"], state["step"]
+    new["ce"] = {"first": jnp.where(s == 0, ce, state["ce"]["first"]),
+                 "last": state["ce"]["last"] + jnp.where(s >= total_steps - k, ce / k, 0.0)}
+    return new, metrics
+
+  return step
+
+
+def train_sft(workdir: str, name: str, *, model, params, pairs, length: int, steps: int, optim_cfg,
+              warmup_ratio: float, batch: int, seed: int, writer, lr: float | None = None):
+  """Fine-tunes a copy of ``params`` on ``pairs`` for ``steps`` steps as the training stage ``name`` of
+  ``workdir`` (:func:`lmx.core.stages.train`: checkpoints, resume, NaN guard, progress bar, scalars under
+  ``<name>/``), fresh AdamW state from :func:`sft_optimizer`, batches from :func:`sft_batch_fn` under the
+  stream ``name``. Returns ``(params, {"steps", "examples", "lr", "first_ce", "last_ce"})``."""
+  tok, mask = sft_arrays(pairs, length)
+  tx, schedule = sft_optimizer(optim_cfg, steps, warmup_ratio=warmup_ratio, lr=lr)
+  zero = jnp.zeros((), jnp.float32)
+
+  def init_fn(key):
+    del key
+    p = jax.tree.map(jnp.asarray, params)
+    return {**loop.optax_state(p, tx), "ce": {"first": zero, "last": zero}}
+
+  res = stages.train(workdir, name, writer=writer, total_steps=steps, seed=seed,
+                     step_fn=sft_step(sft_loss(model.apply), tx, schedule, steps), init_fn=init_fn,
+                     batch_fn=sft_batch_fn(tok, mask, batch, seed=seed, name=name))
+  ce = jax.tree.map(lambda x: float(loop.host(x)), res.state["ce"])
+  return res.state["params"], {"steps": int(steps), "examples": len(pairs), "lr": float(lr or optim_cfg.lr),
+                               "first_ce": ce["first"], "last_ce": ce["last"]}
 
 
 class Sampler:
@@ -145,11 +171,13 @@ class Sampler:
         return b
     raise ValueError(f"a prompt of {n} tokens exceeds the largest prompt bucket {self.buckets[-1]}")
 
-  def __call__(self, params, prompts: list[list[int]], key) -> tuple[list[str], np.ndarray]:
+  def __call__(self, params, prompts: list[list[int]], key, *, bar=None) -> tuple[list[str], np.ndarray]:
     """Texts (decoded up to EOS; invalid UTF-8 dropped) and ``done`` flags (EOS emitted within
-    ``max_new_tokens``)."""
+    ``max_new_tokens``). Checks for Ctrl-C / SIGTERM before every batch; ``bar`` (a progress bar) advances by
+    the rows sampled."""
     texts, done = [], []
     for start in range(0, len(prompts), self.batch):
+      interrupt.check("while sampling")
       chunk = prompts[start:start + self.batch]
       real = len(chunk)
       chunk = chunk + [chunk[-1]] * (self.batch - real)
@@ -159,4 +187,6 @@ class Sampler:
       # bytes that are not valid UTF-8 are dropped (not replaced by U+FFFD, which would re-encode to 3 bytes)
       texts += [text_lib.decode(row).replace("\ufffd", "") for row in new]
       done += np.asarray(out["done"])[:real].tolist()
+      if bar is not None:
+        bar.update(real)
     return texts, np.asarray(done, bool)

@@ -40,9 +40,9 @@ def paper_model(config, *, attention_impl: str | None = None):
 
 
 def lower(config, target: str = "cuda", *, seq_len: int = 16384, gen_batch: int = 8, prompt_len: int = 2048,
-          new_tokens: int = 16384, attention_impl: str | None = None) -> dict:
-  """Lowers (1) the SFT step (:func:`lm.sft_loss` under ``loop.optax_step`` with :func:`lm.make_tx`) on a
-  [``sft.batch``, ``seq_len``] batch with parameters and optimiser state sharded by ``config.mesh`` /
+          new_tokens: int = 16384, attention_impl: str | None = None, sft_steps: int = 1000) -> dict:
+  """Lowers (1) the SFT step (:func:`lm.sft_loss` under ``loop.optax_step`` with :func:`lm.sft_optimizer` for a
+  run of ``sft_steps`` steps) on a [``sft.batch``, ``seq_len``] batch with parameters and optimiser state sharded by ``config.mesh`` /
   ``axis_rules``, and (2) the cached sampler on [``gen_batch``, ``prompt_len``] prompts for ``new_tokens``
   tokens, both for ``target``. Returns ``{"sft": Lowered, "generate": Lowered, "params": count}``."""
   from lmx.kernels import attention as attention_lib
@@ -52,16 +52,17 @@ def lower(config, target: str = "cuda", *, seq_len: int = 16384, gen_batch: int 
   rules = config.axis_rules
   abstract = model.abstract_params()
   psh = model.shardings(mesh, rules)
-  tx = sl_lm.make_tx(config.sft.optim)
+  tx, schedule = sl_lm.sft_optimizer(config.sft.optim, sft_steps, warmup_ratio=config.sft.warmup_ratio)
   state_sh = loop.optax_shardings(psh, tx, abstract, mesh)
   abs_state = {"params": abstract, "opt_state": jax.eval_shape(tx.init, abstract)}
   abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state,
                            {"params": state_sh["params"], "opt_state": state_sh["opt_state"]})
+  abs_state["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=mesh_lib.replicated(mesh))  # the schedule's
   bsh = mesh_lib.batch_sharding(mesh, rules)
   b = config.sft.batch * mesh_lib.batch_size_divisor(mesh, rules)  # per-device batch 1, as LLaMA-Factory's
   batch = {"tokens_BT": jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=bsh),
            "loss_mask_BT": jax.ShapeDtypeStruct((b, seq_len), jnp.float32, sharding=bsh)}
-  step = loop.optax_step(sl_lm.sft_loss(model.apply), tx)
+  step = loop.optax_step(sl_lm.sft_loss(model.apply), tx, schedule)
   s = config.sampling
   sampling = gen_lib.SamplingConfig(max_new_tokens=new_tokens, temperature=s.temperature, top_k=s.top_k,
                                     top_p=s.top_p, eos_id=151645, pad_id=151643)  # <|im_end|>, <|endoftext|>

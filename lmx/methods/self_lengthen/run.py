@@ -1,6 +1,6 @@
 """Self-Lengthen driver (Quan et al. 2024, arXiv 2410.23933; QwenLM/Self-Lengthen) in miniature.
 
-Stages (see ``configs/self_lengthen.py``):
+The method (see ``configs/self_lengthen.py``):
   1. the base: a byte-level ``lm`` run pretrained on the stdlib docstrings (``<workdir>/base``, reused when
      finished), or the random initialisation with ``base.steps=0``;
   2. the seed set (:mod:`.seeds`): (topic, docstring) pairs, split by module into train and held-out topics;
@@ -20,7 +20,14 @@ Stages (see ``configs/self_lengthen.py``):
      ``length_sft.min_words <= words < max_words`` gets a sampled constraint (:func:`.filters.sample_length_
      constraint`) in its prompt; the final Generator is fine-tuned on them; the length-following score on a grid
      of held-out (topic, constraint) before (final Generator) and after;
-  6. mean ± std over seeds, plots, results.json.
+  6. mean ± sample std over seeds, plots, results.json (rewritten after every seed).
+
+The run's stages (:mod:`lmx.core.stages`; a rerun skips finished ones and resumes the interrupted one):
+``s<seed>`` for every seed (a sweep), each made of ``s<seed>/boot_gen``, ``s<seed>/boot_ext`` (SFT),
+``s<seed>/it0/eval``, then for every macro-iteration ``i``: ``s<seed>/it<i>/draft``, ``.../extend`` (sampling),
+``.../filter``, ``.../gen_sft``, ``.../ext_sft`` (SFT, when something was accepted), ``.../eval``; then
+``s<seed>/lf/before``, ``s<seed>/lf/sft``, ``s<seed>/lf/after``. SFT stages train on :mod:`lmx.core.loop` with
+checkpoints in ``checkpoints/<stage>``; all stages log to the one ``Writer`` of the workdir.
 """
 from __future__ import annotations
 
@@ -30,9 +37,9 @@ import time
 import jax
 import numpy as np
 
-from lmx.core import mesh as mesh_lib, plots
+from lmx.core import mesh as mesh_lib, optim as optim_lib, plots, stages
 from lmx.core.config import check_keys, require
-from lmx.core.metrics import Writer
+from lmx.core.metrics import Writer, progress
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import np_stream, rng_stream
 from lmx.datasets import text as text_lib
@@ -68,6 +75,17 @@ def validate(config):
                        ("length_sft", LSFT_FIELDS), ("eval", EVAL_FIELDS), ("train", TRAIN_FIELDS)):
     check_keys(config[name], name, fields)
   b, d, lp, s, lf = config.base, config.data, config.loop, config.sampling, config.length_sft
+  optim_lib.validate(config.sft.optim, "sft.optim")
+  require("warmup_steps" not in config.sft.optim, "sft.optim.warmup_steps",
+          "is set for every SFT from sft.warmup_ratio × its steps; remove the field")
+  require(0 <= config.sft.warmup_ratio < 1, "sft.warmup_ratio",
+          f"must be in [0, 1), got {config.sft.warmup_ratio!r}")
+  require(isinstance(config.sft.batch, int) and config.sft.batch >= 1, "sft.batch",
+          f"must be an integer >= 1, got {config.sft.batch!r}")
+  for f in ("gen_steps", "ext_steps"):
+    require(isinstance(config.bootstrap[f], int) and config.bootstrap[f] >= 1, f"bootstrap.{f}",
+            f"must be an integer >= 1, got {config.bootstrap[f]!r}")
+  require(config.bootstrap.lr > 0, "bootstrap.lr", f"must be > 0, got {config.bootstrap.lr!r}")
   require(isinstance(b.steps, int) and b.steps >= 0, "base.steps", f"must be an integer >= 0, got {b.steps!r}")
   text_lib.check_corpus(b.corpus)
   for f in ("max_topic_chars", "max_chars", "draft_chars"):
@@ -147,14 +165,14 @@ def fits(s: str, n: int) -> bool:
 # ------------------------------------------------------------------------------------------ one seed
 
 
-class Roles:
-  """The Generator and Extender parameters with the shared sampler and SFT step."""
+def _grow(bar, rows: int) -> None:
+  """Adds ``rows`` to a progress bar's total (a stage whose retries add work as it goes)."""
+  if bar is not None:
+    bar.total = (bar.total or 0) + rows
+    bar.refresh()
 
-  def __init__(self, gen, ext):
-    self.gen, self.ext = gen, ext
 
-
-def draft(config, sampler, params, topics, key, rng) -> tuple[list, dict]:
+def draft(config, sampler, params, topics, key, rng, *, bar=None) -> tuple[list, dict]:
   """Step 1: ``samples_per_prompt`` drafts per topic, those failing the filters (or not ending within
   ``max_chars``) redrawn up to ``draft_retries`` times; then ``drop_short``. Returns ([(topic, draft)], stats)."""
   lp = config.loop
@@ -165,8 +183,9 @@ def draft(config, sampler, params, topics, key, rng) -> tuple[list, dict]:
   for attempt in range(lp.draft_retries + 1):
     if not todo:
       break
+    _grow(bar, len(todo))
     texts, done = sampler(params, [sl_lm.encode_prompt(sl_lm.gen_prompt(jobs[i])) for i in todo],
-                          jax.random.fold_in(key, attempt))
+                          jax.random.fold_in(key, attempt), bar=bar)
     ok = [bool(dn) and F.check_response(t, lp.flavour, meta_talk=lp.meta_talk) for t, dn in zip(texts, done)]
     if first_pass is None:
       first_pass = float(np.mean(ok))
@@ -182,7 +201,7 @@ def draft(config, sampler, params, topics, key, rng) -> tuple[list, dict]:
                  "words_mean": float(np.mean([F.count_words(t) for _, t in pairs])) if pairs else 0.0}
 
 
-def extend(config, sampler, params, drafts, key) -> tuple[list, list, dict]:
+def extend(config, sampler, params, drafts, key, *, bar=None) -> tuple[list, list, dict]:
   """Step 2, batched over all jobs: ``ext_jobs`` per draft, each up to ``micro_iters`` two-stage
   micro-iterations; accepted when longer than ``min_gain``× the draft's words. Returns
   (accepted [(topic, draft, extended)], per-micro candidate stats, stats)."""
@@ -195,16 +214,17 @@ def extend(config, sampler, params, drafts, key) -> tuple[list, list, dict]:
     if not todo:
       break
     cur = {i: jobs[i][1] for i in todo}
+    _grow(bar, 2 * lp.micro_iters * len(todo))
     for it in range(lp.micro_iters):
       k = jax.random.fold_in(jax.random.fold_in(key, attempt), it)
       # stage 1: enrich the first half
       p1 = [sl_lm.encode_prompt(sl_lm.ext_prompt(jobs[i][0], F.first_half(cur[i]))) for i in todo]
-      out1, _ = sampler(params, p1, jax.random.fold_in(k, 1))
+      out1, _ = sampler(params, p1, jax.random.fold_in(k, 1), bar=bar)
       kept = [F.keep_two_thirds(o) for o in out1]
       # stage 2: continue from the kept part, given the whole current text
       p2 = [sl_lm.encode_prompt(sl_lm.ext_prompt(jobs[i][0], cur[i])) + text_lib.encode(f).tolist()
             for i, f in zip(todo, kept)]
-      out2, done2 = sampler(params, p2, jax.random.fold_in(k, 2))
+      out2, done2 = sampler(params, p2, jax.random.fold_in(k, 2), bar=bar)
       n_better = n_pass = n_fit = 0
       for i, f, l, dn in zip(todo, kept, out2, done2):
         cand = f + l
@@ -227,18 +247,25 @@ def extend(config, sampler, params, drafts, key) -> tuple[list, list, dict]:
                             "acceptance_rate": n_acc / max(1, len(jobs))}
 
 
-def drop_short_ext(config, acc, rng):
-  if config.loop.drop_short and acc:
-    acc = [acc[i] for i in F.drop_short([len(a[2]) for a in acc], rng)]
-  return acc
+def filter_accepted(config, acc, *, drop_rng, degrade_rng) -> dict:
+  """``drop_short`` over the accepted extensions, then the macro-iteration's SFT pairs: the Generator's
+  (topic → extended) and the Extender's (topic + the draft with each line kept w.p. ``loop.line_keep`` →
+  extended)."""
+  lp = config.loop
+  if lp.drop_short and acc:
+    acc = [acc[i] for i in F.drop_short([len(a[2]) for a in acc], drop_rng)]
+  return {"kept": acc, "gen_pairs": [(sl_lm.gen_prompt(tp), ex) for tp, _, ex in acc],
+          "ext_pairs": [(sl_lm.ext_prompt(tp, F.degrade_lines(dr, degrade_rng, lp.line_keep)), ex)
+                        for tp, dr, ex in acc]}
 
 
-def evaluate_lengths(config, sampler, params, topics, key) -> dict:
+def evaluate_lengths(config, sampler, params, topics, key, *, bar=None) -> dict:
   """The Generator on held-out topics (``eval.n_samples`` each, one fixed key): word lengths and filter pass
   rates (punctuation, repetition, meta, all), the share that ended within ``max_chars`` (EOS), examples."""
   lp = config.loop
   jobs = [t for t in topics for _ in range(config.eval.n_samples)]
-  texts, done = sampler(params, [sl_lm.encode_prompt(sl_lm.gen_prompt(t)) for t in jobs], key)
+  _grow(bar, len(jobs))
+  texts, done = sampler(params, [sl_lm.encode_prompt(sl_lm.gen_prompt(t)) for t in jobs], key, bar=bar)
   det = [F.check_details(t, lp.flavour, meta_talk=lp.meta_talk) for t in texts]
   words = np.array([F.count_words(t) for t in texts], np.float64)
   fin = np.array([bool(dn) and x["ok"] for dn, x in zip(done, det)])  # ended (EOS) and passed every filter
@@ -264,10 +291,12 @@ def length_eval_grid(config, topics):
   return cases
 
 
-def length_following(config, sampler, params, cases, key) -> dict:
+def length_following(config, sampler, params, cases, key, *, bar=None) -> dict:
   """The length-following score (:func:`.filters.length_following_score`) of ``params`` on ``cases``: overall,
   per constraint type and per bucket, with the mean generated words."""
-  texts, _ = sampler(params, [sl_lm.encode_prompt(sl_lm.gen_prompt(c["topic"], c["text"])) for c in cases], key)
+  _grow(bar, len(cases))
+  texts, _ = sampler(params, [sl_lm.encode_prompt(sl_lm.gen_prompt(c["topic"], c["text"])) for c in cases], key,
+                     bar=bar)
   scores = np.array([F.length_following_score(F.count_words(t), c["kind"], c["x"], c["hi"])
                      for t, c in zip(texts, cases)])
   words = np.array([F.count_words(t) for t in texts])
@@ -286,94 +315,150 @@ def length_following(config, sampler, params, cases, key) -> dict:
   return out
 
 
-def run_seed(config, seed: int, *, model, base_params, train_items, held_topics, sampler, sft, lens, writer,
-             log) -> dict:
-  """One seed's whole pipeline (bootstrap, macro-iterations, length-following fine-tune)."""
-  lp, sc = config.loop, config.sft
-  t0 = time.time()
-  rng = np_stream(seed, "self_lengthen_data")
-  gen_boot, ext_boot = bootstrap_pairs(train_items, config, np_stream(seed, "bootstrap"))
-  require(len(gen_boot) > 0 and len(ext_boot) > 0, "data.max_chars",
-          f"leaves {len(gen_boot)} Generator / {len(ext_boot)} Extender bootstrap pairs; raise data.max_chars or "
-          "data.draft_chars")
-  bc = config.bootstrap
-  gen, gi = sft.train(base_params, gen_boot, length=lens["gen"], epochs=bc.gen_steps * sc.batch / len(gen_boot),
-                      rng=np_stream(seed, "sft", 0, 0), warmup_ratio=sc.warmup_ratio, lr=bc.lr)
-  ext, ei = sft.train(base_params, ext_boot, length=lens["ext"], epochs=bc.ext_steps * sc.batch / len(ext_boot),
-                      rng=np_stream(seed, "sft", 0, 1), warmup_ratio=sc.warmup_ratio, lr=bc.lr)
-  log(f"seed {seed}: bootstrap Generator {gi['steps']} steps,  {gi['examples']} pairs, CE {gi['first_ce']:.3f}->{gi['last_ce']:.3f}; "
-      f"Extender {ei['examples']} pairs, CE {ei['first_ce']:.3f}->{ei['last_ce']:.3f} ({time.time() - t0:.0f}s)")
-  eval_topics = held_topics[:config.eval.n_topics]
-  ekey = rng_stream(seed, "eval")
-  evals = [evaluate_lengths(config, sampler, gen, eval_topics, ekey)]
-  writer.scalars(0, {k: v for k, v in evals[0].items() if isinstance(v, float)}, prefix=f"s{seed}/eval/")
-  log(f"seed {seed} iter 0: held-out words {evals[0]['words_mean']:.1f} (finished {evals[0]['finished_rate']:.2f}: "
-      f"{evals[0]['words_mean_finished']:.1f}), repetition pass "
-      f"{evals[0]['pass_repetition']:.2f}, all filters {evals[0]['pass_ok']:.2f}")
-  iters, collected = [], []
-  train_topics = [t for t, _ in train_items]
-  for it in range(1, lp.macro_iters + 1):
-    ti = time.time()
-    topics = [train_topics[i] for i in np_stream(seed, "prompts", it).choice(len(train_topics), lp.n_prompts,
-                                                                             replace=False)]
-    drafts, dstat = draft(config, sampler, gen, topics, rng_stream(seed, "draft", it), rng)
-    acc, micro, xstat = extend(config, sampler, ext, drafts, rng_stream(seed, "extend", it))
-    n_acc = len(acc)
-    acc = drop_short_ext(config, acc, rng)
-    xstat["kept"] = len(acc)
-    collected += [(tp, dr) for tp, dr in drafts] + [(tp, ex) for tp, _, ex in acc]
-    if acc:
-      xstat["draft_words_mean"] = float(np.mean([F.count_words(a[1]) for a in acc]))
-      xstat["extended_words_mean"] = float(np.mean([F.count_words(a[2]) for a in acc]))
-      gen_pairs = [(sl_lm.gen_prompt(tp), ex) for tp, _, ex in acc]
-      ext_pairs = [(sl_lm.ext_prompt(tp, F.degrade_lines(dr, rng, lp.line_keep)), ex) for tp, dr, ex in acc]
-      gen, gs = sft.train(gen, gen_pairs, length=lens["gen"], epochs=sc.epochs, rng=np_stream(seed, "sft", it, 0),
-                          warmup_ratio=sc.warmup_ratio)
-      ext, es = sft.train(ext, ext_pairs, length=lens["ext"], epochs=sc.epochs, rng=np_stream(seed, "sft", it, 1),
-                          warmup_ratio=sc.warmup_ratio)
-    else:
-      gs = es = None
-    ev = evaluate_lengths(config, sampler, gen, eval_topics, ekey)
-    evals.append(ev)
-    writer.scalars(it, {k: v for k, v in ev.items() if isinstance(v, float)}, prefix=f"s{seed}/eval/")
-    ex = acc[0] if acc else None
-    iters.append({"iter": it, "drafts": dstat, "extension": xstat, "micro": micro, "gen_sft": gs, "ext_sft": es,
-                  "accepted_before_drop_short": n_acc, "seconds": time.time() - ti,
-                  "example": {"topic": ex[0], "draft": ex[1], "extended": ex[2]} if ex else None})
-    log(f"seed {seed} iter {it}: drafts {dstat['kept']}/{dstat['jobs']} ({dstat['words_mean']:.1f} words), "
-        f"extensions accepted {n_acc}/{xstat['jobs']} kept {len(acc)} "
-        f"({xstat.get('draft_words_mean', 0):.1f}->{xstat.get('extended_words_mean', 0):.1f} words); held-out "
-        f"words {ev['words_mean']:.1f} (finished {ev['finished_rate']:.2f}: {ev['words_mean_finished']:.1f}), repetition pass {ev['pass_repetition']:.2f}, all {ev['pass_ok']:.2f} "
-        f"({time.time() - ti:.0f}s)")
-
-  # the length-following fine-tune
+def constrained_pairs(config, collected, rng) -> list:
+  """The length-following SFT set: every (topic, response) of ``collected`` with ``min_words <= words <
+  max_words``, its Generator prompt given a constraint drawn by :func:`.filters.sample_length_constraint`."""
   lf = config.length_sft
-  crng = np_stream(seed, "constraints")
-  lf_pairs = []
+  pairs = []
   for tp, resp in collected:
     w = F.count_words(resp)
     if lf.min_words <= w < lf.max_words:
-      c = F.sample_length_constraint(w, crng, lo=lf.min_words, hi=lf.max_words, coarse_unit=lf.coarse_unit,
+      c = F.sample_length_constraint(w, rng, lo=lf.min_words, hi=lf.max_words, coarse_unit=lf.coarse_unit,
                                      fine_unit=lf.fine_unit, p_coarse=lf.p_coarse)
-      lf_pairs.append((sl_lm.gen_prompt(tp, c["text"]), resp))
-  cases = length_eval_grid(config, held_topics)
-  lkey = rng_stream(seed, "length_eval")
-  before = length_following(config, sampler, gen, cases, lkey)
-  if lf_pairs:
-    gen_lf, lfs = sft.train(gen, lf_pairs, length=lens["gen"], epochs=lf.epochs, rng=np_stream(seed, "sft", 99),
-                            warmup_ratio=sc.warmup_ratio)
-    after = length_following(config, sampler, gen_lf, cases, lkey)
-  else:
-    lfs, after = None, None
-  log(f"seed {seed}: length following {before['overall']:.3f} -> "
-      f"{after['overall'] if after else float('nan'):.3f} ({len(lf_pairs)} constrained pairs)")
-  w0, wl = evals[0]["words_mean"], evals[-1]["words_mean"]
-  f0, fl = evals[0]["words_mean_finished"], evals[-1]["words_mean_finished"]
-  return {"seed": seed, "bootstrap": {"gen": gi, "ext": ei, "gen_pairs": len(gen_boot), "ext_pairs": len(ext_boot)},
-          "evals": evals, "iters": iters, "length_ratio": wl / max(w0, 1e-9),
-          "length_ratio_finished": fl / f0 if np.isfinite(f0) and np.isfinite(fl) else None,
-          "length_sft": {"pairs": len(lf_pairs), "train": lfs, "before": before, "after": after},
-          "wall_seconds": time.time() - t0}
+      pairs.append((sl_lm.gen_prompt(tp, c["text"]), resp))
+  return pairs
+
+
+class Pipeline:
+  """One seed's stages on the shared pieces of a run (model, sampler, writer, base parameters, topics).
+
+  Every stage is :func:`lmx.core.stages.run_stage` of the workdir, named ``s<seed>/...``: an SFT stage trains on
+  the loop (:func:`.lm.train_sft`) and outputs the fine-tuned parameters (as the leaves of the model's
+  parameter tree) and its statistics; a sampling stage outputs the texts it kept and its statistics. A rerun
+  reads finished stages back and resumes the interrupted one.
+  """
+
+  def __init__(self, config, workdir, *, model, base_params, train_items, held_topics, sampler, writer, lens):
+    self.config, self.workdir, self.model, self.sampler, self.writer = config, workdir, model, sampler, writer
+    self.base_params, self.train_items, self.held_topics, self.lens = base_params, train_items, held_topics, lens
+    self.treedef = jax.tree.structure(model.abstract_params())
+
+  def stage(self, name: str, fn):
+    return stages.run_stage(self.workdir, name, fn, quiet=True)
+
+  def sampling(self, name: str, fn):
+    """A sampling stage: ``fn(bar)`` with a progress bar named after the stage."""
+    def go():
+      with progress(0, desc=name) as bar:
+        return fn(bar)
+
+    return self.stage(name, go)
+
+  def sft(self, name: str, seed: int, params, pairs, *, role: str, steps: int, lr: float | None = None):
+    """``(params, stats)`` of the SFT stage ``name`` (``role``: ``gen`` or ``ext``, which sets the sequence
+    length)."""
+    sc = self.config.sft
+
+    def fn():
+      p, stats = sl_lm.train_sft(self.workdir, name, model=self.model, params=params, pairs=pairs,
+                                 length=self.lens[role], steps=steps, optim_cfg=sc.optim,
+                                 warmup_ratio=sc.warmup_ratio, batch=sc.batch, seed=seed, writer=self.writer, lr=lr)
+      return {"params": jax.tree.leaves(p), "stats": stats}
+
+    out = self.stage(name, fn)
+    return jax.tree.unflatten(self.treedef, out["params"]), out["stats"]
+
+  def evaluate(self, name: str, seed: int, params, it: int) -> dict:
+    """The held-out length evaluation after macro-iteration ``it``, logged under ``s<seed>/eval/``."""
+    topics = self.held_topics[:self.config.eval.n_topics]
+
+    def fn(bar):
+      ev = evaluate_lengths(self.config, self.sampler, params, topics, rng_stream(seed, "eval"), bar=bar)
+      self.writer.scalars(it, {k: v for k, v in ev.items() if isinstance(v, float)}, prefix=f"s{seed}/eval/")
+      return ev
+
+    return self.sampling(name, fn)
+
+  def run_seed(self, seed: int) -> dict:
+    """One seed's pipeline: bootstrap SFTs → macro-iterations (drafts, extensions, filters, Generator SFT,
+    Extender SFT, evaluation) → length-following SFT and its evaluation."""
+    config, lens, log = self.config, self.lens, lambda m: print(m, flush=True)
+    lp, sc, bc, lf = config.loop, config.sft, config.bootstrap, config.length_sft
+    t0 = time.time()
+    gen_boot, ext_boot = bootstrap_pairs(self.train_items, config, np_stream(seed, "bootstrap"))
+    require(len(gen_boot) > 0 and len(ext_boot) > 0, "data.max_chars",
+            f"leaves {len(gen_boot)} Generator / {len(ext_boot)} Extender bootstrap pairs; raise data.max_chars or "
+            "data.draft_chars")
+    gen, gi = self.sft(f"s{seed}/boot_gen", seed, self.base_params, gen_boot, role="gen", steps=bc.gen_steps,
+                       lr=bc.lr)
+    ext, ei = self.sft(f"s{seed}/boot_ext", seed, self.base_params, ext_boot, role="ext", steps=bc.ext_steps,
+                       lr=bc.lr)
+    log(f"seed {seed} bootstrap: Generator {gi['examples']} pairs, {gi['steps']} steps, CE {gi['first_ce']:.3f} → "
+        f"{gi['last_ce']:.3f}; Extender {ei['examples']} pairs, {ei['steps']} steps, CE {ei['first_ce']:.3f} → "
+        f"{ei['last_ce']:.3f}")
+    evals = [self.evaluate(f"s{seed}/it0/eval", seed, gen, 0)]
+    log(f"seed {seed} iter 0: held-out words {evals[0]['words_mean']:.1f}, finished "
+        f"{evals[0]['finished_rate']:.2f}, repetition pass {evals[0]['pass_repetition']:.2f}, all filters "
+        f"{evals[0]['pass_ok']:.2f}")
+    iters, collected = [], []
+    train_topics = [t for t, _ in self.train_items]
+    for it in range(1, lp.macro_iters + 1):
+      ti, pre = time.time(), f"s{seed}/it{it}"
+      topics = [train_topics[i] for i in np_stream(seed, "prompts", it).choice(len(train_topics), lp.n_prompts,
+                                                                               replace=False)]
+      d = self.sampling(f"{pre}/draft", lambda bar: dict(zip(("pairs", "stats"), draft(
+          config, self.sampler, gen, topics, rng_stream(seed, "draft", it), np_stream(seed, "drop_short_drafts", it),
+          bar=bar))))
+      x = self.sampling(f"{pre}/extend", lambda bar: dict(zip(("accepted", "micro", "stats"), extend(
+          config, self.sampler, ext, d["pairs"], rng_stream(seed, "extend", it), bar=bar))))
+      f = self.stage(f"{pre}/filter", lambda: filter_accepted(
+          config, x["accepted"], drop_rng=np_stream(seed, "drop_short_extended", it),
+          degrade_rng=np_stream(seed, "degrade", it)))
+      acc = f["kept"]
+      xstat = {**x["stats"], "kept": len(acc)}
+      collected += list(d["pairs"]) + [(tp, ex) for tp, _, ex in acc]
+      gs = es = None
+      if acc:
+        xstat["draft_words_mean"] = float(np.mean([F.count_words(a[1]) for a in acc]))
+        xstat["extended_words_mean"] = float(np.mean([F.count_words(a[2]) for a in acc]))
+        steps = sl_lm.sft_steps(len(acc), sc.batch, sc.epochs)
+        gen, gs = self.sft(f"{pre}/gen_sft", seed, gen, f["gen_pairs"], role="gen", steps=steps)
+        ext, es = self.sft(f"{pre}/ext_sft", seed, ext, f["ext_pairs"], role="ext", steps=steps)
+      ev = self.evaluate(f"{pre}/eval", seed, gen, it)
+      evals.append(ev)
+      ex = acc[0] if acc else None
+      iters.append({"iter": it, "drafts": d["stats"], "extension": xstat, "micro": x["micro"], "gen_sft": gs,
+                    "ext_sft": es, "accepted_before_drop_short": len(x["accepted"]), "wall_s": time.time() - ti,
+                    "example": {"topic": ex[0], "draft": ex[1], "extended": ex[2]} if ex else None})
+      ds = d["stats"]
+      log(f"seed {seed} iter {it}: drafts kept {ds['kept']}/{ds['jobs']} ({ds['words_mean']:.1f} words); "
+          f"extensions accepted {len(x['accepted'])}/{xstat['jobs']}, kept {len(acc)} "
+          f"({xstat.get('draft_words_mean', 0):.1f} → {xstat.get('extended_words_mean', 0):.1f} words); held-out "
+          f"words {ev['words_mean']:.1f}, finished {ev['finished_rate']:.2f}, repetition pass "
+          f"{ev['pass_repetition']:.2f}, all filters {ev['pass_ok']:.2f}")
+
+    # the length-following fine-tune and the final evaluation
+    lf_pairs = constrained_pairs(config, collected, np_stream(seed, "constraints"))
+    cases = length_eval_grid(config, self.held_topics)
+    lkey = rng_stream(seed, "length_eval")
+    before = self.sampling(f"s{seed}/lf/before",
+                           lambda bar: length_following(config, self.sampler, gen, cases, lkey, bar=bar))
+    lfs = after = None
+    if lf_pairs:
+      gen_lf, lfs = self.sft(f"s{seed}/lf/sft", seed, gen, lf_pairs, role="gen",
+                             steps=sl_lm.sft_steps(len(lf_pairs), sc.batch, lf.epochs))
+      after = self.sampling(f"s{seed}/lf/after",
+                            lambda bar: length_following(config, self.sampler, gen_lf, cases, lkey, bar=bar))
+    log(f"seed {seed}: length following {before['overall']:.3f} → "
+        f"{'n/a' if after is None else format(after['overall'], '.3f')} ({len(lf_pairs)} constrained pairs)")
+    w0, wl = evals[0]["words_mean"], evals[-1]["words_mean"]
+    f0, fl = evals[0]["words_mean_finished"], evals[-1]["words_mean_finished"]
+    return {"seed": seed, "bootstrap": {"gen": gi, "ext": ei, "gen_pairs": len(gen_boot),
+                                        "ext_pairs": len(ext_boot)},
+            "evals": evals, "iters": iters, "length_ratio": wl / max(w0, 1e-9),
+            "length_ratio_finished": fl / f0 if np.isfinite(f0) and np.isfinite(fl) else None,
+            "length_sft": {"pairs": len(lf_pairs), "train": lfs, "before": before, "after": after},
+            "wall_s": time.time() - t0}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -388,64 +473,71 @@ def base_lm_config(config):
 
 
 def load_base(config, workdir, model, mesh):
+  """``(params as host arrays, info)``: the ``lm`` pretraining in ``<workdir>/base`` (reused when finished), or
+  the random initialisation when ``base.steps=0``."""
   if config.base.steps == 0:
-    return jax.jit(model.init)(rng_stream(config.seed, "base_init")), {"source": "random init"}
-  _, params, info = load_lm("pretrain", mesh=mesh, axis_rules=config.axis_rules, stage=base_lm_config(config),
-                            workdir=os.path.join(workdir, "base"))
-  return params, info
-
-
-def _ms(xs):
-  xs = np.asarray([x for x in xs if x is not None and np.isfinite(x)], np.float64)
-  if not len(xs):
-    return {"mean": None, "std": None, "n": 0}
-  return {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, "n": int(len(xs)),
-          "values": xs.tolist()}
+    _, params, info = load_lm("init", mesh=mesh, axis_rules=config.axis_rules, model=model, seed=config.seed,
+                              name="base_init")
+  else:
+    _, params, info = load_lm("pretrain", mesh=mesh, axis_rules=config.axis_rules, stage=base_lm_config(config),
+                              workdir=os.path.join(workdir, "base"))
+    info["workdir"] = "base"  # relative to the run's workdir
+  return jax.device_get(params), info
 
 
 def summarize(per_seed: list[dict], macro_iters: int) -> dict:
-  """Mean ± std (ddof 1) over seeds of every per-iteration number and the length-following scores."""
+  """Mean ± sample std (:func:`lmx.core.stages.mean_std`, n stated) over seeds of every per-iteration number and
+  the length-following scores."""
+  ms = stages.mean_std
   s = {"iters": []}
   for i in range(macro_iters + 1):
     row = {"iter": i}
-    for k in ("words_mean", "words_median", "words_mean_finished", "finished_rate", "eos_rate", "pass_punctuation", "pass_repetition", "pass_meta",
-              "pass_ok"):
-      row[k] = _ms([r["evals"][i][k] for r in per_seed])
+    for k in ("words_mean", "words_median", "words_mean_finished", "finished_rate", "eos_rate", "pass_punctuation",
+              "pass_repetition", "pass_meta", "pass_ok"):
+      row[k] = ms([r["evals"][i][k] for r in per_seed])
     if i > 0:
       it = [r["iters"][i - 1] for r in per_seed]
-      row["draft_first_try_pass_rate"] = _ms([x["drafts"]["first_try_pass_rate"] for x in it])
-      row["acceptance_rate"] = _ms([x["extension"]["acceptance_rate"] for x in it])
-      row["extended_words_mean"] = _ms([x["extension"].get("extended_words_mean") for x in it])
-      row["draft_words_mean"] = _ms([x["extension"].get("draft_words_mean") for x in it])
+      row["draft_first_try_pass_rate"] = ms([x["drafts"]["first_try_pass_rate"] for x in it])
+      row["acceptance_rate"] = ms([x["extension"]["acceptance_rate"] for x in it])
+      row["extended_words_mean"] = ms([x["extension"].get("extended_words_mean") for x in it])
+      row["draft_words_mean"] = ms([x["extension"].get("draft_words_mean") for x in it])
     s["iters"].append(row)
-  s["length_ratio"] = _ms([r["length_ratio"] for r in per_seed])
-  s["length_ratio_finished"] = _ms([r.get("length_ratio_finished") for r in per_seed])
+  s["length_ratio"] = ms([r["length_ratio"] for r in per_seed])
+  s["length_ratio_finished"] = ms([r.get("length_ratio_finished") for r in per_seed])
   for when in ("before", "after"):
-    s[f"length_following_{when}"] = {k: _ms([(r["length_sft"][when] or {}).get(k) for r in per_seed])
+    s[f"length_following_{when}"] = {k: ms([(r["length_sft"][when] or {}).get(k) for r in per_seed])
                                      for k in ("overall",) + F.CONSTRAINT_TYPES}
   return s
 
 
+def _mean_band(values) -> tuple[float, float]:
+  """Mean and sample std (0 when undefined, n < 2) of ``values`` for a plot."""
+  m = stages.mean_std(values)
+  return (np.nan if m["mean"] is None else m["mean"]), (m["std"] or 0.0)
+
+
 def plot_all(workdir, per_seed, macro_iters):
+  """The run's plots (mean ± sample std over seeds); returns their paths."""
   import matplotlib.pyplot as plt
 
   xs = np.arange(macro_iters + 1)
-  series, bands = {}, {}
-  for key, label in (("words_mean", "mean words (held-out)"),):
-    v = np.array([[r["evals"][i][key] for i in xs] for r in per_seed])
-    series[label] = (xs, v.mean(0))
-    bands[label] = v.std(0)
-  paths = [plots.curves(plot_path(workdir, "length"), series, bands=bands, xlabel="macro-iteration",
-                        ylabel="words", title=f"Generator output length, {len(per_seed)} seed(s)")]
+
+  def curve(key):
+    mb = np.array([_mean_band([r["evals"][i][key] for r in per_seed]) for i in xs])
+    return (xs, mb[:, 0]), mb[:, 1]
+
+  (c, b) = curve("words_mean")
+  paths = [plots.curves(plot_path(workdir, "length"), {"mean words (held-out)": c},
+                        bands={"mean words (held-out)": b}, xlabel="macro-iteration", ylabel="words",
+                        title=f"Generator output length, {len(per_seed)} seed(s)")]
   series, bands = {}, {}
   for key in ("pass_repetition", "pass_punctuation", "pass_ok", "eos_rate"):
-    v = np.array([[r["evals"][i][key] for i in xs] for r in per_seed])
-    series[key], bands[key] = (xs, v.mean(0)), v.std(0)
+    series[key], bands[key] = curve(key)
   paths.append(plots.curves(plot_path(workdir, "filters"), series, bands=bands, xlabel="macro-iteration",
                             ylabel="fraction", title="filter pass rates of held-out outputs"))
   fig, ax = plt.subplots(figsize=(6, 4))
   for i in xs:
-    w = np.concatenate([r["evals"][i]["words"] for r in per_seed])
+    w = np.concatenate([np.asarray(r["evals"][i]["words"]) for r in per_seed])
     ax.hist(w, bins=np.arange(0, max(40, w.max() + 2)), histtype="step", label=f"iter {i}", density=True)
   ax.set(xlabel="words", ylabel="density", title="distribution of output length (all seeds)")
   ax.legend()
@@ -453,9 +545,8 @@ def plot_all(workdir, per_seed, macro_iters):
   fig, ax = plt.subplots(figsize=(6, 4))
   kinds = ("overall",) + F.CONSTRAINT_TYPES
   for j, when in enumerate(("before", "after")):
-    vals = [[(r["length_sft"][when] or {}).get(k, np.nan) for r in per_seed] for k in kinds]
-    ax.bar(np.arange(len(kinds)) + 0.4 * j, [np.nanmean(v) for v in vals], 0.4,
-           yerr=[np.nanstd(v) for v in vals], label=when)
+    mb = np.array([_mean_band([(r["length_sft"][when] or {}).get(k) for r in per_seed]) for k in kinds])
+    ax.bar(np.arange(len(kinds)) + 0.4 * j, mb[:, 0], 0.4, yerr=mb[:, 1], label=when)
   ax.set_xticks(np.arange(len(kinds)) + 0.2, kinds)
   ax.set(ylabel="length-following score", title="before / after the length-following fine-tune")
   ax.legend()
@@ -477,37 +568,40 @@ def run(config, workdir: str) -> dict:
           f"{config.loop.n_prompts} exceeds the {len(train_items)} train topics")
   require(len(held_topics) >= config.eval.n_topics, "eval.n_topics",
           f"{config.eval.n_topics} exceeds the {len(held_topics)} held-out topics")
-  t0 = time.time()
-  base_params, base_info = load_base(config, workdir, model, mesh)
-  base_info["seconds"] = time.time() - t0
   lens = lengths_for(d, s.prompt_buckets)
-  sampler = sl_lm.Sampler(model, batch=s.batch, prompt_buckets=tuple(s.prompt_buckets), max_new_tokens=d.max_chars,
-                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-  sft = sl_lm.SFT(model, config.sft.optim, batch=config.sft.batch)
-  writer = Writer(workdir, total_steps=config.loop.macro_iters)
   n_params = num_params(model.abstract_params())
-  print(f"self_lengthen: {n_params:,} params; base {base_info['source']} ({base_info['seconds']:.0f}s); "
-        f"{len(train_items)} train / {len(held_topics)} held-out topics; seeds {list(config.seeds)}; workdir "
-        f"{workdir}", flush=True)
-  per_seed = []
+  writer = Writer(workdir)
   try:
-    for seed in config.seeds:
-      per_seed.append(run_seed(config, seed, model=model, base_params=base_params, train_items=train_items,
-                               held_topics=held_topics, sampler=sampler, sft=sft, lens=lens, writer=writer,
-                               log=lambda m: print(m, flush=True)))
+    t0 = time.time()
+    base_params, base_info = load_base(config, workdir, model, mesh)
+    base_info["wall_s"] = time.time() - t0
+    sampler = sl_lm.Sampler(model, batch=s.batch, prompt_buckets=tuple(s.prompt_buckets),
+                            max_new_tokens=d.max_chars, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    pipe = Pipeline(config, workdir, model=model, base_params=base_params, train_items=train_items,
+                    held_topics=held_topics, sampler=sampler, writer=writer, lens=lens)
+    print(f"self_lengthen: {n_params:,} params; base: {base_info['source']}; {len(train_items)} train / "
+          f"{len(held_topics)} held-out topics; seeds {list(config.seeds)}; workdir {workdir}", flush=True)
+
+    def results(done: dict) -> dict:
+      per_seed = [done[k] for k in config.seeds if k in done]
+      return {"method": "self_lengthen", "variant": config.variant, "params": n_params,
+              "seeds": list(config.seeds), "base": base_info,
+              "topics": {"train": len(train_items), "heldout": len(held_topics)}, "sequence_lengths": lens,
+              "summary": summarize(per_seed, config.loop.macro_iters), "per_seed": per_seed,
+              "wall_s": time.time() - t_start}
+
+    done = stages.sweep(workdir, list(config.seeds), pipe.run_seed, summarize=results)
+    out = results(done)
+    if jax.process_index() == 0 and config.train.plot:
+      for path in plot_all(workdir, out["per_seed"], config.loop.macro_iters):
+        writer.image(f"plots/{os.path.splitext(os.path.basename(path))[0]}", path)
   finally:
     writer.close()
-  summary = summarize(per_seed, config.loop.macro_iters)
-  results = {"method": "self_lengthen", "variant": config.variant, "params": n_params, "seeds": list(config.seeds),
-             "base": base_info, "topics": {"train": len(train_items), "heldout": len(held_topics)},
-             "sequence_lengths": lens, "summary": summary, "per_seed": per_seed,
-             "wall_seconds": time.time() - t_start}
-  path = write_results(workdir, results)
-  if jax.process_index() == 0 and config.train.plot:
-    plot_all(workdir, per_seed, config.loop.macro_iters)
-  last = summary["iters"][-1]
+  path = write_results(workdir, out)
+  sm, last = out["summary"], out["summary"]["iters"][-1]
+  fmt = stages.fmt_mean_std
   summary_line("self_lengthen", {
-      "length ratio": summary["length_ratio"]["mean"], "repetition pass": last["pass_repetition"]["mean"],
-      "LF before": summary["length_following_before"]["overall"]["mean"],
-      "LF after": summary["length_following_after"]["overall"]["mean"]}, path)
-  return results
+      "length ratio": fmt(sm["length_ratio"]), "repetition pass": fmt(last["pass_repetition"]),
+      "LF before": fmt(sm["length_following_before"]["overall"]),
+      "LF after": fmt(sm["length_following_after"]["overall"])}, path)
+  return out
