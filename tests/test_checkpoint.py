@@ -224,3 +224,20 @@ def test_a_file_where_the_checkpoint_directory_goes_is_an_error(tmp_path):
   with pytest.raises(ckpt_lib.ConfigError, match="not a directory"):
     ckpt_lib.Checkpointer(str(tmp_path / "ck"))
   assert (tmp_path / "ck").read_text() == "x"
+
+
+def test_a_workdir_name_with_url_characters_restores_and_is_not_called_corrupt(tmp_path, capsys):
+  """'#', '?' and '%' are ordinary characters of a local path (not a URL's fragment, query or escape)."""
+  d = str(tmp_path / "run#1?x%20" / "checkpoints")
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    for s in (1, 2):
+      ck.save(s, {"w": jnp.full((4, 2), s, jnp.float32)})
+  assert ckpt_lib.incomplete_reason(os.path.join(d, "2")) is None
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    step, st = ck.restore({"w": jax.ShapeDtypeStruct((4, 2), jnp.float32)})
+  assert step == 2
+  np.testing.assert_array_equal(np.asarray(st["w"]), np.full((4, 2), 2.0))
+  assert sorted(os.listdir(d)) == ["1", "2"] and not os.path.exists(d + "_corrupt")
+  assert "WARNING" not in capsys.readouterr().err
+  assert _corrupt_arrays(os.path.join(d, "2")) > 0  # the check still reads the database at such a path
+  assert "unreadable" in ckpt_lib.incomplete_reason(os.path.join(d, "2"))

@@ -73,7 +73,10 @@ def incomplete_reason(step_dir: str) -> str | None:
   try:
     import tensorstore as ts
 
-    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(state)}/"}).result()
+    # A kvstore spec, not a file:// URL: a path with '#', '?' or '%' would be read as a URL's fragment, query or
+    # escape and name another directory.
+    base = {"driver": "file", "path": os.path.abspath(state) + "/"}
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
     keys = {k.decode() for k in kv.list().result()}
   except Exception as e:  # noqa: BLE001 - any failure to list means the database is unreadable
     return f"state's OCDBT database is unreadable ({_reason(e)})"
