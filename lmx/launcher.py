@@ -6,8 +6,9 @@ A run's life in its workdir (see :mod:`lmx.core.workdir`):
      asking it for more steps (the method's ``STEPS_FIELD``) continues it, for fewer refuses;
   3. any other config change is refused unless the method lists the field in ``SAFE_TO_CHANGE`` (then printed);
   4. the workdir's lock is taken (a second run on it refuses, naming the first), ``run.json`` says *running*;
-  5. the method runs; ``run.json`` ends as finished / interrupted / failed. A user error before any work leaves
-     the workdir as it was (and removes it when this run created it).
+  5. the method runs; ``run.json`` ends as finished / interrupted (a signal, a second Ctrl-C) / failed (any error,
+     ``SystemExit`` included). A user error (``ConfigError``) before the run wrote anything leaves the workdir as
+     it was (and removes it when this run created it).
 """
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ from lmx.core import workdir as wd
 from lmx.core.config import ConfigError
 
 # Errors that are the user's to fix: print the message alone (no traceback) and exit 2.
-USER_ERRORS = (ConfigError, FileNotFoundError, PermissionError, FloatingPointError)
+USER_ERRORS = (ConfigError, FileNotFoundError, PermissionError, FloatingPointError, wd.StorageError)
+# The longest path lmx writes below a workdir (a stage's checkpoint data file while it is being committed) is under
+# 200 characters; a workdir whose path leaves less room than this below the OS limit is refused up front.
+WORKDIR_PATH_ROOM = 256
 
 
 def available_methods() -> list[str]:
@@ -59,7 +63,12 @@ def default_workdir(method: str) -> str:
 
 
 def check_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are (or can be) writable directories."""
+  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are (or can be) writable directories,
+  and that its path leaves room for the files written inside it."""
+  try:
+    wd.check_path_room(workdir, WORKDIR_PATH_ROOM, f"--workdir={workdir}")
+  except wd.StorageError as e:  # found before any work: a config error (nothing is created)
+    raise ConfigError(str(e)) from None
   wd.check_writable_dir(workdir, f"--workdir={workdir}")
   ckpt = os.path.join(workdir, "checkpoints")
   if os.path.exists(ckpt):
@@ -197,15 +206,21 @@ def dispatch(config, workdir: str | None):
     return None
   record_path = os.path.join(workdir, wd.RECORD_FILE)
   try:
+    files_before = wd.snapshot(workdir)
     wd.write_record(workdir, replace=True, status="running", method=config.method, config=new,
                     command=" ".join(sys.argv), pid=os.getpid(), started=wd.now(), results="results.json")
     try:
       out = module.run(config, workdir)
     except interrupt.Interrupted as e:
-      wd.write_record(workdir, status="interrupted", stopped=str(e))
+      _end_record(workdir, status="interrupted", stopped=str(e))
       raise
-    except ConfigError:  # a user error, found before any training: leave the workdir as it was
-      if not existed and wd.only_bookkeeping(workdir):
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside lmx's handler): stopped at once
+      _end_record(workdir, status="interrupted", stopped=STOPPED_AT_ONCE)
+      raise
+    except ConfigError as e:
+      if wd.snapshot(workdir) != files_before:  # found after the run wrote something: the run failed
+        _end_record(workdir, status="failed", error=_first_line(e))
+      elif not existed and wd.only_bookkeeping(workdir):  # before any work: leave the workdir as it was
         lock.release()
         shutil.rmtree(workdir, ignore_errors=True)
       elif before is None:
@@ -214,14 +229,31 @@ def dispatch(config, workdir: str | None):
         with open(record_path, "wb") as f:
           f.write(before)
       raise
-    except BaseException as e:
-      first = str(e).splitlines()[0] if str(e) else ""
-      wd.write_record(workdir, status="failed", error=f"{type(e).__name__}: {first}")
+    except BaseException as e:  # SystemExit included: a library that exits still leaves a failed record
+      _end_record(workdir, status="failed", error=_first_line(e))
       raise
     wd.write_record(workdir, status="finished", finished=wd.now())
     return out
   finally:
     lock.release()
+
+
+STOPPED_AT_ONCE = ("interrupted by SIGINT: stopped at once (checkpoints already written are kept); rerun the same "
+                   "command to resume")
+
+
+def _first_line(e: BaseException) -> str:
+  first = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {first}"
+
+
+def _end_record(workdir: str, **fields) -> None:
+  """Writes how the run stopped into ``run.json``; a failure to write it (the disk that is full) does not replace
+  the error being reported."""
+  try:
+    wd.write_record(workdir, **fields)
+  except Exception:  # noqa: BLE001 - the run's own error (or success) is what the user must see
+    pass
 
 
 def main(config, workdir: str | None):
@@ -253,8 +285,7 @@ def run_cli(main_fn) -> int:
       print(str(e), file=sys.stderr, flush=True)
       return e.exit_code
     except KeyboardInterrupt:
-      print("interrupted by SIGINT: stopped at once (checkpoints already written are kept); rerun the same "
-            "command to resume", file=sys.stderr, flush=True)
+      print(STOPPED_AT_ONCE, file=sys.stderr, flush=True)
       return 130
 
   try:

@@ -1,4 +1,5 @@
 """Orbax checkpoints: restore onto another mesh, corrupt/partial latest falls back, Grain state round trip."""
+import errno
 import os
 import shutil
 
@@ -12,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lmx.core import checkpoint as ckpt_lib
 from lmx.core import data as data_lib
 from lmx.core import mesh as mesh_lib
+from lmx.core.workdir import StorageError
 
 
 def _state(mesh, spec):
@@ -337,3 +339,48 @@ def test_checksums_do_not_depend_on_sharding_or_on_host_versus_device():
     y = x.copy()
     y[5, 7] = y[2, 3] if y[2, 3] != y[5, 7] else ~y[5, 7] if dt == np.bool_ else y[5, 7] + 1
     assert ckpt_lib.checksums({"x": y})["x"]["checksum"] != sums[0]
+
+
+def _no_tracebacks_logged(caplog):
+  shown = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+  assert not shown, [r.getMessage()[:200] for r in shown]
+
+
+def test_disk_full_during_an_async_save_is_one_error_naming_the_directory(tmp_path, monkeypatch, caplog):
+  """ENOSPC in Orbax's background commit: one StorageError (an OSError) naming the directory and the cause, from
+  whichever call first sees it; Orbax's own tracebacks of it are not logged, and closing adds no second error."""
+  d = str(tmp_path / "ck")
+
+  async def full(self, x, directory):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+  ck = ckpt_lib.Checkpointer(d)
+  ck.save(1, {"w": jnp.ones(4)})
+  ck.wait()
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", full)
+  with pytest.raises(StorageError) as e:
+    ck.save(2, {"w": jnp.ones(4)})
+    ck.wait()
+  assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+  assert str(e.value).startswith(f"cannot write a checkpoint in {d}: no space left on device;"), str(e.value)
+  assert "\n" not in str(e.value)
+  ck.close()  # the failure was reported once
+  _no_tracebacks_logged(caplog)
+  monkeypatch.undo()
+  with ckpt_lib.Checkpointer(d) as ck:  # the checkpoint written before the disk filled up is intact
+    assert ck.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})[0] == 1
+
+
+def test_a_path_past_the_os_limit_is_one_error_saying_file_name_too_long(tmp_path, caplog):
+  """The directory itself can be made, but the files a checkpoint writes inside it cannot: one StorageError when the
+  Checkpointer opens (an Orbax save would fail in its threads, and others would wait minutes for the directory)."""
+  d = str(tmp_path)
+  while len(d) < 4060:
+    d = os.path.join(d, "x" * min(200, 4060 - len(d) - 1))
+  os.makedirs(d)
+  with pytest.raises(StorageError) as e:
+    ckpt_lib.Checkpointer(d)
+  assert e.value.errno == errno.ENAMETOOLONG
+  assert str(e.value).startswith(f"cannot write checkpoints in {d}: file name too long;"), str(e.value)[-300:]
+  assert "shorter --workdir" in str(e.value) and os.listdir(d) == []
+  _no_tracebacks_logged(caplog)

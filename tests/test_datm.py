@@ -1,6 +1,7 @@
 """DATM core: exact meta-gradient, matching loss, schedules, guards, label init, determinism; expert buffers on
 disk (atomic save, corrupt and mismatched buffers); the per-class table of the early config check."""
 import dataclasses
+import errno
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from configs import datm as datm_config
 from lmx.core.config import ConfigError
+from lmx.core.workdir import StorageError
 from lmx.datasets import images
 from lmx.methods.datm import distill as D
 from lmx.methods.datm import experts as E
@@ -335,6 +337,32 @@ def test_save_buffer_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="killed"):
     E.save_buffer(d, _buffer(c, fill=4.0))
   assert _files(d) == before
+
+
+def test_disk_full_saving_the_buffer_is_one_error_naming_the_directory(tmp_path, monkeypatch):
+  """ENOSPC (or a path past the OS limit) while writing the buffer: a StorageError (an OSError the launcher prints
+  in one line) naming the directory and the cause; the old pair stays and no temp file is left."""
+  c = _smoke()
+  d = str(tmp_path / "experts")
+  E.save_buffer(d, _buffer(c, fill=1.0))
+  before = _files(d)
+
+  def full(f, **arrays):
+    f.write(b"PK\x03\x04")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(np, "savez", full)
+  with pytest.raises(StorageError) as e:
+    E.save_buffer(d, _buffer(c, fill=2.0))
+  assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+  assert str(e.value).startswith(f"cannot write the expert buffer in {d}: no space left on device;"), str(e.value)
+  assert _files(d) == before
+  monkeypatch.undo()
+  deep = str(tmp_path)
+  while len(deep) < 4200:
+    deep = os.path.join(deep, "x" * 200)
+  with pytest.raises(StorageError, match=r"cannot write the expert buffer in .*xxxx: file name too long; .*shorter "
+                     r"--workdir"):
+    E.save_buffer(deep, _buffer(c))
 
 
 def _truncate(path):

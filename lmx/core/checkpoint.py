@@ -7,7 +7,9 @@ missing are found before Orbax reads anything. When checkpoints existed but none
 with :class:`NoRestorableCheckpointError` unless the caller allows a fresh start. A complete checkpoint whose
 state has a different layout (other keys or shapes: written by another version of the code or another config) is
 not corruption: restoring stops with :class:`CheckpointMismatchError`, naming the differences, and touches
-nothing. Restore also verifies what it read, since bytes that changed on disk can decode silently to other numbers:
+nothing. A save that fails for the file system's reasons (disk full, quota, a path too long) raises one
+:class:`lmx.core.workdir.StorageError` naming the directory and the cause, from ``save``, ``wait`` or ``close``
+(whichever first sees the asynchronous failure), and Orbax's tracebacks of it are not logged. Restore also verifies what it read, since bytes that changed on disk can decode silently to other numbers:
 every save writes a ``checksums`` item (per state leaf: dtype, shape, a 64-bit checksum of its bits computed on
 device, whether it was finite), and a restored leaf that differs, or is NaN/Inf where the saved one was finite, makes
 the checkpoint corrupt as above. A checkpoint written before checksums existed still restores; its floating leaves
@@ -27,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lmx.core import interrupt
 from lmx.core.config import ConfigError
 from lmx.core.results import jsonable
-from lmx.core.workdir import check_writable_dir
+from lmx.core.workdir import (STORAGE_CAUSES, StorageError, check_path_room, check_writable_dir, storage_errno,
+                              storage_error)
 
 
 class CheckpointMismatchError(ConfigError):
@@ -45,6 +49,9 @@ class CorruptCheckpointError(ConfigError):
 
 
 CHECKSUMS_ITEM = "checksums"
+# Orbax's deepest file below the checkpoint directory, while a step is committed, with room to spare:
+# "<step>.orbax-checkpoint-tmp-<time>/state.orbax-checkpoint-tmp-<time>/ocdbt.process_<n>/d/<32 hex digits>".
+CHECKPOINT_PATH_ROOM = 160
 _CHECKSUM_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "int16", "int32", "int64", "uint8",
                     "uint16", "uint32", "uint64", "bool")
 
@@ -214,11 +221,30 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    check_path_room(self.directory, CHECKPOINT_PATH_ROOM, f"cannot write checkpoints in {self.directory}")
     check_writable_dir(self.directory)
+    _quiet_orbax()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
         create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    self._failed: StorageError | None = None
+
+  def _probe(self) -> None:
+    """Makes and removes a directory where the save will make its own: a full disk fails here, at once, rather
+    than in Orbax's directory creation (after which its other threads wait minutes for a signal that never
+    comes)."""
+    if "://" in self.directory or jax.process_index() != 0:
+      return
+    probe = os.path.join(self.directory, f".lmx-probe-{os.getpid()}")
+    os.makedirs(probe, exist_ok=True)
+    os.rmdir(probe)
+
+  def _storage(self, err: BaseException) -> StorageError | None:
+    """``err`` as a :class:`StorageError` about this directory, or None for other errors."""
+    failed = storage_error(err, "cannot write a checkpoint in", self.directory)
+    self._failed = self._failed or failed
+    return failed
 
   # -- save ------------------------------------------------------------------------------------------------
   def save(self, step: int, state: Any, *, data_iter=None, config=None, force: bool = False) -> bool:
@@ -233,7 +259,14 @@ class Checkpointer:
     if config is not None:
       cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
       items["config"] = ocp.args.JsonSave(jsonable(cfg))
-    return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    try:
+      self._probe()
+      return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001 - this save's, or the previous asynchronous one's, failure
+      failed = self._storage(e)
+      if failed is None:
+        raise
+      raise failed from None
 
   # -- restore ---------------------------------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -404,17 +437,57 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until async saves are finished (call before exiting or reading the directory)."""
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      failed = self._storage(e)
+      if failed is None:
+        raise
+      raise failed from None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves and closes; after a :class:`StorageError` already raised, closing adds none."""
+    failed = self._failed
+    try:
+      try:
+        self.wait()
+      finally:
+        self._mngr.close()  # Orbax raises an asynchronous save's error here again
+    except Exception as e:  # noqa: BLE001
+      err = e if isinstance(e, StorageError) else self._storage(e)
+      if err is None:
+        raise
+      if failed is None:
+        raise err from None
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
+
+
+class _QuietOrbax:
+  """A logging filter for Orbax's logged tracebacks of failures that lmx reports itself in one line: a storage
+  error (disk full, path too long; the :class:`Checkpointer` raises it), and a save cut short by a second Ctrl-C
+  (the run stops at once, by request). Hundreds of lines from Orbax's threads would bury that line."""
+
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, KeyboardInterrupt) or (interrupt.stopped_at_once() and record.levelno >= 40):
+      return False
+    if storage_errno(exc) is not None:
+      return False
+    msg = record.getMessage()
+    return storage_errno(Exception(msg)) is None and not any(os.strerror(c) in msg for c in STORAGE_CAUSES)
+
+
+def _quiet_orbax() -> None:
+  import logging
+
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietOrbax())
 
 
 def _warn(msg: str) -> None:

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 from typing import Any, Iterable, Mapping
@@ -26,6 +27,79 @@ LOCK_FILE, RECORD_FILE = ".lock", "run.json"
 
 class WorkdirBusyError(ConfigError):
   """Another live process holds the workdir's lock."""
+
+
+class StorageError(OSError):
+  """Writing an output failed for a reason of the file system's (disk full, quota, a path too long): the message
+  names the path, the cause and what to do. An ``OSError`` (not a config error): the run has started and fails."""
+
+  def __init__(self, code: int, message: str, path: str):
+    super().__init__(code, message, path)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+# The errors whose cause lies outside lmx: the user frees space or picks another path.
+STORAGE_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.ENAMETOOLONG: "file name too long", errno.EFBIG: "file too large",
+                  errno.EROFS: "read-only file system"}
+_TS_ERRNO = re.compile(r"os_error_code='?(\d+)")  # how TensorStore (Orbax's writer) reports an OS error
+
+
+def storage_errno(err: BaseException | None) -> int | None:
+  """The :data:`STORAGE_CAUSES` errno behind ``err`` (an ``OSError``, or TensorStore's ``ValueError`` that quotes
+  the OS error code), looking through its causes; None for any other error."""
+  seen = 0
+  while err is not None and seen < 8:
+    if isinstance(err, OSError) and err.errno in STORAGE_CAUSES:
+      return err.errno
+    for m in _TS_ERRNO.finditer(str(err)):
+      if int(m.group(1)) in STORAGE_CAUSES:
+        return int(m.group(1))
+    err, seen = err.__cause__ or err.__context__, seen + 1
+  return None
+
+
+def storage_error(err: BaseException, doing: str, path: str) -> StorageError | None:
+  """A one-line :class:`StorageError` for ``err`` ("<doing> <path>: no space left on device; ..."), or None when
+  ``err`` is not a storage error."""
+  code = storage_errno(err)
+  if code is None:
+    return None
+  if code == errno.ENAMETOOLONG:
+    fix = (f"the path is {len(os.path.abspath(path)) if is_local(path) else len(path)} characters and the files "
+           "written inside it add more, past the file system's limit: choose a shorter --workdir")
+  elif code == errno.EROFS:
+    fix = "choose a writable --workdir"
+  else:
+    fix = "free space there (or raise the limit) or choose another --workdir, then rerun the same command"
+  return StorageError(code, f"{doing} {path}: {STORAGE_CAUSES[code]}; {fix}", path)
+
+
+def path_max(path: str) -> int:
+  """The OS's longest path (PATH_MAX) on the file system of ``path``'s nearest existing ancestor."""
+  head = os.path.abspath(path)
+  while head != os.path.dirname(head) and not os.path.exists(head):
+    head = os.path.dirname(head)
+  try:
+    return int(os.pathconf(head, "PC_PATH_MAX"))
+  except (OSError, ValueError):
+    return 4096
+
+
+def check_path_room(path: str, room: int, what: str | None = None) -> None:
+  """Raises :class:`StorageError` (file name too long), naming ``what`` (default: the path), when files ``room``
+  characters deeper than ``path`` would pass the OS's path limit: found before any writer starts (Orbax's threads
+  wait minutes for a directory that could not be made)."""
+  if not is_local(path):
+    return
+  full, limit = os.path.abspath(path), path_max(path)
+  if len(full) + room > limit:
+    raise StorageError(errno.ENAMETOOLONG, f"{what or path}: file name too long; the path is {len(full)} "
+                       f"characters and the files written inside it need up to {room} more, past the file system's "
+                       f"limit of {limit}: choose a shorter --workdir", path)
 
 
 def is_local(workdir: str) -> bool:
@@ -138,9 +212,17 @@ def write_record(workdir: str, *, replace: bool = False, **fields: Any) -> dict:
   rec = {**({} if replace else read_record(workdir) or {}), **jsonable(fields), "updated": now()}
   path = os.path.join(workdir, RECORD_FILE)
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(rec, f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(rec, f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    failed = storage_error(e, "cannot write", path)
+    if failed is None:
+      raise
+    raise failed from None
   return rec
 
 
@@ -195,6 +277,23 @@ def saved_config(workdir: str) -> dict | None:
   if step is None:
     return None
   return _read_json(os.path.join(workdir, "checkpoints", str(step), "config", "metadata"))
+
+
+def snapshot(workdir: str) -> dict[str, tuple[int, int]]:
+  """``{relative path: (size, mtime_ns)}`` of the files in ``workdir`` other than this module's: compared before
+  and after a run to tell whether the run wrote anything."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      if root == workdir and (f in (LOCK_FILE, RECORD_FILE) or f.startswith(RECORD_FILE + ".tmp")):
+        continue
+      p = os.path.join(root, f)
+      try:
+        st = os.stat(p)
+      except OSError:  # removed while walking
+        continue
+      out[os.path.relpath(p, workdir)] = (st.st_size, st.st_mtime_ns)
+  return out
 
 
 def only_bookkeeping(workdir: str) -> bool:
