@@ -24,7 +24,7 @@ import traceback
 import lmx.methods
 from lmx.core import interrupt
 from lmx.core import workdir as wd
-from lmx.core.config import ConfigError
+from lmx.core.config import ConfigError, check_finite_numbers
 
 # Errors that are the user's to fix: print the message alone (no traceback) and exit 2.
 USER_ERRORS = (ConfigError, FileNotFoundError, PermissionError, FloatingPointError, wd.StorageError)
@@ -182,6 +182,7 @@ def dispatch(config, workdir: str | None):
   from lmx.core.results import jsonable
 
   module = method_module(config)
+  check_finite_numbers(config)
   if hasattr(module, "validate"):
     module.validate(config)
   if workdir is None and jax.process_count() > 1:  # each host would stamp its own default name

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from lmx.core.config import ConfigError, check_choice, positive, require
+from lmx.core.config import ConfigError, check_choice, non_negative, positive, require
 from lmx.datasets.images import DATASETS
 from lmx.methods.datm.dsa import parse_strategy
 from lmx.models.convnet import CONV_IMPLS
@@ -98,4 +98,4 @@ def validate(c, for_run: bool = True) -> None:
     require(0 <= value < 1, field, f"must be in [0, 1), got {value!r}")
   for field, value in (("experts.weight_decay", e.weight_decay), ("eval.weight_decay", v.weight_decay),
                        ("experts.gsam_rho", e.gsam_rho), ("experts.gsam_alpha", e.gsam_alpha)):
-    require(value >= 0, field, f"must be >= 0, got {value!r}")
+    non_negative(value, field)
