@@ -62,17 +62,25 @@ def default_workdir(method: str) -> str:
   return os.path.join("runs", f"{method}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
+# The folders lmx writes inside every workdir (checkpoints, TensorBoard events, plots).
+OUTPUT_DIRS = ("checkpoints", "tb", "plots")
+
+
 def check_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are (or can be) writable directories,
-  and that its path leaves room for the files written inside it."""
+  """Creates ``workdir`` and checks that it and its :data:`OUTPUT_DIRS` are (or can be) writable directories, that
+  its path leaves room for the files written inside it, and that an object store's client is installed."""
   try:
     wd.check_path_room(workdir, WORKDIR_PATH_ROOM, f"--workdir={workdir}")
   except wd.StorageError as e:  # found before any work: a config error (nothing is created)
     raise ConfigError(str(e)) from None
+  problem = wd.remote_problem(workdir)
+  if problem:
+    raise ConfigError(f"--workdir={workdir}: {problem}")
   wd.check_writable_dir(workdir, f"--workdir={workdir}")
-  ckpt = os.path.join(workdir, "checkpoints")
-  if os.path.exists(ckpt):
-    wd.check_writable_dir(ckpt)
+  for sub in OUTPUT_DIRS:  # a file in their place would fail a save, or the plots after all the training
+    path = os.path.join(workdir, sub)
+    if os.path.lexists(path):
+      wd.check_writable_dir(path)
   return workdir
 
 

@@ -89,3 +89,21 @@ def test_config_spec_problems():
   assert "configs/datm.py" in launcher.config_spec_problem("configs/nope.py")
   assert "one variant" in launcher.config_spec_problem("configs/lm.py:smoke,moe")
   assert launcher.config_spec_problem("configs/lm.py:variant=smoke,seed=2") is None
+
+
+@pytest.mark.parametrize("sub", ["tb", "plots", "checkpoints"])
+def test_a_file_where_an_output_folder_goes_stops_the_run_before_any_compute(tmp_path, monkeypatch, sub):
+  """tb/ failed with tensorboardX's traceback when the writer opened, plots/ only after all the training: both are
+  checked with the workdir, before the method runs."""
+  import types
+
+  import ml_collections
+
+  ran = []
+  monkeypatch.setattr(launcher, "method_module", lambda config: types.SimpleNamespace(run=lambda c, w: ran.append(w)))
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / sub).write_text("mine")
+  with pytest.raises(ConfigError, match=rf"^{w / sub} is a file, not a directory: move it out of the way"):
+    launcher.dispatch(ml_collections.ConfigDict({"method": "fake"}), str(w))
+  assert not ran and (w / sub).read_text() == "mine" and sorted(os.listdir(w)) == [sub]

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmx.core.config import ConfigError
+
 
 def _to_float(v: Any) -> float:
   return float(np.asarray(jax.device_get(v)).astype(np.float64))
@@ -48,13 +50,20 @@ class Writer:
     self._tb = None
     if not self.enabled:
       return
+    from lmx.core import workdir as wd
+
+    problem = wd.remote_problem(workdir, tensorboard=tensorboard, checkpoints=False)
+    if problem:  # else tensorboardX fails with an ImportError traceback
+      raise ConfigError(f"{workdir}: {problem}")
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter  # local: keeps import of lmx.core light
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+      tb = os.path.join(workdir, "tb")
+      wd.check_writable_dir(tb)  # a file named tb: one line, not tensorboardX's traceback
+      self._tb = SummaryWriter(tb, flush_secs=10)
 
   def scalars(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Records ``metrics`` at ``step``; returns them as floats (host values)."""

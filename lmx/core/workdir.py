@@ -130,6 +130,42 @@ def check_writable_dir(path: str, what: str | None = None) -> str:
   return path
 
 
+# What writing to an object store needs, by scheme: (module, pip package, what uses it). TensorBoard events go
+# through tensorboardX (google-cloud-storage / boto3); checkpoints through etils.epath, which uses TensorFlow's
+# gfile when TensorFlow is installed and fsspec's gcsfs / s3fs otherwise.
+REMOTE_NEEDS = {
+    "gs": (("google.cloud.storage", "google-cloud-storage", "TensorBoard events (tensorboardX)"),
+           ("gcsfs", "gcsfs", "checkpoints (etils.epath through fsspec)")),
+    "s3": (("boto3", "boto3", "TensorBoard events (tensorboardX)"),
+           ("s3fs", "s3fs", "checkpoints (etils.epath through fsspec)")),
+}
+
+
+def _have(module: str) -> bool:
+  import importlib.util
+
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a parent package (google.cloud) that is not there
+    return False
+
+
+def remote_problem(path: str, *, tensorboard: bool = True, checkpoints: bool = True) -> str | None:
+  """What is missing to write ``path`` (``gs://`` or ``s3://``), with the pip command that installs it, or None."""
+  scheme = path.split("://", 1)[0] if "://" in path else ""
+  if scheme not in REMOTE_NEEDS:
+    return None
+  missing = []
+  for (module, package, use), wanted in zip(REMOTE_NEEDS[scheme], (tensorboard, checkpoints)):
+    if wanted and not _have(module) and not (module in ("gcsfs", "s3fs") and _have("tensorflow")):
+      missing.append((package, use))
+  if not missing:
+    return None
+  uses = " and ".join(f"{package} for its {use}" for package, use in missing)
+  return (f"writing to {scheme}:// needs {uses}, which this Python lacks: pip install "
+          f"{' '.join(p for p, _ in missing)}")
+
+
 def pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
