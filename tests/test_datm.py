@@ -5,6 +5,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import types
 
 import jax
@@ -424,6 +425,32 @@ def test_truncated_buffer_npz_names_the_path(tmp_path):
   with pytest.raises(E.CorruptBufferError, match="BadZipFile") as e:
     E.load_buffer(d, E.expected_meta(c, DATA.image_shape, DATA.num_classes), min_epochs=4, source="workdir")
   assert os.path.join(d, E.BUFFER_FILE) in str(e.value) and e.value.reason.startswith("BadZipFile: ")
+
+
+def test_a_bad_experts_dir_leaves_no_workdir_behind(tmp_path):
+  """A missing or empty experts.dir is refused by validation, before the launcher makes the workdir; a buffer for
+  another model is refused when read, still before the run writes anything, so the new workdir is removed."""
+  from lmx import launcher
+
+  c = _smoke()
+  w = tmp_path / "w"
+  (tmp_path / "empty").mkdir()
+  for bad, words in [(tmp_path / "nope", r"is not a directory; point it at the experts/ folder of a DATM run"),
+                     (tmp_path / "empty", r"holds no expert buffer \(no buffer.npz or meta.json\)")]:
+    c.experts.dir = str(bad)
+    with pytest.raises(ConfigError) as e:
+      launcher.dispatch(c, str(w))
+    assert not w.exists()
+    assert re.match(rf"experts.dir: '{bad}' {words}", str(e.value)), str(e.value)
+  other = str(tmp_path / "width16")
+  c16 = _smoke()
+  c16.model.width = 16
+  E.save_buffer(other, _buffer(c16))
+  c.experts.dir = other
+  with pytest.raises(ConfigError) as e:
+    launcher.dispatch(c, str(w))
+  assert not w.exists()
+  assert re.search(r"experts.dir=.*width16.*model.width=16 but the config asks for 8", str(e.value)), str(e.value)
 
 
 def test_get_experts_moves_a_corrupt_own_buffer_aside_and_trains_new_ones(tmp_path, monkeypatch, capsys):
