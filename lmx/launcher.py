@@ -336,8 +336,8 @@ def _config_arg(argv) -> str | None:
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with a short message (not a traceback) for an unknown ``--config.x.y`` field or a
-  ``--config`` that names no file."""
+  """absl's flag parsing, with a short message (not a traceback) for an unknown ``--config.x.y`` field, a
+  ``--config`` that names no file, or an error in the config file itself (``<file>:<line>: <error>``)."""
   from absl import flags
 
   spec = _config_arg(argv)
@@ -348,6 +348,13 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    cause = e  # what the config file raised, when it raised: absl and config_flags wrap its ValueErrors twice
+    while (cause.__cause__ or cause.__context__) is not None:
+      cause = cause.__cause__ or cause.__context__
+    where = None if cause is e or isinstance(cause, ConfigError) else _config_file_error(cause, spec)
+    if where:
+      print(f"error: {where}", file=sys.stderr)
+      sys.exit(2)
     msg = str(e)
     if "Traceback" in msg:  # config_flags embeds the config file's traceback: keep its last line
       last = [line.strip() for line in msg.splitlines() if line.strip()][-1]
@@ -355,8 +362,31 @@ def _parse_flags(argv):
     print(f"error: {msg}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:
-    print(f"error: {_explain_override(argv, e)}", file=sys.stderr)
+    print(f"error: {_config_file_error(e, spec) or _explain_override(argv, e)}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # noqa: BLE001 - raised by the user's config file itself: name the line, not absl's stack
+    where = _config_file_error(e, spec)
+    if where is None:
+      raise
+    print(f"error: {where}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_file_error(err: BaseException, spec: str | None) -> str | None:
+  """``"<file>:<line>: <Type>: <message>"`` for an error in the config file that ``--config=<spec>`` names (a
+  syntax error anywhere it imports, or an error raised while running its code: the deepest line of that file on the
+  stack), else None."""
+  if isinstance(err, SyntaxError) and err.filename:
+    return f"{err.filename}:{err.lineno}: SyntaxError: {err.msg}"
+  path = os.path.abspath(spec.partition(":")[0]) if spec else None
+  where = None
+  for frame, lineno in traceback.walk_tb(err.__traceback__):
+    if path and os.path.abspath(frame.f_code.co_filename) == path:
+      where = f"{frame.f_code.co_filename}:{lineno}"
+  if where is None:
+    return None
+  lines = str(err).strip().splitlines()
+  return f"{where}: {type(err).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def _explain_override(argv, err) -> str:

@@ -60,6 +60,22 @@ def test_bad_input_gives_a_short_clear_error(args, needle, tmp_path):
   assert len(r.stderr.strip().splitlines()) <= 4
 
 
+@pytest.mark.parametrize("body,line,error", [
+    ("  c.x = [1, 2\n  return c\n", 6, "SyntaxError: '[' was never closed"),
+    ("  c.n = int('x')\n  return c\n", 6, "ValueError: invalid literal for int() with base 10: 'x'"),
+    ("  return c.steps_typo + 1\n", 6, "AttributeError"),
+])
+def test_an_error_in_the_users_config_file_is_one_line_with_file_and_line(tmp_path, body, line, error):
+  cfg = tmp_path / "my_config.py"
+  cfg.write_text("import ml_collections\n\ndef get_config(arg=None):\n  c = ml_collections.ConfigDict()\n"
+                 "  c.method = 'lm'\n" + body)
+  r = _run(f"--config={cfg}", f"--workdir={tmp_path}/w", timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]  # one line, no traceback
+  assert r.stderr.startswith(f"error: {cfg}:{line}: {error}"), r.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_xm_launch_arguments():
   sys.path.insert(0, ROOT)
   from launch import xm_launch
