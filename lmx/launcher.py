@@ -18,6 +18,7 @@ import importlib
 import os
 import pkgutil
 import shutil
+import socket
 import sys
 import traceback
 
@@ -217,7 +218,8 @@ def dispatch(config, workdir: str | None):
   try:
     files_before = wd.snapshot(workdir)
     wd.write_record(workdir, replace=True, status="running", method=config.method, config=new,
-                    command=" ".join(sys.argv), pid=os.getpid(), started=wd.now(), results="results.json")
+                    command=" ".join(sys.argv), pid=os.getpid(), host=socket.gethostname(), started=wd.now(),
+                    results="results.json")
     try:
       out = module.run(config, workdir)
     except interrupt.Interrupted as e:

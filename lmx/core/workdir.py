@@ -2,7 +2,9 @@
 
 ``<workdir>/.lock``   an exclusive ``flock`` held for the run's life. The kernel releases it on any exit (kill -9
                       included), so a lock left by a killed process is never in the way; the pid written into the
-                      file names the run that holds it, or the run that died holding it.
+                      file names the run that holds it, or the run that died holding it. A lock file deleted under a
+                      live run no longer protects it, so taking the lock also reads ``run.json``: a run recorded
+                      as running, by a live process on this host that started before the record, holds the workdir.
 ``<workdir>/run.json`` the run's record: status (running / finished / interrupted / failed), the config, the
                       command, pid and times. A rerun compares its config with the recorded one before any work.
 
@@ -176,6 +178,39 @@ def pid_alive(pid: int) -> bool:
   return True
 
 
+def process_start_time(pid: int) -> float | None:
+  """When process ``pid`` started (seconds since the epoch), from Linux's ``/proc``; None where unknown."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/stat") as f:
+      boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks since boot
+  except (OSError, ValueError, IndexError, StopIteration):
+    return None
+
+
+def running_elsewhere(workdir: str) -> dict | None:
+  """``run.json``'s record when it says *running* for another process on this host that is alive and started no
+  later than the record (a pid reused by a newer process does not count), else None."""
+  rec = read_record(workdir)
+  if not rec or rec.get("status") != "running":
+    return None
+  pid = rec.get("pid")
+  if not isinstance(pid, int) or pid == os.getpid() or rec.get("host", socket.gethostname()) != socket.gethostname():
+    return None
+  if not pid_alive(pid):
+    return None
+  start = process_start_time(pid)
+  try:
+    recorded = datetime.datetime.fromisoformat(str(rec.get("started"))).timestamp()
+  except ValueError:
+    recorded = None
+  if start is not None and recorded is not None and start > recorded + 2:  # the pid now names a newer process
+    return None
+  return rec
+
+
 class WorkdirLock:
   """``with WorkdirLock(workdir):`` holds the workdir's exclusive lock or raises :class:`WorkdirBusyError`.
 
@@ -201,6 +236,15 @@ class WorkdirLock:
              f"{holder.get('command')}" if holder else "another process")
       raise WorkdirBusyError(f"--workdir={os.path.dirname(self.path)} is in use by a run that is still going "
                              f"({who}); wait for it, stop it, or choose another --workdir") from None
+    holder = running_elsewhere(os.path.dirname(self.path))
+    if holder is not None:  # its lock file was deleted (or replaced) while it runs
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
+      raise WorkdirBusyError(
+          f"--workdir={os.path.dirname(self.path)} is in use by a run that is still going (pid {holder.get('pid')} "
+          f"on {holder.get('host') or socket.gethostname()}, started {holder.get('started')}: "
+          f"{holder.get('command')}), although its {LOCK_FILE} file was deleted; wait for it, stop it, or choose "
+          "another --workdir")
     self.previous = _read_json(self.path)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)
