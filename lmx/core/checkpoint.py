@@ -9,12 +9,15 @@ state has a different layout (other keys or shapes: written by another version o
 not corruption: restoring stops with :class:`CheckpointMismatchError`, naming the differences, and touches
 nothing. A save that fails for the file system's reasons (disk full, quota, a path too long) raises one
 :class:`lmx.core.workdir.StorageError` naming the directory and the cause, from ``save``, ``wait`` or ``close``
-(whichever first sees the asynchronous failure), and Orbax's tracebacks of it are not logged. Restore also verifies what it read, since bytes that changed on disk can decode silently to other numbers:
-every save writes a ``checksums`` item (per state leaf: dtype, shape, a 64-bit checksum of its bits computed on
-device, whether it was finite), and a restored leaf that differs, or is NaN/Inf where the saved one was finite, makes
-the checkpoint corrupt as above. A checkpoint written before checksums existed still restores; its floating leaves
-must be finite. The checkpoint directory is checked when the :class:`Checkpointer` opens (a file in its place, or
-no write permission, is reported at once rather than when the first save times out).
+(whichever first sees the asynchronous failure), and Orbax's tracebacks of it are not logged.
+
+Restore also verifies what it read, since bytes that changed on disk can decode silently to other numbers: every
+save writes a ``checksums`` item (per state leaf: dtype, shape, a 64-bit checksum of its bits computed on device,
+whether it was finite), and a restored leaf that differs, or is NaN/Inf where the saved one was finite, makes the
+checkpoint corrupt as above. A checkpoint written before checksums existed still restores; its floating leaves
+must be finite. The checkpoint directory is checked when the :class:`Checkpointer` opens (a file in its place, no
+write permission, or a path too long for the files inside it, is reported at once rather than when the first save
+times out).
 """
 from __future__ import annotations
 
@@ -446,7 +449,8 @@ class Checkpointer:
       raise failed from None
 
   def close(self) -> None:
-    """Waits for pending saves and closes; after a :class:`StorageError` already raised, closing adds none."""
+    """Waits for pending saves and closes; after a :class:`StorageError` already raised, or a second Ctrl-C,
+    closing adds no error of its own."""
     failed = self._failed
     try:
       try:
@@ -454,6 +458,8 @@ class Checkpointer:
       finally:
         self._mngr.close()  # Orbax raises an asynchronous save's error here again
     except Exception as e:  # noqa: BLE001
+      if interrupt.stopped_at_once():  # a save a second Ctrl-C cut short: abandoned by request, not a failure
+        return
       err = e if isinstance(e, StorageError) else self._storage(e)
       if err is None:
         raise
