@@ -70,3 +70,23 @@ def test_a_file_where_tb_goes_is_one_error(tmp_path):
   with pytest.raises(ConfigError, match=rf"{tmp_path / 'tb'} is a file, not a directory"):
     metrics.Writer(str(tmp_path))
   assert (tmp_path / "tb").read_text() == "notes"
+
+
+def test_disk_full_while_writing_metrics_is_one_error_naming_the_workdir(tmp_path):
+  import errno
+
+  class Full:
+    def write(self, text):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  w = metrics.Writer(str(tmp_path), tensorboard=False)
+  w._jsonl.close()
+  w._jsonl = Full()
+  with pytest.raises(wd.StorageError, match=rf"^cannot write metrics in {tmp_path}: no space left on device;"):
+    w.scalars(1, {"loss": 1.0})
+  with pytest.raises(wd.StorageError, match="no space left on device"):
+    w.close()
+  w.close()  # closed: nothing left to fail
