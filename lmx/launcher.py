@@ -6,8 +6,9 @@ A run's life in its workdir (see :mod:`lmx.core.workdir`):
      asking it for more steps (the method's ``STEPS_FIELD``) continues it, for fewer refuses;
   3. any other config change is refused unless the method lists the field in ``SAFE_TO_CHANGE`` (then printed);
   4. the workdir's lock is taken (a second run on it refuses, naming the first), ``run.json`` says *running*;
-  5. the method runs; ``run.json`` ends as finished / interrupted / failed. A user error before any work leaves
-     the workdir as it was (and removes it when this run created it).
+  5. the method runs; ``run.json`` ends as finished / interrupted (a signal, a second Ctrl-C) / failed (any error,
+     ``SystemExit`` included). A user error (``ConfigError``) before the run wrote anything leaves the workdir as
+     it was (and removes it when this run created it).
 """
 from __future__ import annotations
 
@@ -17,16 +18,20 @@ import importlib
 import os
 import pkgutil
 import shutil
+import socket
 import sys
 import traceback
 
 import lmx.methods
 from lmx.core import interrupt
 from lmx.core import workdir as wd
-from lmx.core.config import ConfigError
+from lmx.core.config import ConfigError, check_finite_numbers
 
 # Errors that are the user's to fix: print the message alone (no traceback) and exit 2.
-USER_ERRORS = (ConfigError, FileNotFoundError, PermissionError, FloatingPointError)
+USER_ERRORS = (ConfigError, FileNotFoundError, PermissionError, FloatingPointError, wd.StorageError)
+# The longest path lmx writes below a workdir (a stage's checkpoint data file while it is being committed) is under
+# 200 characters; a workdir whose path leaves less room than this below the OS limit is refused up front.
+WORKDIR_PATH_ROOM = 256
 
 
 def available_methods() -> list[str]:
@@ -58,12 +63,25 @@ def default_workdir(method: str) -> str:
   return os.path.join("runs", f"{method}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
+# The folders lmx writes inside every workdir (checkpoints, TensorBoard events, plots).
+OUTPUT_DIRS = ("checkpoints", "tb", "plots")
+
+
 def check_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks that it and its ``checkpoints`` folder are (or can be) writable directories."""
+  """Creates ``workdir`` and checks that it and its :data:`OUTPUT_DIRS` are (or can be) writable directories, that
+  its path leaves room for the files written inside it, and that an object store's client is installed."""
+  try:
+    wd.check_path_room(workdir, WORKDIR_PATH_ROOM, f"--workdir={workdir}")
+  except wd.StorageError as e:  # found before any work: a config error (nothing is created)
+    raise ConfigError(str(e)) from None
+  problem = wd.remote_problem(workdir)
+  if problem:
+    raise ConfigError(f"--workdir={workdir}: {problem}")
   wd.check_writable_dir(workdir, f"--workdir={workdir}")
-  ckpt = os.path.join(workdir, "checkpoints")
-  if os.path.exists(ckpt):
-    wd.check_writable_dir(ckpt)
+  for sub in OUTPUT_DIRS:  # a file in their place would fail a save, or the plots after all the training
+    path = os.path.join(workdir, sub)
+    if os.path.lexists(path):
+      wd.check_writable_dir(path)
   return workdir
 
 
@@ -173,6 +191,7 @@ def dispatch(config, workdir: str | None):
   from lmx.core.results import jsonable
 
   module = method_module(config)
+  check_finite_numbers(config)
   if hasattr(module, "validate"):
     module.validate(config)
   if workdir is None and jax.process_count() > 1:  # each host would stamp its own default name
@@ -197,15 +216,22 @@ def dispatch(config, workdir: str | None):
     return None
   record_path = os.path.join(workdir, wd.RECORD_FILE)
   try:
+    files_before = wd.snapshot(workdir)
     wd.write_record(workdir, replace=True, status="running", method=config.method, config=new,
-                    command=" ".join(sys.argv), pid=os.getpid(), started=wd.now(), results="results.json")
+                    command=" ".join(sys.argv), pid=os.getpid(), host=socket.gethostname(), started=wd.now(),
+                    results="results.json")
     try:
       out = module.run(config, workdir)
     except interrupt.Interrupted as e:
-      wd.write_record(workdir, status="interrupted", stopped=str(e))
+      _end_record(workdir, status="interrupted", stopped=str(e))
       raise
-    except ConfigError:  # a user error, found before any training: leave the workdir as it was
-      if not existed and wd.only_bookkeeping(workdir):
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside lmx's handler): stopped at once
+      _end_record(workdir, status="interrupted", stopped=STOPPED_AT_ONCE)
+      raise
+    except ConfigError as e:
+      if wd.snapshot(workdir) != files_before:  # found after the run wrote something: the run failed
+        _end_record(workdir, status="failed", error=_first_line(e))
+      elif not existed and wd.only_bookkeeping(workdir):  # before any work: leave the workdir as it was
         lock.release()
         shutil.rmtree(workdir, ignore_errors=True)
       elif before is None:
@@ -214,14 +240,31 @@ def dispatch(config, workdir: str | None):
         with open(record_path, "wb") as f:
           f.write(before)
       raise
-    except BaseException as e:
-      first = str(e).splitlines()[0] if str(e) else ""
-      wd.write_record(workdir, status="failed", error=f"{type(e).__name__}: {first}")
+    except BaseException as e:  # SystemExit included: a library that exits still leaves a failed record
+      _end_record(workdir, status="failed", error=_first_line(e))
       raise
     wd.write_record(workdir, status="finished", finished=wd.now())
     return out
   finally:
     lock.release()
+
+
+STOPPED_AT_ONCE = ("interrupted by SIGINT: stopped at once (checkpoints already written are kept); rerun the same "
+                   "command to resume")
+
+
+def _first_line(e: BaseException) -> str:
+  first = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {first}"
+
+
+def _end_record(workdir: str, **fields) -> None:
+  """Writes how the run stopped into ``run.json``; a failure to write it (the disk that is full) does not replace
+  the error being reported."""
+  try:
+    wd.write_record(workdir, **fields)
+  except Exception:  # noqa: BLE001 - the run's own error (or success) is what the user must see
+    pass
 
 
 def main(config, workdir: str | None):
@@ -253,8 +296,7 @@ def run_cli(main_fn) -> int:
       print(str(e), file=sys.stderr, flush=True)
       return e.exit_code
     except KeyboardInterrupt:
-      print("interrupted by SIGINT: stopped at once (checkpoints already written are kept); rerun the same "
-            "command to resume", file=sys.stderr, flush=True)
+      print(STOPPED_AT_ONCE, file=sys.stderr, flush=True)
       return 130
 
   try:
@@ -296,8 +338,8 @@ def _config_arg(argv) -> str | None:
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with a short message (not a traceback) for an unknown ``--config.x.y`` field or a
-  ``--config`` that names no file."""
+  """absl's flag parsing, with a short message (not a traceback) for an unknown ``--config.x.y`` field, a
+  ``--config`` that names no file, or an error in the config file itself (``<file>:<line>: <error>``)."""
   from absl import flags
 
   spec = _config_arg(argv)
@@ -308,6 +350,13 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    cause = e  # what the config file raised, when it raised: absl and config_flags wrap its ValueErrors twice
+    while (cause.__cause__ or cause.__context__) is not None:
+      cause = cause.__cause__ or cause.__context__
+    where = None if cause is e or isinstance(cause, ConfigError) else _config_file_error(cause, spec)
+    if where:
+      print(f"error: {where}", file=sys.stderr)
+      sys.exit(2)
     msg = str(e)
     if "Traceback" in msg:  # config_flags embeds the config file's traceback: keep its last line
       last = [line.strip() for line in msg.splitlines() if line.strip()][-1]
@@ -315,8 +364,31 @@ def _parse_flags(argv):
     print(f"error: {msg}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:
-    print(f"error: {_explain_override(argv, e)}", file=sys.stderr)
+    print(f"error: {_config_file_error(e, spec) or _explain_override(argv, e)}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # noqa: BLE001 - raised by the user's config file itself: name the line, not absl's stack
+    where = _config_file_error(e, spec)
+    if where is None:
+      raise
+    print(f"error: {where}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_file_error(err: BaseException, spec: str | None) -> str | None:
+  """``"<file>:<line>: <Type>: <message>"`` for an error in the config file that ``--config=<spec>`` names (a
+  syntax error anywhere it imports, or an error raised while running its code: the deepest line of that file on the
+  stack), else None."""
+  if isinstance(err, SyntaxError) and err.filename:
+    return f"{err.filename}:{err.lineno}: SyntaxError: {err.msg}"
+  path = os.path.abspath(spec.partition(":")[0]) if spec else None
+  where = None
+  for frame, lineno in traceback.walk_tb(err.__traceback__):
+    if path and os.path.abspath(frame.f_code.co_filename) == path:
+      where = f"{frame.f_code.co_filename}:{lineno}"
+  if where is None:
+    return None
+  lines = str(err).strip().splitlines()
+  return f"{where}: {type(err).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def _explain_override(argv, err) -> str:

@@ -1,9 +1,11 @@
 """Orbax checkpoints: restore onto another mesh, corrupt/partial latest falls back, Grain state round trip."""
+import errno
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -11,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lmx.core import checkpoint as ckpt_lib
 from lmx.core import data as data_lib
 from lmx.core import mesh as mesh_lib
+from lmx.core.workdir import StorageError
 
 
 def _state(mesh, spec):
@@ -224,3 +227,160 @@ def test_a_file_where_the_checkpoint_directory_goes_is_an_error(tmp_path):
   with pytest.raises(ckpt_lib.ConfigError, match="not a directory"):
     ckpt_lib.Checkpointer(str(tmp_path / "ck"))
   assert (tmp_path / "ck").read_text() == "x"
+
+
+def test_a_workdir_name_with_url_characters_restores_and_is_not_called_corrupt(tmp_path, capsys):
+  """'#', '?' and '%' are ordinary characters of a local path (not a URL's fragment, query or escape)."""
+  d = str(tmp_path / "run#1?x%20" / "checkpoints")
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    for s in (1, 2):
+      ck.save(s, {"w": jnp.full((4, 2), s, jnp.float32)})
+  assert ckpt_lib.incomplete_reason(os.path.join(d, "2")) is None
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    step, st = ck.restore({"w": jax.ShapeDtypeStruct((4, 2), jnp.float32)})
+  assert step == 2
+  np.testing.assert_array_equal(np.asarray(st["w"]), np.full((4, 2), 2.0))
+  assert sorted(os.listdir(d)) == ["1", "2"] and not os.path.exists(d + "_corrupt")
+  assert "WARNING" not in capsys.readouterr().err
+  assert _corrupt_arrays(os.path.join(d, "2")) > 0  # the check still reads the database at such a path
+  assert "unreadable" in ckpt_lib.incomplete_reason(os.path.join(d, "2"))
+
+
+def _opt_state(s):
+  """A params + optimiser state whose values say which step wrote them."""
+  w = np.random.default_rng(s).standard_normal((64, 32)).astype(np.float32)
+  return {"params": {"w": jnp.asarray(w)}, "opt": {"mu": jnp.asarray(w * 0.1), "count": jnp.int32(s)}}
+
+
+def _silently_corrupt(step_dir):
+  """Overwrites 8 bytes of the step's largest data file at the first offset where Orbax still reads the state
+  (no error) but gets other numbers: the damage a disk or a copy can do without any reader noticing."""
+  data = max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
+              if os.sep + "d" + os.sep in os.path.join(r, f)), key=os.path.getsize)
+  pristine = open(data, "rb").read()
+  target = ckpt_lib.abstract_like(_opt_state(0))
+  for off in range(len(pristine) // 2, len(pristine) - 8, 97):
+    with open(data, "r+b") as f:
+      f.seek(off)
+      f.write(bytes(np.random.default_rng(off).integers(0, 256, 8, dtype=np.uint8)))
+    try:
+      read = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+      if not all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+                 for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(_opt_state(2)))):
+        return data
+    except Exception:  # noqa: BLE001 - this offset breaks decoding (a corruption Orbax already reports)
+      pass
+    with open(data, "wb") as f:
+      f.write(pristine)
+  raise AssertionError("no silent corruption found")
+
+
+def test_silently_corrupted_data_is_quarantined_and_the_previous_step_restored(tmp_path, capsys):
+  """Bytes that decode to other numbers (a NaN in the optimiser state, say) fail the checksums written at save:
+  the step is moved aside with one warning and the previous one restored, exactly as it was saved."""
+  d = str(tmp_path / "ck")
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:  # async saves, as the loop's
+    for s in (1, 2):
+      ck.save(s, _opt_state(s))
+  _silently_corrupt(os.path.join(d, "2"))
+  target = ckpt_lib.abstract_like(_opt_state(0))
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 2.*checksum"):
+      ck.restore(target, step=2)  # a named step: an error, nothing moved
+    assert ck.all_steps() == [1, 2]
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 2.*checksum"):
+      ck.restore_subset({"params": target["params"], "opt": target["opt"]})
+    capsys.readouterr()
+    step, st = ck.restore(target)
+  assert step == 1
+  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(_opt_state(1))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+  assert len(warnings) == 1 and "step 2" in warnings[0] and "checksum" in warnings[0], warnings
+  moved = os.listdir(d + "_corrupt")
+  assert len(moved) == 1 and moved[0].startswith("2-") and sorted(os.listdir(d)) == ["1"]
+
+
+def test_checkpoints_without_checksums_restore_and_nan_in_them_is_corrupt(tmp_path, capsys):
+  """A checkpoint written before checksums existed restores (nothing to compare), but a NaN/Inf floating leaf
+  in it is corruption; a leaf saved non-finite on purpose restores as saved."""
+  d = str(tmp_path / "ck")
+  good, bad = _opt_state(1), _opt_state(2)
+  bad["opt"]["mu"] = bad["opt"]["mu"].at[3, 4].set(jnp.nan)
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    ck.save(1, good)
+    ck.save(2, bad)
+  for s in (1, 2):
+    shutil.rmtree(os.path.join(d, str(s), ckpt_lib.CHECKSUMS_ITEM))  # as an older lmx wrote them
+  with ckpt_lib.Checkpointer(d, keep=5) as ck:
+    step, st = ck.restore(ckpt_lib.abstract_like(good))
+  assert step == 1 and float(st["opt"]["mu"][0, 0]) == float(good["opt"]["mu"][0, 0])
+  err = capsys.readouterr().err
+  assert err.count("WARNING") == 1 and "opt/mu holds NaN/Inf" in err and "step 2" in err
+  e = str(tmp_path / "inf")
+  state = {"best": jnp.full((2,), jnp.inf), "w": jnp.ones(3)}  # an intended inf (e.g. "best loss so far")
+  with ckpt_lib.Checkpointer(e) as ck:
+    ck.save(1, state)
+  with ckpt_lib.Checkpointer(e) as ck:
+    step, st = ck.restore(ckpt_lib.abstract_like(state))
+  assert step == 1 and np.isinf(np.asarray(st["best"])).all() and not os.path.exists(e + "_corrupt")
+
+
+def test_checksums_do_not_depend_on_sharding_or_on_host_versus_device():
+  mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, model=2))
+  rng = np.random.default_rng(0)
+  for dt in (np.float32, jnp.bfloat16, np.int32, np.uint8, np.bool_):
+    x = (rng.standard_normal((8, 16)) * 50).astype(dt)
+    sums = [ckpt_lib.checksums({"x": v})["x"]["checksum"] for v in (
+        x, jnp.asarray(x), jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), "model"))),
+        jax.device_put(x, NamedSharding(mesh, P(None, ("data", "fsdp", "model")))))]
+    assert all(c == sums[0] for c in sums) and sums[0] is not None, (dt, sums)
+    y = x.copy()
+    y[5, 7] = y[2, 3] if y[2, 3] != y[5, 7] else ~y[5, 7] if dt == np.bool_ else y[5, 7] + 1
+    assert ckpt_lib.checksums({"x": y})["x"]["checksum"] != sums[0]
+
+
+def _no_tracebacks_logged(caplog):
+  shown = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+  assert not shown, [r.getMessage()[:200] for r in shown]
+
+
+def test_disk_full_during_an_async_save_is_one_error_naming_the_directory(tmp_path, monkeypatch, caplog):
+  """ENOSPC in Orbax's background commit: one StorageError (an OSError) naming the directory and the cause, from
+  whichever call first sees it; Orbax's own tracebacks of it are not logged, and closing adds no second error."""
+  d = str(tmp_path / "ck")
+
+  async def full(self, x, directory):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+  ck = ckpt_lib.Checkpointer(d)
+  ck.save(1, {"w": jnp.ones(4)})
+  ck.wait()
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", full)
+  with pytest.raises(StorageError) as e:
+    ck.save(2, {"w": jnp.ones(4)})
+    ck.wait()
+  assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+  assert str(e.value).startswith(f"cannot write a checkpoint in {d}: no space left on device;"), str(e.value)
+  assert "\n" not in str(e.value)
+  ck.close()  # the failure was reported once
+  _no_tracebacks_logged(caplog)
+  monkeypatch.undo()
+  with ckpt_lib.Checkpointer(d) as ck:  # the checkpoint written before the disk filled up is intact
+    assert ck.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})[0] == 1
+
+
+def test_a_path_past_the_os_limit_is_one_error_saying_file_name_too_long(tmp_path, caplog):
+  """The directory itself can be made, but the files a checkpoint writes inside it cannot: one StorageError when the
+  Checkpointer opens (an Orbax save would fail in its threads, and others would wait minutes for the directory)."""
+  d = str(tmp_path)
+  while len(d) < 4060:
+    d = os.path.join(d, "x" * min(200, 4060 - len(d) - 1))
+  os.makedirs(d)
+  with pytest.raises(StorageError) as e:
+    ckpt_lib.Checkpointer(d)
+  assert e.value.errno == errno.ENAMETOOLONG
+  assert str(e.value).startswith(f"cannot write checkpoints in {d}: file name too long;"), str(e.value)[-300:]
+  assert "shorter --workdir" in str(e.value) and os.listdir(d) == []
+  _no_tracebacks_logged(caplog)

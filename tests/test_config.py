@@ -74,3 +74,28 @@ def test_lm_validation_rejects_bad_fields():
   cfg.data.seq_len = 10_000
   with pytest.raises(ConfigError, match="data.seq_len"):
     validate(cfg)
+
+
+def test_range_helpers_and_the_launcher_reject_nan_and_inf():
+  import ml_collections
+
+  for bad in (float("inf"), float("nan"), float("-inf")):
+    for check in (config_lib.positive, config_lib.finite_positive, config_lib.non_negative, config_lib.finite):
+      with pytest.raises(ConfigError, match=r"distill.lr_img: must be a finite number"):
+        check(bad, "distill.lr_img")
+  config_lib.positive(3, "experts.num")
+  config_lib.non_negative(0.0, "experts.weight_decay")
+  with pytest.raises(ConfigError, match=r"experts.num: must be > 0, got 0"):
+    config_lib.positive(0, "experts.num")
+  with pytest.raises(ConfigError, match="must be a finite number, got '1e-3'"):
+    config_lib.finite("1e-3", "optim.lr")
+  cfg = ml_collections.ConfigDict({"method": "lm", "optim": {"lr": 1e-3, "b1": 0.9}, "data": {"sizes": [1.0, 2.0]},
+                                   "name": "x", "flag": True})
+  config_lib.check_finite_numbers(cfg)
+  cfg.data.sizes = [1.0, float("nan")]
+  with pytest.raises(ConfigError, match=r"^data.sizes.1: must be a finite number, got nan$"):
+    config_lib.check_finite_numbers(cfg)
+  cfg.data.sizes = [1.0]
+  cfg.optim.lr = float("inf")
+  with pytest.raises(ConfigError, match=r"^optim.lr: must be a finite number, got inf$"):
+    config_lib.check_finite_numbers(cfg)

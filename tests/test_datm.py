@@ -1,9 +1,11 @@
 """DATM core: exact meta-gradient, matching loss, schedules, guards, label init, determinism; expert buffers on
 disk (atomic save, corrupt and mismatched buffers); the per-class table of the early config check."""
 import dataclasses
+import errno
 import importlib
 import json
 import os
+import re
 import types
 
 import jax
@@ -13,6 +15,7 @@ import pytest
 
 from configs import datm as datm_config
 from lmx.core.config import ConfigError
+from lmx.core.workdir import StorageError
 from lmx.datasets import images
 from lmx.methods.datm import distill as D
 from lmx.methods.datm import experts as E
@@ -337,6 +340,32 @@ def test_save_buffer_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
   assert _files(d) == before
 
 
+def test_disk_full_saving_the_buffer_is_one_error_naming_the_directory(tmp_path, monkeypatch):
+  """ENOSPC (or a path past the OS limit) while writing the buffer: a StorageError (an OSError the launcher prints
+  in one line) naming the directory and the cause; the old pair stays and no temp file is left."""
+  c = _smoke()
+  d = str(tmp_path / "experts")
+  E.save_buffer(d, _buffer(c, fill=1.0))
+  before = _files(d)
+
+  def full(f, **arrays):
+    f.write(b"PK\x03\x04")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(np, "savez", full)
+  with pytest.raises(StorageError) as e:
+    E.save_buffer(d, _buffer(c, fill=2.0))
+  assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+  assert str(e.value).startswith(f"cannot write the expert buffer in {d}: no space left on device;"), str(e.value)
+  assert _files(d) == before
+  monkeypatch.undo()
+  deep = str(tmp_path)
+  while len(deep) < 4200:
+    deep = os.path.join(deep, "x" * 200)
+  with pytest.raises(StorageError, match=r"cannot write the expert buffer in .*xxxx: file name too long; .*shorter "
+                     r"--workdir"):
+    E.save_buffer(deep, _buffer(c))
+
+
 def _truncate(path):
   with open(path, "rb") as f:
     raw = f.read()
@@ -396,6 +425,32 @@ def test_truncated_buffer_npz_names_the_path(tmp_path):
   with pytest.raises(E.CorruptBufferError, match="BadZipFile") as e:
     E.load_buffer(d, E.expected_meta(c, DATA.image_shape, DATA.num_classes), min_epochs=4, source="workdir")
   assert os.path.join(d, E.BUFFER_FILE) in str(e.value) and e.value.reason.startswith("BadZipFile: ")
+
+
+def test_a_bad_experts_dir_leaves_no_workdir_behind(tmp_path):
+  """A missing or empty experts.dir is refused by validation, before the launcher makes the workdir; a buffer for
+  another model is refused when read, still before the run writes anything, so the new workdir is removed."""
+  from lmx import launcher
+
+  c = _smoke()
+  w = tmp_path / "w"
+  (tmp_path / "empty").mkdir()
+  for bad, words in [(tmp_path / "nope", r"is not a directory; point it at the experts/ folder of a DATM run"),
+                     (tmp_path / "empty", r"holds no expert buffer \(no buffer.npz or meta.json\)")]:
+    c.experts.dir = str(bad)
+    with pytest.raises(ConfigError) as e:
+      launcher.dispatch(c, str(w))
+    assert not w.exists()
+    assert re.match(rf"experts.dir: '{bad}' {words}", str(e.value)), str(e.value)
+  other = str(tmp_path / "width16")
+  c16 = _smoke()
+  c16.model.width = 16
+  E.save_buffer(other, _buffer(c16))
+  c.experts.dir = other
+  with pytest.raises(ConfigError) as e:
+    launcher.dispatch(c, str(w))
+  assert not w.exists()
+  assert re.search(r"experts.dir=.*width16.*model.width=16 but the config asks for 8", str(e.value)), str(e.value)
 
 
 def test_get_experts_moves_a_corrupt_own_buffer_aside_and_trains_new_ones(tmp_path, monkeypatch, capsys):

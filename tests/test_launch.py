@@ -1,10 +1,18 @@
-"""launch/run.py end to end (twice: the second run resumes), clear errors, launcher argument building."""
+"""launch/run.py end to end (twice: the second run resumes), clear errors, launcher argument building, and how
+every way a run can end is recorded in run.json."""
+import errno
 import json
 import os
 import subprocess
 import sys
+import types
 
+import ml_collections
 import pytest
+
+from lmx import launcher
+from lmx.core import workdir as wd
+from lmx.core.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "launch", "run.py")]
@@ -52,6 +60,22 @@ def test_bad_input_gives_a_short_clear_error(args, needle, tmp_path):
   assert len(r.stderr.strip().splitlines()) <= 4
 
 
+@pytest.mark.parametrize("body,line,error", [
+    ("  c.x = [1, 2\n  return c\n", 6, "SyntaxError: '[' was never closed"),
+    ("  c.n = int('x')\n  return c\n", 6, "ValueError: invalid literal for int() with base 10: 'x'"),
+    ("  return c.steps_typo + 1\n", 6, "AttributeError"),
+])
+def test_an_error_in_the_users_config_file_is_one_line_with_file_and_line(tmp_path, body, line, error):
+  cfg = tmp_path / "my_config.py"
+  cfg.write_text("import ml_collections\n\ndef get_config(arg=None):\n  c = ml_collections.ConfigDict()\n"
+                 "  c.method = 'lm'\n" + body)
+  r = _run(f"--config={cfg}", f"--workdir={tmp_path}/w", timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]  # one line, no traceback
+  assert r.stderr.startswith(f"error: {cfg}:{line}: {error}"), r.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_xm_launch_arguments():
   sys.path.insert(0, ROOT)
   from launch import xm_launch
@@ -69,3 +93,90 @@ def test_xm_launch_arguments():
 
 def test_tpu_vm_script_is_valid_bash():
   assert subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", "tpu_vm.sh")]).returncode == 0
+
+
+# ------------------------------------------------------------------------------ how a run's end is recorded
+
+
+@pytest.fixture
+def method(monkeypatch):
+  """``method(run)`` makes the launcher dispatch to a method whose ``run(config, workdir)`` is ``run``."""
+  def use(run):
+    monkeypatch.setattr(launcher, "method_module", lambda config: types.SimpleNamespace(run=run))
+    return ml_collections.ConfigDict({"method": "fake", "seed": 0})
+  return use
+
+
+def _status(w):
+  return json.load(open(os.path.join(w, "run.json")))
+
+
+def test_a_second_ctrl_c_records_interrupted(tmp_path, method):
+  def run(config, workdir):
+    raise KeyboardInterrupt  # what the second Ctrl-C raises wherever the run is
+  w = str(tmp_path / "w")
+  with pytest.raises(KeyboardInterrupt):
+    launcher.dispatch(method(run), w)
+  rec = _status(w)
+  assert rec["status"] == "interrupted" and "stopped at once" in rec["stopped"], rec
+
+
+def test_system_exit_inside_a_run_records_failed(tmp_path, method):
+  def run(config, workdir):
+    open(os.path.join(workdir, "metrics.jsonl"), "w").close()
+    sys.exit(3)  # a library that exits
+  w = str(tmp_path / "w")
+  with pytest.raises(SystemExit):
+    launcher.dispatch(method(run), w)
+  assert _status(w)["status"] == "failed" and _status(w)["error"] == "SystemExit: 3"
+
+
+def test_a_config_error_after_the_run_wrote_something_records_failed(tmp_path, method):
+  """A user error found before any work leaves the workdir as it was (a new one is removed); found after the run
+  wrote its first outputs, it is a failed run like any other."""
+  def late(config, workdir):
+    open(os.path.join(workdir, "metrics.jsonl"), "w").write("{}\n")
+    raise ConfigError("games.cache_dir: game file x.z8: truncated")
+
+  def early(config, workdir):
+    raise ConfigError("experts.dir: no such directory")
+  w = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match="truncated"):
+    launcher.dispatch(method(late), w)
+  assert _status(w)["status"] == "failed" and "truncated" in _status(w)["error"]
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(ConfigError):
+    launcher.dispatch(method(early), fresh)
+  assert not os.path.exists(fresh)
+
+
+def test_disk_full_is_a_user_error_recorded_failed_even_when_run_json_cannot_be_written(tmp_path, method, monkeypatch):
+  err = wd.StorageError(errno.ENOSPC, "cannot write a checkpoint in /x: no space left on device; free space", "/x")
+
+  def run(config, workdir):
+    open(os.path.join(workdir, "metrics.jsonl"), "w").close()
+    raise err
+  w = str(tmp_path / "w")
+  with pytest.raises(wd.StorageError) as e:
+    launcher.dispatch(method(run), w)
+  assert e.value is err and isinstance(err, launcher.USER_ERRORS) and isinstance(err, OSError)
+  assert _status(w)["status"] == "failed" and "no space left on device" in _status(w)["error"]
+  real = wd.write_record
+
+  def full(workdir, **fields):  # the disk is full for run.json too: the run's own error is still the one raised
+    if fields.get("status") == "failed":
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(workdir, **fields)
+  monkeypatch.setattr(wd, "write_record", full)
+  with pytest.raises(wd.StorageError) as e:
+    launcher.dispatch(method(run), str(tmp_path / "w2"))
+  assert e.value is err
+
+
+def test_a_workdir_path_past_the_os_limit_is_refused_before_anything_is_created(tmp_path):
+  w = str(tmp_path)
+  while len(w) < 3950:
+    w = os.path.join(w, "y" * 200)
+  with pytest.raises(ConfigError, match=r"--workdir=.*yyy: file name too long; the path is \d+ characters"):
+    launcher.check_workdir(w)
+  assert os.listdir(tmp_path) == []

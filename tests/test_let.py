@@ -244,6 +244,54 @@ def test_smoke_through_launch(tmp_path):
   assert all(v == 0.0 for s, v in lam.items() if s > stop) and any(v > 0 for v in lam.values())
 
 
+def test_new_teacher_weights_at_the_same_path_refuse_to_resume(tmp_path):
+  """The teacher's files are fingerprinted when a run starts; on resume, other weights at teacher.hf_path (same
+  size, other contents), a changed config.json or a teacher run with a newer checkpoint stop the run, naming the
+  path and what changed."""
+  import shutil
+
+  from lmx.core.config import ConfigError
+
+  hf = tmp_path / "teacher_hf"
+  shutil.copytree(os.path.join(ROOT, "tests", "data", "hf", "tiny_llama"), hf)
+  w = str(tmp_path / "w")
+  os.makedirs(w)
+  c = _config("smoke")
+  c.teacher.source, c.teacher.hf_path = "hf", str(hf)
+  fp = let_run.check_teacher(c, w)
+  assert sorted(fp["files"]) == ["config.json", "model.safetensors"]
+  let_run.record_teacher(w, fp)
+  assert let_run.check_teacher(c, w) is None  # the same teacher: resume
+  weights = hf / "model.safetensors"
+  raw = bytearray(weights.read_bytes())
+  raw[-100:] = bytes(255 - b for b in raw[-100:])  # fine-tuned weights: same size, same header
+  weights.write_bytes(bytes(raw))
+  with pytest.raises(ConfigError) as e:
+    let_run.check_teacher(c, w)
+  msg = str(e.value)
+  assert msg.startswith(f"teacher.hf_path='{hf}' holds other teacher weights than when this run started in {w} "
+                        "(model.safetensors: other contents (same size), modified "), msg
+  assert "start a new --workdir" in msg
+  cfg = json.loads((hf / "config.json").read_text())
+  (hf / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+  with pytest.raises(ConfigError, match=r"config.json: \d+ bytes → \d+.*model.safetensors: other contents"):
+    let_run.check_teacher(c, w)
+
+  teacher = str(tmp_path / "teacher_run")  # teacher.source='run': the newest checkpoint of another lmx run
+  with ckpt_lib.Checkpointer(os.path.join(teacher, "checkpoints"), keep=5) as ck:
+    ck.save(10, {"params": {"w": jnp.ones(3)}})
+  c.teacher.source, c.teacher.workdir = "run", teacher
+  w2 = str(tmp_path / "w2")
+  os.makedirs(w2)
+  let_run.record_teacher(w2, let_run.check_teacher(c, w2))
+  assert let_run.check_teacher(c, w2) is None
+  with ckpt_lib.Checkpointer(os.path.join(teacher, "checkpoints"), keep=5) as ck:
+    ck.save(20, {"params": {"w": jnp.ones(3) * 2}})  # the teacher run went on training
+  with pytest.raises(ConfigError, match=rf"teacher.workdir='{teacher}' .*its newest checkpoint is step 20, not step "
+                     "10"):
+    let_run.check_teacher(c, w2)
+
+
 MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}  # the Pallas kernels' custom calls
 
 

@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -272,6 +273,39 @@ def test_npz_reader_rejects_malformed_files_naming_file_and_problem(tmp_path, na
   with pytest.raises(rec_lib.RoutingFileError, match=message) as e:
     rec_lib.read_record(path)
   assert str(e.value).startswith(path)
+
+
+def test_bad_values_name_their_row_batch_and_position(tmp_path):
+  """A bad value names the file, the key, how many rows have the problem and the first one (its index in the file,
+  its batch and position, its values): enough to find the token in a file of a million rows."""
+  r = _synthetic_record(5.0, n_batches=2, per_batch=6)  # rows 0-5: batch 0, rows 6-11: batch 1; positions 0..5
+  logits = r.router_logits.copy()
+  logits[9, 3] = np.nan
+  logits[10, 0] = np.inf
+  ex = r.experts.copy()
+  ex[7, 0] = 8
+  gates = r.gates.copy()
+  gates[4, 0] = -0.25
+  top2 = np.stack([r.experts[:, 0], (r.experts[:, 0] + 1) % 8], 1).astype(np.int32)
+  top2[8] = [5, 5]
+  two = dict(experts=top2, gates=np.full((12, 2), 0.5, np.float32), kept=np.ones((12, 2), bool))
+  pos = np.asarray(r.positions).copy()
+  pos[11] = -1
+  cases = [(dict(router_logits=logits), r"router_logits has 2 NaN/Inf value\(s\); 2 of 12 rows, the first row 9 "
+                                        r"\(batch 1, position 3\): \[.*nan.*\]"),
+           (dict(experts=ex), r"experts has ids out of range \[0, 8\): min \d, max 8; 1 of 12 rows, the first row 7 "
+                              r"\(batch 1, position 1\): \[8\]"),
+           (dict(gates=gates), r"gates must be >= 0, got min -0.25; 1 of 12 rows, the first row 4 \(batch 0, "
+                               r"position 4\): \[-0.25\]"),
+           (two, r"experts repeats an expert within a token's top-K; 1 of 12 rows, the first row 8 \(batch 1, "
+                 r"position 2\): \[5, 5\]"),
+           (dict(positions=pos), r"positions must be >= 0, got min -1; 1 of 12 rows, the first row 11 \(batch 1, "
+                                 r"position -1\)")]
+  for i, (changes, message) in enumerate(cases):
+    path = _bad(tmp_path, f"bad{i}", **changes)
+    with pytest.raises(rec_lib.RoutingFileError) as e:
+      rec_lib.read_record(path)
+    assert str(e.value).startswith(f"{path}: ") and re.search(message, str(e.value)), str(e.value)
 
 
 def test_npz_reader_rejects_a_file_that_is_not_npz(tmp_path):

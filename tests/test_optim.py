@@ -144,6 +144,14 @@ def test_clip_norm_clips_the_global_norm():
     (dict(learning_rate=0.1), r"optim: unknown field\(s\) \['learning_rate'\]"),
     (dict(name="lion"), r"optim.name: 'lion' is not one of"),
     (dict(schedule="linear"), r"optim.schedule: 'linear' is not one of"),
+    (dict(lr=float("inf")), r"optim.lr: must be a finite number, got inf"),
+    (dict(lr=float("nan")), r"optim.lr: must be a finite number, got nan"),
+    (dict(b2=float("nan")), r"optim.b2: must be a finite number"),
+    (dict(eps=float("inf")), r"optim.eps: must be a finite number"),
+    (dict(weight_decay=float("inf")), r"optim.weight_decay: must be a finite number"),
+    (dict(clip_norm=float("inf")), r"optim.clip_norm: must be a finite number"),
+    (dict(warmup_steps=float("inf")), r"optim.warmup_steps: must be a finite number"),
+    (dict(name="sgd", momentum=float("-inf")), r"optim.momentum: must be a finite number"),
 ])
 def test_bad_config_raises(kw, match):
   with pytest.raises(ConfigError, match=match):

@@ -221,6 +221,59 @@ def test_signal_stops_with_a_checkpoint_at_the_interrupt(tmp_path, sig, code, wo
   assert f"resumed_from_step={stopped}" in r.stdout
 
 
+# A run of a tiny method through launcher.run_cli: a first Ctrl-C at step 3, its checkpoint slowed down by 2 s, and a
+# second Ctrl-C 0.3 s into that save (what an impatient user does while a large checkpoint is being written).
+_SECOND_CTRL_C = """
+import asyncio, os, signal, sys, threading, types
+import jax.numpy as jnp, ml_collections, optax, orbax.checkpoint as ocp
+from lmx import launcher
+from lmx.core import checkpoint as ckpt_lib, interrupt, loop, mesh as mesh_lib
+
+save_json = ocp.handlers.JsonCheckpointHandler._save_fn
+async def slow(self, x, directory):
+  await asyncio.sleep(2)
+  return await save_json(self, x, directory)
+ocp.handlers.JsonCheckpointHandler._save_fn = slow
+wait = ckpt_lib.Checkpointer.wait
+def wait_and_press_again(self):
+  if interrupt.requested() and not hasattr(wait_and_press_again, "pressed"):
+    wait_and_press_again.pressed = True
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+  return wait(self)
+ckpt_lib.Checkpointer.wait = wait_and_press_again
+
+def press_at_3(step, state, writer):
+  if step == 3:
+    os.kill(os.getpid(), signal.SIGINT)
+
+def run(config, workdir):
+  tx = optax.sgd(0.1)
+  loss = lambda p, frozen, batch, rng: (((p["w"] - 1.0) ** 2).sum(), {})
+  return loop.train(step_fn=loop.optax_step(loss, tx), init_fn=lambda k: loop.optax_state({"w": jnp.zeros(4)}, tx),
+                    mesh=mesh_lib.make_mesh({"data": -1}), workdir=workdir, total_steps=10**6, seed=0,
+                    log_every=1, ckpt_every=10**6, hooks=[loop.every(1, press_at_3)], log_console=False)
+
+launcher.method_module = lambda config: types.SimpleNamespace(run=run)
+workdir, sys.argv = sys.argv[1], sys.argv[:1]
+sys.exit(launcher.run_cli(lambda argv: launcher.main(ml_collections.ConfigDict({"method": "tiny"}), workdir)))
+"""
+
+
+def test_second_ctrl_c_during_the_checkpoint_save_is_one_line_and_interrupted(tmp_path):
+  w = str(tmp_path / "w")
+  env = dict(_env(), PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C, w], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=240)
+  assert r.returncode == 130, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr[-3000:]
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert lines[0].startswith("SIGINT received: stopping after the current step"), lines
+  assert lines[1:] == ["interrupted by SIGINT: stopped at once (checkpoints already written are kept); rerun the "
+                       "same command to resume"], lines
+  rec = json.load(open(os.path.join(w, "run.json")))
+  assert rec["status"] == "interrupted" and "stopped at once" in rec["stopped"], rec
+
+
 # ------------------------------------------------------------------------------ user mistakes: one short message
 
 

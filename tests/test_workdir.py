@@ -36,6 +36,50 @@ def test_lock_of_a_killed_process_is_free_and_named(tmp_path):
     assert lock.previous["pid"] == p.pid and lock.previous_run_died()
 
 
+def _holder(workdir, started=None):
+  """A process that takes the workdir's lock and records itself in run.json as a running run (what the launcher
+  does), then waits to be killed."""
+  code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from lmx.core import workdir as wd; "
+          "lock = wd.WorkdirLock(sys.argv[1]).acquire(); import os, socket; "
+          "wd.write_record(sys.argv[1], replace=True, status='running', pid=os.getpid(), host=socket.gethostname(), "
+          "started=sys.argv[3] if len(sys.argv) > 3 else wd.now(), command='launch/run.py --workdir=w'); "
+          "print('held', flush=True); time.sleep(60)")
+  p = subprocess.Popen([sys.executable, "-c", code, str(workdir), ROOT] + ([started] if started else []),
+                       stdout=subprocess.PIPE, text=True)
+  assert p.stdout.readline().strip() == "held"
+  return p
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path):
+  """rm .lock under a live run: the next run finds run.json saying 'running' for that live process and refuses,
+  naming it; once that process is gone the workdir is free again."""
+  p = _holder(tmp_path)
+  try:
+    os.remove(tmp_path / wd.LOCK_FILE)
+    with pytest.raises(wd.WorkdirBusyError, match=rf"in use by a run that is still going \(pid {p.pid} on .*"
+                       r"launch/run.py --workdir=w\), although its .lock file was deleted"):
+      wd.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(wd.WorkdirBusyError):  # and again: refusing left nothing that would let the next one in
+      wd.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    p.kill()
+    p.wait()
+  with wd.WorkdirLock(str(tmp_path)):  # killed: its 'running' record no longer holds the workdir
+    pass
+
+
+def test_a_running_record_whose_pid_now_names_a_newer_process_does_not_hold_the_workdir(tmp_path):
+  p = _holder(tmp_path, started="2001-01-01T00:00:00")  # the record is older than the live process with its pid
+  try:
+    os.remove(tmp_path / wd.LOCK_FILE)
+    assert wd.running_elsewhere(str(tmp_path)) is None
+    with wd.WorkdirLock(str(tmp_path)):
+      pass
+  finally:
+    p.kill()
+    p.wait()
+
+
 def test_config_changes_and_safe_patterns():
   old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "e": 3}
   new = {"a": 1, "b": {"c": (1, 2), "d": "y"}, "f": 4}
@@ -89,3 +133,21 @@ def test_config_spec_problems():
   assert "configs/datm.py" in launcher.config_spec_problem("configs/nope.py")
   assert "one variant" in launcher.config_spec_problem("configs/lm.py:smoke,moe")
   assert launcher.config_spec_problem("configs/lm.py:variant=smoke,seed=2") is None
+
+
+@pytest.mark.parametrize("sub", ["tb", "plots", "checkpoints"])
+def test_a_file_where_an_output_folder_goes_stops_the_run_before_any_compute(tmp_path, monkeypatch, sub):
+  """tb/ failed with tensorboardX's traceback when the writer opened, plots/ only after all the training: both are
+  checked with the workdir, before the method runs."""
+  import types
+
+  import ml_collections
+
+  ran = []
+  monkeypatch.setattr(launcher, "method_module", lambda config: types.SimpleNamespace(run=lambda c, w: ran.append(w)))
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / sub).write_text("mine")
+  with pytest.raises(ConfigError, match=rf"^{w / sub} is a file, not a directory: move it out of the way"):
+    launcher.dispatch(ml_collections.ConfigDict({"method": "fake"}), str(w))
+  assert not ran and (w / sub).read_text() == "mine" and sorted(os.listdir(w)) == [sub]

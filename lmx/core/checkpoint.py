@@ -7,8 +7,17 @@ missing are found before Orbax reads anything. When checkpoints existed but none
 with :class:`NoRestorableCheckpointError` unless the caller allows a fresh start. A complete checkpoint whose
 state has a different layout (other keys or shapes: written by another version of the code or another config) is
 not corruption: restoring stops with :class:`CheckpointMismatchError`, naming the differences, and touches
-nothing. The checkpoint directory is checked when the :class:`Checkpointer` opens (a file in its place, or no
-write permission, is reported at once rather than when the first save times out).
+nothing. A save that fails for the file system's reasons (disk full, quota, a path too long) raises one
+:class:`lmx.core.workdir.StorageError` naming the directory and the cause, from ``save``, ``wait`` or ``close``
+(whichever first sees the asynchronous failure), and Orbax's tracebacks of it are not logged.
+
+Restore also verifies what it read, since bytes that changed on disk can decode silently to other numbers: every
+save writes a ``checksums`` item (per state leaf: dtype, shape, a 64-bit checksum of its bits computed on device,
+whether it was finite), and a restored leaf that differs, or is NaN/Inf where the saved one was finite, makes the
+checkpoint corrupt as above. A checkpoint written before checksums existed still restores; its floating leaves
+must be finite. The checkpoint directory is checked when the :class:`Checkpointer` opens (a file in its place, no
+write permission, or a path too long for the files inside it, is reported at once rather than when the first save
+times out).
 """
 from __future__ import annotations
 
@@ -19,12 +28,15 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lmx.core import interrupt
 from lmx.core.config import ConfigError
 from lmx.core.results import jsonable
-from lmx.core.workdir import check_writable_dir
+from lmx.core.workdir import (STORAGE_CAUSES, StorageError, check_path_room, check_writable_dir, storage_errno,
+                              storage_error)
 
 
 class CheckpointMismatchError(ConfigError):
@@ -33,6 +45,116 @@ class CheckpointMismatchError(ConfigError):
 
 class NoRestorableCheckpointError(ConfigError):
   """Checkpoints were written but none reads back; starting over needs the user's consent."""
+
+
+class CorruptCheckpointError(ConfigError):
+  """A checkpoint read back other values than were saved (its checksums differ, or a finite leaf is NaN/Inf)."""
+
+
+CHECKSUMS_ITEM = "checksums"
+# Orbax's deepest file below the checkpoint directory, while a step is committed, with room to spare:
+# "<step>.orbax-checkpoint-tmp-<time>/state.orbax-checkpoint-tmp-<time>/ocdbt.process_<n>/d/<32 hex digits>".
+CHECKPOINT_PATH_ROOM = 160
+_CHECKSUM_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "int16", "int32", "int64", "uint8",
+                    "uint16", "uint32", "uint64", "bool")
+
+
+def _words(x, xp):
+  """The bits of ``x`` as uint32 words (``xp``: numpy or jax.numpy); 8-byte elements give two words each, the
+  low one first, so a leaf shaped ``(..., )`` gives words shaped ``(..., 2)``."""
+  dt = np.dtype(x.dtype)
+  if dt == np.bool_:
+    x, dt = x.astype(xp.uint8), np.dtype(np.uint8)
+  bits = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32, 8: xp.uint32}[dt.itemsize]
+  if xp is np:
+    u = np.ascontiguousarray(x).view(bits)
+    return u.reshape(np.shape(x) + ((2,) if dt.itemsize == 8 else ())).astype(np.uint32)
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+def _fmix32(h, xp):
+  """MurmurHash3's finaliser on uint32 words: every input bit affects every output bit."""
+  h = h ^ (h >> 16)
+  h = h * xp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * xp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _checksum_terms(x, xp):
+  """``(h1, h2, finite)`` of one array: two uint32 sums over its words ``u_i`` at flat index ``i``
+  (``h1 = Σ u_i·(2i+1)``, ``h2 = Σ fmix32(u_i ^ i·φ)``, all mod 2^32) and whether it is all finite. Integer
+  sums are exact in any order, so the result does not depend on the array's sharding; one changed word always
+  changes ``h1``. The numpy and the jax paths give the same numbers."""
+  finite = xp.all(xp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else xp.bool_(True)
+  u = _words(x, xp)
+  if xp is np:  # flat, at least 1-d (numpy scalars would warn on the intended uint32 wrap-around)
+    u = u.reshape(-1)
+    idx = np.arange(u.size, dtype=np.uint64).astype(np.uint32)
+  else:  # the flat C-order index from per-axis iotas: a sharded array is not reshaped (no resharding)
+    idx, stride = jnp.zeros(u.shape, jnp.uint32), 1
+    for axis in range(u.ndim - 1, -1, -1):
+      idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride % 2**32)
+      stride *= u.shape[axis]
+  h1 = xp.sum(u * (idx * xp.uint32(2) + xp.uint32(1)), dtype=xp.uint32)
+  h2 = xp.sum(_fmix32(u ^ (idx * xp.uint32(0x9E3779B9)), xp), dtype=xp.uint32)
+  return h1, h2, finite
+
+
+_checksum_on_device = jax.jit(lambda x: _checksum_terms(x, jnp))
+
+
+def _host_scalar(x):
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(x)
+
+
+def checksums(tree) -> dict[str, dict]:
+  """``{"params/w": {"dtype", "shape", "checksum": [h1, h2] or None, "finite"}}`` of a pytree of arrays.
+
+  Device arrays are summed where they live (one small jitted reduction per leaf; every process of a pod takes
+  part, as for the save itself), host arrays with numpy by the same formula; leaves of other dtypes get no
+  checksum. Keys follow Orbax's flattening (as in the saved metadata).
+  """
+  out, pending = {}, {}
+  for path, leaf in ocp.tree.to_flat_dict(tree).items():
+    if leaf is None or not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, bool)):
+      continue
+    key = "/".join(str(k) for k in path)
+    is_device = isinstance(leaf, jax.Array)
+    arr = leaf if is_device else np.asarray(leaf)
+    entry = {"dtype": str(np.dtype(arr.dtype)), "shape": list(np.shape(arr)), "checksum": None, "finite": None}
+    out[key] = entry
+    if entry["dtype"] not in _CHECKSUM_DTYPES:
+      continue
+    try:
+      pending[key] = _checksum_on_device(arr) if is_device else _checksum_terms(arr, np)
+    except Exception:  # noqa: BLE001 - an array this cannot sum (an unusual layout): no checksum for it
+      pass
+  for key, (h1, h2, finite) in pending.items():
+    out[key]["checksum"] = [int(_host_scalar(h1)), int(_host_scalar(h2))]
+    out[key]["finite"] = bool(_host_scalar(finite))
+  return out
+
+
+def verify(restored, saved: dict | None) -> str | None:
+  """Why ``restored`` is not what was saved (``saved``: the :func:`checksums` written with it, or None for a
+  checkpoint that has none), or None. Leaves whose dtype or shape differ from the saved ones are not compared
+  (a restore may cast); without ``saved``, floating leaves must be finite."""
+  got = checksums(restored)
+  if saved is None:
+    bad = [k for k, v in got.items() if v["finite"] is False]
+    return f"{bad[0]} holds NaN/Inf values (a checkpoint without checksums)" if bad else None
+  for key, want in saved.items():
+    have = got.get(key)
+    if have is None or (want.get("dtype"), want.get("shape")) != (have["dtype"], have["shape"]):
+      continue
+    if want.get("finite") and have["finite"] is False:
+      return f"{key} holds NaN/Inf values but was finite when saved: its data files changed on disk"
+    if want.get("checksum") and have["checksum"] and want["checksum"] != have["checksum"]:
+      return f"{key} does not match the checksum written with it: its data files changed on disk"
+  return None
 
 
 def _reason(err: Exception) -> str:
@@ -73,7 +195,10 @@ def incomplete_reason(step_dir: str) -> str | None:
   try:
     import tensorstore as ts
 
-    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(state)}/"}).result()
+    # A kvstore spec, not a file:// URL: a path with '#', '?' or '%' would be read as a URL's fragment, query or
+    # escape and name another directory.
+    base = {"driver": "file", "path": os.path.abspath(state) + "/"}
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
     keys = {k.decode() for k in kv.list().result()}
   except Exception as e:  # noqa: BLE001 - any failure to list means the database is unreadable
     return f"state's OCDBT database is unreadable ({_reason(e)})"
@@ -99,24 +224,52 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    check_path_room(self.directory, CHECKPOINT_PATH_ROOM, f"cannot write checkpoints in {self.directory}")
     check_writable_dir(self.directory)
+    _quiet_orbax()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
         create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    self._failed: StorageError | None = None
+
+  def _probe(self) -> None:
+    """Makes and removes a directory where the save will make its own: a full disk fails here, at once, rather
+    than in Orbax's directory creation (after which its other threads wait minutes for a signal that never
+    comes)."""
+    if "://" in self.directory or jax.process_index() != 0:
+      return
+    probe = os.path.join(self.directory, f".lmx-probe-{os.getpid()}")
+    os.makedirs(probe, exist_ok=True)
+    os.rmdir(probe)
+
+  def _storage(self, err: BaseException) -> StorageError | None:
+    """``err`` as a :class:`StorageError` about this directory, or None for other errors."""
+    failed = storage_error(err, "cannot write a checkpoint in", self.directory)
+    self._failed = self._failed or failed
+    return failed
 
   # -- save ------------------------------------------------------------------------------------------------
   def save(self, step: int, state: Any, *, data_iter=None, config=None, force: bool = False) -> bool:
     """Starts saving (asynchronously); returns whether a save was started at this step."""
     import grain
 
-    items = {"state": ocp.args.StandardSave(state)}
+    if not force and not self._mngr.should_save(int(step)):
+      return False
+    items = {"state": ocp.args.StandardSave(state), CHECKSUMS_ITEM: ocp.args.JsonSave({"leaves": checksums(state)})}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
       cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
       items["config"] = ocp.args.JsonSave(jsonable(cfg))
-    return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    try:
+      self._probe()
+      return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001 - this save's, or the previous asynchronous one's, failure
+      failed = self._storage(e)
+      if failed is None:
+        raise
+      raise failed from None
 
   # -- restore ---------------------------------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -160,11 +313,17 @@ class Checkpointer:
         try:
           out = self._mngr.restore(s, args=ocp.args.Composite(**items))
           _check_finite_structure(out["state"], target)
-          return s, out["state"]
+          reason = verify(out["state"], self._saved_checksums(s))
+          if reason is None:
+            return s, out["state"]
+        except CorruptCheckpointError as e:
+          reason = str(e)
         except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
           if step is not None:
             raise
           reason = _reason(e)
+        if step is not None:
+          raise CorruptCheckpointError(f"checkpoint at step {step} in {self.directory} is corrupt ({reason})")
       elif step is not None:
         raise ConfigError(f"checkpoint at step {step} in {self.directory} is incomplete ({reason})")
       self._quarantine(s, reason)
@@ -199,7 +358,30 @@ class Checkpointer:
     out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
     _check_finite_structure(out, target)
+    try:
+      reason = verify(out, self._saved_checksums(step))
+    except CorruptCheckpointError as e:
+      reason = str(e)
+    if reason is not None:
+      raise CorruptCheckpointError(f"checkpoint at step {step} in {self.directory} is corrupt ({reason}); "
+                                   "restore another step or re-create it")
     return step, out
+
+  def _saved_checksums(self, step: int) -> dict | None:
+    """The :func:`checksums` saved with ``step``, or None when it has none (written before they existed).
+    Raises :class:`CorruptCheckpointError` when the item is there but unreadable."""
+    from etils import epath
+
+    if not (epath.Path(self.directory) / str(step) / CHECKSUMS_ITEM).exists():
+      return None
+    try:
+      rec = self._mngr.restore(step, args=ocp.args.Composite(**{CHECKSUMS_ITEM: ocp.args.JsonRestore()}))
+      leaves = rec[CHECKSUMS_ITEM]["leaves"]
+      if not isinstance(leaves, dict):
+        raise TypeError(f"leaves is a {type(leaves).__name__}")
+      return leaves
+    except Exception as e:  # noqa: BLE001
+      raise CorruptCheckpointError(f"its {CHECKSUMS_ITEM} item is unreadable ({_reason(e)})") from None
 
   def _check_layout(self, step: int, target: Any, subset: bool = False) -> None:
     """Raises :class:`CheckpointMismatchError` if ``step``'s saved state has other keys or shapes than ``target``.
@@ -258,17 +440,60 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until async saves are finished (call before exiting or reading the directory)."""
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      failed = self._storage(e)
+      if failed is None:
+        raise
+      raise failed from None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves and closes; after a :class:`StorageError` already raised, or a second Ctrl-C,
+    closing adds no error of its own."""
+    failed = self._failed
+    try:
+      try:
+        self.wait()
+      finally:
+        self._mngr.close()  # Orbax raises an asynchronous save's error here again
+    except Exception as e:  # noqa: BLE001
+      if interrupt.stopped_at_once():  # a save a second Ctrl-C cut short: abandoned by request, not a failure
+        return
+      err = e if isinstance(e, StorageError) else self._storage(e)
+      if err is None:
+        raise
+      if failed is None:
+        raise err from None
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
+
+
+class _QuietOrbax:
+  """A logging filter for Orbax's logged tracebacks of failures that lmx reports itself in one line: a storage
+  error (disk full, path too long; the :class:`Checkpointer` raises it), and a save cut short by a second Ctrl-C
+  (the run stops at once, by request). Hundreds of lines from Orbax's threads would bury that line."""
+
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, KeyboardInterrupt) or (interrupt.stopped_at_once() and record.levelno >= 40):
+      return False
+    if storage_errno(exc) is not None:
+      return False
+    msg = record.getMessage()
+    return storage_errno(Exception(msg)) is None and not any(os.strerror(c) in msg for c in STORAGE_CAUSES)
+
+
+def _quiet_orbax() -> None:
+  import logging
+
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietOrbax())
 
 
 def _warn(msg: str) -> None:

@@ -6,6 +6,8 @@ by :func:`parse_arg` against typed defaults.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -77,8 +79,44 @@ def check_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict, field: str, a
   require(not unknown, field, f"unknown field(s) {unknown}; valid: {sorted(allowed)}")
 
 
+def is_finite_number(value: Any) -> bool:
+  """A real number that is neither NaN nor ±inf (ints and bools count; strings and None do not)."""
+  return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def finite(value: Any, field: str) -> None:
+  """Raises ConfigError unless ``value`` is a finite number: NaN fails every comparison and inf passes ``> 0``,
+  so a range check alone lets ``--config.optim.lr=inf`` through to a run that diverges at its first step."""
+  require(is_finite_number(value), field, f"must be a finite number, got {value!r}")
+
+
 def positive(value: Any, field: str) -> None:
+  """``value > 0`` and finite (an infinite count, rate or size is never meant)."""
+  finite(value, field)
   require(value > 0, field, f"must be > 0, got {value!r}")
+
+
+finite_positive = positive
+
+
+def non_negative(value: Any, field: str) -> None:
+  """``value >= 0`` and finite."""
+  finite(value, field)
+  require(value >= 0, field, f"must be >= 0, got {value!r}")
+
+
+def check_finite_numbers(cfg: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Raises ConfigError naming the first float field of ``cfg`` (nested, lists included) that is NaN or ±inf:
+  no lmx config means either, and every range check downstream would have to repeat this."""
+  items = cfg.items() if hasattr(cfg, "items") else enumerate(cfg)
+  for k, v in items:
+    field = f"{prefix}{k}"
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      check_finite_numbers(v, field + ".")
+    elif isinstance(v, (list, tuple)):
+      check_finite_numbers(v, field + ".")
+    elif isinstance(v, numbers.Real) and not math.isfinite(v):
+      raise ConfigError(f"{field}: must be a finite number, got {v!r}")
 
 
 def load_config_file(spec: str):

@@ -3,7 +3,9 @@
 While :func:`handling` is active the first signal only sets a flag. The loop checks it after every step
 (:func:`requested`): it finishes that step, writes a checkpoint at it, waits for pending saves and raises
 :class:`Interrupted`, which the launcher turns into one line and exit status 130 (SIGINT) or 143 (SIGTERM).
-A second Ctrl-C stops at once (``KeyboardInterrupt``), keeping the checkpoints already written.
+A second Ctrl-C stops at once (``KeyboardInterrupt``), keeping the checkpoints already written; a save it cuts
+short is abandoned (:func:`stopped_at_once` tells the checkpointer to keep that save's errors off the console), and
+the launcher records the run as interrupted.
 
 A SIGINT that the parent process ignores (``cmd &`` in a non-interactive shell) stays ignored, as Python does.
 """
@@ -17,6 +19,7 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 _requested: int | None = None
 _depth = 0
+_at_once = False
 
 
 class Interrupted(Exception):
@@ -37,10 +40,16 @@ def requested() -> int | None:
   return _requested
 
 
+def stopped_at_once() -> bool:
+  """A second Ctrl-C arrived since :func:`handling` started: work in flight (a checkpoint save) was cut short."""
+  return _at_once
+
+
 def _handler(signum, frame):
-  global _requested
+  global _requested, _at_once
   del frame
   if _requested == signal.SIGINT and signum == signal.SIGINT:
+    _at_once = True
     raise KeyboardInterrupt  # the second Ctrl-C: stop now
   if _requested is None:
     _requested = signum
@@ -54,13 +63,13 @@ def _handler(signum, frame):
 @contextlib.contextmanager
 def handling():
   """Installs the handlers for the duration (nestable; a no-op outside the main thread)."""
-  global _depth, _requested
+  global _depth, _requested, _at_once
   if threading.current_thread() is not threading.main_thread():
     yield
     return
   previous = {}
   if _depth == 0:
-    _requested = None
+    _requested, _at_once = None, False
     for sig in (signal.SIGINT, signal.SIGTERM):
       current = signal.getsignal(sig)
       if sig == signal.SIGINT and current == signal.SIG_IGN:

@@ -5,6 +5,7 @@ TensorBoard events come from tensorboardX, which needs no TensorFlow.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+
+from lmx.core.config import ConfigError
 
 
 def _to_float(v: Any) -> float:
@@ -48,13 +51,20 @@ class Writer:
     self._tb = None
     if not self.enabled:
       return
+    from lmx.core import workdir as wd
+
+    problem = wd.remote_problem(workdir, tensorboard=tensorboard, checkpoints=False)
+    if problem:  # else tensorboardX fails with an ImportError traceback
+      raise ConfigError(f"{workdir}: {problem}")
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter  # local: keeps import of lmx.core light
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+      tb = os.path.join(workdir, "tb")
+      wd.check_writable_dir(tb)  # a file named tb: one line, not tensorboardX's traceback
+      self._tb = SummaryWriter(tb, flush_secs=10)
 
   def scalars(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Records ``metrics`` at ``step``; returns them as floats (host values)."""
@@ -62,12 +72,26 @@ class Writer:
     if not self.enabled:
       return vals
     rec = {"step": int(step), "time": round(time.time() - self._t0, 3), **vals}
-    self._jsonl.write(json.dumps(rec) + "\n")
-    if self._tb is not None:
-      for k, v in vals.items():
-        if math.isfinite(v):  # NaN/Inf stay in metrics.jsonl; TensorBoard would only warn about them
-          self._tb.add_scalar(k, v, int(step))
+    with self._storage_errors():
+      self._jsonl.write(json.dumps(rec) + "\n")
+      if self._tb is not None:
+        for k, v in vals.items():
+          if math.isfinite(v):  # NaN/Inf stay in metrics.jsonl; TensorBoard would only warn about them
+            self._tb.add_scalar(k, v, int(step))
     return vals
+
+  @contextlib.contextmanager
+  def _storage_errors(self):
+    """A full disk (or quota) while writing metrics: one StorageError naming the workdir, not a traceback."""
+    from lmx.core import workdir as wd
+
+    try:
+      yield
+    except OSError as e:
+      failed = wd.storage_error(e, "cannot write metrics in", os.path.dirname(self.path))
+      if failed is None:
+        raise
+      raise failed from None
 
   def summary(self, step: int, metrics: Mapping[str, Any], prefix: str = "", *,
               total: int | None = None) -> dict[str, float]:
@@ -109,12 +133,15 @@ class Writer:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    jsonl, tb = self._jsonl, self._tb
+    self._jsonl = self._tb = None
+    with self._storage_errors():
+      try:
+        if jsonl is not None:
+          jsonl.close()
+      finally:
+        if tb is not None:
+          tb.close()
 
   def __enter__(self):
     return self

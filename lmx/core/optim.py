@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import optax
 
-from lmx.core.config import check_choice, check_keys, require
+from lmx.core.config import check_choice, check_keys, finite, require
 
 
 OPTIM_FIELDS = ("name", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm",
                 "momentum", "schedule")
+NUMERIC_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm", "momentum")
 
 
 SCHEDULES = ("cosine", "constant")
 
 
 def validate(cfg, prefix: str = "optim") -> None:
-  """Range checks of an optimiser config (ConfigError naming the field)."""
+  """Range checks of an optimiser config (ConfigError naming the field); every numeric field must be finite."""
   check_keys(cfg, prefix, OPTIM_FIELDS)
   check_choice(cfg.name, f"{prefix}.name", ("adamw", "adam", "sgd"))
   check_choice(cfg.get("schedule", "cosine"), f"{prefix}.schedule", SCHEDULES)
+  for f in NUMERIC_FIELDS:
+    if f in cfg:
+      finite(cfg[f], f"{prefix}.{f}")
   require(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr!r}")
   require(cfg.get("warmup_steps", 0) >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {cfg.get('warmup_steps')!r}")
   require(0 <= cfg.get("min_lr_ratio", 0.0) <= 1, f"{prefix}.min_lr_ratio",

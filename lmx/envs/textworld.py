@@ -19,6 +19,11 @@ everywhere else: TextWorld's intermediate score is not passed on) and explicit f
                  "examine", an invalid command).
   ``progress``   the game's optimal plan to the goal (``policy_commands``) got shorter, or the game was won.
 
+Game files are checked before the engine starts (:func:`game_file_problem`: the story file's header, length and
+checksum, and its ``.json``), since the engine ends the whole process on a damaged one ("Fatal error: Story file
+read error", no file named): a damaged cached game is generated again by :func:`make_game`, and
+:class:`TextWorldEnv` stops with :class:`GameFileError` naming the file.
+
 ALFWorld game files (``*.tw-pddl``) play through the same class when ``alfworld`` is installed and its data
 downloaded (:func:`alfworld_games`); otherwise a clear error says how to get them.
 
@@ -29,13 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import re
+import sys
 from typing import Sequence
 
+import numpy as np
 import textworld
 import textworld.generator
 from textworld import EnvInfos
+
+from lmx.core.config import ConfigError
 
 INVALID_PATTERNS = (
     "you can't", "you cannot", "that's not a verb", "i didn't understand", "i only understood you as far as",
@@ -46,6 +56,68 @@ _REQUEST = EnvInfos(admissible_commands=True, policy_commands=True, won=True, lo
                     description=True, inventory=True, feedback=True, extras=["walkthrough"])
 _PROMPT_FOOTER = re.compile(r">\s*-=.*$", re.S)  # the status line that follows the prompt in feedback
 _ROOM = re.compile(r"-=\s*(.*?)\s*=-")
+
+
+class GameFileError(ConfigError):
+  """A game file cannot be played (truncated, overwritten, not a story file); the message names it."""
+
+
+def _zmachine_problem(data: bytes) -> str | None:
+  """Why ``data`` is not a whole Z-machine story: its header's version, declared length and checksum (the sum of
+  the bytes from 0x40 to that length, mod 2^16: what the interpreter's ``verify`` checks)."""
+  if len(data) < 64:
+    return f"{len(data)} bytes, shorter than a Z-machine header (64)"
+  version = data[0]
+  if not 1 <= version <= 8:
+    return f"not a Z-machine story file (version byte {version})"
+  declared = int.from_bytes(data[0x1A:0x1C], "big") * (2 if version <= 3 else 4 if version <= 5 else 8)
+  if declared and len(data) < declared:
+    return f"truncated: {len(data)} bytes, its header declares {declared}"
+  if declared and int(np.frombuffer(data[0x40:declared], np.uint8).sum()) % 0x10000 != int.from_bytes(
+      data[0x1C:0x1E], "big"):
+    return "its checksum does not match its contents (the file changed after it was compiled)"
+  return None
+
+
+def _glulx_problem(data: bytes) -> str | None:
+  """Why ``data`` is not a whole Glulx story: magic, length (``EXTSTART``) and checksum (the sum of its 32-bit
+  words, the checksum word counted as 0, mod 2^32)."""
+  if len(data) < 36 or data[:4] != b"Glul":
+    return "not a Glulx story file (no 'Glul' header)"
+  declared = int.from_bytes(data[12:16], "big")
+  if len(data) < declared or declared < 36 or declared % 4:
+    return f"truncated: {len(data)} bytes, its header declares {declared}"
+  words = np.frombuffer(data[:declared], ">u4").astype(np.uint64)
+  checksum = int.from_bytes(data[32:36], "big")
+  if (int(words.sum()) - checksum) % 2**32 != checksum:
+    return "its checksum does not match its contents (the file changed after it was compiled)"
+  return None
+
+
+def game_file_problem(path: str) -> str | None:
+  """Why the compiled game ``path`` (``.z1``-``.z8`` or ``.ulx``, with its ``.json`` when there is one) cannot be
+  played, as ``"<file>: <reason>"``, or None. Other kinds (ALFWorld's ``.tw-pddl``, blorbs) are left to their
+  engine."""
+  ext = os.path.splitext(path)[1].lower()
+  if not (re.fullmatch(r"\.z[1-8]", ext) or ext == ".ulx"):
+    return None
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    return f"{path}: unreadable ({e.strerror})"
+  reason = _glulx_problem(data) if ext == ".ulx" else _zmachine_problem(data)
+  if reason:
+    return f"{path}: {reason}"
+  meta = os.path.splitext(path)[0] + ".json"
+  if os.path.exists(meta):
+    try:
+      with open(meta) as f:
+        if not isinstance(json.load(f), dict):
+          return f"{meta}: not a TextWorld game description (a JSON object)"
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+      return f"{meta}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +158,17 @@ def make_game(spec: GameSpec, cache_dir: str) -> str:
   """The path of ``spec``'s compiled game in ``cache_dir``, generating and compiling it only when absent.
 
   Deterministic by spec: TextWorld draws the map, objects, quest and text from ``GameOptions.seeds = spec.seed``.
-  A game whose quest comes out shorter than asked (small worlds) is kept as generated; its walkthrough says.
+  A game whose quest comes out shorter than asked (small worlds) is kept as generated; its walkthrough says. A
+  cached game that is damaged (:func:`game_file_problem`) is generated again, with one warning line.
   """
   _check_spec(spec)
   os.makedirs(cache_dir, exist_ok=True)
   path = os.path.join(cache_dir, spec.filename())
   if os.path.exists(path) and os.path.exists(path[:-3] + ".json"):
-    return path
+    problem = game_file_problem(path)
+    if problem is None:
+      return path
+    print(f"WARNING: cached game {problem}; generating it again from its seed", file=sys.stderr, flush=True)
   game, opts = generate_game(spec, with_options=True)
   tmp = path + ".tmp.z8"  # compile under a temporary name, then rename: a killed run leaves no half game
   opts.path = tmp
@@ -183,6 +259,10 @@ class TextWorldEnv:
   def __init__(self, path: str, max_steps: int = 20):
     if not os.path.exists(path):
       raise FileNotFoundError(f"no game file at {path} (make one with lmx.envs.textworld.make_game)")
+    problem = game_file_problem(path)
+    if problem:
+      raise GameFileError(f"game file {problem}; delete it (and its .json) and generate it again "
+                          "(lmx.envs.textworld.make_game does so for a cached game), or name another game")
     if max_steps < 1:
       raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     self.path = path

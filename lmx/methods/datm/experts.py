@@ -25,6 +25,7 @@ from lmx.core import loop, mesh as mesh_lib
 from lmx.core.config import ConfigError
 from lmx.core.losses import cross_entropy
 from lmx.core.metrics import Writer
+from lmx.core.workdir import storage_error
 from lmx.core.rng import np_stream, rng_stream
 from lmx.datasets.images import DataError
 from lmx.methods.datm import dsa
@@ -110,8 +111,20 @@ def save_buffer(directory: str, buf: ExpertBuffer) -> None:
   buffer renamed into place and meta.json renamed last. A crash at any point leaves the old pair, the new pair or
   a buffer.npz without meta.json (which :func:`buffer_exists` does not count as a buffer), never a new buffer
   with an old meta.json. The temp names (``.buffer.npz.partial``, ``.meta.json.partial``) are hidden and do not
-  end in .npz/.json.
+  end in .npz/.json. A write that fails for the file system's reasons (disk full, quota, a path too long) raises
+  one :class:`lmx.core.workdir.StorageError` naming the directory and the cause.
   """
+  try:
+    _write_pair(directory, buf)
+  except OSError as e:
+    failed = storage_error(e, "cannot write the expert buffer in", directory)
+    if failed is None:
+      raise
+    raise failed from None
+
+
+def _write_pair(directory: str, buf: ExpertBuffer) -> None:
+  """:func:`save_buffer`'s writes, with the OS's own errors."""
   os.makedirs(directory, exist_ok=True)
   final = {n: os.path.join(directory, n) for n in (BUFFER_FILE, META_FILE)}
   tmp = {n: os.path.join(directory, _tmp_name(n)) for n in (BUFFER_FILE, META_FILE)}

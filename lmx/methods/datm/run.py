@@ -478,10 +478,13 @@ def run(config, workdir: str) -> dict:
   if config.synthetic:  # evaluate a saved set on its own
     return run_evaluate(config, workdir)
   data = load_data(config)
+  t0 = time.time()
+  # A buffer named by experts.dir is read and checked before the first output is written: a mismatched or
+  # unreadable one stops the run with the workdir as it was (the launcher then removes one it made).
+  buf = get_experts(config, data, workdir, writer=None) if config.experts.dir else None
   writer = metrics.Writer(workdir, total_steps=config.distill.iterations)
   try:
-    t0 = time.time()
-    buf = get_experts(config, data, workdir, writer)
+    buf = buf or get_experts(config, data, workdir, writer)
     experts_s = time.time() - t0
     syn0, y_int = init_synthetic(config, data, buf)
     d = config.distill

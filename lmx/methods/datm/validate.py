@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 
-from lmx.core.config import ConfigError, check_choice, positive, require
+from lmx.core.config import ConfigError, check_choice, non_negative, positive, require
 from lmx.datasets.images import DATASETS
 from lmx.methods.datm.dsa import parse_strategy
+from lmx.methods.datm.experts import BUFFER_FILE, META_FILE
 from lmx.models.convnet import CONV_IMPLS
 
 # Training images in the smallest class, for datasets whose size is known without loading them: mnist5k and digits
@@ -79,6 +80,14 @@ def validate(c, for_run: bool = True) -> None:
     require(bool(c.synthetic), "synthetic",
             "the evaluate variant needs the synthetic set to evaluate: --config.synthetic=/path/to/synthetic.npz "
             "(as a DATM run writes it: x, y, lr, labels)")
+  if for_run and c.experts.dir:  # here, before the launcher makes the workdir; what the buffer holds is read later
+    where = f"{c.experts.dir!r}"
+    require(os.path.isdir(c.experts.dir), "experts.dir",
+            f"{where} is not a directory; point it at the experts/ folder of a DATM run (it holds buffer.npz and "
+            "meta.json) or leave experts.dir empty to train new experts")
+    lacking = [f for f in (BUFFER_FILE, META_FILE) if not os.path.isfile(os.path.join(c.experts.dir, f))]
+    require(not lacking, "experts.dir", f"{where} holds no expert buffer (no {' or '.join(lacking)}); point it at "
+            "the experts/ folder of a DATM run or leave experts.dir empty to train new experts")
   if for_run and c.synthetic:
     require(os.path.isfile(c.synthetic), "synthetic", f"{c.synthetic!r}: no such file; name a synthetic.npz that "
             "a DATM run wrote (<workdir>/synthetic.npz or best_synthetic.npz)")
@@ -98,4 +107,4 @@ def validate(c, for_run: bool = True) -> None:
     require(0 <= value < 1, field, f"must be in [0, 1), got {value!r}")
   for field, value in (("experts.weight_decay", e.weight_decay), ("eval.weight_decay", v.weight_decay),
                        ("experts.gsam_rho", e.gsam_rho), ("experts.gsam_alpha", e.gsam_alpha)):
-    require(value >= 0, field, f"must be >= 0, got {value!r}")
+    non_negative(value, field)

@@ -7,11 +7,19 @@ as a frozen input; then two compiled steps on one train state and one data strea
 Both phases share the workdir's checkpoints, so a resumed run continues in whichever phase it stopped.
 results.json reports each phase's steps/s (the teacher's forward is the difference). The CE phase starts by
 restoring the LET phase's checkpoint at S_stop, so its log shows ``resumed_from_step=S_stop`` by design.
+
+A teacher read from disk (``teacher.hf_path``, or ``teacher.workdir``'s newest checkpoint) is fingerprinted when
+the run starts (``<workdir>/teacher_fingerprint.json``: each file's size, time and a hash); a resume whose teacher
+files differ stops with a message naming the path and what changed, since other weights at the same path would
+silently change what the student is aligned to.
 """
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
+import hashlib
+import json
 import os
 
 import grain
@@ -24,7 +32,7 @@ from lmx.core import data as data_lib
 from lmx.core import loop, mesh as mesh_lib, plots
 from lmx.core import optim as optim_lib
 from lmx.core import workdir as wd
-from lmx.core.config import check_keys, require
+from lmx.core.config import ConfigError, check_keys, require
 from lmx.core.losses import next_token_loss
 from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
@@ -247,6 +255,108 @@ def load_teacher(config, workdir: str, mesh):
   return model, params, info
 
 
+# ------------------------------------------------------------------------------------------ the teacher's files
+
+TEACHER_RECORD = "teacher_fingerprint.json"
+_HF_WEIGHT_FILES = (".safetensors", ".safetensors.index.json")
+_WHOLE_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones by 16 spread 1 MiB blocks
+
+
+def _file_hash(path: str, size: int) -> str:
+  """sha256 of the file, or for a large one of its size and 16 evenly spread 1 MiB blocks (new weights of the same
+  architecture have the same size and header but differ throughout)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    if size <= _WHOLE_HASH_BYTES:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    else:
+      h.update(str(size).encode())
+      for i in range(16):
+        f.seek((size - (1 << 20)) * i // 15)
+        h.update(f.read(1 << 20))
+  return h.hexdigest()
+
+
+def _fingerprint_files(root: str, rels: list[str]) -> dict:
+  out = {}
+  for rel in rels:
+    path = os.path.join(root, rel)
+    st = os.stat(path)
+    out[rel] = {"size": st.st_size, "mtime": st.st_mtime, "sha256": _file_hash(path, st.st_size)}
+  return out
+
+
+def teacher_fingerprint(config) -> dict | None:
+  """``{"source", "path", "step", "files": {name: {size, mtime, sha256}}}`` of the teacher's weights on disk:
+  ``teacher.hf_path``'s safetensors and config.json, or every file of ``teacher.workdir``'s newest checkpoint (the
+  one ``load_run`` reads). None for ``teacher.source='pretrain'`` (the teacher is this run's own stage)."""
+  t = config.teacher
+  if t.source == "hf":
+    root = os.path.expanduser(t.hf_path or "")
+    if not os.path.isdir(root):
+      return None  # load_teacher says what is wrong with the path
+    rels = sorted(f for f in os.listdir(root) if f.endswith(_HF_WEIGHT_FILES) or f == "config.json")
+    return {"source": "hf", "path": t.hf_path, "step": None, "files": _fingerprint_files(root, rels)}
+  if t.source == "run":
+    step = wd.newest_checkpoint_step(t.workdir)
+    root = os.path.join(t.workdir, "checkpoints")
+    rels = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, str(step)))
+                  for f in fs) if step is not None else []
+    return {"source": "run", "path": t.workdir, "step": step, "files": _fingerprint_files(root, rels)}
+  return None
+
+
+def _when(mtime) -> str:
+  return datetime.datetime.fromtimestamp(mtime).isoformat(timespec="seconds") if mtime else "?"
+
+
+def teacher_changes(old: dict, new: dict) -> list[str]:
+  """What differs between two :func:`teacher_fingerprint` s, one phrase per change."""
+  if old.get("step") != new.get("step"):
+    return [f"its newest checkpoint is step {new.get('step')}, not step {old.get('step')}"]
+  a, b = old.get("files", {}), new.get("files", {})
+  out = [f"{n}: removed" for n in sorted(set(a) - set(b))] + [f"{n}: added" for n in sorted(set(b) - set(a))]
+  for n in sorted(set(a) & set(b)):
+    if a[n].get("size") != b[n]["size"]:
+      out.append(f"{n}: {a[n].get('size')} bytes → {b[n]['size']}, modified {_when(b[n]['mtime'])}")
+    elif a[n].get("sha256") != b[n]["sha256"]:
+      out.append(f"{n}: other contents (same size), modified {_when(a[n].get('mtime'))} → {_when(b[n]['mtime'])}")
+  return out
+
+
+def check_teacher(config, workdir: str) -> dict | None:
+  """The teacher's fingerprint, to record with :func:`record_teacher` when this run starts; None when the workdir
+  recorded one already and it still holds. Raises ConfigError, naming the path and the changes, when the teacher's
+  files differ from those this run started with."""
+  new = teacher_fingerprint(config)
+  if new is None:
+    return None
+  try:
+    with open(os.path.join(workdir, TEACHER_RECORD)) as f:
+      old = json.load(f)
+  except (OSError, ValueError):  # none yet (or a torn one): this run's teacher is the one to record
+    return new
+  changes = teacher_changes(old, new) if old.get("path") == new["path"] else [
+      f"it was {old.get('source')} {old.get('path')!r}"]
+  if not changes:
+    return None
+  field = "teacher.hf_path" if new["source"] == "hf" else "teacher.workdir"
+  raise ConfigError(
+      f"{field}={new['path']!r} holds other teacher weights than when this run started in {workdir} "
+      f"({'; '.join(changes[:4])}{'; ...' if len(changes) > 4 else ''}): resuming would align the student to another "
+      f"teacher. Put the original teacher back, or start a new --workdir (nothing was changed; the record is "
+      f"{os.path.join(workdir, TEACHER_RECORD)})")
+
+
+def record_teacher(workdir: str, fingerprint: dict | None) -> None:
+  if fingerprint is not None and jax.process_index() == 0:
+    tmp = os.path.join(workdir, TEACHER_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(fingerprint, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, TEACHER_RECORD))
+
+
 # ------------------------------------------------------------------------------------------ the data
 
 
@@ -328,6 +438,7 @@ def run(config, workdir: str) -> dict:
   require(d.global_batch % divisor == 0, "data.global_batch",
           f"{d.global_batch} must be divisible by the batch mesh axes' size {divisor}")
   os.makedirs(workdir, exist_ok=True)
+  fingerprint = check_teacher(config, workdir)  # new weights at the same teacher path must not resume silently
   teacher, teacher_params, teacher_info = load_teacher(config, workdir, mesh)
   validate(config)  # the teacher's layer, vocabulary and length against the student, now that it exists
   base_dir = os.path.join(workdir, "baseline")
@@ -356,6 +467,7 @@ def run(config, workdir: str) -> dict:
                 log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
                 async_checkpointing=t.async_checkpointing, items_per_step=d.global_batch * d.seq_len)
   phases = {}
+  record_teacher(workdir, fingerprint)
   try:
     done = wd.newest_checkpoint_step(workdir) or 0
     if done < stop:  # phase 1: CE + λ(s)·align, the teacher's forward in the step

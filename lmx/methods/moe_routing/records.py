@@ -19,7 +19,8 @@ File format (one ``.npz`` per layer and checkpoint; ``<dir>/step_<S>/layer_<L>.n
   ==============  =======================  ==========================================================
 
 :func:`read_record` checks the schema (keys, dtypes, shapes, finiteness, ranges) and raises
-:class:`RoutingFileError` naming the file and the problem. ``tools/export_hf_routing.py`` writes this format from
+:class:`RoutingFileError` naming the file and the problem; a bad value also names its row (the token: its index in
+the file, its batch and position), how many rows share the problem, and the row's values. ``tools/export_hf_routing.py`` writes this format from
 a Hugging Face MoE checkpoint; :func:`collect_from_run` from an lmx MoE run.
 """
 from __future__ import annotations
@@ -91,6 +92,15 @@ def check_record(rec: RoutingRecord, where: str = "record") -> None:
   def bad(msg):
     raise RoutingFileError(f"{where}: {msg}")
 
+  def rows(mask, values) -> str:
+    """Where a value check fails: the count of bad rows, the first one's index, batch and position, its values."""
+    hit = np.nonzero(np.asarray(mask).reshape(len(mask), -1).any(axis=1))[0]
+    i = int(hit[0])
+    shown = np.asarray(values[i]).reshape(-1)
+    vals = ", ".join(str(v) for v in shown[:8].tolist()) + (", ..." if shown.size > 8 else "")
+    return (f"; {len(hit)} of {len(mask)} rows, the first row {i} (batch {int(np.asarray(rec.batch)[i])}, position "
+            f"{int(np.asarray(rec.positions)[i])}): [{vals}]")
+
   z = np.asarray(rec.router_logits)
   if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2:
     bad(f"router_logits must be [N, E] with N >= 1 and E >= 2, got shape {z.shape}")
@@ -119,20 +129,23 @@ def check_record(rec: RoutingRecord, where: str = "record") -> None:
     a = np.asarray(getattr(rec, name))
     if not np.issubdtype(a.dtype, np.floating):
       bad(f"{name} must be floating point, got {a.dtype}")
-    nonfinite = int(np.sum(~np.isfinite(a)))
-    if nonfinite:
-      bad(f"{name} has {nonfinite} NaN/Inf value(s)")
+    nonfinite = ~np.isfinite(a)
+    if nonfinite.any():
+      bad(f"{name} has {int(nonfinite.sum())} NaN/Inf value(s){rows(nonfinite, a)}")
   if ex.min() < 0 or ex.max() >= e:
-    bad(f"experts has ids out of range [0, {e}): min {ex.min()}, max {ex.max()}")
-  if np.any(np.sort(ex, axis=1)[:, 1:] == np.sort(ex, axis=1)[:, :-1]):
-    bad("experts repeats an expert within a token's top-K")
-  if np.asarray(rec.gates).min() < 0:
-    bad(f"gates must be >= 0, got min {np.asarray(rec.gates).min()}")
+    bad(f"experts has ids out of range [0, {e}): min {ex.min()}, max {ex.max()}{rows((ex < 0) | (ex >= e), ex)}")
+  repeats = (np.sort(ex, axis=1)[:, 1:] == np.sort(ex, axis=1)[:, :-1]).any(axis=1)
+  if repeats.any():
+    bad(f"experts repeats an expert within a token's top-K{rows(repeats, ex)}")
+  g = np.asarray(rec.gates)
+  if g.min() < 0:
+    bad(f"gates must be >= 0, got min {g.min()}{rows(g < 0, g)}")
   b = np.asarray(rec.batch)
   if b.min() < 0:
-    bad(f"batch ids must be >= 0, got min {b.min()}")
-  if np.asarray(rec.positions).min() < 0:
-    bad(f"positions must be >= 0, got min {np.asarray(rec.positions).min()}")
+    bad(f"batch ids must be >= 0, got min {b.min()}{rows(b < 0, b)}")
+  pos = np.asarray(rec.positions)
+  if pos.min() < 0:
+    bad(f"positions must be >= 0, got min {pos.min()}{rows(pos < 0, pos)}")
   if len(np.unique(b)) != b.max() + 1:
     bad(f"batch ids must cover 0..NB-1 without gaps, got {len(np.unique(b))} distinct ids up to {b.max()}")
 
