@@ -167,6 +167,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_init=0.01, lr_param="log_sgd", lr_max=10.0,
              unroll=False, remat=True, log_every=50, ckpt_every=500, eval_every=1000, eval_nets=3, eval_epochs=300)
     c.eval.update(epochs=1000, full_epochs=50, vmap=True, init=False, cross=False)
-  from lmx.methods.datm.validate import validate  # pylint: disable=g-import-not-at-top
+  from lmx.methods.datm.checks import validate  # pylint: disable=g-import-not-at-top
   validate(c, for_run=False)  # the evaluate variant gets its --config.synthetic from the command line
   return c

@@ -1,5 +1,4 @@
 """DATM configs, validation errors, expert buffers, evaluation helpers and (slow) the smoke pipeline."""
-import importlib
 import json
 import os
 
@@ -12,7 +11,7 @@ from configs import datm as datm_config
 from lmx.core.config import ConfigError
 from lmx.methods.datm import experts as E
 from lmx.methods.datm import evaluate as EV
-from lmx.methods.datm.validate import validate
+from lmx.methods.datm.checks import validate
 
 
 @pytest.mark.parametrize("variant", datm_config.VARIANTS)
@@ -110,7 +109,7 @@ def test_random_subset_is_stratified():
 
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
-  R = importlib.import_module("lmx.methods.datm.run")  # the package attribute `run` is the function
+  from lmx.methods.datm import driver as R
   c = datm_config.get_config("smoke")
   c.distill.iterations = 10
   c.eval.update(epochs=10, full=False, init=True)
@@ -146,7 +145,7 @@ def _tiny_smoke(iterations: int):
 def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
   """On the shared loop: 4 iterations in one go == 3 iterations, a crash (last checkpoint at 2), a rerun to 4
   (same images, labels, step size, bitwise; the data position — expert and start epoch — resumes too)."""
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
   c = _tiny_smoke(4)
   c.distill.update(eval_every=2, eval_nets=1, eval_epochs=1)  # the periodic evaluation's best set resumes too
   R.run(c, str(tmp_path / "a"))
@@ -181,7 +180,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
 def test_run_of_nonfinite_losses_stops_clearly(tmp_path, monkeypatch, capfd, caplog):
   """A run of max_nonfinite non-finite meta-losses stops the run with a clear error (on the shared loop's guard);
   nothing good was lost: no checkpoint of a non-finite state is written."""
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
 
   def nan_step(state, theta_start, theta_target, key, *, inner, outer, apply_fn=None):
     del theta_start, theta_target, key, inner, outer, apply_fn
@@ -202,7 +201,7 @@ def test_run_of_nonfinite_losses_stops_clearly(tmp_path, monkeypatch, capfd, cap
 def test_cross_evaluations_pair_final_images_with_initial_labels_and_back(tmp_path):
   """With the images changed and the labels not, images_only must be the distilled arm and labels_only the initial
   arm, network for network (same streams); a swapped or mis-wired arm breaks one of the two equalities."""
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
   from lmx.core import metrics
   c = datm_config.get_config("smoke")
   c.eval.update(num=2, epochs=3, random=False, full=False, init=True, cross=True)
@@ -231,7 +230,7 @@ def test_paper_meta_step_lowers_for_accelerators(platform):
   TPU from this CPU host (N cut to 3 steps: the loop body is the same)."""
   from lmx.methods.datm import distill as D
   from lmx.models import convnet
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
   c = datm_config.get_config("cifar10_ipc10")
   c.distill.syn_steps = 3
   inner, outer = R.specs(c)

@@ -17,7 +17,7 @@ from lmx.methods.moe_routing import analysis
 from lmx.methods.moe_routing import estimators as est
 from lmx.methods.moe_routing import records as rec_lib
 
-run_lib = importlib.import_module("lmx.methods.moe_routing.run")  # the module (the package re-exports run())
+from lmx.methods.moe_routing import driver as run_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -103,7 +103,7 @@ def compare(config, workdir: str, seeds, arms=("baseline", "let")) -> dict:
   """Runs (or reuses) every arm × seed and writes ``<workdir>/compare.json`` and ``compare_eval_ce.png``."""
   from lmx.core import plots
   from lmx.train.lm import pretrain
-  let_run = importlib.import_module("lmx.methods.let.run")  # the module (the package re-exports its run())
+  from lmx.methods.let import driver as let_run
   if "baseline" not in arms:
     arms = ("baseline",) + tuple(arms)
   os.makedirs(workdir, exist_ok=True)
