@@ -74,6 +74,10 @@ def get_config(arg=None):
       # report the speedup; the multi-seed driver with the ablations is lmx.methods.let.compare
       with_baseline=True))
 
+  # compare.seeds non-empty: instead of one run, the comparison of compare.arms (baseline, let, l2l, constant,
+  # large; lmx.methods.let.compare) at each seed, on one shared teacher
+  c.compare = ml_collections.ConfigDict(dict(seeds=(), arms=("baseline", "let")))
+
   c.train.update(eval_every=50, eval_batches=8)  # 12 points on the validation curve, 128 held-out windows
 
   if a.variant == "smoke":
