@@ -1,4 +1,5 @@
-"""DATM configs, validation errors, expert buffers, evaluation helpers and (slow) the smoke pipeline."""
+"""DATM configs, validation errors, expert buffers, evaluation helpers, a tiny smoke run through launch/run.py (its
+stages, layout and SIGTERM resume) and (slow) the smoke pipeline in-process."""
 import json
 import os
 
@@ -12,6 +13,7 @@ from lmx.core.config import ConfigError
 from lmx.methods.datm import experts as E
 from lmx.methods.datm import evaluate as EV
 from lmx.methods.datm.checks import validate
+from tests import resume_check
 
 
 @pytest.mark.parametrize("variant", datm_config.VARIANTS)
@@ -117,14 +119,14 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
   r = R.run(c, wd)
   for k in ("distilled", "random", "initial"):
     assert 0.0 <= r[k]["mean"] <= 1.0 and r[k]["n"] == c.eval.num
-  assert r["seconds_per_iteration"] > 0 and r["compile_seconds"] > 0
+  assert r["seconds_per_iteration"] > 0 and r["compile_wall_s"] > 0
   assert os.path.exists(os.path.join(wd, "plots", "distilled_images.png"))
   saved = json.load(open(os.path.join(wd, "results.json")))
   assert saved["iterations"] == 10
   x1 = np.load(os.path.join(wd, "synthetic.npz"))["x"]
   # a rerun reuses the experts and the finished checkpoint: no new iterations, same images
   r2 = R.run(c, wd)
-  assert r2["iterations_this_run"] == 0 and r2["resumed_from"] == 10
+  assert r2["resumed_from"] == 10
   np.testing.assert_array_equal(np.load(os.path.join(wd, "synthetic.npz"))["x"], x1)
   # a buffer for another model is refused
   c.model.width = 4
@@ -165,7 +167,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
     R.run(c, str(tmp_path / "b"))
   monkeypatch.setattr(R.D.ExpertWindows, "__next__", orig)
   r = R.run(c, str(tmp_path / "b"))
-  assert r["resumed_from"] == 2 and r["iterations_this_run"] == 2
+  assert r["resumed_from"] == 2
   a, b = np.load(str(tmp_path / "a" / "synthetic.npz")), np.load(str(tmp_path / "b" / "synthetic.npz"))
   for k in ("x", "y", "lr"):
     np.testing.assert_array_equal(a[k], b[k])
@@ -173,7 +175,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
   for k in ("x", "y", "lr", "acc", "step"):
     np.testing.assert_array_equal(ba[k], bb[k])
   ra, rb = json.load(open(tmp_path / "a" / "results.json")), json.load(open(tmp_path / "b" / "results.json"))
-  assert ra["distilled"]["all"] == rb["distilled"]["all"]  # the paired evaluation streams are seed-determined
+  assert ra["distilled"]["values"] == rb["distilled"]["values"]  # the paired evaluation streams are seed-determined
   assert ra["best_during_distill"] == rb["best_during_distill"] and ra["best"] == rb["best"]
 
 
@@ -217,11 +219,48 @@ def test_cross_evaluations_pair_final_images_with_initial_labels_and_back(tmp_pa
     syn0 = {"x": x0, "y": y0, "lr": lr}
     out = R.run_eval(c, data, {"syn": {"x": jnp.asarray(x1), "y": jnp.asarray(y0), "lr": jnp.asarray(lr)}},
                      writer, syn0)
-    assert out["distilled"]["all"] != out["initial"]["all"]  # the two arms differ, so the checks below can fail
-    assert out["images_only"]["all"] == out["distilled"]["all"]
-    assert out["labels_only"]["all"] == out["initial"]["all"]
+    assert out["distilled"]["values"] != out["initial"]["values"]  # the arms differ, so the checks below can fail
+    assert out["images_only"]["values"] == out["distilled"]["values"]
+    assert out["labels_only"]["values"] == out["initial"]["values"]
   finally:
     writer.close()
+
+
+CONFIG = "configs/datm.py:smoke"
+# the smoke config, tiny: 3 experts × 4 epochs, 6 distillation iterations (a checkpoint every 3), 2 evaluation
+# networks × 2 epochs per arm
+TINY = ("--config.experts.epochs=4", "--config.distill.iterations=6", "--config.distill.ckpt_every=3",
+        "--config.distill.log_every=3", "--config.distill.max_start_epoch=3",
+        "--config.distill.current_max_start_epoch=3", "--config.eval.num=2", "--config.eval.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of the tiny smoke config through launch/run.py, shared by the tests below."""
+  w = tmp_path_factory.mktemp("datm") / "uninterrupted"
+  r = resume_check.run(CONFIG, w, *TINY)
+  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  assert max(len(line) for line in r.stdout.splitlines()) < 200, r.stdout  # readable console lines
+  return w
+
+
+def test_tiny_smoke_stages_layout_and_results(reference):
+  resume_check.check_layout(reference)
+  res = resume_check.results(reference)
+  for arm in ("distilled", "initial", "random"):
+    assert res[arm]["n"] == 2 and len(res[arm]["values"]) == 2
+    assert res[arm]["std"] == pytest.approx(float(np.std(res[arm]["values"], ddof=1)))  # the sample std
+  assert res["wall_s"] > 0 and not any(k.endswith("seconds") for k in res), sorted(res)
+  evals = os.listdir(os.path.join(reference, "stages", "eval"))
+  assert len(evals) == 1 and evals[0].startswith("it6-")
+  assert sorted(os.listdir(os.path.join(reference, "stages", "eval", evals[0]))) == ["distilled", "initial",
+                                                                                     "random"]
+  assert os.path.exists(os.path.join(reference, "plots", "distilled_images.png"))
+
+
+def test_sigterm_in_the_distillation_resumes_to_the_same_results(tmp_path, reference):
+  res = resume_check.check_sigterm_resume(tmp_path, CONFIG, *TINY, reference=reference)
+  assert res["resumed_from"] == 3
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -163,13 +163,24 @@ def pretrain_stage(stage, workdir: str, name: str, *, writer, mesh=None):
                          "final_eval": info["final_eval"]}
 
 
+def run_checkpoints(run_dir: str, name: str) -> str:
+  """The checkpoints folder of the lmx run in ``run_dir`` to read a model from: its stage ``name``'s
+  (``checkpoints/<name>/``: a teacher or base trained as a stage of another method's run) when it has one, else the
+  run's own ``checkpoints/``."""
+  from lmx.core import stages
+
+  stage = stages.checkpoint_dir(run_dir, name)
+  return stage if os.path.isdir(stage) else os.path.join(run_dir, "checkpoints")
+
+
 def load_base(source: str, *, mesh, axis_rules, stage=None, workdir: str | None = None, writer=None,
               run_dir: str | None = None, model=None, seed: int = 0, name: str = "base"):
   """``(model, params, info)`` of a base (or teacher) LM by ``source``:
 
   ``"pretrain"``  the :func:`stage_config` run ``stage``, trained as the stage ``name`` of the run in ``workdir``
                   (:func:`pretrain_stage`, logging to ``writer``);
-  ``"run"``       the newest checkpoint of the lmx run in ``run_dir``;
+  ``"run"``       the newest checkpoint of the lmx run in ``run_dir`` (of its stage ``name`` when it has one:
+                  :func:`run_checkpoints`);
   ``"hf"`` / ``"init"``  ``model`` (built by the caller, e.g. ``model.name='hf'``, whose init reads the checkpoint's
                   weights) initialised on ``mesh`` from ``rng_stream(seed, name)``.
   """
@@ -180,7 +191,7 @@ def load_base(source: str, *, mesh, axis_rules, stage=None, workdir: str | None 
     return pretrain_stage(stage, workdir, name, writer=writer, mesh=mesh)
   if source == "run":
     d = os.path.expanduser(run_dir)
-    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules)
+    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules, ckpt_dir=run_checkpoints(d, name))
     return model, params, {"source": "run", "workdir": d}
   if source in ("hf", "init"):
     with jax.set_mesh(mesh):

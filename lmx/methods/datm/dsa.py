@@ -2,7 +2,7 @@
 
 Strategy ``color_crop_cutout_flip_scale_rotate`` in 'S' mode: each call picks **one** group uniformly at random
 for the whole batch, then draws its parameters per sample. All ops are pure functions of a key
-and differentiable w.r.t. the images; shapes are preserved. Constants follow ``ParamDiffAug`` (datm.md §4).
+and differentiable w.r.t. the images; shapes are preserved. Constants follow ``ParamDiffAug`` (the reference code's).
 """
 from __future__ import annotations
 
@@ -29,10 +29,6 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
     if g not in GROUPS:
       raise ValueError(f"data.dsa_strategy={strategy!r}: unknown group {g!r}; valid groups: {list(GROUPS)}")
   return groups
-
-
-def _u(key, n):
-  return jax.random.uniform(key, (n,), jnp.float32)
 
 
 # Every DSA op is "resample with a per-sample affine map (pixel units, align_corners=True, zero padding), then a

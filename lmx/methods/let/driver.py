@@ -37,7 +37,7 @@ from lmx.datasets import text
 from lmx.methods.let import compare, losses
 from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
-from lmx.train.lm import heldout_eval, load_base, stage_config, unprefixed
+from lmx.train.lm import heldout_eval, load_base, run_checkpoints, stage_config, unprefixed
 
 CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "teacher", "let", "optim",
                  "train", "compare")
@@ -87,7 +87,7 @@ def teacher_model(config):
     raise FileNotFoundError(f"teacher.workdir={t.workdir!r} has no checkpoints/; name the workdir of an lmx run")
   from lmx.core.checkpoint import Checkpointer
 
-  with Checkpointer(os.path.join(t.workdir, "checkpoints"), async_save=False) as ckpt:
+  with Checkpointer(run_checkpoints(t.workdir, "teacher"), async_save=False) as ckpt:
     steps = ckpt.all_steps()
     raw = ckpt.restore_config(steps[-1]) if steps else None
   if raw is None:

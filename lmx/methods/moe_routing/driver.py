@@ -275,7 +275,9 @@ def run(config, workdir: str) -> dict:
         runs[name]["gamma_explicit"] = est.gamma_explicit(w, int(m.n_experts), int(m.top_k), m.lb_loss_norm)
         runs[name]["train"] = arms[name]
     summary = summarize(runs, coefs)
-    results = {"method": "moe_routing", "variant": config.variant, "routing_dir": routing_dir,
+    results = {"method": "moe_routing", "variant": config.variant,
+               # the records analysed: config.routing_dir, or routing/ in this workdir
+               "routing_dir": config.routing_dir or "routing",
                "phase_rule": est.annotate_phases.__doc__.split("\n\n")[1].strip(),
                "labels": "see lmx/methods/moe_routing/estimators.py: B_0, K/M, eps_l, the game, the fits and the "
                          "quality estimators are [reconstructed] definitions, not the paper's",

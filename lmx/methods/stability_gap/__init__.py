@@ -1,4 +1,4 @@
-"""Efficient continual pretraining and the stability gap: data strategies at one token budget, measured by
+"""Efficient continual pretraining and the stability gap: data strategies at one token budget, compared by
 domain / general loss, probes and per-layer weight updates during continual pretraining."""
 from lmx.methods.stability_gap.driver import SAFE_TO_CHANGE, STEPS_FIELD, run, validate
 

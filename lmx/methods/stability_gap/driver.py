@@ -25,6 +25,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from lmx.core import data as data_lib
 from lmx.core import workdir as wd
@@ -44,10 +45,8 @@ from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "base", "data", "ngram", "strategies",
                  "optim", "probe", "weights", "train")
-DATA_FIELDS = ("source", "general", "domain", "tfds_general", "tfds_domain", "min_domain_chars", "max_domain_chars",
-               "seq_len",
-               "global_batch", "eval_fraction", "split_seed", "worker_count")
-DATA_SOURCES = ("embedded", "tfds")
+DATA_FIELDS = ("general", "domain", "min_domain_chars", "max_domain_chars", "seq_len", "global_batch", "eval_fraction",
+               "split_seed", "worker_count")
 BASE_FIELDS = ("source", "workdir", "steps", "model", "optim")
 BASE_SOURCES = ("pretrain", "run")
 NGRAM_FIELDS = ("order", "add_k")
@@ -58,7 +57,7 @@ TRAIN_FIELDS = ("warmup_ratio", "log_every", "eval_every", "eval_batches", "ckpt
                 "plot")
 STEPS_FIELD = None  # the step count follows from the domain corpus (one epoch of it), not from a field
 # Fields a resume may change. Not seeds or strategies.names: the launcher treats a finished workdir as done, so
-# more seeds go to a new workdir (with base.source='run' and base.workdir=<old workdir>/base to reuse the base).
+# more seeds go to a new workdir (with base.source='run' and base.workdir=<old workdir> to reuse its base).
 SAFE_TO_CHANGE = ("train.log_every", "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*",
                   "axis_rules", "base.model.attention_impl", "base.model.remat")
 CURVES = {  # metric -> higher is better
@@ -75,14 +74,9 @@ def validate(config):
                        ("train", TRAIN_FIELDS)):
     check_keys(config[name], name, fields)
   d, b, s, p = config.data, config.base, config.strategies, config.probe
-  require(d.source in DATA_SOURCES, "data.source", f"must be one of {list(DATA_SOURCES)}, got {d.source!r}")
-  if d.source == "embedded":
-    for f in ("general", "domain"):
-      require(d[f] in text.CORPORA, f"data.{f}", f"{d[f]!r} is not an embedded corpus; valid: {sorted(text.CORPORA)}")
-    require(d.general != d.domain, "data.domain", f"must differ from data.general ({d.general!r})")
-  else:
-    for f in ("tfds_general", "tfds_domain"):
-      require(bool(d[f]), f"data.{f}", "is required for data.source='tfds'")
+  for f in ("general", "domain"):
+    require(d[f] in text.CORPORA, f"data.{f}", f"{d[f]!r} is not an embedded corpus; valid: {sorted(text.CORPORA)}")
+  require(d.general != d.domain, "data.domain", f"must differ from data.general ({d.general!r})")
   require(isinstance(d.max_domain_chars, int) and d.max_domain_chars >= 0, "data.max_domain_chars",
           f"must be an integer >= 0 (0: the whole corpus), got {d.max_domain_chars!r}")
   for f in ("seq_len", "global_batch", "min_domain_chars"):
@@ -203,7 +197,8 @@ def load_base(config, workdir: str, mesh, writer):
   bdir = info.get("workdir", workdir)
   if b.source == "run":
     base_cfg = wd.saved_config(bdir) or {}
-    corpus = base_cfg.get("data", {}).get("corpus", config.data.general)
+    data_cfg = base_cfg.get("data", {})  # an lm run's corpus, or a stability_gap run's general corpus
+    corpus = data_cfg.get("corpus", data_cfg.get("general", config.data.general))
     require(corpus == config.data.general, "base.workdir",
             f"the run in {bdir} was trained on {corpus!r}, not data.general={config.data.general!r}")
   check_model(config, model, field="base.model" if b.source == "pretrain" else f"{bdir}: model")
@@ -292,9 +287,6 @@ def run_stats(curves: dict) -> dict:
 def run(config, workdir: str) -> dict:
   validate(config)
   d, t = config.data, config.train
-  if d.source != "embedded":
-    raise ConfigError(f"data.source={d.source!r}: reading tfds text sources is not implemented yet (the paper-scale "
-                      "variant builds and lowers only); use data.source='embedded'")
   t_start = time.time()
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = config.axis_rules
@@ -394,10 +386,18 @@ def run_strategy(config, name: str, seed: int, workdir: str, *, model, base_para
   step_fn, init_fn, shardings = make_step(optim_cfg, steps, model, mesh, config.axis_rules,
                                           lambda key: jax.tree.map(lambda x: x + 0, base_params))
   writer.scalars(0, start, prefix=f"{stage}/eval/")  # the base, shared by every strategy: the curves' start
+
+  def eval_hook(step, state, w):  # every metric to metrics.jsonl / TensorBoard, the main ones to the console
+    out = evaluate(state["params"])
+    w.scalars(step, out, prefix=f"{stage}/eval/")
+    if w.enabled:
+      tqdm.write(f"[{stage} step {step}/{steps}] held-out CE (nats/byte): general {out['general_ce']:.3f}, domain "
+                 f"{out['domain_ce']:.3f}; probe accuracy: general {out['probe_general_acc']:.2f}, domain "
+                 f"{out['probe_domain_acc']:.2f}")
+
   res = stages.train(workdir, stage, writer=writer, total_steps=steps, step_fn=step_fn, init_fn=init_fn,
                      state_shardings=shardings, mesh=mesh, seed=seed, data=batches, config=config,
-                     hooks=[loop.every(t.eval_every, lambda step, state, w: evaluate(state["params"]),
-                                       name=f"{stage}/eval")],
+                     hooks=[loop.every(t.eval_every, eval_hook, name=f"{stage}/eval")],
                      log_every=t.log_every, ckpt_keep=t.ckpt_keep, async_checkpointing=t.async_checkpointing,
                      desc=f"{name} s{seed}", items_per_step=d.global_batch * d.seq_len)
   return {"strategy": name, "seed": seed, "steps": steps, "data": info, "stats": run_stats(eval_curves(workdir, stage)),
