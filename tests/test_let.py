@@ -236,7 +236,7 @@ def test_smoke_stages_and_results(reference):
   assert 0 < stop < res["steps"] == 16
   align, ce = res["phases"]["align"], res["phases"]["ce"]
   assert align["steps"] == [0, stop] and ce["steps"] == [stop, res["steps"]]
-  assert align["steps_per_sec"] > 0 and ce["steps_per_sec"] > 0 and res["teacher_step_overhead"] is not None
+  assert align["steps_per_sec"] > 0 and ce["steps_per_sec"] > 0 and res["teacher_step_time_overhead"] is not None
   assert np.isfinite(res["teacher"]["eval_ce"]) and np.isfinite(res["final_eval"]["ce"])
   for stage in ("teacher", "baseline/align", "baseline/ce", "let/align", "let/ce"):  # each a finished stage
     assert json.load(open(os.path.join(w, "stages", stage, "stage.json")))["status"] == "finished", stage

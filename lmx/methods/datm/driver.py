@@ -2,11 +2,12 @@
 
 The run's stages: ``experts`` (trained once into ``experts/``, or read from ``config.experts.dir``), the
 distillation (the one loop; checkpoints in ``checkpoints/``, a rerun resumes exactly), then one stage per
-evaluation arm (``eval/<arm>``: K fresh networks trained on a set and tested; a finished arm is read back on a
-rerun, :mod:`lmx.core.stages`). ``run(config, workdir)`` writes into ``workdir``:
+evaluation arm (``eval/it<iterations>-<fingerprint of config.eval>/<arm>``, :func:`eval_stage`: K fresh networks
+trained on a set and tested; a finished arm is read back on a rerun, :mod:`lmx.core.stages`). ``run(config,
+workdir)`` writes into ``workdir``:
   experts/            the expert buffer (unless ``config.experts.dir`` points at one to reuse)
   checkpoints/        Orbax checkpoints of the distillation state
-  stages/eval/<arm>/  each finished evaluation arm's accuracies
+  stages/eval/...     each finished evaluation arm's accuracies
   synthetic.npz       the distilled images, label logits, learned step size and class labels (``load_synthetic``)
   best_synthetic.npz  with distill.eval_every > 0: the set that scored best in the periodic evaluation, and its score
   results.json        distilled / random-subset / full-data accuracy (mean ± sample std over K nets), timings, memory
@@ -458,7 +459,8 @@ def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str, 
                title=f"initial, IPC {d.ipc}", writer=writer)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(jsonl):
-    curves = [("distill_loss", ["distill/loss"], "matching loss"), ("distill_lr", ["distill/lr"], "learned step size α"),
+    curves = [("distill_loss", ["distill/loss"], "matching loss"),
+              ("distill_lr", ["distill/lr"], "learned step size α"),
               ("distill_window", ["distill/start_epoch", "distill/window_upper"],
                "start epoch (mean over the log window) and window T⁺")]
     if d.eval_every:

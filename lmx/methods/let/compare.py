@@ -142,7 +142,7 @@ def compare(config, workdir: str, *, mesh, writer) -> dict:
     r = driver.train_student(cfg, workdir, stages.cell_name(c), student=student, teacher=teacher,
                              teacher_params=teacher_params, mesh=mesh, writer=writer)
     return {"eval_steps": r["eval_steps"], "eval_ce": r["eval_ce"],
-            "teacher_step_overhead": driver.teacher_step_overhead(r)}
+            "teacher_step_time_overhead": driver.teacher_step_time_overhead(r)}
 
   def summary(done: dict) -> dict:
     by_seed = {}
@@ -152,7 +152,8 @@ def compare(config, workdir: str, *, mesh, writer) -> dict:
     out = {"method": "let", "variant": config.variant, "comparison": True, "seeds": seeds, "arms": list(arms),
            "steps": steps, "s_stop": driver.s_stop(config), "teacher": teacher_info,
            "cells_finished": [stages.cell_name(c) for c in done],
-           "teacher_step_overhead": {stages.cell_name(c): r["teacher_step_overhead"] for c, r in done.items()}}
+           "teacher_step_time_overhead": {stages.cell_name(c): r["teacher_step_time_overhead"]
+                                          for c, r in done.items()}}
     if full:
       out.update(table=summarize(full, arms, steps), curves=mean_curves(full, arms),
                  delta_curves=delta_curves(full, arms))

@@ -358,7 +358,7 @@ def vs_baseline(config, workdir: str, base: dict, student: dict, writer) -> dict
   return out
 
 
-def teacher_step_overhead(student: dict) -> float | None:
+def teacher_step_time_overhead(student: dict) -> float | None:
   """(CE-only steps/s) / (LET steps/s) − 1: the teacher forward's share of a LET step, in this run."""
   a, c = student["align"].get("steps_per_sec"), student.get("ce", {}).get("steps_per_sec")
   ok = a and c and np.isfinite(a) and np.isfinite(c)
@@ -434,7 +434,7 @@ def single_run(config, workdir: str, *, student, mesh, writer) -> dict:
       "teacher": {**teacher_info, "eval_ce": teacher_eval_ce}, "steps": t.steps, "s_stop": stop,
       "let": config.let.to_dict(), "final_train": last["final_train"], "final_eval": last["final_eval"],
       "phases": {"align": phase_info("align", 0, stop), "ce": phase_info("ce", stop, t.steps)},
-      "teacher_step_overhead": teacher_step_overhead(res), "data_split": split_info,
+      "teacher_step_time_overhead": teacher_step_time_overhead(res), "data_split": split_info,
   }
   if base is not None:
     results["vs_baseline"] = vs_baseline(config, workdir, base, res, writer)

@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 
 from lmx.core import checkpoint as ckpt_lib
-from lmx.core import loop, mesh as mesh_lib, stages
+from lmx.core import interrupt, loop, mesh as mesh_lib, stages
 from lmx.core.config import ConfigError, check_keys, require
-from lmx.core.metrics import Writer
+from lmx.core.metrics import Writer, progress
 from lmx.core.results import summary_line, write_results
 from lmx.datasets import text
 from lmx.methods.moe_routing import analysis, estimators as est, records, report
@@ -159,13 +159,16 @@ def collect_arm(config, snap_dir: str, out_dir: str, batches_BWT: np.ndarray, fo
   if missing:
     raise FileNotFoundError(f"{snap_dir}: no snapshot at step(s) {missing}; use a new --workdir to retrain the arm")
   written, fwd, model, target = 0, forward, None, None
-  with ckpt_lib.Checkpointer(snap_dir, async_save=False) as ckpt:
+  with ckpt_lib.Checkpointer(snap_dir, async_save=False) as ckpt, \
+       progress(len(steps), desc=f"routing records {os.path.basename(out_dir)}") as bar:
     for step in steps:
+      bar.update(1)
       if model is None:  # the first snapshot: the model from its saved config, the restore target from it
         _, model, params = load_run(snap_dir, step, ckpt_dir=snap_dir)
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
       if all(os.path.exists(records.record_path(out_dir, step, i)) for i in model.cfg.moe_layers):
         continue
+      interrupt.check(f"before the routing records of {snap_dir} at step {step} (the files written are kept)")
       params = ckpt.restore_subset({"params": target}, step=step)[1]["params"]  # params only
       fwd = fwd or jax.jit(records.routing_forward(model))  # one compile for all snapshots (same shapes)
       for layer, rec in records.collect_params(model, params, batches_BWT, step, forward=fwd).items():
@@ -191,6 +194,7 @@ def analyse_dir(config, routing_dir: str) -> dict:
   runs = records.find_runs(routing_dir)
   out = {}
   for name, paths in runs.items():
+    interrupt.check(f"before the analysis of {name}")
     n = sum(len(v) for v in paths.values())
     print(f"moe_routing: analysing {name}: {len(paths)} checkpoints, {n} layer files, {kw['n_boot']} bootstrap "
           "resamples", flush=True)
