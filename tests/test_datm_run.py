@@ -245,6 +245,9 @@ def reference(tmp_path_factory):
   return w
 
 
+# The DATM runs through launch/run.py are in the slow tier: even the tiny config trains an expert and compiles the
+# second-order meta-step (about 2 min of CPU per run); the fast tier keeps the in-process checks above.
+@pytest.mark.slow
 def test_tiny_smoke_stages_layout_and_results(reference):
   resume_check.check_layout(reference)
   res = resume_check.results(reference)
@@ -259,6 +262,7 @@ def test_tiny_smoke_stages_layout_and_results(reference):
   assert os.path.exists(os.path.join(reference, "plots", "distilled_images.png"))
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_distillation_resumes_to_the_same_results(tmp_path, reference):
   res = resume_check.check_sigterm_resume(tmp_path, CONFIG, *TINY, reference=reference)
   assert res["resumed_from"] == 3

@@ -384,8 +384,9 @@ def run(config, workdir: str) -> dict:
     if config.compare.seeds:
       results = {**compare.compare(config, workdir, mesh=mesh, writer=writer), "wall_s": time.time() - t_start}
       path = write_results(workdir, results)
-      summary_line("let comparison", {arm: stages.fmt_mean_std(m["delta_final_eval_ce"])
-                                      for arm, m in results["table"]["mean"].items() if "delta_final_eval_ce" in m},
+      summary_line("let comparison, final held-out CE minus the paired baseline's (nats/byte)",
+                   {arm: stages.fmt_mean_std(m["delta_final_eval_ce"], digits=4)
+                    for arm, m in results.get("table", {}).get("mean", {}).items() if "delta_final_eval_ce" in m},
                    path)
       return results
     results = single_run(config, workdir, student=student, mesh=mesh, writer=writer)
