@@ -18,7 +18,7 @@ in mode 'S', soft labels learned, step size learned; expert segment M = 2 epochs
 
 What is timed, per framework (one iteration, steady state, no dataset: random images of the right shape and a
 synthetic one-expert buffer of random parameters drifting by epoch; timing does not depend on the values):
-  lmx    the jitted ``lmx.methods.datm.distill.meta_step`` with the specs of ``lmx.methods.datm.run.specs`` built from
+  lmx    the jitted ``lmx.methods.datm.distill.meta_step`` with the specs of ``lmx.methods.datm.driver.specs`` built from
          ``configs/datm.py``'s default config (its CPU choices: unrolled inner loop, no remat, conv 'auto' → im2col
          for second order on CPU, ``lr_param`` as configured), overridden to the shape above; the start/target
          snapshots are host arrays picked per iteration (as the loop's ``ExpertWindows`` feeds them).
@@ -345,9 +345,8 @@ def _loadavg() -> list[float]:
 
 def _lmx_config(cfg: dict):
   """configs/datm.py's default config overridden to ``cfg``'s shape, and its inner/outer specs (run.specs)."""
-  import importlib
   from configs import datm as datm_config
-  R = importlib.import_module("lmx.methods.datm.run")  # the package's ``run`` attribute is the driver function
+  from lmx.methods.datm import driver as R
   c = datm_config.get_config()
   c.model.width, c.model.depth = cfg["width"], DEPTH
   c.data.dsa_strategy = DSA_STRATEGY
@@ -438,7 +437,7 @@ def lmx_worker(args) -> None:
   m = one()  # warm-up
   warm_s = time.perf_counter() - t0
   info = {"framework": "lmx", "config": args.config_name, **cfg, "images": n,
-          "timed": "jax.jit(lmx.methods.datm.distill.meta_step), specs from lmx.methods.datm.run.specs(configs/datm.py)",
+          "timed": "jax.jit(lmx.methods.datm.distill.meta_step), specs from lmx.methods.datm.driver.specs(configs/datm.py)",
           "inner_spec": {k: getattr(inner, k) for k in ("syn_steps", "batch_syn", "soft_labels", "learn_labels",
                                                           "learn_lr", "unroll", "remat", "lr_param", "hoist_dsa")},
           "dsa_strategy": "_".join(inner.dsa_strategy),

@@ -1,28 +1,23 @@
 r"""DATM (and MTT) dataset distillation: ``python launch/run.py --config=configs/datm.py[:variant]``.
 
-Variants
+Variants (experiments/datm/README.md has what each measured)
   (default)        MNIST-5k (embedded, no download), ConvNet-3 width 16, IPC 10, N = 25 inner steps (the paper's
-                   inner-steps-per-expert-epoch ratio) in a rolled scan with per-step remat, experts at lr 0.03
-                   (~96 % test accuracy), spike guard 10: experts → distillation → evaluation in 4.3-4.7 minutes on
-                   an idle 2-core CPU; distilled above its initial set and 2.8-5.5× the combined std above random
-                   real on 3 seeds (experiments/datm/README.md §00). Settings below the paper's: same README §4.
-  ipc10            the default (alias); ipc10_n25_e03: the same config under the name its first runs used.
-  smoke            scikit-learn 8×8 digits, tiny net, IPC 1, < 90 s (CI).
-  ipc1             MNIST-5k at IPC 1, early window, N = 25, 1,000 iterations (~5.5 min on one core): distilled
-                   +18 to +26 points over random real on 3 seeds (experiments/datm/README.md §0e).
+                   inner-steps-per-expert-epoch ratio) in a rolled scan with per-step remat, experts at lr 0.03,
+                   spike guard 10: experts → distillation → evaluation on a CPU.
+  ipc10            the default (alias).
+  smoke            scikit-learn 8×8 digits, tiny net, IPC 1 (CI).
+  ipc1             MNIST-5k at IPC 1, early window, N = 25, 1,000 iterations.
   ipc50            MNIST-5k at IPC 50, late window, N = 25.
   ipc100           MNIST-5k at IPC 100 (1,000 images, a quarter of the training split: the "lossless" regime),
                    late window, N = 25, against a full-data reference trained for 15 epochs.
-  ipc10_n10        the previous default: N = 10 unrolled, lr_img 30, experts at lr 0.01 (~94 %), no guard; its gain
-                   over the initial set is inside the noise (README §0, §1).
-  ipc10_n25        N = 25 as the default but with the lr-0.01 experts: misses the initial set on one seed (§0d).
-                   Every other MNIST-5k variant trains the same experts (3 × 8 epochs at lr 0.03), so one buffer
-                   serves them all: ``--config.experts.dir=<a default run>/experts``.
+  ipc10_n10        N = 10 unrolled, lr_img 30, experts at lr 0.01, no spike guard.
+  ipc10_n25        N = 25 as the default but with the lr-0.01 experts. Every other MNIST-5k variant trains the same
+                   experts (3 × 8 epochs at lr 0.03), so one buffer serves them all:
+                   ``--config.experts.dir=<a default run>/experts``.
   mtt              MTT preset of the same code: hard labels, real init, no window growth, no loss threshold.
   cifar10_ipc{1,10,50,500,1000}, cifar100_ipc{1,10,50,100}
-                   the DATM paper's hyperparameters (datm.md §8.1) for an accelerator: ZCA, ConvNet-3 width 128,
-                   100 FTD (GSAM) experts × 100 epochs, 10,000 iterations, 1000-epoch evaluation; rolled
-                   lax.scan with per-step remat.
+                   the DATM paper's hyperparameters for an accelerator: ZCA, ConvNet-3 width 128, 100 FTD (GSAM)
+                   experts × 100 epochs, 10,000 iterations, 1000-epoch evaluation; rolled lax.scan with per-step remat.
 
   evaluate         evaluate a saved set on its own (no experts, no distillation): ``--config.synthetic=PATH`` to a
                    synthetic.npz a run wrote (set ``data.dataset``/``data.zca``/``model`` to the run's); evaluates on
@@ -31,10 +26,7 @@ Variants
 Device memory budget of the paper presets: 80 GB (one A100/H100 80GB). ``lmx.methods.datm.memory.estimate(config)``
 gives the bytes of each stage (expert step, chunked expert forward passes, meta-step, evaluation step; the expert
 buffer and soft-label logits on the host) and tests/test_datm_memory.py checks every preset's device parts against
-the budget. Largest device part of every preset: the expert step (10 GB: 10 GSAM experts × batch 256); the
-meta-step peaks at 6.4 GB (CIFAR IPC 1000 / 100, batch_syn 1000, scan + remat), the expert forward block
-(``experts.fwd_chunk_experts`` 10 × ``fwd_chunk_images`` 500) at 5.3 GB. On the host the expert buffer needs 13 GB
-(CIFAR-10) / 20 GB (CIFAR-100).
+the budget.
 
 Overrides: ``--config.distill.iterations=500 --config.experts.dir=/path/to/buffer``; or ``:variant=ipc1,seed=3``.
 """
@@ -56,7 +48,8 @@ PAPER = {
     ("cifar100", 50): (80, 2, 20, 70, 70, 0, 1000, 1000, 1e-5, 10.0, 1.0, "real"),
     ("cifar100", 100): (80, 2, 30, 70, 70, 0, 1000, 50, 1e-5, 10.0, 1.0, "correct"),
 }
-VARIANTS = ["", "smoke", "ipc1", "ipc10", "ipc10_n10", "ipc10_n25", "ipc10_n25_e03", "ipc50", "ipc100", "mtt", "evaluate"] + [f"{d}_ipc{i}" for d, i in PAPER]
+VARIANTS = ["", "smoke", "ipc1", "ipc10", "ipc10_n10", "ipc10_n25", "ipc50", "ipc100", "mtt", "evaluate"] + [
+    f"{d}_ipc{i}" for d, i in PAPER]
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -73,8 +66,8 @@ def _base() -> ml_collections.ConfigDict:
   # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
   # fwd_chunk_experts × fwd_chunk_images: the block of expert forward passes (initial-image selection, soft labels,
   # expert test accuracy) the device holds at once; one compiled shape, the last block padded.
-  # lr 0.03 (~96 % test accuracy; 0.01 gives ~94 %): with these experts the pixel updates add (README §0c, §0d).
-  # Every MNIST variant shares them, so one buffer serves all (--config.experts.dir).
+  # lr 0.03: stronger experts than at 0.01 (experiments/datm/README.md compares them). Every MNIST variant but
+  # ipc10_n10/ipc10_n25 shares them, so one buffer serves all (--config.experts.dir).
   c.experts = dict(num=3, epochs=8, lr=0.03, batch=64, momentum=0.0, weight_decay=0.0, dsa=True,
                    gsam=False, gsam_rho=0.01, gsam_alpha=0.3, parallel=3, dir="",
                    vmap=False,  # vmap=False: on XLA:CPU an unrolled loop over networks beats vmap (grouped conv)
@@ -87,7 +80,7 @@ def _base() -> ml_collections.ConfigDict:
       lr_init=0.03, lr_param="log_sgd", lr_min=1e-4, lr_max=1.0,
       unroll=True, remat=False,
       # augment the N minibatches of an iteration in one call before the inner loop, not inside each (rematerialised)
-      # step: the same function, 10-26 % less time per iteration on CPU (benchmarks/results/datm_step_hoist.json)
+      # step: the same function, less time per iteration on CPU (benchmarks/results/datm_step_hoist.json)
       hoist_dsa=True,
       log_every=10, ckpt_every=50, max_nonfinite=20,
       spike_factor=0.0,  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
@@ -119,8 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              current_max_start_epoch=3, lr_y=5.0, log_every=5, ckpt_every=10, lr_init=0.01)
     c.eval.update(num=3, epochs=40, full_epochs=1, full=False, cross=False)
   elif a.variant == "ipc1":
-    # N = 25 (the paper's ratio, as the default): at N = 10 the matching pulled the pixels below random real
-    # (experiments/datm/README.md §0e); 1,000 iterations at ~0.18 s.
+    # N = 25 (the paper's ratio, as the default)
     d.update(ipc=1, batch_syn=10, syn_steps=25, min_start_epoch=0, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_lr=1e-7, lr_y=5.0, threshold=1.1, iterations=1000, unroll=False,
              remat=True)
@@ -133,12 +125,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              current_max_start_epoch=6, lr_img=50.0, iterations=60,  # lr_img: the paper's at IPC 500/1000
              unroll=False, remat=True)
     c.eval.update(epochs=40, full_epochs=15)  # the full-data reference trained to convergence (15 epochs)
-  elif a.variant in ("", "ipc10", "ipc10_n25_e03", "ipc10_n25"):
+  elif a.variant in ("", "ipc10", "ipc10_n25"):
     # N = 25 (N : M·steps-per-epoch = 25 : 126 ≈ 0.2, the paper's ratio) as a rolled scan with per-step remat
-    # (as fast as unrolling at N = 25, 6× shorter compile: benchmarks/results/datm_step_n25.json); the guard
-    # skips an image update whose gradient exceeds 10× its running mean (not in DATM; it never fired at lr 0.03).
+    # (benchmarks/results/datm_step_n25.json compares it with unrolling); the guard skips an image update whose
+    # gradient exceeds 10× its running mean (not in DATM).
     d.update(syn_steps=25, unroll=False, remat=True, spike_factor=10.0)
-    if a.variant == "ipc10_n25":  # the lr-0.01 experts (README §0d)
+    if a.variant == "ipc10_n25":  # the lr-0.01 experts
       c.experts.update(lr=0.01)
       d.update(lr_init=0.01)
   elif a.variant == "mtt":
@@ -147,8 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif a.variant == "evaluate":  # --config.synthetic=PATH (required) --config.data.dataset=... to match the file
     c.eval.update(cross_arch=("mlp", "lenet", "resnet18"), init=False, cross=False, full=False)
   elif a.variant == "ipc10_n10":
-    # lr_img 30, not the 100 the other variants keep: of 10 / 30 / 100 (seed 0, experiments/datm/README.md §0) the
-    # one where the distilled set ends above its initialisation; the cross-evaluations show the gain is the labels'.
+    # lr_img 30, not the 100 the other variants keep (experiments/datm/README.md compares 10 / 30 / 100)
     d.update(lr_img=30.0)
     c.experts.update(lr=0.01)
     d.update(lr_init=0.01)
@@ -167,6 +158,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_init=0.01, lr_param="log_sgd", lr_max=10.0,
              unroll=False, remat=True, log_every=50, ckpt_every=500, eval_every=1000, eval_nets=3, eval_epochs=300)
     c.eval.update(epochs=1000, full_epochs=50, vmap=True, init=False, cross=False)
-  from lmx.methods.datm.validate import validate  # pylint: disable=g-import-not-at-top
+  from lmx.methods.datm.checks import validate  # pylint: disable=g-import-not-at-top
   validate(c, for_run=False)  # the evaluate variant gets its --config.synthetic from the command line
   return c

@@ -2,28 +2,29 @@ r"""LET: Late-to-Early Training (a small trained teacher's final layer guides an
 
   python launch/run.py --config=configs/let.py:smoke --workdir=runs/let-smoke
   python launch/run.py --config=configs/let.py --config.let.lam0=0.3
+  python launch/run.py --config=configs/let.py --config.compare.seeds="(0,1,2)" --workdir=runs/let-compare
 
-Variants: ``smoke`` (CI, < 1 min on 2 CPU cores), default (CPU, minutes), ``pile_1b4`` (the paper's sizes: a
-LLaMA-style 1.4B student, SmolLM-135M as teacher, ~10x smaller; builds and lowers, not run here).
+Variants: ``smoke`` (CI), default (CPU-sized), ``pile_1b4`` (the paper's sizes: a LLaMA-style 1.4B student,
+SmolLM-135M as teacher, ~10x smaller; builds and lowers, not run here).
 
-Stages: (1) the teacher: ``teacher.source='pretrain'`` trains a small LM in-process on the same corpus (an
-``lm`` run in ``<workdir>/teacher``), ``'run'`` restores the params of the lmx run in ``teacher.workdir``,
-``'hf'`` reads the Hugging Face checkpoint in ``teacher.hf_path`` (same tokenizer as the student: positions
-align one to one). It is frozen and passed to the step as a frozen input. (2) With ``let.with_baseline`` (default
-on), the paired baseline: the same run with λ0 = 0 in ``<workdir>/baseline``. (3) steps [0, S_stop): CE +
-λ(s)·align with the teacher's forward; (4) steps [S_stop, steps): plain CE, no teacher (a second compiled step).
-results.json's ``vs_baseline`` holds both final validation CEs and the speedup (baseline steps / steps LET needs to
-reach the baseline's final CE); ``plots/vs_baseline.png`` the two curves.
+Stages (named stages of the one workdir, each skipped when finished): (1) ``teacher``: ``teacher.source='pretrain'``
+trains a small LM in-process on the same corpus (an ``lm`` training, checkpoints in ``checkpoints/teacher/``),
+``'run'`` restores the params of the lmx run in ``teacher.workdir``, ``'hf'`` reads the Hugging Face checkpoint in
+``teacher.hf_path`` (same tokenizer as the student: positions align one to one). It is frozen and passed to the step
+as a frozen input. (2) With ``let.with_baseline`` (default on), ``baseline``: the same student with λ0 = 0.
+(3) ``let``: steps [0, S_stop) CE + λ(s)·align with the teacher's forward (``let/align``); steps [S_stop, steps)
+plain CE, no teacher, a second compiled step (``let/ce``). results.json's ``vs_baseline`` holds both final
+validation CEs and the speedup (baseline steps / steps LET needs to reach the baseline's final CE);
+``plots/vs_baseline.png`` the two curves. With ``compare.seeds`` set, the run is instead the comparison of
+``compare.arms`` at each seed on one shared teacher (``lmx.methods.let.compare``).
 
-Defaults for the paper's unknowns (let.md §3, §7; all [inferred] unless stated):
+Defaults for the paper's unknowns (all inferred unless stated):
   * ``let.student_layer`` k: the residual stream after block k (0-based); default ≈ 20-30% of depth
     (block 1 of 6 here; block 5 of 24 at pile_1b4).
   * ``let.teacher_layer``: ``-1`` = the teacher's final layer *after* its final RMSNorm (the state its
     unembedding reads); a block index i ≥ 0 takes the residual stream after block i (before any norm).
-  * ``let.lam0`` = 0.1 (the paper's best of {0.01, 0.1, 0.3, 1, 3}, [second-hand]).
-  * ``let.s_stop`` = 1/3 of the steps (let.md suggests 25-50%); ``let.s_stop_fraction`` sets it when
-    ``let.s_stop`` is 0. A resume that raises ``train.steps`` then moves S_stop with it (and the lr schedule, as
-    in every method); set ``let.s_stop`` explicitly to keep it fixed.
+  * ``let.lam0`` = 0.1 (the paper's best of {0.01, 0.1, 0.3, 1, 3}, second-hand).
+  * ``let.s_stop`` = 1/3 of the steps; ``let.s_stop_fraction`` sets it when ``let.s_stop`` is 0.
   * ``let.align`` = 'interp': the teacher's features linearly interpolated along the feature axis to the
     student's width (reported by a reviewer); 'project' = a learned [dS, dT] projector on the student side,
     initialised to the interpolation matrix and trained with the student.
@@ -47,8 +48,7 @@ def get_config(arg=None):
   c.variant = a.variant
   c.seed = a.seed
 
-  # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes so
-  # that one arm (600 steps) takes ~2.5 minutes on one CPU core and the default run (teacher, baseline, LET) ~6.
+  # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes.
   c.model.update(n_layers=6)
   c.data.update(seq_len=64, global_batch=16)
   # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
@@ -59,9 +59,9 @@ def get_config(arg=None):
 
   c.teacher = ml_collections.ConfigDict(dict(
       source="pretrain",  # 'pretrain' | 'run' | 'hf'
-      workdir="",  # source='run': an lmx run's workdir (params-only restore of its newest checkpoint)
+      workdir="",  # source='run': an lmx run's workdir, e.g. an lm run or another LET run (its teacher stage)
       hf_path="",  # source='hf': a local Hugging Face checkpoint directory (Llama / Qwen2)
-      steps=1000,  # source='pretrain': training steps of the teacher on the same corpus (~1 min on one core)
+      steps=1000,  # source='pretrain': training steps of the teacher on the same corpus
       model=ml_collections.ConfigDict(dict(
           vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
           tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
@@ -70,9 +70,13 @@ def get_config(arg=None):
   c.let = ml_collections.ConfigDict(dict(
       student_layer=1, teacher_layer=-1, lam0=0.1, s_stop=0, s_stop_fraction=1 / 3, align="interp",
       schedule="linear",
-      # also train the paired baseline (λ0 = 0, same seed, data order and steps) in <workdir>/baseline first and
-      # report the speedup; the multi-seed driver with the ablations is lmx.methods.let.compare
+      # also train the paired baseline (λ0 = 0, same seed, data order and steps) as the stage 'baseline' first and
+      # report the speedup; the multi-seed comparison with the ablations is compare.seeds below
       with_baseline=True))
+
+  # compare.seeds non-empty: instead of one run, the comparison of compare.arms (baseline, let, l2l, constant,
+  # large; lmx.methods.let.compare) at each seed, on one shared teacher
+  c.compare = ml_collections.ConfigDict(dict(seeds=(), arms=("baseline", "let")))
 
   c.train.update(eval_every=50, eval_batches=8)  # 12 points on the validation curve, 128 held-out windows
 

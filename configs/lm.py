@@ -3,8 +3,8 @@ r"""Plain language-model pretraining on an embedded corpus (the runtime's end-to
   python launch/run.py --config=configs/lm.py:smoke --workdir=runs/lm-smoke
   python launch/run.py --config=configs/lm.py --config.train.steps=500
 
-Variants: ``smoke`` (< 1 min on 2 CPU cores), default (a few minutes on a CPU), ``moe`` (CPU-sized
-mixture-of-experts), and accelerator-sized ``125m``, ``1b``, ``moe_1b7b`` (same code, bigger numbers).
+Variants: ``smoke`` (CI), default (CPU-sized), ``moe`` (CPU-sized mixture-of-experts), and accelerator-sized
+``125m``, ``1b``, ``moe_1b7b`` (same code, bigger numbers).
 """
 import ml_collections
 

@@ -1,22 +1,22 @@
 r"""MoE routing phases ("Three Phases of Expert Routing", Mouzouni 2026): γ_eff, load balance and their evolution
 over checkpoints, for lmx's MoE trained here or for any MoE's exported routing records.
 
-  python launch/run.py --config=configs/moe_routing.py --workdir=/tmp/moe/default
-  python launch/run.py --config=configs/moe_routing.py:smoke --workdir=/tmp/moe/smoke
-  python launch/run.py --config=configs/moe_routing.py:analyze --config.routing_dir=D --workdir=/tmp/moe/an
+  python launch/run.py --config=configs/moe_routing.py --workdir=runs/moe-default
+  python launch/run.py --config=configs/moe_routing.py:smoke --workdir=runs/moe-smoke
+  python launch/run.py --config=configs/moe_routing.py:analyze --config.routing_dir=D --workdir=runs/moe-analyze
   python tools/export_hf_routing.py --model=allenai/OLMoE-1B-7B-0924 --revision=... --out=D/olmoe  # then analyze
 
-Variants: default (CPU: three 600-step MoE LMs, one per load-balancing weight; 6 min 18 s measured on one shared
-core), ``smoke``
-(CI: tiny, two arms, seconds of training), ``analyze`` (no training: analyse the routing ``.npz`` files under
-``routing_dir``; see lmx/methods/moe_routing/records.py for the format), ``olmoe`` (the OLMoE-1B-7B MoE shape
-with its 0.01 load-balancing weight, for an accelerator; its train step lowers for cuda in the slow test).
+Variants: default (CPU-sized: three 600-step MoE LMs, one per load-balancing weight), ``smoke`` (CI: tiny, two
+arms), ``analyze`` (no training: analyse the routing ``.npz`` files under ``routing_dir``; see
+lmx/methods/moe_routing/records.py for the format), ``olmoe`` (the OLMoE-1B-7B MoE shape with its 0.01
+load-balancing weight, for an accelerator; its train step lowers for cuda in the slow test).
 
-Stages (default/smoke): for each ``sweep.lb_loss_coef`` w, an MoE LM (configs/lm.py's ``moe`` model, smaller)
-trained from scratch on the embedded corpus in ``<workdir>/lb<w>`` with a params-only snapshot at every step of
-``routing.ckpt_steps`` (dense early, sparse later); then per snapshot (restored params-only) the routing records
-of ``routing.n_batches`` fixed held-out batches, written to ``<workdir>/routing/lb<w>/step_S/layer_L.npz``; then
-the analysis of ``<workdir>/routing`` (exactly what ``analyze`` does on a directory).
+Stages (default/smoke; named stages of the one workdir, each skipped when finished): for each ``sweep.lb_loss_coef``
+w, ``lb<w>``: an MoE LM (configs/lm.py's ``moe`` model, smaller) trained from scratch on the embedded corpus
+(checkpoints in ``checkpoints/lb<w>/``) with a params-only snapshot at every step of ``routing.ckpt_steps`` (dense
+early, sparse later) in ``snapshots/lb<w>/``; then ``routing/lb<w>``: per snapshot (restored params-only) the routing
+records of ``routing.n_batches`` fixed held-out batches, written to ``routing/lb<w>/step_S/layer_L.npz``; then the
+analysis of ``routing/`` (exactly what ``analyze`` does on a directory).
 """
 import os
 

@@ -4,16 +4,15 @@ r"""Efficient continual pretraining and the stability gap (Guo et al. 2024, arXi
   python launch/run.py --config=configs/stability_gap.py:smoke --workdir=runs/sg-smoke
   python launch/run.py --config=configs/stability_gap.py --config.seeds="(0,)" --workdir=runs/sg-1seed
 
-Variants: ``smoke`` (CI, well under a minute on 2 CPU cores), default (CPU: base pretraining plus four strategies
-x three seeds, about ten minutes on one core), ``tinyllama_1b`` and ``openllama_3b`` (the paper's model sizes,
-optimiser and schedule; a tfds text source and an fsdp mesh: they build and their step lowers for GPU/TPU, they do
-not run here).
+Variants: ``smoke`` (CI) and the default (CPU-sized: base pretraining plus four strategies x three seeds).
 
-Stages: (1) general corpus = the CPython stdlib docstrings, domain corpus = licence texts present on the machine
-(``lmx.datasets.text``), both split by document; (2) the base: ``base.source='pretrain'`` trains an ``lm`` run on
-the general train split in ``<workdir>/base``; ``'run'`` restores the params of the lmx run in ``base.workdir``;
-(3) continual pretraining with each of ``strategies.names`` for the same number of steps (one epoch of all domain
-windows), lr re-warmup (``train.warmup_ratio``) then cosine, eval every ``train.eval_every`` steps:
+Stages (named stages of the one workdir, each skipped when finished): (1) general corpus = the CPython stdlib
+docstrings, domain corpus = licence texts present on the machine (``lmx.datasets.text``), both split by document;
+(2) ``base``: ``base.source='pretrain'`` trains an ``lm`` model on the general train split (checkpoints in
+``checkpoints/base/``); ``'run'`` restores the params of the lmx run in ``base.workdir``; (3) one stage
+``<strategy>/s<seed>`` per seed and strategy of ``strategies.names``: continual pretraining for the same number of
+steps (one epoch of all domain windows), lr re-warmup (``train.warmup_ratio``) then cosine, eval every
+``train.eval_every`` steps:
   full     all domain windows, 1 epoch                                       (a)
   random   a random 1/epochs of the domain documents, ``epochs`` epochs       (b)
   hq       the lowest byte-5-gram-perplexity 1/epochs (n-gram fit on the general corpus), ``epochs`` epochs (c)
@@ -26,7 +25,7 @@ import ml_collections
 from lmx.core.config import parse_arg
 from lmx.core.mesh import DEFAULT_AXIS_RULES
 
-VARIANTS = ("", "smoke", "tinyllama_1b", "openllama_3b")
+VARIANTS = ("", "smoke")
 
 
 def get_config(arg=None):
@@ -40,8 +39,8 @@ def get_config(arg=None):
   c.axis_rules = DEFAULT_AXIS_RULES
 
   c.base = ml_collections.ConfigDict(dict(
-      source="pretrain",  # 'pretrain' (an lm run in <workdir>/base) | 'run' (restore base.workdir's params)
-      workdir="",
+      source="pretrain",  # 'pretrain' (an lm training, the stage 'base') | 'run' (restore base.workdir's params)
+      workdir="",  # source='run': an lm run on data.general, or another stability_gap run (its base stage)
       steps=500,
       model=ml_collections.ConfigDict(dict(
           vocab_size=260, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=64,
@@ -51,8 +50,7 @@ def get_config(arg=None):
           weight_decay=0.1, clip_norm=1.0))))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="embedded",  # 'embedded' (lmx.datasets.text) | 'tfds' (paper-scale: builds only)
-      general="stdlib_docstrings", domain="legal", tfds_general="", tfds_domain="",
+      general="stdlib_docstrings", domain="legal",  # embedded corpora (lmx.datasets.text)
       min_domain_chars=100_000,  # fewer characters of domain text on this machine: a ConfigError
       max_domain_chars=0,  # > 0: keep documents (corpus order) up to this many characters (smoke)
       seq_len=64, global_batch=32, eval_fraction=0.05, split_seed=0, worker_count=0))
@@ -83,22 +81,4 @@ def get_config(arg=None):
     c.probe.update(n_items=8, context_len=16, cont_len=8)
     c.strategies.update(epochs=2)
     c.train.update(log_every=20, eval_every=40, eval_batches=1)
-  elif a.variant in ("tinyllama_1b", "openllama_3b"):
-    if a.variant == "tinyllama_1b":  # TinyLlama-1.1B (Llama-2 architecture, GQA 4 kv heads), lr 3e-4
-      c.base.model.update(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632)
-      c.optim.update(lr=3e-4)
-    else:  # OpenLLaMA-3B-v2, lr 3e-5
-      c.base.model.update(vocab_size=32000, d_model=3200, n_layers=26, n_heads=32, n_kv_heads=32, d_ff=8640)
-      c.optim.update(lr=3e-5)
-      c.weights.update(k=5)
-    c.base.model.update(max_seq_len=2048, dtype="bfloat16", attention_impl="auto", remat="dots")
-    # the base is the released checkpoint converted to an lmx run (base.source='run'); base.model states its
-    # architecture so the step builds and lowers without the weights
-    c.base.update(source="run", workdir="~/runs/base")
-    c.optim.update(min_lr_ratio=0.0)
-    c.mesh.update(data=1, fsdp=-1)
-    c.data.update(source="tfds", tfds_general="refinedweb", tfds_domain="medical_refinedweb_kenlm", seq_len=2048,
-                  global_batch=512, min_domain_chars=10**9)
-    c.probe.update(context_len=1024, cont_len=64)
-    c.train.update(eval_every=1000, log_every=50, eval_batches=8)
   return c

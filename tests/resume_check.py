@@ -1,9 +1,9 @@
 """Shared checks of the runtime's promises for any method's config, run as a user runs it (``launch/run.py``).
 
 ``check_sigterm_resume``: SIGTERM right after the first checkpoint (the process signals itself through the loop's
-``LMX_FAULT=sigterm_after_save:1``, so the timing is deterministic) → exit 143, ``run.json`` ``interrupted``, one
-line on stderr → the same command again → exit 0 and a results.json equal to an uninterrupted run's, apart from
-wall-clock fields.
+``LMX_FAULT=sigterm_after_save:1``, so the timing is deterministic; ``save=n`` for the n-th, e.g. one inside a later
+stage) → exit 143, ``run.json`` ``interrupted``, one line on stderr → the same command again → exit 0 and a
+results.json equal to an uninterrupted run's, apart from wall-clock fields and the process's peak memory.
 
 ``check_nan_stops``: ``LMX_FAULT=nan:<loop name>:<k>`` makes the named loop see a NaN loss at step k → exit 2, one
 line naming the step, ``run.json`` ``failed``, and the checkpoints written before it kept.
@@ -20,9 +20,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "launch", "run.py")
 
-# wall-clock fields (they differ between any two runs) and where a run resumed from (provenance, not a result)
-TIMING = re.compile(r"(^|_)(wall|seconds|secs|time|elapsed|per_sec|steps_per_sec|tokens_per_sec)(_|$)|_s$|^t_|"
-                    r"^resumed_from")
+# wall-clock fields and the process's peak memory (they differ between any two runs), and where a run resumed from
+# (provenance, not a result)
+TIMING = re.compile(r"(^|_)(wall|seconds|secs|time|elapsed|per_sec|steps_per_sec|tokens_per_sec|peak)(_|$)|_s$|"
+                    r"^t_|^resumed_from")
 
 
 def env(**extra) -> dict:
@@ -78,16 +79,18 @@ def check_layout(workdir, *, plots: bool = True) -> None:
     assert glob.glob(os.path.join(str(workdir), "plots", "*.png")), f"no plots in {workdir}"
 
 
-def check_sigterm_resume(tmp_path, config: str, *overrides: str, reference=None, timeout: int = 900) -> dict:
+def check_sigterm_resume(tmp_path, config: str, *overrides: str, reference=None, timeout: int = 900,
+                         save: int = 1) -> dict:
   """See the module docstring; ``reference`` is the workdir of an uninterrupted run with the same command (run
-  here when None). Returns the resumed run's results."""
+  here when None); ``save``: the checkpoint save after which the process gets SIGTERM. Returns the resumed run's
+  results."""
   if reference is None:
     reference = tmp_path / "uninterrupted"
     r = run(config, reference, *overrides, timeout=timeout)
     assert r.returncode == 0, fail(r, "uninterrupted run")
   work = tmp_path / "interrupted"
-  r = run(config, work, *overrides, timeout=timeout, LMX_FAULT="sigterm_after_save:1")
-  assert r.returncode == 143, fail(r, "run with SIGTERM after the first checkpoint")
+  r = run(config, work, *overrides, timeout=timeout, LMX_FAULT=f"sigterm_after_save:{save}")
+  assert r.returncode == 143, fail(r, f"run with SIGTERM after checkpoint save {save}")
   assert record(work)["status"] == "interrupted", record(work)
   last = [line for line in r.stderr.splitlines() if line.strip()][-1]
   assert "interrupted by SIGTERM" in last and "Traceback" not in r.stderr, fail(r, "the stop message")

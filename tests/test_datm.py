@@ -2,7 +2,6 @@
 disk (atomic save, corrupt and mismatched buffers); the per-class table of the early config check."""
 import dataclasses
 import errno
-import importlib
 import json
 import os
 import re
@@ -271,8 +270,8 @@ def test_conv_impls_give_the_same_network_and_auto_resolves_per_use():
 
 # ------------------------------------------------------------------------------------------ expert buffers on disk
 
-R = importlib.import_module("lmx.methods.datm.run")  # the package attributes `run`, `validate` are functions
-V = importlib.import_module("lmx.methods.datm.validate")
+from lmx.methods.datm import driver as R  # noqa: E402
+from lmx.methods.datm import checks as V  # noqa: E402
 DATA = types.SimpleNamespace(image_shape=(8, 8, 1), num_classes=10)  # what get_experts reads of the dataset
 
 

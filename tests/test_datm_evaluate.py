@@ -1,6 +1,5 @@
 """DATM: chunked expert forward passes (== unchunked), evaluating a saved synthetic set through the launcher, the
 periodic evaluation's best set, and distilled images in pixel space (ZCA undone)."""
-import importlib
 import json
 import os
 
@@ -18,7 +17,7 @@ from lmx.methods.datm import distill as D
 from lmx.methods.datm import experts as E
 from lmx.models.registry import build_model
 
-R = importlib.import_module("lmx.methods.datm.run")  # the package attribute `run` is the function
+from lmx.methods.datm import driver as R  # noqa: E402
 
 
 def _random_buffer(c, data, num=5):

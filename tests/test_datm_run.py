@@ -1,5 +1,5 @@
-"""DATM configs, validation errors, expert buffers, evaluation helpers and (slow) the smoke pipeline."""
-import importlib
+"""DATM configs, validation errors, expert buffers, evaluation helpers, a tiny smoke run through launch/run.py (its
+stages, layout and SIGTERM resume) and (slow) the smoke pipeline in-process."""
 import json
 import os
 
@@ -12,7 +12,8 @@ from configs import datm as datm_config
 from lmx.core.config import ConfigError
 from lmx.methods.datm import experts as E
 from lmx.methods.datm import evaluate as EV
-from lmx.methods.datm.validate import validate
+from lmx.methods.datm.checks import validate
+from tests import resume_check
 
 
 @pytest.mark.parametrize("variant", datm_config.VARIANTS)
@@ -110,7 +111,7 @@ def test_random_subset_is_stratified():
 
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
-  R = importlib.import_module("lmx.methods.datm.run")  # the package attribute `run` is the function
+  from lmx.methods.datm import driver as R
   c = datm_config.get_config("smoke")
   c.distill.iterations = 10
   c.eval.update(epochs=10, full=False, init=True)
@@ -118,14 +119,14 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
   r = R.run(c, wd)
   for k in ("distilled", "random", "initial"):
     assert 0.0 <= r[k]["mean"] <= 1.0 and r[k]["n"] == c.eval.num
-  assert r["seconds_per_iteration"] > 0 and r["compile_seconds"] > 0
+  assert r["seconds_per_iteration"] > 0 and r["compile_wall_s"] > 0
   assert os.path.exists(os.path.join(wd, "plots", "distilled_images.png"))
   saved = json.load(open(os.path.join(wd, "results.json")))
   assert saved["iterations"] == 10
   x1 = np.load(os.path.join(wd, "synthetic.npz"))["x"]
   # a rerun reuses the experts and the finished checkpoint: no new iterations, same images
   r2 = R.run(c, wd)
-  assert r2["iterations_this_run"] == 0 and r2["resumed_from"] == 10
+  assert r2["resumed_from"] == 10
   np.testing.assert_array_equal(np.load(os.path.join(wd, "synthetic.npz"))["x"], x1)
   # a buffer for another model is refused
   c.model.width = 4
@@ -146,7 +147,7 @@ def _tiny_smoke(iterations: int):
 def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
   """On the shared loop: 4 iterations in one go == 3 iterations, a crash (last checkpoint at 2), a rerun to 4
   (same images, labels, step size, bitwise; the data position — expert and start epoch — resumes too)."""
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
   c = _tiny_smoke(4)
   c.distill.update(eval_every=2, eval_nets=1, eval_epochs=1)  # the periodic evaluation's best set resumes too
   R.run(c, str(tmp_path / "a"))
@@ -166,7 +167,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
     R.run(c, str(tmp_path / "b"))
   monkeypatch.setattr(R.D.ExpertWindows, "__next__", orig)
   r = R.run(c, str(tmp_path / "b"))
-  assert r["resumed_from"] == 2 and r["iterations_this_run"] == 2
+  assert r["resumed_from"] == 2
   a, b = np.load(str(tmp_path / "a" / "synthetic.npz")), np.load(str(tmp_path / "b" / "synthetic.npz"))
   for k in ("x", "y", "lr"):
     np.testing.assert_array_equal(a[k], b[k])
@@ -174,14 +175,14 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
   for k in ("x", "y", "lr", "acc", "step"):
     np.testing.assert_array_equal(ba[k], bb[k])
   ra, rb = json.load(open(tmp_path / "a" / "results.json")), json.load(open(tmp_path / "b" / "results.json"))
-  assert ra["distilled"]["all"] == rb["distilled"]["all"]  # the paired evaluation streams are seed-determined
+  assert ra["distilled"]["values"] == rb["distilled"]["values"]  # the paired evaluation streams are seed-determined
   assert ra["best_during_distill"] == rb["best_during_distill"] and ra["best"] == rb["best"]
 
 
 def test_run_of_nonfinite_losses_stops_clearly(tmp_path, monkeypatch, capfd, caplog):
   """A run of max_nonfinite non-finite meta-losses stops the run with a clear error (on the shared loop's guard);
   nothing good was lost: no checkpoint of a non-finite state is written."""
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
 
   def nan_step(state, theta_start, theta_target, key, *, inner, outer, apply_fn=None):
     del theta_start, theta_target, key, inner, outer, apply_fn
@@ -202,7 +203,7 @@ def test_run_of_nonfinite_losses_stops_clearly(tmp_path, monkeypatch, capfd, cap
 def test_cross_evaluations_pair_final_images_with_initial_labels_and_back(tmp_path):
   """With the images changed and the labels not, images_only must be the distilled arm and labels_only the initial
   arm, network for network (same streams); a swapped or mis-wired arm breaks one of the two equalities."""
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
   from lmx.core import metrics
   c = datm_config.get_config("smoke")
   c.eval.update(num=2, epochs=3, random=False, full=False, init=True, cross=True)
@@ -218,11 +219,53 @@ def test_cross_evaluations_pair_final_images_with_initial_labels_and_back(tmp_pa
     syn0 = {"x": x0, "y": y0, "lr": lr}
     out = R.run_eval(c, data, {"syn": {"x": jnp.asarray(x1), "y": jnp.asarray(y0), "lr": jnp.asarray(lr)}},
                      writer, syn0)
-    assert out["distilled"]["all"] != out["initial"]["all"]  # the two arms differ, so the checks below can fail
-    assert out["images_only"]["all"] == out["distilled"]["all"]
-    assert out["labels_only"]["all"] == out["initial"]["all"]
+    assert out["distilled"]["values"] != out["initial"]["values"]  # the arms differ, so the checks below can fail
+    assert out["images_only"]["values"] == out["distilled"]["values"]
+    assert out["labels_only"]["values"] == out["initial"]["values"]
   finally:
     writer.close()
+
+
+CONFIG = "configs/datm.py:smoke"
+# the smoke config, tiny: one expert × 4 epochs, 6 distillation iterations of 2 inner steps (a checkpoint every 3),
+# 2 evaluation networks × 2 epochs per arm
+TINY = ("--config.experts.num=1", "--config.experts.parallel=1", "--config.experts.epochs=4",
+        "--config.distill.iterations=6", "--config.distill.syn_steps=2", "--config.distill.ckpt_every=3",
+        "--config.distill.log_every=3", "--config.distill.max_start_epoch=3",
+        "--config.distill.current_max_start_epoch=3", "--config.eval.num=2", "--config.eval.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of the tiny smoke config through launch/run.py, shared by the tests below."""
+  w = tmp_path_factory.mktemp("datm") / "uninterrupted"
+  r = resume_check.run(CONFIG, w, *TINY)
+  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  assert max(len(line.split(" → ")[0]) for line in r.stdout.splitlines()) < 200, r.stdout  # readable lines
+  return w
+
+
+# The DATM runs through launch/run.py are in the slow tier: even the tiny config trains an expert and compiles the
+# second-order meta-step (about 2 min of CPU per run); the fast tier keeps the in-process checks above.
+@pytest.mark.slow
+def test_tiny_smoke_stages_layout_and_results(reference):
+  resume_check.check_layout(reference)
+  res = resume_check.results(reference)
+  for arm in ("distilled", "initial", "random"):
+    assert res[arm]["n"] == 2 and len(res[arm]["values"]) == 2
+    assert res[arm]["std"] == pytest.approx(float(np.std(res[arm]["values"], ddof=1)))  # the sample std
+  assert res["wall_s"] > 0 and not any(k.endswith("seconds") for k in res), sorted(res)
+  evals = os.listdir(os.path.join(reference, "stages", "eval"))
+  assert len(evals) == 1 and evals[0].startswith("it6-")
+  assert sorted(os.listdir(os.path.join(reference, "stages", "eval", evals[0]))) == ["distilled", "initial",
+                                                                                     "random"]
+  assert os.path.exists(os.path.join(reference, "plots", "distilled_images.png"))
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_distillation_resumes_to_the_same_results(tmp_path, reference):
+  res = resume_check.check_sigterm_resume(tmp_path, CONFIG, *TINY, reference=reference)
+  assert res["resumed_from"] == 3
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -231,7 +274,7 @@ def test_paper_meta_step_lowers_for_accelerators(platform):
   TPU from this CPU host (N cut to 3 steps: the loop body is the same)."""
   from lmx.methods.datm import distill as D
   from lmx.models import convnet
-  R = importlib.import_module("lmx.methods.datm.run")
+  from lmx.methods.datm import driver as R
   c = datm_config.get_config("cifar10_ipc10")
   c.distill.syn_steps = 3
   inner, outer = R.specs(c)

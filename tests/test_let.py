@@ -1,11 +1,9 @@
-"""LET: the pure pieces against independent numpy references, the step's gradients and retracing, a smoke run
-through launch/run.py, and the paper-scale student step lowered for a GPU target."""
-import importlib
+"""LET: the pure pieces against independent numpy references, the step's gradients and retracing, the (shortened)
+smoke run through launch/run.py with its stages, SIGTERM resume and NaN stop, and the paper-scale student step
+lowered for a GPU target."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +14,11 @@ from lmx.core import checkpoint as ckpt_lib
 from lmx.core import loop
 from lmx.core import mesh as mesh_lib
 from lmx.kernels import attention as attention_lib
+from lmx.methods.let import driver as let_run
 from lmx.methods.let import losses
+from tests import resume_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-let_run = importlib.import_module("lmx.methods.let.run")  # the module (the package re-exports its run())
 
 
 def _config(variant):
@@ -213,34 +212,46 @@ def test_let_step_trains_projector_and_ce_step_skips_teacher():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_smoke_through_launch(tmp_path):
-  w = str(tmp_path / "let")
-  env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "run.py"), "--config=configs/let.py:smoke",
-                      f"--workdir={w}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.load(open(os.path.join(w, "results.json")))
+CONFIG = "configs/let.py:smoke"
+# the smoke config, shorter: teacher 8 steps; baseline and student 16 steps, S_stop 5, a checkpoint every 8
+SHORT = ("--config.teacher.steps=8", "--config.train.steps=16", "--config.train.eval_every=8",
+         "--config.train.ckpt_every=8", "--config.train.log_every=4")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of the shortened smoke config through launch/run.py, shared by the tests below."""
+  w = tmp_path_factory.mktemp("let") / "uninterrupted"
+  r = resume_check.run(CONFIG, w, *SHORT)
+  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  assert "resumed_from_step" not in r.stdout  # the CE phase continues the alignment phase's state: not a resume
+  return w
+
+
+def test_smoke_stages_and_results(reference):
+  w = str(reference)
+  resume_check.check_layout(w)
+  res = resume_check.results(w)
   stop = res["s_stop"]
-  assert 0 < stop < res["steps"]
-  let_ph, ce_ph = res["phases"]["let"], res["phases"]["ce"]
-  assert let_ph["ran"] and ce_ph["ran"] and let_ph["steps"] == [0, stop] and ce_ph["steps"] == [stop, res["steps"]]
-  assert let_ph["steps_per_sec"] > 0 and ce_ph["steps_per_sec"] > 0
-  assert res["teacher_step_overhead"] is not None
-  assert np.isfinite(res["teacher"]["eval_ce"]) and np.isfinite(res["final_eval"]["eval/ce"])
-  assert os.path.exists(os.path.join(w, "teacher", "results.json"))  # the in-process teacher run
-  # the paired baseline: same steps, λ0 = 0 throughout, its final CE and the speedup reported against it
-  base = json.load(open(os.path.join(w, "baseline", "results.json")))
-  assert base["let"]["lam0"] == 0.0 and base["steps"] == res["steps"] and "vs_baseline" not in base
-  vb = res["vs_baseline"]
-  assert vb["baseline_final_eval_ce"] == base["final_eval"]["eval/ce"]
-  assert vb["let_final_eval_ce"] == res["final_eval"]["eval/ce"]
-  assert vb["let_final_eval_ce"] > vb["baseline_final_eval_ce"] or vb["speedup"] >= 1.0
-  assert os.path.exists(os.path.join(w, "plots", "vs_baseline.png"))
+  assert 0 < stop < res["steps"] == 16
+  align, ce = res["phases"]["align"], res["phases"]["ce"]
+  assert align["steps"] == [0, stop] and ce["steps"] == [stop, res["steps"]]
+  assert align["steps_per_sec"] > 0 and ce["steps_per_sec"] > 0 and res["teacher_step_time_overhead"] is not None
+  assert np.isfinite(res["teacher"]["eval_ce"]) and np.isfinite(res["final_eval"]["ce"])
+  for stage in ("teacher", "baseline/align", "baseline/ce", "let/align", "let/ce"):  # each a finished stage
+    assert json.load(open(os.path.join(w, "stages", stage, "stage.json")))["status"] == "finished", stage
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["baseline", "let", "teacher"]
+  # the paired baseline: same steps, λ0 = 0 throughout; its final CE and the speedup reported against it
   recs = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
-  align_steps = [x["step"] for x in recs if "train/align" in x]
+  vb = res["vs_baseline"]
+  base_ce = {x["step"]: x["baseline/eval/ce"] for x in recs if "baseline/eval/ce" in x}
+  assert vb["baseline_final_eval_ce"] == base_ce[16] and vb["let_final_eval_ce"] == res["final_eval"]["ce"]
+  assert vb["let_final_eval_ce"] > vb["baseline_final_eval_ce"] or vb["speedup"] >= 1.0
+  assert all(x["baseline/lambda"] == 0.0 for x in recs if "baseline/lambda" in x)
+  assert os.path.exists(os.path.join(w, "plots", "vs_baseline.png"))
+  align_steps = [x["step"] for x in recs if "let/align" in x]
   assert align_steps and max(align_steps) <= stop  # the teacher is used only before S_stop
-  lam = {x["step"]: x["train/lambda"] for x in recs if "train/lambda" in x}
+  lam = {x["step"]: x["let/lambda"] for x in recs if "let/lambda" in x}
   assert all(v == 0.0 for s, v in lam.items() if s > stop) and any(v > 0 for v in lam.values())
 
 
@@ -290,6 +301,19 @@ def test_new_teacher_weights_at_the_same_path_refuse_to_resume(tmp_path):
   with pytest.raises(ConfigError, match=rf"teacher.workdir='{teacher}' .*its newest checkpoint is step 20, not step "
                      "10"):
     let_run.check_teacher(c, w2)
+
+
+def test_sigterm_inside_the_ce_phase_resumes_to_the_same_results(tmp_path, reference):
+  # checkpoint saves: teacher 8 (1); baseline 5, 8, 16 (2-4); let 5 (5), 8 (6): the stop is inside let/ce
+  res = resume_check.check_sigterm_resume(tmp_path, CONFIG, *SHORT, reference=reference, save=6)
+  assert res["final_eval"] == resume_check.results(reference)["final_eval"]
+  log = open(os.path.join(tmp_path, "interrupted", "metrics.jsonl")).read()
+  assert '"resumed_from_step": 8' in log
+
+
+def test_nan_in_the_teacher_stops_with_one_line(tmp_path):
+  line = resume_check.check_nan_stops(tmp_path, CONFIG, "teacher", 3, *SHORT)
+  assert "no checkpoint had been written yet" in line, line
 
 
 MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}  # the Pallas kernels' custom calls
@@ -342,6 +366,7 @@ def test_steps_to_reach_and_speedup_by_hand():
   assert t["per_seed"]["0"]["let"]["steps_to_baseline_final"] == pytest.approx(25.0)
   assert t["per_seed"]["0"]["let"]["speedup"] == pytest.approx(40 / 25)
   assert t["mean"]["let"]["final_eval_ce"]["mean"] == pytest.approx(1.9)
+  assert t["mean"]["let"]["final_eval_ce"]["n"] == 1 and t["mean"]["let"]["final_eval_ce"]["std"] is None
   assert t["per_seed"]["0"]["let"]["delta_final_eval_ce"] == pytest.approx(1.9 - 2.25)
 
 
@@ -353,13 +378,14 @@ def test_mean_curves_over_seeds_by_hand():
   m = compare.mean_curves(per_seed, ("a",))["a"]
   assert m["steps"] == [10, 20]
   np.testing.assert_allclose(m["mean"], [4.0, 3.0])
-  np.testing.assert_allclose(m["std"], [1.0, 1.0])  # population std of {3, 5} and {2, 4}
+  np.testing.assert_allclose(m["std"], [2 ** 0.5, 2 ** 0.5])  # sample std (ddof 1) of {3, 5} and {2, 4}
+  assert m["n"] == 2
   per_seed[0]["baseline"] = (np.array([10, 20, 30]), np.array([3.5, 2.0, 1.5]))
   per_seed[1]["baseline"] = (np.array([10, 20]), np.array([4.0, 4.5]))
   d = compare.delta_curves(per_seed, ("baseline", "a"))
   assert list(d) == ["a"] and d["a"]["steps"] == [10, 20]
   np.testing.assert_allclose(d["a"]["mean"], [(-0.5 + 1.0) / 2, (0.0 - 0.5) / 2])
-  np.testing.assert_allclose(d["a"]["std"], [0.75, 0.25])
+  np.testing.assert_allclose(d["a"]["std"], [np.std([-0.5, 1.0], ddof=1), np.std([0.0, -0.5], ddof=1)])
 
 
 def test_arms_differ_only_where_they_should():
@@ -367,10 +393,10 @@ def test_arms_differ_only_where_they_should():
   from lmx.methods.let import compare
 
   c = _config("")
-  base = wd.flatten(compare.arm_config(c, "baseline", 3, "/t").to_dict())
+  base = wd.flatten(compare.arm_config(c, "baseline", 3).to_dict())
   expect = {"let": {"let.lam0"}, "l2l": {"let.lam0", "let.student_layer"},
             "constant": {"let.lam0", "let.schedule"}, "large": {"let.lam0"}}
   for arm, fields in expect.items():
-    other = wd.flatten(compare.arm_config(c, arm, 3, "/t").to_dict())
+    other = wd.flatten(compare.arm_config(c, arm, 3).to_dict())
     assert {k for k in base if base[k] != other[k]} == fields, arm
-  assert base["seed"] == base["data.shuffle_seed"] == 3 and base["teacher.source"] == "run"
+  assert base["seed"] == base["data.shuffle_seed"] == 3 and base["teacher.source"] == c.teacher.source

@@ -1,7 +1,7 @@
 """moe_routing (routing-phase analysis): estimators against hand-computed numbers and independent references,
 γ recovery on synthetic routing from a known γ, bootstrap coverage, the .npz reader's rejections, the lmx
-routing forward against the model's own records, and the analyze / smoke variants through launch/run.py."""
-import importlib
+routing forward against the model's own records, and the analyze / smoke variants through launch/run.py (the smoke
+run's stages and a SIGTERM resume)."""
 import importlib.util
 import json
 import os
@@ -16,9 +16,9 @@ import pytest
 
 from lmx.methods.moe_routing import analysis
 from lmx.methods.moe_routing import estimators as est
+from lmx.methods.moe_routing import driver as run_lib
 from lmx.methods.moe_routing import records as rec_lib
-
-run_lib = importlib.import_module("lmx.methods.moe_routing.run")  # the module (the package re-exports run())
+from tests import resume_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -432,15 +432,33 @@ def test_analyze_variant_through_launch(tmp_path):
   assert r.returncode == 2 and "layer_0.npz: missing key(s)" in r.stderr, r.stderr[-2000:]
 
 
-def test_smoke_through_launch(tmp_path):  # the CI's run of the smoke config
-  wd = tmp_path / "smoke"
-  r = _launch(["--config=configs/moe_routing.py:smoke", f"--workdir={wd}"], tmp_path)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.load(open(wd / "results.json"))
-  assert set(res["runs"]) == {run_lib.arm_name(w) for w in _config("smoke").sweep.lb_loss_coef}
+CONFIG = "configs/moe_routing.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of the smoke config through launch/run.py, shared by the tests below."""
+  w = tmp_path_factory.mktemp("moe") / "uninterrupted"
+  r = resume_check.run(CONFIG, w)
+  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  return w
+
+
+def test_smoke_stages_and_results(reference):  # the CI's run of the smoke config
+  resume_check.check_layout(reference)
+  res = json.load(open(reference / "results.json"))
+  coefs = _config("smoke").sweep.lb_loss_coef
+  assert set(res["runs"]) == {run_lib.arm_name(w) for w in coefs}
   for name, run in res["runs"].items():
     assert run["layers"]["0"]["steps"] == list(_config("smoke").routing.ckpt_steps), name
-  assert os.path.exists(wd / "plots" / "gamma_eff_layer0.png")
+    for stage in (name, f"routing/{name}"):
+      assert json.load(open(reference / "stages" / stage / "stage.json"))["status"] == "finished", stage
+  assert os.path.exists(reference / "plots" / "gamma_eff_layer0.png")
+
+
+def test_sigterm_after_the_first_arm_resumes_to_the_same_results(tmp_path, reference):
+  # the first checkpoint save is the first arm's last step: the run stops before that arm's routing records
+  resume_check.check_sigterm_resume(tmp_path, CONFIG, reference=reference)
 
 
 @pytest.mark.slow

@@ -1,14 +1,11 @@
 """Stability gap: the n-gram filter, the strategy streams (budget, mixture ratios, per-epoch resampling), the
-relative weight update, the probe and the gap statistics against independent references; bad configs; a smoke run
-through launch/run.py; the paper-scale step lowered for GPU/TPU."""
+relative weight update, the probe and the gap statistics against independent references; bad configs; a smaller
+smoke run through launch/run.py with its stages and a SIGTERM resume."""
 import collections
-import importlib
 import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +15,11 @@ import pytest
 from lmx.core.config import ConfigError
 from lmx.datasets import text
 from lmx.methods.stability_gap import data as sg_data
+from lmx.methods.stability_gap import driver as sg_run
 from lmx.methods.stability_gap import ngram, probe, report, weights
+from tests import resume_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sg_run = importlib.import_module("lmx.methods.stability_gap.run")  # the module (the package re-exports run())
 
 
 def _config(variant):
@@ -258,7 +256,12 @@ def test_gap_stats_by_hand():
   red = report.reduction(per_seed, "x", "hq_mix", "full")
   np.testing.assert_allclose(red["per_seed"], [0.4, 0.5])
   np.testing.assert_allclose(red["of_means"], 1 - 0.8 / 1.5)
-  assert red["noise_std"] == pytest.approx(0.5) and red["beyond_noise"] is True
+  # the noise is the larger sample std (ddof 1) over seeds: full's {1, 2} → 0.707 > the 0.7 between the means
+  assert red["noise_std"] == pytest.approx(2 ** -0.5) and red["beyond_noise"] is False
+  row = report.summarize(per_seed, ["x"])["full"]["x"]
+  assert row["mean"] == 1.5 and row["std"] == pytest.approx(2 ** -0.5) and row["n"] == 2
+  one = report.reduction({0: per_seed[0]}, "x", "hq_mix", "full")
+  assert one["noise_std"] is None and one["beyond_noise"] is False  # one seed: no noise estimate
 
 
 # ------------------------------------------------------------------------------------------ config checks
@@ -309,51 +312,38 @@ def test_corpora_are_present_and_recorded():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_smoke_through_launch(tmp_path):  # the CI's run of the smoke config (~50 s on one core)
-  w = str(tmp_path / "sg")
-  env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "run.py"),
-                      "--config=configs/stability_gap.py:smoke", f"--workdir={w}"], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.load(open(os.path.join(w, "results.json")))
-  assert res["strategies"] == ["full", "random", "hq", "hq_mix"]
+CONFIG = "configs/stability_gap.py:smoke"
+# the smoke config, smaller: a 10-step base, a third of the smoke's domain text (one epoch = 21 steps), two strategies
+SHORT = ("--config.base.steps=10", "--config.data.max_domain_chars=7000",
+         "--config.strategies.names=('full','hq_mix')")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of the smaller smoke config through launch/run.py, shared by the tests below."""
+  w = tmp_path_factory.mktemp("sg") / "uninterrupted"
+  r = resume_check.run(CONFIG, w, *SHORT)
+  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  return w
+
+
+def test_smoke_stages_and_results(reference):
+  w = str(reference)
+  resume_check.check_layout(w)
+  res = resume_check.results(w)
+  assert res["strategies"] == ["full", "hq_mix"]
   assert len(set(res["budget"]["tokens_by_run"].values())) == 1
   for name in res["strategies"]:
     st = res["per_seed"]["0"][name]
     assert st["domain_ce_final"] < st["domain_ce_start"]  # the domain is learnt
     assert np.isfinite(st["general_ce_max_drop"])
-  assert os.path.exists(os.path.join(w, "base", "results.json"))
-  assert os.path.exists(os.path.join(w, "plots", "general_ce.png"))
+    assert res["summary"][name]["general_ce_max_drop"]["n"] == 1  # one seed: no std
+  for stage in ("base", "full/s0", "hq_mix/s0"):
+    assert json.load(open(os.path.join(w, "stages", stage, "stage.json")))["status"] == "finished", stage
+  assert os.path.exists(os.path.join(w, "plots", "general_ce.png")) and os.path.exists(os.path.join(w, "table.md"))
   assert res["corpora"]["domain"]["sha256"] and res["ngram"]["hq_documents"] > 0
 
 
-MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant,target", [("tinyllama_1b", "cuda"), ("tinyllama_1b", "tpu"),
-                                            ("openllama_3b", "cuda"), ("openllama_3b", "tpu")])
-def test_paper_scale_step_lowers_for_accelerator(variant, target):
-  from lmx.core import loop
-  from lmx.core import mesh as mesh_lib
-  from lmx.kernels import attention as attention_lib
-
-  c = _config(variant)
-  c.base.source = "pretrain"  # the architecture from base.model; no weights are needed to lower
-  if target == "cuda":  # 'auto' picks cuDNN there, which cannot be traced on a CPU host; lower the Triton kernel
-    c.base.model.attention_impl = "pallas"
-  model = sg_run.validate(c)
-  mesh = mesh_lib.make_mesh(c.mesh)
-  steps = 10_000
-  step_fn, init_fn, shardings = sg_run.make_step(sg_run.cpt_optim(c, steps), steps, model, mesh, c.axis_rules,
-                                                 model.init)
-  lp = loop.Loop(step_fn=step_fn, init_fn=init_fn, mesh=mesh, workdir=str(ROOT), total_steps=steps, seed=0,
-                 state_shardings=shardings, ckpt_every=0)
-  bsh = mesh_lib.batch_sharding(mesh, c.axis_rules)
-  tokens = jax.ShapeDtypeStruct((c.data.global_batch, c.data.seq_len + 1), jnp.int32, sharding=bsh)
-  with jax.set_mesh(mesh), attention_lib.target_platform(target):  # the kernels run inside shard_map
-    hlo = lp.lower(lp.abstract_state(), tokens, lowering_platforms=(target,)).as_text()
-  assert MARKERS[target] in hlo
-  assert dict(mesh.shape)["fsdp"] == jax.device_count()
+def test_sigterm_inside_a_strategy_resumes_to_the_same_results(tmp_path, reference):
+  # checkpoint saves: the base at 10 (1), full/s0 every 6 steps (2, 3, ...): the stop is inside full/s0
+  resume_check.check_sigterm_resume(tmp_path, CONFIG, *SHORT, reference=reference, save=3)

@@ -1,6 +1,5 @@
 """The tfds text source: a real prepared ArrayRecord data set (a tiny builder defined here), packing against a
 numpy reference, checkpointed position, and the fail-fast errors of a missing data set."""
-import importlib
 
 import numpy as np
 import pytest
@@ -108,7 +107,7 @@ def test_let_reads_a_tfds_text_source(prepared):
 
   from lmx.core import mesh as mesh_lib
   from lmx.core.config import ConfigError, load_config_file
-  let_run = importlib.import_module("lmx.methods.let.run")
+  from lmx.methods.let import driver as let_run
 
   c = load_config_file("configs/let.py:smoke")
   c.data.update(source="tfds", tfds_name="lmx_tiny_text", data_dir=prepared, seq_len=8, global_batch=8)

@@ -8,7 +8,6 @@ Evaluates, with the default config's protocol and the run's learned step size: t
 ``--other`` run.
 """
 import argparse
-import importlib
 import json
 import os
 
@@ -19,7 +18,7 @@ from configs import datm as cfgmod
 from lmx.methods.datm import distill as D
 from lmx.methods.datm import dsa, evaluate, experts
 
-R = importlib.import_module("lmx.methods.datm.run")
+from lmx.methods.datm import driver as R  # noqa: E402
 
 
 def main():

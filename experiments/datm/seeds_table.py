@@ -1,5 +1,6 @@
 r"""Summarises DATM runs over seeds: each arm's mean ± std over the K evaluation networks, the paired difference
-of two arms (per network: same initialisation, order and augmentation streams), and the mean ± std over seeds.
+of two arms (per network: same initialisation, order and augmentation streams), and the mean ± std over seeds (all
+``lmx.core.stages.mean_std``: the sample std, n stated).
 
   PYTHONPATH=. python experiments/datm/seeds_table.py runs/datm_s0 runs/datm_s1 runs/datm_s2 \
       --out=experiments/datm/results/ipc10_seeds.json
@@ -12,30 +13,38 @@ import os
 
 import numpy as np
 
+from lmx.core.stages import mean_std
+
 ARMS = ("distilled", "initial", "images_only", "labels_only", "random", "full")
 
 
 def paired(a: list[float], b: list[float]) -> dict:
   """Per-network differences a − b (networks k of both arms share their random streams)."""
   d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  return {"mean": float(d.mean()), "std": float(d.std()), "min": float(d.min()), "all": d.tolist()}
+  return {**mean_std(d.tolist()), "min": float(d.min())}
+
+
+def _pct(ms: dict, digits: int = 1, sign: str = "") -> str:
+  """``"94.1 ± 0.7 (n=5)"`` in percent."""
+  std = "n/a" if ms["std"] is None else f"{100 * ms['std']:.{digits}f}"
+  return f"{100 * ms['mean']:{sign}.{digits}f} ± {std} (n={ms['n']})"
 
 
 def one(workdir: str) -> dict:
   r = json.load(open(os.path.join(workdir, "results.json")))
-  out = {"workdir": workdir, "seed": r.get("seed"), "total_seconds": r["total_seconds"],
-         "seconds_per_iteration": r["seconds_per_iteration"], "compile_seconds": r["compile_seconds"],
-         "eval_seconds": r["eval_seconds"], "experts_seconds": r["experts"]["seconds_this_run"],
+  out = {"workdir": workdir, "seed": r.get("seed"), "wall_s": r["wall_s"],
+         "seconds_per_iteration": r["seconds_per_iteration"], "compile_wall_s": r["compile_wall_s"],
+         "eval_wall_s": r["eval_wall_s"], "experts_wall_s": r["experts_wall_s"],
          "peak_rss_bytes": r["peak_rss_bytes"]}
   for arm in ARMS:
     if arm in r:
-      out[arm] = {k: r[arm][k] for k in ("mean", "std", "all")}
+      out[arm] = {k: r[arm][k] for k in ("mean", "std", "n", "values")}
   for other in ("random", "initial"):
     if other in r:
-      out[f"distilled_minus_{other}"] = paired(r["distilled"]["all"], r[other]["all"])
+      out[f"distilled_minus_{other}"] = paired(r["distilled"]["values"], r[other]["values"])
       comb = float(np.hypot(r["distilled"]["std"], r[other]["std"]))
       out[f"distilled_minus_{other}"]["combined_std_quadrature"] = comb
-      # the margin of the means in units of the combined std (issue 12's bar: > 2 over random, > 0 over initial)
+      # the margin of the means in units of the combined std (the bar: > 2 over random, > 0 over initial)
       out[f"distilled_minus_{other}"]["in_combined_stds"] = (
           float((r["distilled"]["mean"] - r[other]["mean"]) / comb) if comb > 0 else None)
   return out
@@ -51,17 +60,16 @@ def main():
   for key in ARMS + ("distilled_minus_random", "distilled_minus_initial"):
     vals = [r[key]["mean"] for r in runs if key in r]
     if vals:
-      over[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+      over[key] = mean_std(vals)
   res = {"runs": runs, "over_seeds": over}
   for r in runs:
-    line = " | ".join(f"{k} {100 * r[k]['mean']:.1f}±{100 * r[k]['std']:.1f}" for k in ARMS if k in r)
+    line = " | ".join(f"{k} {_pct(r[k])}" for k in ARMS if k in r)
     dr = r.get("distilled_minus_random")
     di = r.get("distilled_minus_initial")
-    print(f"seed {r['seed']}: {line} | d−r {100 * dr['mean']:+.2f}±{100 * dr['std']:.2f} (paired; combined std "
+    print(f"seed {r['seed']}: {line} | d−r {_pct(dr, 2, '+')} (paired; combined std "
           f"{100 * dr['combined_std_quadrature']:.2f}, {dr['in_combined_stds']:.2f}×) | "
-          f"d−i {100 * di['mean']:+.2f}±{100 * di['std']:.2f} | "
-          f"{r['total_seconds']:.0f} s")
-  print("over seeds:", {k: f"{100 * v['mean']:.2f}±{100 * v['std']:.2f}" for k, v in over.items()})
+          f"d−i {_pct(di, 2, '+')} | {r['wall_s']:.0f} s")
+  print("over seeds:", {k: _pct(v, 2) for k, v in over.items()})
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)

@@ -64,6 +64,9 @@ LOOP_KEYS = ("step", "guard")
 #   LMX_FAULT=sigterm_after_save:<n>  the process sends itself SIGTERM after its n-th checkpoint save
 FAULT_ENV = "LMX_FAULT"
 _saves = 0
+# (checkpoint folder, step) of every checkpoint this process saved: a loop that restores one of them continues a
+# stage of the same run (LET's CE phase after its alignment phase), which is not a resume worth a console line
+_saved_here: set[tuple[str, int]] = set()
 
 
 def _fault() -> tuple[str, str, int] | None:
@@ -374,7 +377,10 @@ class Loop:
       start, state = self.restore_or_init()
       if start:
         res.resumed_from = start
-        writer.summary(start, {"resumed_from_step": start}, total=total)
+        if (os.path.abspath(self.ckpt_dir), start) in _saved_here:  # continues this run's own checkpoint
+          writer.scalars(start, {"resumed_from_step": start})
+        else:
+          writer.summary(start, {"resumed_from_step": start}, total=total)
       pbar = progress(total, desc=self.desc, initial=min(start, total))
       acc, n_acc, t_window, steps_window, t_run, steps_run = None, 0, time.time(), 0, 0.0, 0
       step = start
@@ -422,6 +428,7 @@ class Loop:
           t_window += time.time() - t_hooks  # steps/s counts training only
           if ckpt_now:
             self._ckpt.save(step, state, data_iter=ckpt_data, config=self.config, force=stopped)
+            _saved_here.add((os.path.abspath(self.ckpt_dir), step))
             _after_save()
           signum = self._stop_signal(log_now) if not last else None
           if signum is not None:

@@ -160,15 +160,20 @@ for _name in ("mlp", "lenet", "resnet18"):
 
 
 def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=None, subtree: str = "params",
-             **context):
+             ckpt_dir: str | None = None, **context):
   """``(config, model, params)`` of the run in ``workdir`` at ``step`` (default: its newest checkpoint).
 
   Only ``state[subtree]`` is read (not the optimiser), placed on ``mesh`` (default: the run's own mesh config
   on this host's devices) by ``axis_rules`` (default: the run's). ``context`` goes to the model builder.
+  ``ckpt_dir``: the checkpoints folder when it is not ``<workdir>/checkpoints`` (a stage of a method's run keeps
+  its own, :func:`lmx.core.stages.checkpoint_dir`).
   """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"load_run: {workdir!r} has no checkpoints/ directory; name a workdir of an lmx run")
+  if ckpt_dir is None:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      raise FileNotFoundError(f"load_run: {workdir!r} has no checkpoints/ directory; name a workdir of an lmx run")
+  elif not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"load_run: {ckpt_dir!r} is not a checkpoints directory")
   with Checkpointer(ckpt_dir, async_save=False) as ckpt:
     steps = ckpt.all_steps()
     step = (steps[-1] if steps else None) if step is None else step

@@ -1,13 +1,14 @@
 """Next-token language-model pretraining: the ``lm`` method, and the shared stage other methods build on.
 
 ``run(config, workdir)`` trains one LM run (the ``lm`` method). Other methods use the pieces: ``stage_config`` +
-``pretrain`` train a base or teacher LM in a sub-workdir of theirs (reused when finished), ``load_base`` gives a
-base model from that pretraining, another lmx run or a Hugging Face checkpoint, ``heldout_eval`` is the
-validation hook, ``lm_loss`` / ``make_step`` the training step.
+``pretrain_stage`` train a base or teacher LM as a named stage of their own run (skipped when finished),
+``load_base`` gives a base model from that pretraining, another lmx run or a Hugging Face checkpoint,
+``training`` the data, step and validation hook of one LM training, ``lm_loss`` / ``make_step`` the step.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import ml_collections
@@ -84,6 +85,27 @@ def make_step(config, model, mesh):
       shardings
 
 
+def training(config, model, mesh, *, eval_name: str = "eval") -> dict:
+  """What one LM training needs, from an ``lm`` config: ``batches`` (the checkpointable data iterator),
+  ``evaluate`` (the held-out hook, logged under ``<eval_name>/``), ``step_fn``/``init_fn``/``shardings``,
+  ``split_info`` and ``train_windows``."""
+  rules, dcfg = config.axis_rules, config.data
+  divisor = mesh_lib.batch_size_divisor(mesh, rules)
+  require(dcfg.global_batch % divisor == 0, "data.global_batch",
+          f"{dcfg.global_batch} must be divisible by the batch mesh axes' size {divisor}")
+  train_src, eval_src, split_info = text.train_eval_windows(dcfg.corpus, dcfg.seq_len, dcfg.eval_fraction,
+                                                            split=dcfg.split, seed=dcfg.split_seed)
+  ds = data_lib.make_dataset(train_src, global_batch=dcfg.global_batch, seed=dcfg.shuffle_seed)
+  bsh = mesh_lib.batch_sharding(mesh, rules)
+  batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=dcfg.worker_count), bsh)
+  step_fn, init_fn, shardings = make_step(config, model, mesh)
+  evaluate = heldout_eval(model, eval_src, n_windows=config.train.eval_batches * dcfg.global_batch,
+                          divisor=divisor, batch_sharding=bsh)
+  return dict(batches=batches, evaluate=loop.every(config.train.eval_every, evaluate, name=eval_name),
+              step_fn=step_fn, init_fn=init_fn, shardings=shardings, split_info=split_info,
+              train_windows=len(train_src))
+
+
 def stage_config(parent, *, variant: str, model, optim, data: dict, steps: int, seed: int):
   """The ``lm`` run config of an in-process pretraining stage of another method (LET's teacher, the stability
   gap's base): ``parent``'s mesh and rules, the given model / optimiser / data fields, ``steps`` steps with one
@@ -103,23 +125,62 @@ def stage_config(parent, *, variant: str, model, optim, data: dict, steps: int, 
   return c
 
 
-def pretrain(stage, workdir: str) -> str:
-  """Trains the :func:`stage_config` run in ``workdir`` unless it has finished there (its results.json exists);
-  returns ``workdir`` (a resumed stage continues from its checkpoint like any run)."""
-  from lmx.core import interrupt
-
-  if not os.path.exists(os.path.join(workdir, "results.json")):
-    interrupt.check(f"before pretraining {workdir}")
-    run(stage, workdir)
-  return workdir
+def unprefixed(metrics: dict, prefix: str) -> dict:
+  """``metrics`` with the ``prefix`` of its keys removed (a stage's scalars, as a stage's outputs report them)."""
+  return {k.removeprefix(prefix): v for k, v in metrics.items()}
 
 
-def load_base(source: str, *, mesh, axis_rules, stage=None, workdir: str | None = None,
+def pretrain_stage(stage, workdir: str, name: str, *, writer, mesh=None):
+  """``(model, params, info)`` of the :func:`stage_config` run ``stage`` trained as the stage ``name`` of another
+  method's run in ``workdir``: checkpoints in ``checkpoints/<name>/``, scalars under ``<name>/`` in the method's
+  ``writer`` (held-out CE under ``<name>/eval/``). A finished stage is not trained again: its parameters are read
+  back from its last checkpoint; an interrupted one resumes from its newest."""
+  from lmx.core import stages
+  from lmx.models.registry import load_run
+
+  model = validate(stage)
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(stage.mesh)
+  trained = {}
+
+  def train() -> dict:
+    parts, t = training(stage, model, mesh, eval_name=f"{name}/eval"), stage.train
+    res = stages.train(workdir, name, writer=writer, total_steps=t.steps, step_fn=parts["step_fn"],
+                       init_fn=parts["init_fn"], state_shardings=parts["shardings"], mesh=mesh, seed=stage.seed,
+                       data=parts["batches"], config=stage, hooks=[parts["evaluate"]], log_every=t.log_every,
+                       ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep, async_checkpointing=t.async_checkpointing,
+                       items_per_step=stage.data.global_batch * stage.data.seq_len)
+    trained["params"] = res.state["params"]
+    return {"steps": int(t.steps), "final_train": unprefixed(res.last_metrics, f"{name}/"),
+            "final_eval": unprefixed(res.hook_metrics.get(f"{name}/eval", {}), f"{name}/eval/"),
+            "data_split": parts["split_info"]}
+
+  info = stages.run_stage(workdir, name, train)
+  params = trained.get("params")
+  if params is None:  # finished earlier: the parameters of its last checkpoint
+    _, _, params = load_run(workdir, mesh=mesh, axis_rules=stage.axis_rules,
+                            ckpt_dir=stages.checkpoint_dir(workdir, name))
+  return model, params, {"source": "pretrain", "stage": name, "steps": info["steps"],
+                         "final_eval": info["final_eval"]}
+
+
+def run_checkpoints(run_dir: str, name: str) -> str:
+  """The checkpoints folder of the lmx run in ``run_dir`` to read a model from: its stage ``name``'s
+  (``checkpoints/<name>/``: a teacher or base trained as a stage of another method's run) when it has one, else the
+  run's own ``checkpoints/``."""
+  from lmx.core import stages
+
+  stage = stages.checkpoint_dir(run_dir, name)
+  return stage if os.path.isdir(stage) else os.path.join(run_dir, "checkpoints")
+
+
+def load_base(source: str, *, mesh, axis_rules, stage=None, workdir: str | None = None, writer=None,
               run_dir: str | None = None, model=None, seed: int = 0, name: str = "base"):
   """``(model, params, info)`` of a base (or teacher) LM by ``source``:
 
-  ``"pretrain"``  the :func:`stage_config` run ``stage``, trained in ``workdir`` (reused when finished);
-  ``"run"``       the newest checkpoint of the lmx run in ``run_dir``;
+  ``"pretrain"``  the :func:`stage_config` run ``stage``, trained as the stage ``name`` of the run in ``workdir``
+                  (:func:`pretrain_stage`, logging to ``writer``);
+  ``"run"``       the newest checkpoint of the lmx run in ``run_dir`` (of its stage ``name`` when it has one:
+                  :func:`run_checkpoints`);
   ``"hf"`` / ``"init"``  ``model`` (built by the caller, e.g. ``model.name='hf'``, whose init reads the checkpoint's
                   weights) initialised on ``mesh`` from ``rng_stream(seed, name)``.
   """
@@ -127,12 +188,10 @@ def load_base(source: str, *, mesh, axis_rules, stage=None, workdir: str | None 
   from lmx.models.registry import load_run
 
   if source == "pretrain":
-    d = pretrain(stage, workdir)
-    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules)
-    return model, params, {"source": "pretrain", "workdir": d, "steps": int(stage.train.steps)}
+    return pretrain_stage(stage, workdir, name, writer=writer, mesh=mesh)
   if source == "run":
     d = os.path.expanduser(run_dir)
-    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules)
+    _, model, params = load_run(d, mesh=mesh, axis_rules=axis_rules, ckpt_dir=run_checkpoints(d, name))
     return model, params, {"source": "run", "workdir": d}
   if source in ("hf", "init"):
     with jax.set_mesh(mesh):
@@ -166,49 +225,39 @@ def heldout_eval(model, eval_src, *, n_windows: int, divisor: int, batch_shardin
 
 
 def run(config, workdir: str) -> dict:
+  t_start = time.time()
   model = validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   model.cfg.check_mesh(dict(mesh.shape))
-  rules, dcfg = config.axis_rules, config.data
-  divisor = mesh_lib.batch_size_divisor(mesh, rules)
-  require(dcfg.global_batch % divisor == 0, "data.global_batch",
-          f"{dcfg.global_batch} must be divisible by the batch mesh axes' size {divisor}")
-  train_src, eval_src, split_info = text.train_eval_windows(dcfg.corpus, dcfg.seq_len, dcfg.eval_fraction,
-                                                            split=dcfg.split, seed=dcfg.split_seed)
-  ds = data_lib.make_dataset(train_src, global_batch=dcfg.global_batch, seed=dcfg.shuffle_seed)
-  bsh = mesh_lib.batch_sharding(mesh, rules)
-  batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=dcfg.worker_count), bsh)
-  step_fn, init_fn, shardings = make_step(config, model, mesh)
-
-  evaluate = heldout_eval(model, eval_src, n_windows=config.train.eval_batches * dcfg.global_batch,
-                          divisor=divisor, batch_sharding=bsh)
-
+  dcfg, t = config.data, config.train
+  parts = training(config, model, mesh)
   os.makedirs(workdir, exist_ok=True)
   # Per-expert routing scalars go to metrics.jsonl and TensorBoard, not to the console line.
-  writer = Writer(workdir, total_steps=config.train.steps, console_exclude=r"/(load|mean_prob)/e\d+$")
-  n_params = num_params(model.abstract_params())
-  writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))
-  print(f"lm: {n_params:,} params, mesh {dict(mesh.shape)}, corpus {dcfg.corpus} "
-        f"({len(train_src)} train windows of {dcfg.seq_len}), workdir {workdir}", flush=True)
-  t = config.train
+  writer = Writer(workdir, total_steps=t.steps, console_exclude=r"/(load|mean_prob)/e\d+$")
   try:
-    res = loop.train(step_fn=step_fn, init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=workdir,
-                     total_steps=t.steps, seed=config.seed, data=batches, config=config, writer=writer,
-                     hooks=[loop.every(t.eval_every, evaluate, name="eval")], log_every=t.log_every,
+    n_params = num_params(model.abstract_params())
+    writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))
+    print(f"lm: {n_params:,} params, mesh {dict(mesh.shape)}, corpus {dcfg.corpus} "
+          f"({parts['train_windows']} train windows of {dcfg.seq_len}), workdir {workdir}", flush=True)
+    res = loop.train(step_fn=parts["step_fn"], init_fn=parts["init_fn"], state_shardings=parts["shardings"],
+                     mesh=mesh, workdir=workdir, total_steps=t.steps, seed=config.seed, data=parts["batches"],
+                     config=config, writer=writer, hooks=[parts["evaluate"]], log_every=t.log_every,
                      ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep, async_checkpointing=t.async_checkpointing,
                      desc="lm train", items_per_step=dcfg.global_batch * dcfg.seq_len)
+    results = {
+        "method": "lm", "variant": config.variant, "params": n_params, "steps": t.steps,
+        "resumed_from": res.resumed_from, "final_train": res.last_metrics,
+        "final_eval": res.hook_metrics.get("eval", {}), "steps_per_sec": res.steps_per_sec,
+        "compile_wall_s": res.compile_seconds, "data_split": parts["split_info"], "wall_s": time.time() - t_start,
+    }
+    path = write_results(workdir, results)
+    if jax.process_index() == 0 and t.plot:
+      png = plots.from_jsonl(os.path.join(workdir, "metrics.jsonl"), ["train/loss", "eval/ce"],
+                             plot_path(workdir, "loss"), title=f"lm {config.variant or 'default'}")
+      writer.image("plots/loss", png, t.steps)
   finally:
     writer.close()
-  results = {
-      "method": "lm", "variant": config.variant, "params": n_params, "steps": t.steps,
-      "resumed_from": res.resumed_from, "final_train": res.last_metrics,
-      "final_eval": res.hook_metrics.get("eval", {}), "steps_per_sec": res.steps_per_sec,
-      "compile_seconds": res.compile_seconds, "data_split": split_info,
-  }
-  path = write_results(workdir, results)
-  if jax.process_index() == 0 and t.plot:
-    plots.from_jsonl(os.path.join(workdir, "metrics.jsonl"), ["train/loss", "eval/ce"], plot_path(workdir, "loss"),
-                     title=f"lm {config.variant or 'default'}")
   summary_line("lm", {"train loss": res.last_metrics.get("train/loss"),
-                      "eval ce": results["final_eval"].get("eval/ce")}, path)
+                      "eval CE (nats/byte)": results["final_eval"].get("eval/ce"),
+                      "wall s": round(results["wall_s"])}, path)
   return results

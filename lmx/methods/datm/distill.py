@@ -1,4 +1,4 @@
-"""The DATM / MTT meta-step as pure functions (shared/methods/datm.md §6, §7, §13).
+"""The DATM / MTT meta-step as pure functions.
 
 One distillation iteration:
   1. θ̂₀ = θ*_t (an expert's parameters at start epoch t, drawn from the difficulty window [T⁻, T⁺(it)));

@@ -2,7 +2,7 @@
 
 Strategy ``color_crop_cutout_flip_scale_rotate`` in 'S' mode: each call picks **one** group uniformly at random
 for the whole batch, then draws its parameters per sample. All ops are pure functions of a key
-and differentiable w.r.t. the images; shapes are preserved. Constants follow ``ParamDiffAug`` (datm.md §4).
+and differentiable w.r.t. the images; shapes are preserved. Constants follow ``ParamDiffAug`` (the reference code's).
 """
 from __future__ import annotations
 

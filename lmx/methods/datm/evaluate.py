@@ -1,10 +1,11 @@
-"""Evaluation protocol (datm.md §9): train K fresh ConvNets on a (synthetic or real) training set, test them.
+"""Evaluation protocol: train K fresh ConvNets on a (synthetic or real) training set, test them.
 
 K networks are trained in parallel with ``vmap`` (same data, different init, shuffle and DSA keys):
 SGD with momentum 0.9, weight decay 5e-4, batch ``batch`` (128 in DATM), DSA on every batch, soft cross-entropy
 against the given targets (softmax(Ŷ) for DATM, one-hot for real data / MTT), and the learning rate ×0.1 after
 half the epochs with the momentum buffer reset (the reference re-creates its optimiser there). The result is
-the final test accuracy of each network; report mean ± std.
+the final test accuracy of each network, reported as mean ± sample std over the K networks
+(:func:`lmx.core.stages.mean_std`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from lmx.core.losses import soft_cross_entropy
 from lmx.core.rng import np_stream, rng_stream
+from lmx.core.stages import mean_std
 from lmx.methods.datm import dsa
 from lmx.methods.datm.experts import NetBatches, accuracy, map_stacked, train_nets
 from lmx.models.registry import build_model
@@ -69,10 +71,9 @@ def train_and_test(seed: int, x_train_NHWC, targets_NC, x_test_NHWC, y_test_N, *
   return accuracy(state["params"], x_test_NHWC, y_test_N, model.apply)
 
 
-def summarize(accs) -> dict[str, float]:
-  accs = np.asarray(accs, np.float64)
-  return {"mean": float(accs.mean()), "std": float(accs.std()), "n": int(accs.size),
-          "all": [float(a) for a in accs]}
+def summarize(accs) -> dict:
+  """``{"mean", "std", "n", "values"}`` of the K networks' test accuracies (sample std; None for one network)."""
+  return mean_std(np.asarray(accs, np.float64).ravel().tolist())
 
 
 def random_subset(rng: np.random.Generator, y_N: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Expert trajectories ("buffers"): E networks trained on real data, parameters saved after every epoch.
 
-Paper settings (datm.md §5): SGD lr 0.01, momentum 0, weight decay 0, batch 256, DSA on every batch, optionally
+Paper settings: SGD lr 0.01, momentum 0, weight decay 0, batch 256, DSA on every batch, optionally
 FTD's GSAM (ρ = 0.01, α = 0.3, adaptive). Snapshot 0 is the initialisation, snapshot t the parameters after
 epoch t, so an expert trained for T epochs has T + 1 snapshots.
 
@@ -316,7 +316,7 @@ def move_aside(directory: str, root: str) -> str:
 
 
 def gsam_grad(loss_fn: Callable, params, *, rho: float, alpha: float, adaptive: bool = True):
-  """FTD's GSAM gradient (datm.md §5): g′ − α·(g − proj_{g′} g) with g′ taken at the ascent point."""
+  """FTD's GSAM gradient: g′ − α·(g − proj_{g′} g) with g′ taken at the ascent point."""
   loss, g = jax.value_and_grad(loss_fn)(params)
   if adaptive:
     scaled = jax.tree.map(lambda w, gi: jnp.abs(w) * gi, params, g)

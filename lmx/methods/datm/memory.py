@@ -142,7 +142,7 @@ def measure(config, part: str, *, conv_impl: str = "xla") -> int:
   ``config``'s shapes, from XLA's memory analysis on this backend (compiles, allocates nothing)."""
   from lmx.methods.datm import distill as D
   from lmx.methods.datm import experts as E
-  from lmx.methods.datm.run import specs
+  from lmx.methods.datm.driver import specs
   from lmx.models import convnet
 
   n_train, shape, classes, _ = _shapes(config)

@@ -1,7 +1,7 @@
 """LET's pure pieces: feature-axis interpolation, the negative-cosine alignment, the λ(s) schedule, a projector.
 
 Shapes in names: B batch, T time, d a hidden size (``d_in``/``d_out``, the teacher's ``dT``, the student's ``dS``).
-Everything here is a pure function of arrays (jit-, grad- and vmap-safe); see ``/work/shared/methods/let.md``.
+Everything here is a pure function of arrays (jit-, grad- and vmap-safe).
 """
 from __future__ import annotations
 

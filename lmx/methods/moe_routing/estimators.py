@@ -1,7 +1,7 @@
 """Pure estimators of "Three Phases of Expert Routing" (Mouzouni 2026): loads, balance, the congestion game.
 
-Everything here is a pure function of arrays (jnp, jittable and vmappable unless it says numpy). Labels follow
-``shared/methods/moe_routing.md``: [abstract] stated in the paper's abstract; [reconstructed] a best-guess,
+Everything here is a pure function of arrays (jnp, jittable and vmappable unless it says numpy). Labels:
+[abstract] stated in the paper's abstract; [reconstructed] a best-guess,
 implementable definition (the paper's text was unavailable), not the paper's; [standard] a standard statistic.
 
 Notation: E experts, top-K routing, N tokens; ``L_E`` observed load shares (Σ_e L_e = 1); ``q_E`` per-expert
@@ -55,7 +55,7 @@ def b0(L_E):
 
 @jax.jit
 def balance_stats(L_E) -> dict:
-  """Balance statistics of one load vector [standard; see the notes §3]: ``cv`` std/mean, ``max_over_mean``
+  """Balance statistics of one load vector [standard]: ``cv`` std/mean, ``max_over_mean``
   (= ``b0``), ``maxvio`` (max − mean)/mean (DeepSeek-V3), ``entropy`` H(L)/log E, ``gini``, ``dead`` (experts with
   zero load)."""
   e = L_E.shape[-1]

@@ -2,7 +2,7 @@
 
 KenLM (the paper's quality filter) is a modified-Kneser-Ney word n-gram model; here a byte n-gram with add-k
 (Lidstone) smoothing plays its part, fit on the *general* corpus, so "low perplexity" means "reads like the
-general text" (what the issue asks for; the paper fit its KenLM on a high-quality medical reference corpus):
+general text" (the paper fit its KenLM on a high-quality medical reference corpus instead):
 
   P(x | h) = (c(h x) + k) / (c(h) + k · V),     h = the previous n-1 bytes, V = the vocabulary size (256)
 

@@ -1,12 +1,17 @@
 """The DATM driver: data → experts → synthetic init → distillation (checkpointed) → evaluation → outputs.
 
-``run(config, workdir)`` writes into ``workdir``:
+The run's stages: ``experts`` (trained once into ``experts/``, or read from ``config.experts.dir``), the
+distillation (the one loop; checkpoints in ``checkpoints/``, a rerun resumes exactly), then one stage per
+evaluation arm (``eval/it<iterations>-<fingerprint of config.eval>/<arm>``, :func:`eval_stage`: K fresh networks
+trained on a set and tested; a finished arm is read back on a rerun, :mod:`lmx.core.stages`). ``run(config,
+workdir)`` writes into ``workdir``:
   experts/            the expert buffer (unless ``config.experts.dir`` points at one to reuse)
-  checkpoints/        Orbax checkpoints of the distillation state (a rerun resumes exactly)
+  checkpoints/        Orbax checkpoints of the distillation state
+  stages/eval/...     each finished evaluation arm's accuracies
   synthetic.npz       the distilled images, label logits, learned step size and class labels (``load_synthetic``)
   best_synthetic.npz  with distill.eval_every > 0: the set that scored best in the periodic evaluation, and its score
-  results.json        distilled / random-subset / full-data accuracy (mean, std over K nets), timings, memory
-  metrics.jsonl, tb/  every logged scalar (TensorBoard)
+  results.json        distilled / random-subset / full-data accuracy (mean ± sample std over K nets), timings, memory
+  metrics.jsonl, tb/  every logged scalar and the plots below (TensorBoard)
   plots/              distilled_images.png (one row per class, stretched for display), distilled_images_pixels.png
                       (the same in pixel space: ZCA undone), initial_images*.png, distill_loss/lr/window.png
 
@@ -14,6 +19,7 @@ With ``config.synthetic`` set (the 'evaluate' variant) it evaluates that saved s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -23,16 +29,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmx.core import loop, mesh as mesh_lib, metrics, plots
+from lmx.core import loop, mesh as mesh_lib, metrics, plots, stages
 from lmx.core.config import ConfigError
 from lmx.core.results import jsonable, plot_path, summary_line, write_results
 from lmx.core.rng import np_stream
 from lmx.datasets import images
 from lmx.methods.datm import distill as D
 from lmx.methods.datm import dsa, evaluate, experts
-from lmx.methods.datm.validate import validate
+from lmx.methods.datm.checks import validate
 from lmx.models import convnet
 from lmx.models.registry import build_model
+
+STEPS_FIELD = "distill.iterations"
+# Fields a resume may change (the launcher refuses any other change): cadences, the NaN patience, how the
+# evaluation is run (it happens after the distillation, from scratch), and numerics-neutral implementation choices.
+# The periodic evaluation only reads the state (its best-set record is re-measured when eval_nets/epochs change).
+SAFE_TO_CHANGE = ("distill.log_every", "distill.ckpt_every", "distill.max_nonfinite", "eval.*", "experts.parallel",
+                  "experts.vmap", "model.conv_impl", "experts.fwd_chunk_experts", "experts.fwd_chunk_images",
+                  "distill.eval_every", "distill.eval_nets", "distill.eval_epochs")
 
 
 def specs(config) -> tuple[D.InnerSpec, D.OuterSpec]:
@@ -86,8 +100,9 @@ def get_experts(config, data, workdir: str, writer) -> experts.ExpertBuffer:
   buf = experts.train_experts(config.seed, data, config, writer=writer)
   experts.save_buffer(own, buf)
   acc = np.asarray(buf.meta["final_test_acc"])
-  writer.summary(0, {"experts_test_acc": acc.mean(), "experts_seconds": buf.meta["train_seconds"]},
-                 prefix="")
+  writer.scalars(0, {"test_acc": acc.mean(), "wall_s": buf.meta["train_seconds"]}, prefix="experts/")
+  print(f"datm: {buf.num_experts} experts trained for {buf.num_epochs} epochs in {buf.meta['train_seconds']:.0f} s; "
+        f"test accuracy {100 * acc.mean():.1f} % (mean over experts)", flush=True)
   return buf
 
 
@@ -173,17 +188,21 @@ def distill_loop(config, buf: experts.ExpertBuffer, syn: D.Syn, workdir: str, wr
   t0 = time.time()
   res = lp.run()
   start = res.resumed_from or 0
-  ran = max(d.iterations - start, 0)
   state = res.state
+  ran = d.iterations > start
   spi = 1.0 / res.steps_per_sec if ran and np.isfinite(res.steps_per_sec) else None
-  stats = {"iterations": d.iterations, "iterations_this_run": ran, "resumed_from": start,
+  stats = {"iterations": d.iterations, "resumed_from": start,
            "skipped_updates": float(loop.host(state["counts"]["skipped"])),
            "spike_skips": float(loop.host(state["counts"]["spikes"])),
            "nonfinite_steps": int(loop.host(state["guard"]["bad"])),
-           "seconds_per_iteration": spi, "compile_seconds": res.compile_seconds,
-           "distill_seconds": time.time() - t0, "xla_temp_bytes": res.temp_bytes}
+           "seconds_per_iteration": spi, "compile_wall_s": res.compile_seconds,
+           "distill_wall_s": time.time() - t0, "xla_temp_bytes": res.temp_bytes}
   return state, stats
 
+
+# The distillation's per-step diagnostics that go to metrics.jsonl and TensorBoard only (the console line keeps the
+# matching loss, the step size α, the share of skipped updates, the window and the step rate).
+CONSOLE_EXCLUDE = r"^distill/(grad_norm(_[xy])?|grad_lr|nonfinite|spike|expert)$"
 
 EVAL_ARMS = ("distilled", "best", "initial", "images_only", "labels_only", "random", "full")
 
@@ -195,12 +214,13 @@ def cross_archs(config) -> tuple[str, ...]:
 
 
 def evaluate_set(config, data, x_syn, targets, lr: float, writer, *, ipc: int, syn0=None, step: int = 0,
-                 only_distilled: bool = False) -> dict:
+                 only_distilled: bool = False, workdir: str | None = None, stage: str = "eval") -> dict:
   """All evaluation arms of one synthetic set (images ``x_syn``, training targets ``targets``, step size ``lr``):
   ``distilled``; with ``syn0`` (its initial set) ``initial`` (``eval.init``) and the two cross-evaluations
   (``eval.cross``); ``random`` and ``full`` real-data references (``eval.random``/``eval.full``, ``ipc`` random
   images per class); and ``cross_arch`` (``eval.cross_arch``): the distilled set trained into other architectures
-  at the same step size, keyed by architecture. ``only_distilled``: the first arm alone."""
+  at the same step size, keyed by architecture. ``only_distilled``: the first arm alone. With ``workdir`` every arm
+  is the stage ``<stage>/<arm>`` of that run (a finished arm is read back, not trained again)."""
   v, d = config.eval, config.distill
   strategy = dsa.parse_strategy(config.data.dsa_strategy)
   c = data.num_classes
@@ -213,13 +233,18 @@ def evaluate_set(config, data, x_syn, targets, lr: float, writer, *, ipc: int, s
   t0 = time.time()
 
   def arm(key, x, y, arm_lr, what, *, model_cfg=None, epochs=None):
-    try:
-      accs = evaluate.train_and_test(seed, x, y, data.x_test_NHWC, data.y_test_N, epochs=epochs or v.epochs,
-                                     lr=arm_lr, desc=f"eval {what}", name=f"eval_{key}",
-                                     model_cfg=model_cfg or config.model, **common)
-    except ValueError as e:  # an architecture that cannot take these images (LeNet on 8×8 digits)
-      raise ConfigError(f"eval.cross_arch: {what}: {e}") from None
-    return evaluate.summarize(accs)
+    def train_and_test():
+      try:
+        accs = evaluate.train_and_test(seed, x, y, data.x_test_NHWC, data.y_test_N, epochs=epochs or v.epochs,
+                                       lr=arm_lr, desc=f"eval {what}", name=f"eval_{key}",
+                                       model_cfg=model_cfg or config.model, **common)
+      except ValueError as e:  # an architecture that cannot take these images (LeNet on 8×8 digits)
+        raise ConfigError(f"eval.cross_arch: {what}: {e}") from None
+      return evaluate.summarize(accs)
+
+    if workdir is None:
+      return train_and_test()
+    return stages.run_stage(workdir, f"{stage}/{key}", train_and_test, quiet=True)
 
   out["distilled"] = arm("distilled", x_syn, targets, lr, "distilled")
   if only_distilled:
@@ -242,15 +267,24 @@ def evaluate_set(config, data, x_syn, targets, lr: float, writer, *, ipc: int, s
   if archs:
     out["cross_arch"] = {a: arm(f"arch_{a}", x_syn, targets, lr, f"distilled on {a}",
                                 model_cfg=config.model if a == "convnet" else {"name": a}) for a in archs}
-  out["eval_seconds"] = time.time() - t0
+  out["eval_wall_s"] = time.time() - t0
   out["eval_lr_distilled"] = lr
-  scalars = {f"{k}_acc": r["mean"] for k, r in out.items() if isinstance(r, dict) and "mean" in r}
-  scalars.update({f"arch_{a}_acc": r["mean"] for a, r in out.get("cross_arch", {}).items()})
-  writer.summary(step, scalars, prefix="eval/")
+  accs = {k: r for k, r in out.items() if isinstance(r, dict) and "mean" in r}
+  accs.update({f"arch_{a}": r for a, r in out.get("cross_arch", {}).items()})
+  writer.scalars(step, {f"{k}_acc": r["mean"] for k, r in accs.items()}, prefix="eval/")
+  when = f"the set after {step} distillation iterations" if step else "the set"
+  print(f"datm: test accuracy in % (mean ± std over {v.num} networks) of {when}: "
+        + " | ".join(f"{k} {_pct(r)}" for k, r in accs.items()), flush=True)
   return out
 
 
-def run_eval(config, data, state, writer, syn0=None) -> dict:
+def _pct(ms: dict) -> str:
+  """``"94.1 ± 0.7"``: a mean ± std of accuracies in percent."""
+  std = "" if ms.get("std") is None else f" ± {100 * ms['std']:.1f}"
+  return f"{100 * ms['mean']:.1f}{std}"
+
+
+def run_eval(config, data, state, writer, syn0=None, workdir: str | None = None, stage: str = "eval") -> dict:
   """Distilled, random-real and full-data accuracies (mean ± std over ``eval.num`` networks) of the distillation
   state's set; with ``eval.init`` also the initial synthetic set (same labels/step-size protocol, before any image
   update), with ``eval.cross`` the two cross-evaluations that separate what the image and the label updates add:
@@ -261,7 +295,8 @@ def run_eval(config, data, state, writer, syn0=None) -> dict:
   x_syn = np.asarray(state["syn"]["x"])
   targets = np.asarray(D.targets_of(state["syn"]["y"], d.soft_labels))
   lr = float(D.lr_value(state["syn"]["lr"], d.lr_param))
-  return evaluate_set(config, data, x_syn, targets, lr, writer, ipc=d.ipc, syn0=syn0, step=d.iterations)
+  return evaluate_set(config, data, x_syn, targets, lr, writer, ipc=d.ipc, syn0=syn0, step=d.iterations,
+                      workdir=workdir, stage=stage)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic files
@@ -383,55 +418,71 @@ class BestKeeper:
         momentum=v.momentum, weight_decay=v.weight_decay, use_vmap=v.vmap, name="periodic_eval",
         desc=f"eval @ {step}")
     r = evaluate.summarize(accs)
+    std = float("nan") if r["std"] is None else r["std"]  # one network: no spread
     if r["mean"] > self.best["acc"]:
-      self.best = {"acc": r["mean"], "acc_std": r["std"], "step": int(step)}
-      save_synthetic(self.path, x, y, lr, self.y_int, soft_labels=d.soft_labels, acc=r["mean"], acc_std=r["std"],
+      self.best = {"acc": r["mean"], "acc_std": std, "step": int(step)}
+      save_synthetic(self.path, x, y, lr, self.y_int, soft_labels=d.soft_labels, acc=r["mean"], acc_std=std,
                      step=int(step), eval_nets=d.eval_nets, eval_epochs=d.eval_epochs)
-    return {"acc": r["mean"], "acc_std": r["std"], "best_acc": self.best["acc"], "best_step": self.best["step"]}
+    return {"acc": r["mean"], "acc_std": std, "best_acc": self.best["acc"], "best_step": self.best["step"]}
 
 
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-def _image_plots(workdir: str, data, x, y_int, *, ipc: int, name: str, title: str) -> None:
+def _image_plots(workdir: str, data, x, y_int, *, ipc: int, name: str, title: str, writer, step: int = 0) -> None:
   """``plots/<name>.png`` (one labelled row per class, each image stretched for display) and
-  ``plots/<name>_pixels.png`` (the same grid in pixel space: ZCA / normalisation undone, clipped to [0, 1])."""
+  ``plots/<name>_pixels.png`` (the same grid in pixel space: ZCA / normalisation undone, clipped to [0, 1]), both
+  also in TensorBoard."""
   show = min(ipc, 10)
   order = np.concatenate([np.flatnonzero(y_int == c)[:show] for c in range(data.num_classes)])
   # one row per class (IPC 1: one row of all classes)
   nrow = data.num_classes if show > 1 else 1
   labels = [str(c) for c in range(data.num_classes)] if show > 1 else None
   pixels = data.to_pixels(np.asarray(x)[order])
-  plots.image_grid(plot_path(workdir, name), pixels, nrow=nrow, title=title, row_labels=labels)
-  plots.pixel_grid(plot_path(workdir, f"{name}_pixels"), pixels, nrow=nrow)
+  writer.image(f"plots/{name}", plots.image_grid(plot_path(workdir, name), pixels, nrow=nrow, title=title,
+                                                 row_labels=labels), step)
+  writer.image(f"plots/{name}_pixels", plots.pixel_grid(plot_path(workdir, f"{name}_pixels"), pixels, nrow=nrow),
+               step)
 
 
-def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str) -> str:
-  """synthetic.npz, results.json and the PNGs; returns the results path."""
+def save_outputs(config, data, state, syn0, y_int, results: dict, workdir: str, writer) -> str:
+  """synthetic.npz, results.json and the PNGs (also in TensorBoard); returns the results path."""
   d = config.distill
   x = np.asarray(state["syn"]["x"])
   save_synthetic(os.path.join(workdir, "synthetic.npz"), x, np.asarray(state["syn"]["y"]),
                  float(D.lr_value(state["syn"]["lr"], d.lr_param)), y_int, soft_labels=d.soft_labels)
   path = write_results(workdir, results)
-  _image_plots(workdir, data, x, y_int, ipc=d.ipc, name="distilled_images", title=f"distilled, IPC {d.ipc}")
+  it = d.iterations
+  _image_plots(workdir, data, x, y_int, ipc=d.ipc, name="distilled_images", title=f"distilled, IPC {d.ipc}",
+               writer=writer, step=it)
   _image_plots(workdir, data, np.asarray(syn0["x"]), y_int, ipc=d.ipc, name="initial_images",
-               title=f"initial, IPC {d.ipc}")
+               title=f"initial, IPC {d.ipc}", writer=writer)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(jsonl):
-    plots.from_jsonl(jsonl, ["distill/loss"], plot_path(workdir, "distill_loss"), title="matching loss")
-    plots.from_jsonl(jsonl, ["distill/lr"], plot_path(workdir, "distill_lr"), title="learned step size α")
-    plots.from_jsonl(jsonl, ["distill/start_epoch", "distill/window_upper"], plot_path(workdir, "distill_window"),
-                     title="start epoch (mean over the log window) and window T⁺")
+    curves = [("distill_loss", ["distill/loss"], "matching loss"),
+              ("distill_lr", ["distill/lr"], "learned step size α"),
+              ("distill_window", ["distill/start_epoch", "distill/window_upper"],
+               "start epoch (mean over the log window) and window T⁺")]
     if d.eval_every:
-      plots.from_jsonl(jsonl, ["periodic_eval/acc", "periodic_eval/best_acc"], plot_path(workdir, "periodic_eval"),
-                       title=f"accuracy during distillation ({d.eval_nets} nets × {d.eval_epochs} epochs)")
+      curves.append(("periodic_eval", ["periodic_eval/acc", "periodic_eval/best_acc"],
+                     f"accuracy during distillation ({d.eval_nets} nets × {d.eval_epochs} epochs)"))
+    for name, keys, title in curves:
+      writer.image(f"plots/{name}", plots.from_jsonl(jsonl, keys, plot_path(workdir, name), title=title), it)
   return path
 
 
 def _arm_parts(results: dict) -> dict:
-  parts = {k: f"{results[k]['mean']:.4f}±{results[k]['std']:.4f}" for k in EVAL_ARMS if k in results}
-  parts.update({a: f"{r['mean']:.4f}" for a, r in results.get("cross_arch", {}).items()})
+  """``{arm: "94.1 ± 0.7"}``: each evaluation arm's test accuracy in percent."""
+  parts = {k: _pct(results[k]) for k in EVAL_ARMS if k in results}
+  parts.update({f"on {a}": _pct(r) for a, r in results.get("cross_arch", {}).items()})
   return parts
+
+
+def eval_stage(config) -> str:
+  """The stage name of the evaluation arms: the distilled iterations and a fingerprint of ``config.eval`` (a
+  resume that asks for more iterations or changes how the evaluation runs measures the arms again)."""
+  key = json.dumps(jsonable(config.eval), sort_keys=True).encode()
+  return f"eval/it{config.distill.iterations}-{hashlib.sha256(key).hexdigest()[:8]}"
 
 
 def run_evaluate(config, workdir: str) -> dict:
@@ -449,22 +500,23 @@ def run_evaluate(config, workdir: str) -> dict:
   writer = metrics.Writer(workdir, total_steps=1)
   try:
     targets = np.asarray(D.targets_of(jnp.asarray(syn["y"]), syn["soft_labels"]))
-    evals = evaluate_set(config, data, syn["x"], targets, syn["lr"], writer, ipc=ipc)
+    evals = evaluate_set(config, data, syn["x"], targets, syn["lr"], writer, ipc=ipc, workdir=workdir,
+                         stage=eval_stage(config))
     results = {
         "method": "datm_evaluate", "variant": config.variant, "synthetic": os.path.abspath(config.synthetic),
         "seed": config.seed, "dataset": data.name, "ipc": ipc, "images_per_class": counts.tolist(),
         "num_images": int(len(syn["x"])), "soft_labels": syn["soft_labels"], "image_shape": list(data.image_shape),
         "model": dict(config.model), **{k: evals[k] for k in EVAL_ARMS if k in evals},
         **({"cross_arch": evals["cross_arch"]} if "cross_arch" in evals else {}),
-        "eval_lr": syn["lr"], "eval_seconds": evals["eval_seconds"], "eval_nets": config.eval.num,
+        "eval_lr": syn["lr"], "eval_wall_s": evals["eval_wall_s"], "eval_nets": config.eval.num,
         "eval_epochs": config.eval.epochs, "device": str(jax.devices()[0].device_kind),
-        "total_seconds": time.time() - t_start, "config": config,
+        "wall_s": time.time() - t_start, "config": config,
     }
     path = write_results(workdir, results)
     _image_plots(workdir, data, syn["x"], syn["labels"], ipc=ipc, name="synthetic_images",
-                 title=f"{os.path.basename(config.synthetic)}, IPC {ipc}")
-    summary_line(f"DATM evaluate {data.name} IPC {ipc}", {**_arm_parts(results), "total s": results["total_seconds"]},
-                 path)
+                 title=f"{os.path.basename(config.synthetic)}, IPC {ipc}", writer=writer)
+    summary_line(f"DATM evaluate {data.name} IPC {ipc}, test accuracy %",
+                 {**_arm_parts(results), "wall s": round(results["wall_s"])}, path)
     return json.loads(json.dumps(jsonable(results)))
   finally:
     writer.close()
@@ -482,7 +534,7 @@ def run(config, workdir: str) -> dict:
   # A buffer named by experts.dir is read and checked before the first output is written: a mismatched or
   # unreadable one stops the run with the workdir as it was (the launcher then removes one it made).
   buf = get_experts(config, data, workdir, writer=None) if config.experts.dir else None
-  writer = metrics.Writer(workdir, total_steps=config.distill.iterations)
+  writer = metrics.Writer(workdir, total_steps=config.distill.iterations, console_exclude=CONSOLE_EXCLUDE)
   try:
     buf = buf or get_experts(config, data, workdir, writer)
     experts_s = time.time() - t0
@@ -491,7 +543,8 @@ def run(config, workdir: str) -> dict:
     keeper = BestKeeper(config, data, y_int, workdir) if d.eval_every else None
     hooks = [loop.every(d.eval_every, keeper, name="periodic_eval")] if keeper else []
     state, stats = distill_loop(config, buf, syn0, workdir, writer, hooks=hooks)
-    evals = run_eval(config, data, state, writer, syn0)
+    stage = eval_stage(config)
+    evals = run_eval(config, data, state, writer, syn0, workdir=workdir, stage=stage)
     best = None
     if keeper is not None and keeper.best["step"] >= 0:
       best = {"step": keeper.best["step"], "acc": keeper.best["acc"], "acc_std": keeper.best["acc_std"],
@@ -502,8 +555,8 @@ def run(config, workdir: str) -> dict:
         z = load_synthetic(keeper.path, data, soft_labels_default=d.soft_labels)
         evals["best"] = evaluate_set(config, data, z["x"], np.asarray(D.targets_of(jnp.asarray(z["y"]),
                                                                                  d.soft_labels)),
-                                     z["lr"], writer, ipc=d.ipc, step=keeper.best["step"],
-                                     only_distilled=True)["distilled"]
+                                     z["lr"], writer, ipc=d.ipc, step=keeper.best["step"], only_distilled=True,
+                                     workdir=workdir, stage=f"{stage}/best")["distilled"]
     results = {
         "method": "mtt" if not config.distill.soft_labels else "datm", "variant": config.variant,
         "seed": config.seed, "dataset": data.name, "ipc": config.distill.ipc, "image_shape": list(data.image_shape),
@@ -513,22 +566,22 @@ def run(config, workdir: str) -> dict:
         **({"cross_arch": evals["cross_arch"]} if "cross_arch" in evals else {}),
         **({"best_during_distill": best} if best else {}),
         "learned_lr": evals["eval_lr_distilled"], **stats,
-        "experts": {"num": buf.num_experts, "epochs": buf.num_epochs, "seconds_this_run": experts_s,
+        "experts": {"num": buf.num_experts, "epochs": buf.num_epochs,
                     "final_test_acc_mean": float(np.mean(buf.meta.get("final_test_acc", [float("nan")])))},
-        "eval_seconds": evals["eval_seconds"], "eval_nets": config.eval.num, "eval_epochs": config.eval.epochs,
-        "full_epochs": config.eval.full_epochs,
+        "experts_wall_s": experts_s, "eval_wall_s": evals["eval_wall_s"], "eval_nets": config.eval.num,
+        "eval_epochs": config.eval.epochs, "full_epochs": config.eval.full_epochs,
         "peak_rss_bytes": _peak_rss_bytes(), "device_peak_bytes": _device_peak_bytes(),
-        "device": str(jax.devices()[0].device_kind), "total_seconds": time.time() - t_start,
+        "device": str(jax.devices()[0].device_kind), "wall_s": time.time() - t_start,
         "config": config,
     }
-    path = save_outputs(config, data, state, syn0, y_int, results, workdir)
-    parts = _arm_parts(results)
-    summary_line(f"DATM {data.name} IPC {config.distill.ipc}",
-                 {**parts, "s/it": results["seconds_per_iteration"] or 0.0, "compile s": results["compile_seconds"],
-                  "total s": results["total_seconds"]}, path)
+    path = save_outputs(config, data, state, syn0, y_int, results, workdir, writer)
+    spi = results["seconds_per_iteration"]
+    summary_line(f"DATM {data.name} IPC {config.distill.ipc}, test accuracy %",
+                 {**_arm_parts(results), "s per iteration": round(spi, 3) if spi else "n/a",
+                  "compile s": round(results["compile_wall_s"]), "wall s": round(results["wall_s"])}, path)
     return json.loads(json.dumps(jsonable(results)))
   finally:
     writer.close()
 
 
-__all__ = ["run", "specs", "run_evaluate", "load_synthetic", "BestKeeper"]
+__all__ = ["run", "validate", "specs", "run_evaluate", "load_synthetic", "BestKeeper", "STEPS_FIELD", "SAFE_TO_CHANGE"]

@@ -1,12 +1,15 @@
 """LET driver: a frozen teacher's late features align an early student layer during steps [0, S_stop), then CE.
 
-Stages (see ``configs/let.py``): the teacher (pretrained in-process as an ``lm`` run in ``<workdir>/teacher``,
-restored params-only from another lmx run, or read from a Hugging Face checkpoint), frozen and passed to the loop
-as a frozen input; then two compiled steps on one train state and one data stream: the LET step
-(CE + λ(s)·align, the teacher's forward inside jit) up to S_stop, and the plain CE step (no teacher) after it.
-Both phases share the workdir's checkpoints, so a resumed run continues in whichever phase it stopped.
-results.json reports each phase's steps/s (the teacher's forward is the difference). The CE phase starts by
-restoring the LET phase's checkpoint at S_stop, so its log shows ``resumed_from_step=S_stop`` by design.
+The run's stages (see ``configs/let.py``), each a resumable stage of the one workdir (:mod:`lmx.core.stages`):
+  ``teacher``   pretrained in-process as an ``lm`` training (``teacher.source='pretrain'``; its checkpoints in
+                ``checkpoints/teacher/``), or restored params-only from another lmx run, or read from a Hugging Face
+                checkpoint; frozen and passed to the loop as a frozen input;
+  ``baseline``  with ``let.with_baseline``: the same student, seed and data order with λ0 = 0;
+  ``let``       the LET student.
+A student stage has two phases on one train state and one data stream (``checkpoints/<stage>/``): ``<stage>/align``
+runs the LET step (CE + λ(s)·align, the teacher's forward inside jit) up to S_stop, ``<stage>/ce`` the plain CE step
+(no teacher, a second compiled step) from the alignment phase's last checkpoint to the end. results.json reports
+each phase's steps/s (the teacher's forward is the difference) and the comparison with the baseline.
 
 A teacher read from disk (``teacher.hf_path``, or ``teacher.workdir``'s newest checkpoint) is fingerprinted when
 the run starts (``<workdir>/teacher_fingerprint.json``: each file's size, time and a hash); a resume whose teacher
@@ -21,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 
 import grain
 import jax
@@ -29,7 +33,8 @@ import ml_collections
 import numpy as np
 
 from lmx.core import data as data_lib
-from lmx.core import loop, mesh as mesh_lib, plots
+from lmx.core import loop, mesh as mesh_lib, plots, stages
+from lmx.core import metrics as metrics_lib
 from lmx.core import optim as optim_lib
 from lmx.core import workdir as wd
 from lmx.core.config import ConfigError, check_keys, require
@@ -38,13 +43,13 @@ from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.datasets import text
-from lmx.methods.let import losses
+from lmx.methods.let import compare, losses
 from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
-from lmx.train.lm import heldout_eval, load_base, stage_config
+from lmx.train.lm import heldout_eval, load_base, run_checkpoints, stage_config, unprefixed
 
 CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "teacher", "let", "optim",
-                 "train")
+                 "train", "compare")
 LM_DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "split", "split_seed", "shuffle_seed",
                   "worker_count")
 # data.source='tfds': a prepared tfds text data set (lmx.datasets.tfds_text), tokenized by ``data.tokenizer`` (''
@@ -59,7 +64,8 @@ LET_FIELDS = ("student_layer", "teacher_layer", "lam0", "s_stop", "s_stop_fracti
 SCHEDULES = ("linear", "constant")
 TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "ckpt_keep",
                 "async_checkpointing", "plot")
-STEPS_FIELD = "train.steps"
+# S_stop, the lr schedule and the finished stages are tied to train.steps: a finished run is not continued
+STEPS_FIELD = None
 SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                   "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*", "axis_rules",
                   "model.attention_impl", "model.remat")
@@ -90,7 +96,7 @@ def teacher_model(config):
     raise FileNotFoundError(f"teacher.workdir={t.workdir!r} has no checkpoints/; name the workdir of an lmx run")
   from lmx.core.checkpoint import Checkpointer
 
-  with Checkpointer(os.path.join(t.workdir, "checkpoints"), async_save=False) as ckpt:
+  with Checkpointer(run_checkpoints(t.workdir, "teacher"), async_save=False) as ckpt:
     steps = ckpt.all_steps()
     raw = ckpt.restore_config(steps[-1]) if steps else None
   if raw is None:
@@ -105,6 +111,8 @@ def validate(config, *, check_teacher_source: bool = True):
   check_keys(config.teacher, "teacher", TEACHER_FIELDS)
   check_keys(config.let, "let", LET_FIELDS)
   check_keys(config.train, "train", TRAIN_FIELDS)
+  check_keys(config.compare, "compare", ("seeds", "arms"))
+  compare.validate_block(config.compare)
   d, t, lc = config.data, config.teacher, config.let
   require(d.source in DATA_SOURCES, "data.source", f"must be one of {list(DATA_SOURCES)}, got {d.source!r}")
   if d.source == "embedded":
@@ -243,11 +251,12 @@ def teacher_lm_config(config):
                       seed=config.seed)
 
 
-def load_teacher(config, workdir: str, mesh):
-  """``(teacher Model, params on mesh, info dict)`` by ``teacher.source``."""
+def load_teacher(config, workdir: str, mesh, writer):
+  """``(teacher Model, params on mesh, info dict)`` by ``teacher.source`` (``'pretrain'``: the stage ``teacher``
+  of the run in ``workdir``, logging to ``writer``)."""
   t = config.teacher
   model, params, info = load_base(
-      t.source, mesh=mesh, axis_rules=config.axis_rules, workdir=os.path.join(workdir, "teacher"),
+      t.source, mesh=mesh, axis_rules=config.axis_rules, workdir=workdir, writer=writer,
       stage=teacher_lm_config(config) if t.source == "pretrain" else None, run_dir=t.workdir,
       model=teacher_model(config) if t.source == "hf" else None, seed=config.seed, name="teacher")
   if t.source == "hf":
@@ -398,119 +407,153 @@ def make_data(config, batch_sharding, n_eval_windows: int, *, vocab_size: int):
 # ------------------------------------------------------------------------------------------ the run
 
 
-def baseline_config(config, teacher_info: dict):
+def baseline_config(config):
   """The paired baseline of a run: the same config, seed and data order with λ0 = 0 (same steps, same teacher
-  input, so its step time is comparable), reading the teacher the run trained or restored."""
+  input, so its step time is comparable)."""
   c = copy.deepcopy(config)
   c.let.lam0, c.let.with_baseline = 0.0, False
-  if teacher_info["source"] == "pretrain":
-    c.teacher.source, c.teacher.workdir = "run", teacher_info["workdir"]
   return c
 
 
-def vs_baseline(config, workdir: str, base_dir: str) -> dict:
-  """This run's validation curve against its paired baseline's: both final CEs, the steps this run needs to reach
-  the baseline's final CE and the speedup (lmx.methods.let.compare.summarize), plus a two-curve plot."""
-  from lmx.methods.let import compare
+def train_student(config, workdir: str, name: str, *, student, teacher, teacher_params, mesh, writer) -> dict:
+  """The student of ``config`` trained as the stage ``name`` of the run in ``workdir``: the phases
+  ``<name>/align`` (steps [0, S_stop), the LET step with the frozen teacher) and ``<name>/ce`` (plain CE to the
+  end) on one train state and data stream, checkpoints in ``checkpoints/<name>/``, scalars under ``<name>/`` and
+  the held-out CE under ``<name>/eval/``. Returns each phase's outputs (finished phases are read back) and the
+  validation curve ``eval_steps``/``eval_ce``."""
+  d, t = config.data, config.train
+  divisor = mesh_lib.batch_size_divisor(mesh, config.axis_rules)
+  bsh = mesh_lib.batch_sharding(mesh, config.axis_rules)
+  n_windows = t.eval_batches * d.global_batch
+  batches, eval_src, _ = make_data(config, bsh, n_windows, vocab_size=student.cfg.vocab_size)
+  let_step, ce_step, init_fn, shardings = make_steps(config, student, teacher, mesh)
+  evaluate = heldout_eval(student, eval_src, n_windows=n_windows, divisor=divisor, batch_sharding=bsh)
+  common = dict(writer=writer, init_fn=init_fn, state_shardings=shardings, mesh=mesh, seed=config.seed,
+                data=batches, config=config, hooks=[loop.every(t.eval_every, evaluate, name=f"{name}/eval")],
+                log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
+                async_checkpointing=t.async_checkpointing, items_per_step=d.global_batch * d.seq_len)
+  stop = s_stop(config)
 
-  curves = {"baseline": compare.eval_curve(base_dir), "let": compare.eval_curve(workdir)}
-  table = compare.summarize({config.seed: curves}, ("baseline", "let"), int(config.train.steps))
-  row = table["per_seed"][str(config.seed)]
-  out = {"workdir": base_dir, "baseline_final_eval_ce": row["baseline"]["final_eval_ce"],
-         "let_final_eval_ce": row["let"]["final_eval_ce"], "steps_to_baseline_final":
-         row["let"]["steps_to_baseline_final"], "speedup": row["let"]["speedup"]}
-  if jax.process_index() == 0 and config.train.plot:
-    plots.curves(plot_path(workdir, "vs_baseline"), {k: tuple(map(list, v)) for k, v in curves.items()},
-                 title=f"LET vs baseline (λ0 = 0), seed {config.seed}: validation CE")
+  def phase(step_fn, total: int, what: str, frozen=None):
+    def fn() -> dict:
+      res = stages.train(workdir, name, total_steps=total, step_fn=step_fn, frozen=frozen, desc=f"{name} ({what})",
+                         **common)
+      return {"steps_per_sec": res.steps_per_sec, "compile_wall_s": res.compile_seconds,
+              "final_train": unprefixed(res.last_metrics, f"{name}/"),
+              "final_eval": unprefixed(res.hook_metrics.get(f"{name}/eval", {}), f"{name}/eval/")}
+    return fn
+
+  out = {"align": stages.run_stage(workdir, f"{name}/align", phase(let_step, stop, "with the teacher",
+                                                                     {"teacher": teacher_params}))}
+  if stop < t.steps:
+    out["ce"] = stages.run_stage(workdir, f"{name}/ce", phase(ce_step, t.steps, "CE only"))
+  steps, ce = metrics_lib.curves(os.path.join(workdir, "metrics.jsonl"), prefix=f"{name}/eval/")["ce"]
+  out["eval_steps"], out["eval_ce"] = [int(x) for x in steps], [float(x) for x in ce]
   return out
 
 
+def vs_baseline(config, workdir: str, base: dict, student: dict, writer) -> dict:
+  """This run's validation curve against its paired baseline's: both final CEs, the steps this run needs to reach
+  the baseline's final CE and the speedup (lmx.methods.let.compare.summarize), plus a two-curve plot."""
+  curves = {arm: (np.asarray(r["eval_steps"]), np.asarray(r["eval_ce"])) for arm, r in
+            (("baseline", base), ("let", student))}
+  table = compare.summarize({config.seed: curves}, ("baseline", "let"), int(config.train.steps))
+  row = table["per_seed"][str(config.seed)]
+  out = {"baseline_final_eval_ce": row["baseline"]["final_eval_ce"],
+         "let_final_eval_ce": row["let"]["final_eval_ce"], "steps_to_baseline_final":
+         row["let"]["steps_to_baseline_final"], "speedup": row["let"]["speedup"]}
+  if jax.process_index() == 0 and config.train.plot:
+    png = plots.curves(plot_path(workdir, "vs_baseline"), {k: tuple(map(list, v)) for k, v in curves.items()},
+                       title=f"LET vs baseline (λ0 = 0), seed {config.seed}: validation CE")
+    writer.image("plots/vs_baseline", png, int(config.train.steps))
+  return out
+
+
+def teacher_step_time_overhead(student: dict) -> float | None:
+  """(CE-only steps/s) / (LET steps/s) − 1: the teacher forward's share of a LET step, in this run."""
+  a, c = student["align"].get("steps_per_sec"), student.get("ce", {}).get("steps_per_sec")
+  ok = a and c and np.isfinite(a) and np.isfinite(c)
+  return float(c / a - 1.0) if ok else None
+
+
 def run(config, workdir: str) -> dict:
+  t_start = time.time()
   student, _ = validate(config, check_teacher_source=False)
-  d = config.data
+  d, t = config.data, config.train
   require(d.source == "embedded" or config.teacher.source != "pretrain", "teacher.source",
           "'pretrain' trains the teacher on the embedded corpus; with data.source='tfds' name a trained teacher "
           "(teacher.source='run' or 'hf')")
   mesh = mesh_lib.make_mesh(config.mesh)
   student.cfg.check_mesh(dict(mesh.shape))
-  rules = config.axis_rules
-  divisor = mesh_lib.batch_size_divisor(mesh, rules)
+  divisor = mesh_lib.batch_size_divisor(mesh, config.axis_rules)
   require(d.global_batch % divisor == 0, "data.global_batch",
           f"{d.global_batch} must be divisible by the batch mesh axes' size {divisor}")
   os.makedirs(workdir, exist_ok=True)
   fingerprint = check_teacher(config, workdir)  # new weights at the same teacher path must not resume silently
-  teacher, teacher_params, teacher_info = load_teacher(config, workdir, mesh)
-  validate(config)  # the teacher's layer, vocabulary and length against the student, now that it exists
-  base_dir = os.path.join(workdir, "baseline")
-  if config.let.with_baseline and not os.path.exists(os.path.join(base_dir, "results.json")):
-    print(f"let: first the paired baseline (lambda0 = 0, same seed and data order) in {base_dir}", flush=True)
-    run(baseline_config(config, teacher_info), base_dir)
-
-  bsh = mesh_lib.batch_sharding(mesh, rules)
-  n_windows = config.train.eval_batches * d.global_batch
-  batches, eval_src, split_info = make_data(config, bsh, n_windows, vocab_size=student.cfg.vocab_size)
-  let_step, ce_step, init_fn, shardings = make_steps(config, student, teacher, mesh)
-
-  evaluate = heldout_eval(student, eval_src, n_windows=n_windows, divisor=divisor, batch_sharding=bsh)
-  teacher_eval_ce = heldout_eval(teacher, eval_src, n_windows=n_windows, divisor=divisor,
-                                 batch_sharding=bsh).ce(teacher_params)
-  writer = Writer(workdir, total_steps=config.train.steps)
-  n_params, n_teacher = num_params(student.abstract_params()), num_params(teacher_params)
-  writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))
-  stop, t = s_stop(config), config.train
-  print(f"let: student {n_params:,} params, teacher {n_teacher:,} ({teacher_info['source']}, eval CE "
-        f"{teacher_eval_ce}), student block {config.let.student_layer} <- teacher layer "
-        f"{config.let.teacher_layer} ({config.let.align}), lambda0 {config.let.lam0}, S_stop {stop}/{t.steps}, "
-        f"workdir {workdir}", flush=True)
-  common = dict(init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=workdir, seed=config.seed,
-                data=batches, config=config, writer=writer, hooks=[loop.every(t.eval_every, evaluate, name="eval")],
-                log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
-                async_checkpointing=t.async_checkpointing, items_per_step=d.global_batch * d.seq_len)
-  phases = {}
   record_teacher(workdir, fingerprint)
+  writer = Writer(workdir, total_steps=t.steps)
   try:
-    done = wd.newest_checkpoint_step(workdir) or 0
-    if done < stop:  # phase 1: CE + λ(s)·align, the teacher's forward in the step
-      res = loop.train(step_fn=let_step, frozen={"teacher": teacher_params}, total_steps=stop,
-                       desc="let (teacher)", **common)
-      phases["let"] = res
-    if stop < t.steps:  # phase 2: plain CE, no teacher
-      res = loop.train(step_fn=ce_step, total_steps=t.steps, desc="let (ce only)", **common)
-      phases["ce"] = res
+    writer.text("config", config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else str(config))
+    if config.compare.seeds:
+      results = {**compare.compare(config, workdir, mesh=mesh, writer=writer), "wall_s": time.time() - t_start}
+      path = write_results(workdir, results)
+      summary_line("let comparison, final held-out CE minus the paired baseline's (nats/byte)",
+                   {arm: stages.fmt_mean_std(m["delta_final_eval_ce"], digits=4)
+                    for arm, m in results.get("table", {}).get("mean", {}).items() if "delta_final_eval_ce" in m},
+                   path)
+      return results
+    results = single_run(config, workdir, student=student, mesh=mesh, writer=writer)
+    results["wall_s"] = time.time() - t_start
+    path = write_results(workdir, results)
   finally:
     writer.close()
-  last = phases.get("ce") or phases.get("let")
+  vb = results.get("vs_baseline", {})
+  summary_line("let", {"held-out CE": results["final_eval"].get("ce"), "baseline's": vb.get("baseline_final_eval_ce"),
+                       "speedup": vb.get("speedup"), "teacher's": results["teacher"]["eval_ce"],
+                       "LET steps/s": results["phases"]["align"].get("steps_per_sec"),
+                       "CE steps/s": results["phases"]["ce"].get("steps_per_sec")}, path)
+  return results
+
+
+def single_run(config, workdir: str, *, student, mesh, writer) -> dict:
+  """The stages of one LET run (teacher, baseline, LET student) and its plots; returns the results."""
+  d, t = config.data, config.train
+  divisor = mesh_lib.batch_size_divisor(mesh, config.axis_rules)
+  bsh = mesh_lib.batch_sharding(mesh, config.axis_rules)
+  teacher, teacher_params, teacher_info = load_teacher(config, workdir, mesh, writer)
+  validate(config)  # the teacher's layer, vocabulary and length against the student, now that it exists
+  n_windows = t.eval_batches * d.global_batch
+  _, eval_src, split_info = make_data(config, bsh, n_windows, vocab_size=student.cfg.vocab_size)
+  teacher_eval_ce = heldout_eval(teacher, eval_src, n_windows=n_windows, divisor=divisor,
+                                 batch_sharding=bsh).ce(teacher_params)
+  n_params, n_teacher = num_params(student.abstract_params()), num_params(teacher_params)
+  stop = s_stop(config)
+  ce_text = "n/a" if teacher_eval_ce is None else f"{teacher_eval_ce:.3f}"
+  print(f"let: student {n_params:,} params, teacher {n_teacher:,} ({teacher_info['source']}, held-out CE "
+        f"{ce_text} nats/byte); student block {config.let.student_layer} aligned to teacher layer "
+        f"{config.let.teacher_layer} ({config.let.align}), lambda0 {config.let.lam0:g}, S_stop {stop} of {t.steps} "
+        f"steps; workdir {workdir}", flush=True)
+  kw = dict(student=student, teacher=teacher, teacher_params=teacher_params, mesh=mesh, writer=writer)
+  base = train_student(baseline_config(config), workdir, "baseline", **kw) if config.let.with_baseline else None
+  res = train_student(config, workdir, "let", **kw)
+  last = res.get("ce") or res["align"]
 
   def phase_info(name, first, end):
-    r = phases.get(name)
-    if r is None:
-      return {"steps": [first, end], "ran": False}
-    return {"steps": [first, end], "ran": True, "steps_per_sec": r.steps_per_sec,
-            "compile_seconds": r.compile_seconds, "resumed_from": r.resumed_from, "last_train": r.last_metrics}
+    r = res.get(name)
+    return {"steps": [first, end], "ran": r is not None,
+            **({k: r[k] for k in ("steps_per_sec", "compile_wall_s", "final_train")} if r else {})}
 
-  let_ph, ce_ph = phase_info("let", 0, stop), phase_info("ce", stop, t.steps)
-  sps_let, sps_ce = let_ph.get("steps_per_sec"), ce_ph.get("steps_per_sec")
-  overhead = (sps_ce / sps_let - 1.0) if (sps_let and sps_ce and np.isfinite(sps_let) and np.isfinite(sps_ce)) \
-      else None
   results = {
       "method": "let", "variant": config.variant, "params": n_params, "teacher_params": n_teacher,
       "teacher": {**teacher_info, "eval_ce": teacher_eval_ce}, "steps": t.steps, "s_stop": stop,
-      "let": config.let.to_dict(),
-      "final_train": last.last_metrics if last else {},
-      "final_eval": (last.hook_metrics.get("eval", {}) if last else {}),
-      "phases": {"let": let_ph, "ce": ce_ph},
-      # (CE-only steps/s) / (LET steps/s) − 1: the teacher forward's share of a LET step, as measured here
-      "teacher_step_overhead": overhead,
-      "data_split": split_info,
+      "let": config.let.to_dict(), "final_train": last["final_train"], "final_eval": last["final_eval"],
+      "phases": {"align": phase_info("align", 0, stop), "ce": phase_info("ce", stop, t.steps)},
+      "teacher_step_time_overhead": teacher_step_time_overhead(res), "data_split": split_info,
   }
-  if config.let.with_baseline:
-    results["vs_baseline"] = vs_baseline(config, workdir, base_dir)
-  path = write_results(workdir, results)
+  if base is not None:
+    results["vs_baseline"] = vs_baseline(config, workdir, base, res, writer)
   if jax.process_index() == 0 and t.plot:
-    plots.from_jsonl(os.path.join(workdir, "metrics.jsonl"), ["train/ce", "eval/ce", "train/align"],
-                     plot_path(workdir, "loss"), title=f"let {config.variant or 'default'}")
-  vb = results.get("vs_baseline", {})
-  summary_line("let", {"eval ce": results["final_eval"].get("eval/ce"), "baseline eval ce":
-                       vb.get("baseline_final_eval_ce"), "speedup": vb.get("speedup"),
-                       "teacher eval ce": teacher_eval_ce, "LET steps/s": sps_let, "CE steps/s": sps_ce}, path)
+    png = plots.from_jsonl(os.path.join(workdir, "metrics.jsonl"), ["let/ce", "let/eval/ce", "let/align"],
+                           plot_path(workdir, "loss"), title=f"let {config.variant or 'default'}")
+    writer.image("plots/loss", png, t.steps)
   return results

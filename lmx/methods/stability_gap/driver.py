@@ -1,35 +1,35 @@
 """Stability-gap driver: a base LM on a general corpus, then continual pretraining on a domain with four data
 strategies at one token budget, each evaluated every few steps (domain / general loss, probes, weight updates).
 
-Stages (see ``configs/stability_gap.py``):
+The run (see ``configs/stability_gap.py``), its training stages resumable stages of the one workdir
+(:mod:`lmx.core.stages`):
   1. corpora: the general corpus (stdlib docstrings) and the domain corpus (licence texts), each split by
      document into train / validation (``lmx.datasets.text.split_documents``); size and content hash recorded;
-  2. the base: an ``lm`` run on the general train split in ``<workdir>/base`` (``base.source='pretrain'``) or the
-     run in ``base.workdir`` (``'run'``), restored params-only (``load_run``);
+  2. the stage ``base``: an ``lm`` training on the general train split (``base.source='pretrain'``; checkpoints in
+     ``checkpoints/base/``) or the run in ``base.workdir`` (``'run'``), restored params-only (``load_run``);
   3. the n-gram quality filter (:mod:`.ngram`) fit on the general train documents ranks the domain documents;
      the lowest-perplexity 1/E (in windows) is the hq subset;
-  4. per seed and strategy (:mod:`.data`): a loop run in ``<workdir>/<strategy>-s<seed>`` from the base params
-     with a fresh AdamW (lr re-warmup, then cosine), ``steps`` = one epoch of all domain windows for everyone;
-     the eval hook every ``train.eval_every`` steps (and at step 0, the base) logs ``eval/domain_ce``,
-     ``eval/general_ce``, the probes (:mod:`.probe`) and the relative weight update (:mod:`.weights`);
+  4. a sweep of one stage ``<strategy>/s<seed>`` per seed and strategy (:mod:`.data`): continual pretraining from
+     the base params with a fresh AdamW (lr re-warmup, then cosine), ``steps`` = one epoch of all domain windows for
+     everyone; the eval hook every ``train.eval_every`` steps (and at step 0, the base) logs
+     ``<stage>/eval/domain_ce``, ``general_ce``, the probes (:mod:`.probe`) and the relative weight update
+     (:mod:`.weights`); results.json is rewritten after each stage;
   5. per strategy: max drop / recovery / final values (:mod:`.report`), mean ± std over seeds, the reduction of
-     the max general-loss rise versus ``full``, curves PNGs and ``results.json``.
-
-Runs already finished in the workdir (their ``results.json``) are reused, so a rerun adds seeds or strategies.
+     the max general-loss rise versus ``full``, curve PNGs and ``results.json``.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from lmx.core import data as data_lib
 from lmx.core import workdir as wd
-from lmx.core import loop, mesh as mesh_lib, plots
+from lmx.core import loop, mesh as mesh_lib, plots, stages
 from lmx.core import optim as optim_lib
 from lmx.core.config import ConfigError, check_keys, require
 from lmx.core import metrics as metrics_lib
@@ -39,16 +39,14 @@ from lmx.core.results import plot_path, summary_line, write_results
 from lmx.datasets import text
 from lmx.methods.stability_gap import data as sg_data
 from lmx.methods.stability_gap import ngram, probe as probe_lib, report, weights
-from lmx.train.lm import heldout_eval, lm_loss, load_base as load_lm, stage_config
+from lmx.train.lm import heldout_eval, lm_loss, load_base as load_lm, stage_config, unprefixed
 from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "base", "data", "ngram", "strategies",
                  "optim", "probe", "weights", "train")
-DATA_FIELDS = ("source", "general", "domain", "tfds_general", "tfds_domain", "min_domain_chars", "max_domain_chars",
-               "seq_len",
-               "global_batch", "eval_fraction", "split_seed", "worker_count")
-DATA_SOURCES = ("embedded", "tfds")
+DATA_FIELDS = ("general", "domain", "min_domain_chars", "max_domain_chars", "seq_len", "global_batch", "eval_fraction",
+               "split_seed", "worker_count")
 BASE_FIELDS = ("source", "workdir", "steps", "model", "optim")
 BASE_SOURCES = ("pretrain", "run")
 NGRAM_FIELDS = ("order", "add_k")
@@ -59,7 +57,7 @@ TRAIN_FIELDS = ("warmup_ratio", "log_every", "eval_every", "eval_batches", "ckpt
                 "plot")
 STEPS_FIELD = None  # the step count follows from the domain corpus (one epoch of it), not from a field
 # Fields a resume may change. Not seeds or strategies.names: the launcher treats a finished workdir as done, so
-# more seeds go to a new workdir (with base.source='run' and base.workdir=<old workdir>/base to reuse the base).
+# more seeds go to a new workdir (with base.source='run' and base.workdir=<old workdir> to reuse its base).
 SAFE_TO_CHANGE = ("train.log_every", "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*",
                   "axis_rules", "base.model.attention_impl", "base.model.remat")
 CURVES = {  # metric -> higher is better
@@ -76,14 +74,9 @@ def validate(config):
                        ("train", TRAIN_FIELDS)):
     check_keys(config[name], name, fields)
   d, b, s, p = config.data, config.base, config.strategies, config.probe
-  require(d.source in DATA_SOURCES, "data.source", f"must be one of {list(DATA_SOURCES)}, got {d.source!r}")
-  if d.source == "embedded":
-    for f in ("general", "domain"):
-      require(d[f] in text.CORPORA, f"data.{f}", f"{d[f]!r} is not an embedded corpus; valid: {sorted(text.CORPORA)}")
-    require(d.general != d.domain, "data.domain", f"must differ from data.general ({d.general!r})")
-  else:
-    for f in ("tfds_general", "tfds_domain"):
-      require(bool(d[f]), f"data.{f}", "is required for data.source='tfds'")
+  for f in ("general", "domain"):
+    require(d[f] in text.CORPORA, f"data.{f}", f"{d[f]!r} is not an embedded corpus; valid: {sorted(text.CORPORA)}")
+  require(d.general != d.domain, "data.domain", f"must differ from data.general ({d.general!r})")
   require(isinstance(d.max_domain_chars, int) and d.max_domain_chars >= 0, "data.max_domain_chars",
           f"must be an integer >= 0 (0: the whole corpus), got {d.max_domain_chars!r}")
   for f in ("seq_len", "global_batch", "min_domain_chars"):
@@ -194,16 +187,18 @@ def base_lm_config(config):
                       steps=config.base.steps, seed=config.seed)
 
 
-def load_base(config, workdir: str, mesh):
-  """``(model, params, info)``: pretrained in ``<workdir>/base`` (reused when finished) or read from a run."""
+def load_base(config, workdir: str, mesh, writer):
+  """``(model, params, info)``: pretrained as the stage ``base`` of the run in ``workdir`` (skipped when finished)
+  or read from the run in ``base.workdir``."""
   b = config.base
   model, params, info = load_lm(b.source, mesh=mesh, axis_rules=config.axis_rules,
                                 stage=base_lm_config(config) if b.source == "pretrain" else None,
-                                workdir=os.path.join(workdir, "base"), run_dir=b.workdir)
-  bdir = info["workdir"]
+                                workdir=workdir, writer=writer, run_dir=b.workdir)
+  bdir = info.get("workdir", workdir)
   if b.source == "run":
     base_cfg = wd.saved_config(bdir) or {}
-    corpus = base_cfg.get("data", {}).get("corpus", config.data.general)
+    data_cfg = base_cfg.get("data", {})  # an lm run's corpus, or a stability_gap run's general corpus
+    corpus = data_cfg.get("corpus", data_cfg.get("general", config.data.general))
     require(corpus == config.data.general, "base.workdir",
             f"the run in {bdir} was trained on {corpus!r}, not data.general={config.data.general!r}")
   check_model(config, model, field="base.model" if b.source == "pretrain" else f"{bdir}: model")
@@ -219,7 +214,7 @@ def select_hq(config, general_train, domain_train, n_windows: int):
   pool, taken = sg_data.take_documents(domain_train, order, n_windows, config.data.seq_len)
   sel = ppl[taken]
   info = {"kind": f"byte {config.ngram.order}-gram, add-k (k={config.ngram.add_k}), fit on data.general train",
-          "seconds": time.time() - t0, "domain_ppl": {q: float(np.quantile(ppl, float(q))) for q in
+          "wall_s": time.time() - t0, "domain_ppl": {q: float(np.quantile(ppl, float(q))) for q in
                                                       ("0", "0.25", "0.5", "0.75", "1")},
           "hq_documents": len(taken), "hq_ppl_max": float(sel.max()), "hq_ppl_mean": float(sel.mean()),
           "hq_first_ids": [domain_train[i][0] for i in taken[:10]],
@@ -268,9 +263,9 @@ def make_evaluator(config, model, base_params, corpora, divisor: int, batch_shar
   return evaluate
 
 
-def eval_curves(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """``{metric: (steps, values)}`` of a strategy run's ``eval/*`` records (last record per step)."""
-  return metrics_lib.curves(os.path.join(workdir, "metrics.jsonl"))
+def eval_curves(workdir: str, stage: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{metric: (steps, values)}`` of a strategy stage's ``<stage>/eval/*`` records (last record per step)."""
+  return metrics_lib.curves(os.path.join(workdir, "metrics.jsonl"), prefix=f"{stage}/eval/")
 
 
 def run_stats(curves: dict) -> dict:
@@ -292,9 +287,6 @@ def run_stats(curves: dict) -> dict:
 def run(config, workdir: str) -> dict:
   validate(config)
   d, t = config.data, config.train
-  if d.source != "embedded":
-    raise ConfigError(f"data.source={d.source!r}: reading tfds text sources is not implemented yet (the paper-scale "
-                      "variant builds and lowers only); use data.source='embedded'")
   t_start = time.time()
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = config.axis_rules
@@ -303,82 +295,88 @@ def run(config, workdir: str) -> dict:
           f"{d.global_batch} must be divisible by the batch mesh axes' size {divisor}")
   corpora = load_corpora(config)  # before the base: a missing domain corpus stops the run before any training
   os.makedirs(workdir, exist_ok=True)
-  t0 = time.time()
-  model, base_params, base_info = load_base(config, workdir, mesh)
-  base_seconds = time.time() - t0
-  model.cfg.check_mesh(dict(mesh.shape))
+  writer = Writer(workdir, console_exclude=r"relupd/")
+  try:
+    model, base_params, base_info = load_base(config, workdir, mesh, writer)
+    model.cfg.check_mesh(dict(mesh.shape))
+    s = config.strategies
+    domain_pool = sg_data.windows(corpora["domain"][0], d.seq_len)
+    hq, hq_docs, ngram_info = select_hq(config, corpora["general"][0], corpora["domain"][0],
+                                        len(domain_pool) // s.epochs)
+    pools = sg_data.Pools(domain=domain_pool, general=sg_data.windows(corpora["general"][0], d.seq_len), hq=hq,
+                          hq_docs=hq_docs, domain_docs=corpora["domain"][0], seq_len=d.seq_len, epochs=s.epochs)
+    steps = sg_data.budget_steps(pools, d.global_batch)
+    optim_cfg = cpt_optim(config, steps)
+    bsh = mesh_lib.batch_sharding(mesh, rules)
+    evaluate = make_evaluator(config, model, base_params, corpora, divisor, bsh)
+    start = evaluate(base_params)
+    n_params = num_params(model.abstract_params())
+    print(f"stability_gap: base {n_params:,} params ({base_info['source']}; general CE {start['general_ce']:.3f}, "
+          f"domain CE {start['domain_ce']:.3f} nats/byte); budget {steps} steps x {d.global_batch} x {d.seq_len} "
+          f"tokens = one epoch of {len(domain_pool)} domain windows; subsets of {pools.subset_windows} windows x "
+          f"{s.epochs} epochs; strategies {', '.join(s.names)}; seeds {', '.join(map(str, config.seeds))}; "
+          f"workdir {workdir}", flush=True)
+    tokens = steps * d.global_batch * d.seq_len
+    head = {
+        "method": "stability_gap", "variant": config.variant, "params": n_params, "seeds": list(config.seeds),
+        "strategies": list(s.names), "corpora": corpora["info"], "base": base_info, "start": start,
+        "ngram": ngram_info,
+        "budget": {"steps": steps, "global_batch": d.global_batch, "seq_len": d.seq_len, "tokens": tokens,
+                   "domain_train_windows": len(domain_pool), "subset_windows": pools.subset_windows,
+                   "epochs": s.epochs, "domain_ratio": s.domain_ratio, "warmup_steps": optim_cfg.warmup_steps}}
 
-  s = config.strategies
-  domain_pool = sg_data.windows(corpora["domain"][0], d.seq_len)
-  hq, hq_docs, ngram_info = select_hq(config, corpora["general"][0], corpora["domain"][0],
-                                      len(domain_pool) // s.epochs)
-  pools = sg_data.Pools(domain=domain_pool, general=sg_data.windows(corpora["general"][0], d.seq_len), hq=hq,
-                        hq_docs=hq_docs, domain_docs=corpora["domain"][0], seq_len=d.seq_len, epochs=s.epochs)
-  steps = sg_data.budget_steps(pools, d.global_batch)
-  optim_cfg = cpt_optim(config, steps)
-  bsh = mesh_lib.batch_sharding(mesh, rules)
-  evaluate = make_evaluator(config, model, base_params, corpora, divisor, bsh)
-  start = evaluate(base_params)
-  n_params = num_params(model.abstract_params())
-  print(f"stability_gap: base {n_params:,} params ({base_info['source']}, general CE {start['general_ce']:.4g}, "
-        f"domain CE {start['domain_ce']:.4g}); budget {steps} steps x {d.global_batch} x {d.seq_len} tokens = one "
-        f"epoch of {len(domain_pool)} domain windows; subsets {pools.subset_windows} windows x {s.epochs} epochs; "
-        f"strategies {list(s.names)}, seeds {list(config.seeds)}; workdir {workdir}", flush=True)
+    def cell(c):
+      name, seed = c
+      return run_strategy(config, name, seed, workdir, model=model, base_params=base_params, pools=pools,
+                          steps=steps, optim_cfg=optim_cfg, mesh=mesh, bsh=bsh, evaluate=evaluate, start=start,
+                          writer=writer)
 
-  per_seed, infos, walls = {}, {}, {}
-  for seed in config.seeds:
-    per_seed[seed] = {}
-    for name in s.names:
-      rdir = os.path.join(workdir, f"{name}-s{seed}")
-      res_path = os.path.join(rdir, "results.json")
-      if not os.path.exists(res_path):
-        run_strategy(config, name, seed, rdir, model=model, base_params=base_params, pools=pools, steps=steps,
-                     optim_cfg=optim_cfg, mesh=mesh, bsh=bsh, evaluate=evaluate, start=start)
-      with open(res_path) as f:
-        r = json.load(f)
-      per_seed[seed][name] = r["stats"]
-      infos[f"{name}-s{seed}"] = r["data"]
-      walls[f"{name}-s{seed}"] = r["wall_seconds"]
-
-  keys = sorted(next(iter(next(iter(per_seed.values())).values())))
-  summary = report.summarize(per_seed, keys)
-  targets = {}
-  if "full" in s.names:
-    for st in ("hq", "hq_mix", "random", "full_mix"):
-      if st in s.names:
-        targets[st] = {m: report.reduction(per_seed, f"{m}_max_drop", st, "full")
-                       for m in ("general_ce", "probe_general_acc", "probe_general_margin")}
-  tokens = steps * d.global_batch * d.seq_len
-  results = {
-      "method": "stability_gap", "variant": config.variant, "params": n_params, "seeds": list(config.seeds),
-      "strategies": list(s.names), "corpora": corpora["info"], "base": {**base_info, "seconds": base_seconds},
-      "start": start, "ngram": ngram_info,
-      "budget": {"steps": steps, "global_batch": d.global_batch, "seq_len": d.seq_len, "tokens": tokens,
-                 "domain_train_windows": len(domain_pool), "subset_windows": pools.subset_windows,
-                 "epochs": s.epochs, "domain_ratio": s.domain_ratio, "warmup_steps": optim_cfg.warmup_steps,
-                 "tokens_by_run": {k: v["tokens"] for k, v in infos.items()}},
-      "runs": infos, "per_seed": {str(k): v for k, v in per_seed.items()}, "summary": summary,
-      # 1 − (max general drop of the strategy) / (that of 'full'): the issue's target is >= 0.3 for hq_mix
-      "drop_reduction_vs_full": targets, "run_wall_seconds": walls, "wall_seconds": time.time() - t_start,
-  }
-  path = write_results(workdir, results)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-      f.write(report.markdown(results))
-    if t.plot:
-      plot_curves(workdir, config)
-  hm = targets.get("hq_mix", {}).get("general_ce", {})
+    cells = [(name, int(seed)) for seed in config.seeds for name in s.names]
+    done = stages.sweep(workdir, cells, cell, lambda done: summarize_runs(head, done, s.names),
+                        after=lambda done: plot_curves(workdir, config, done, writer) if t.plot else None)
+    results = {**summarize_runs(head, done, s.names), "wall_s": time.time() - t_start}
+    path = write_results(workdir, results)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(report.markdown(results))
+  finally:
+    writer.close()
+  hm = results["drop_reduction_vs_full"].get("hq_mix", {}).get("general_ce", {})
   summary_line("stability_gap", {
-      **{f"{st} max general CE rise": summary[st]["general_ce_max_drop"]["mean"] for st in s.names},
+      **{f"{st} max general CE rise": results["summary"][st]["general_ce_max_drop"]["mean"] for st in s.names},
       "hq_mix reduction vs full": hm.get("of_means"), "beyond noise": hm.get("beyond_noise")}, path)
   return results
 
 
-def run_strategy(config, name: str, seed: int, rdir: str, *, model, base_params, pools, steps: int, optim_cfg, mesh,
-                 bsh, evaluate, start) -> dict:
-  """Continual pretraining of the base with strategy ``name`` at ``seed`` in ``rdir``; writes its results.json."""
+def summarize_runs(head: dict, done: dict, names) -> dict:
+  """results.json from the finished strategy stages ``done`` (``{(strategy, seed): outputs}``): per seed, the
+  mean ± std over the seeds whose every strategy finished, and the reductions versus ``full``."""
+  per_seed, infos = {}, {}
+  for (name, seed), r in done.items():
+    per_seed.setdefault(seed, {})[name] = r["stats"]
+    infos[stages.cell_name((name, seed))] = r["data"]
+  complete = {seed: row for seed, row in per_seed.items() if all(n in row for n in names)}
+  out = {**head, "budget": {**head["budget"], "tokens_by_run": {k: v["tokens"] for k, v in infos.items()}},
+         "runs": infos, "per_seed": {str(k): v for k, v in per_seed.items()},
+         "summary": {}, "drop_reduction_vs_full": {}}
+  if complete:
+    keys = sorted(next(iter(next(iter(complete.values())).values())))
+    out["summary"] = report.summarize(complete, keys)
+    if "full" in names:
+      # 1 − (max general drop of the strategy) / (that of 'full')
+      out["drop_reduction_vs_full"] = {
+          st: {m: report.reduction(complete, f"{m}_max_drop", st, "full")
+               for m in ("general_ce", "probe_general_acc", "probe_general_margin")}
+          for st in ("hq", "hq_mix", "random", "full_mix") if st in names}
+  return out
+
+
+def run_strategy(config, name: str, seed: int, workdir: str, *, model, base_params, pools, steps: int, optim_cfg,
+                 mesh, bsh, evaluate, start, writer) -> dict:
+  """Continual pretraining of the base with strategy ``name`` at ``seed``: the stage ``<name>/s<seed>`` of the run
+  in ``workdir`` (checkpoints in ``checkpoints/<name>/s<seed>/``); returns its statistics."""
   d, t, s = config.data, config.train, config.strategies
-  t0 = time.time()
+  stage = stages.cell_name((name, seed))
   ds, info = sg_data.strategy_stream(name, pools, steps=steps, global_batch=d.global_batch, seed=seed,
                                      domain_ratio=s.domain_ratio, resample=s.resample_each_epoch)
   assert info["items"] == steps * d.global_batch  # the equal token budget, by construction
@@ -387,44 +385,45 @@ def run_strategy(config, name: str, seed: int, rdir: str, *, model, base_params,
   # every run starts from the base's parameters (a copy inside the init: the state's buffers are donated)
   step_fn, init_fn, shardings = make_step(optim_cfg, steps, model, mesh, config.axis_rules,
                                           lambda key: jax.tree.map(lambda x: x + 0, base_params))
-  writer = Writer(rdir, total_steps=steps, console_exclude=r"relupd/")
-  writer.scalars(0, start, prefix="eval/")  # the base, shared by every strategy: the curves' start
-  try:
-    res = loop.train(step_fn=step_fn, init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=rdir,
-                     total_steps=steps, seed=seed, data=batches, config=config, writer=writer,
-                     hooks=[loop.every(t.eval_every, lambda step, state, w: evaluate(state["params"]), name="eval")],
-                     log_every=t.log_every, ckpt_every=steps, ckpt_keep=t.ckpt_keep,
-                     async_checkpointing=t.async_checkpointing, desc=f"{name} s{seed}",
-                     items_per_step=d.global_batch * d.seq_len)
-  finally:
-    writer.close()
-  stats = run_stats(eval_curves(rdir))
-  out = {"strategy": name, "seed": seed, "steps": steps, "data": info, "stats": stats,
-         "final_train": res.last_metrics, "steps_per_sec": res.steps_per_sec, "compile_seconds": res.compile_seconds,
-         "wall_seconds": time.time() - t0}
-  write_results(rdir, out)
-  return out
+  writer.scalars(0, start, prefix=f"{stage}/eval/")  # the base, shared by every strategy: the curves' start
+
+  def eval_hook(step, state, w):  # every metric to metrics.jsonl / TensorBoard, the main ones to the console
+    out = evaluate(state["params"])
+    w.scalars(step, out, prefix=f"{stage}/eval/")
+    if w.enabled:
+      tqdm.write(f"[{stage} step {step}/{steps}] held-out CE (nats/byte): general {out['general_ce']:.3f}, domain "
+                 f"{out['domain_ce']:.3f}; probe accuracy: general {out['probe_general_acc']:.2f}, domain "
+                 f"{out['probe_domain_acc']:.2f}")
+
+  res = stages.train(workdir, stage, writer=writer, total_steps=steps, step_fn=step_fn, init_fn=init_fn,
+                     state_shardings=shardings, mesh=mesh, seed=seed, data=batches, config=config,
+                     hooks=[loop.every(t.eval_every, eval_hook, name=f"{stage}/eval")],
+                     log_every=t.log_every, ckpt_keep=t.ckpt_keep, async_checkpointing=t.async_checkpointing,
+                     desc=f"{name} s{seed}", items_per_step=d.global_batch * d.seq_len)
+  return {"strategy": name, "seed": seed, "steps": steps, "data": info, "stats": run_stats(eval_curves(workdir, stage)),
+          "final_train": unprefixed(res.last_metrics, f"{stage}/"), "steps_per_sec": res.steps_per_sec,
+          "compile_wall_s": res.compile_seconds}
 
 
-def plot_curves(workdir: str, config) -> list[str]:
-  """One PNG per metric, and all of them as panels of ``plots/curves.png``: each strategy's mean over seeds with
-  a ± std band."""
+def plot_curves(workdir: str, config, done: dict, writer) -> list[str]:
+  """One PNG per metric, and all of them as panels of ``plots/curves.png``: each strategy's mean over the finished
+  seeds with a ± std band (sample std; none with one seed); each also sent to TensorBoard."""
   import matplotlib.pyplot as plt  # lmx.core.plots has selected the Agg backend
 
   paths, panels = [], {}
+  n_seeds = len({seed for _, seed in done})
   for m in list(CURVES) + ["relupd_ratio"]:
     series, bands = {}, {}
     for name in config.strategies.names:
-      runs = [eval_curves(os.path.join(workdir, f"{name}-s{seed}")).get(m) for seed in config.seeds]
+      runs = [eval_curves(workdir, stages.cell_name(c)).get(m) for c in done if c[0] == name]
       runs = [r for r in runs if r is not None]
       if not runs:
         continue
       steps = runs[0][0]
-      vals = np.stack([np.interp(steps, r[0], r[1]) for r in runs])
-      series[name] = (steps, vals.mean(0))
-      bands[name] = vals.std(0)
+      ms = [stages.mean_std(col) for col in np.stack([np.interp(steps, r[0], r[1]) for r in runs]).T]
+      series[name] = (steps, np.array([x["mean"] if x["mean"] is not None else np.nan for x in ms]))
+      bands[name] = np.array([x["std"] or 0.0 for x in ms])
     if series:
-      n_seeds = len(list(config.seeds))
       paths.append(plots.curves(plot_path(workdir, m), series, bands=bands, ylabel=m,
                                 title=f"{m} during continual pretraining ({n_seeds} seed(s))"))
       panels[m] = (series, bands)
@@ -439,11 +438,8 @@ def plot_curves(workdir: str, config) -> list[str]:
     for ax in axes.ravel()[len(panels):]:
       ax.axis("off")
     axes.ravel()[0].legend()
-    fig.suptitle(f"continual pretraining from the base, mean ± std over {len(list(config.seeds))} seed(s)")
-    path = plot_path(workdir, "curves")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    fig.suptitle(f"continual pretraining from the base, mean ± std over {n_seeds} seed(s)")
+    paths.append(plots.save_figure(fig, plot_path(workdir, "curves"), dpi=110))
+  for path in paths:
+    writer.image(f"plots/{os.path.splitext(os.path.basename(path))[0]}", path, len(done))
   return paths

@@ -1,34 +1,35 @@
 """moe_routing driver: train the aux-weight arms (MoE LMs with a checkpoint schedule), collect their routing, analyse.
 
-Stages (``configs/moe_routing.py``): (1) per ``sweep.lb_loss_coef`` w, an ``lm``-style MoE run in
-``<workdir>/lb<w>`` (lmx.methods.lm's step, held-out eval and data, the one loop) with a hook that saves a
-params-only snapshot at each step of ``routing.ckpt_steps`` into ``<workdir>/lb<w>/snapshots`` (loop.train has a
-fixed ``ckpt_every`` only, so the schedule is a hook; the loop's own checkpoints, for resuming, stay sparse);
-(2) every snapshot restored params-only (``load_run``) and run over the same fixed held-out batches; the records
-written to ``<workdir>/routing/lb<w>/step_S/layer_L.npz`` (records.py's format); (3) the analysis of
-``<workdir>/routing``, which is what the ``analyze`` variant does for any ``routing_dir``: per checkpoint and
-layer γ_eff (bootstrap CI), balance, held-out L1 of MFG vs softmax, the multi-type gain; per layer the phase
-annotation; results.json and plots. Each stage skips what a previous (interrupted) run already wrote.
+The run (``configs/moe_routing.py``), its stages resumable stages of the one workdir (:mod:`lmx.core.stages`):
+  ``lb<w>``          per ``sweep.lb_loss_coef`` w, an ``lm``-style MoE training (lmx.train.lm's step, held-out eval
+                     and data; checkpoints in ``checkpoints/lb<w>/``) with a hook that saves a params-only snapshot at
+                     each step of ``routing.ckpt_steps`` into ``snapshots/lb<w>/`` (the loop's own checkpoints, for
+                     resuming, stay sparse);
+  ``routing/lb<w>``  every snapshot restored params-only (``load_run``) and run over the same fixed held-out
+                     batches; the records written to ``routing/lb<w>/step_S/layer_L.npz`` (records.py's format);
+then the analysis of ``routing/``, which is what the ``analyze`` variant does for any ``routing_dir``: per
+checkpoint and layer γ_eff (bootstrap CI), balance, held-out L1 of MFG vs softmax, the multi-type gain; per layer the
+phase annotation; results.json and plots.
 """
 from __future__ import annotations
 
-import json
 import os
+import time
 
 import jax
 import ml_collections
 import numpy as np
 
 from lmx.core import checkpoint as ckpt_lib
-from lmx.core import data as data_lib
-from lmx.core import loop, mesh as mesh_lib
+from lmx.core import interrupt, loop, mesh as mesh_lib, stages
 from lmx.core.config import ConfigError, check_keys, require
-from lmx.core.metrics import Writer
+from lmx.core.metrics import Writer, progress
 from lmx.core.results import summary_line, write_results
 from lmx.datasets import text
 from lmx.methods.moe_routing import analysis, estimators as est, records, report
 from lmx.models.registry import load_run
 from lmx.train import lm as lm_run
+from lmx.train.lm import unprefixed
 from lmx.models.transformer import num_params
 
 CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "optim", "train", "sweep",
@@ -38,8 +39,7 @@ ANALYSIS_FIELDS = ("n_types", "sigma", "phi", "gamma_lo", "gamma_hi", "iters", "
 STEPS_FIELD = None  # the checkpoint schedule and the lr schedule are tied to train.steps: no continuing
 SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.plot", "mesh.*",
                   "axis_rules", "model.attention_impl", "model.remat", "model.moe_impl")
-# The abstract's held-out L1 load-prediction errors (MFG, softmax), quoted next to the measured ones.
-
+# The abstract's held-out L1 load-prediction errors (MFG, softmax), reported beside this run's.
 PAPER_HELDOUT_L1 = {"mfg": 0.199, "softmax": 0.200}
 
 
@@ -98,11 +98,11 @@ def arm_config(config, w: float):
 
 
 def snapshot_hook(arm_cfg, snap_dir: str, steps):
-  """``hook(step, state, writer)`` for ``loop.at_steps(steps, ...)``: a params-only checkpoint (with the arm's config,
-  so ``load_run(snap_dir, step)`` rebuilds the model) at each step of ``steps``; steps already saved (a resumed
-  run) are skipped."""
+  """``hook(step, state, writer)`` for ``loop.at_steps(steps, ...)``: a params-only checkpoint in ``snap_dir`` (with
+  the arm's config, so ``load_run(..., ckpt_dir=snap_dir)`` rebuilds the model) at each step of ``steps``; steps
+  already saved (a resumed run) are skipped."""
   wanted = set(int(s) for s in steps)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(snap_dir, "checkpoints"), keep=len(wanted) + 1, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(snap_dir, keep=len(wanted) + 1, async_save=False)
   saved = set(ckpt.all_steps())
 
   def hook(step, state, writer):
@@ -116,66 +116,59 @@ def snapshot_hook(arm_cfg, snap_dir: str, steps):
   return hook
 
 
-def train_arm(arm_cfg, arm_dir: str, ckpt_steps) -> dict:
-  """Trains one arm as ``lm.run`` does (its step, data and held-out eval), plus the snapshot hook; writes
-  ``<arm_dir>/results.json`` and returns it."""
+def snapshot_dir(workdir: str, name: str) -> str:
+  """``<workdir>/snapshots/<arm>``: the arm's params-only snapshots on the checkpoint schedule."""
+  return os.path.join(workdir, "snapshots", name)
+
+
+def train_arm(arm_cfg, workdir: str, name: str, ckpt_steps, *, writer) -> dict:
+  """Trains one arm as ``lm.run`` does (its step, data and held-out eval) as the stage ``name`` of the run in
+  ``workdir``, plus the snapshot hook; returns the arm's training summary."""
   model = lm_run.validate(arm_cfg)
   mesh = mesh_lib.make_mesh(arm_cfg.mesh)
-  rules, d, t = arm_cfg.axis_rules, arm_cfg.data, arm_cfg.train
-  divisor = mesh_lib.batch_size_divisor(mesh, rules)
-  require(d.global_batch % divisor == 0, "data.global_batch",
-          f"{d.global_batch} must be divisible by the batch mesh axes' size {divisor}")
-  train_src, eval_src, split_info = text.train_eval_windows(d.corpus, d.seq_len, d.eval_fraction, split=d.split,
-                                                            seed=d.split_seed)
-  ds = data_lib.make_dataset(train_src, global_batch=d.global_batch, seed=d.shuffle_seed)
-  bsh = mesh_lib.batch_sharding(mesh, rules)
-  batches = data_lib.GlobalBatches(data_lib.make_iterator(ds, worker_count=d.worker_count), bsh)
-  step_fn, init_fn, shardings = lm_run.make_step(arm_cfg, model, mesh)
-  evaluate = lm_run.heldout_eval(model, eval_src, n_windows=t.eval_batches * d.global_batch, divisor=divisor,
-                                 batch_sharding=bsh)
-  os.makedirs(arm_dir, exist_ok=True)
-  snap = snapshot_hook(arm_cfg, os.path.join(arm_dir, "snapshots"), ckpt_steps)
-  writer = Writer(arm_dir, total_steps=t.steps, console_exclude=r"/(load|mean_prob)/e\d+$|/layer\d+/")
+  d, t = arm_cfg.data, arm_cfg.train
+  parts = lm_run.training(arm_cfg, model, mesh, eval_name=f"{name}/eval")
+  snap = snapshot_hook(arm_cfg, snapshot_dir(workdir, name), ckpt_steps)
   try:
-    res = loop.train(step_fn=step_fn, init_fn=init_fn, state_shardings=shardings, mesh=mesh, workdir=arm_dir,
-                     total_steps=t.steps, seed=arm_cfg.seed, data=batches, config=arm_cfg, writer=writer,
-                     hooks=[loop.every(t.eval_every, evaluate, name="eval"),
-                            loop.at_steps(ckpt_steps, snap, name="snapshot")],
-                     log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
-                     async_checkpointing=t.async_checkpointing, desc=f"moe_routing {os.path.basename(arm_dir)}",
-                     items_per_step=d.global_batch * d.seq_len)
+    res = stages.train(workdir, name, writer=writer, total_steps=t.steps, step_fn=parts["step_fn"],
+                       init_fn=parts["init_fn"], state_shardings=parts["shardings"], mesh=mesh, seed=arm_cfg.seed,
+                       data=parts["batches"], config=arm_cfg,
+                       hooks=[parts["evaluate"], loop.at_steps(ckpt_steps, snap, name=f"{name}/snapshot")],
+                       log_every=t.log_every, ckpt_every=t.ckpt_every, ckpt_keep=t.ckpt_keep,
+                       async_checkpointing=t.async_checkpointing, items_per_step=d.global_batch * d.seq_len)
   finally:
-    writer.close()
     snap.close()
-  out = {"lb_loss_coef": float(arm_cfg.model.lb_loss_coef), "params": num_params(model.abstract_params()),
-         "steps": t.steps, "final_train": res.last_metrics, "final_eval": res.hook_metrics.get("eval", {}),
-         "steps_per_sec": res.steps_per_sec, "compile_seconds": res.compile_seconds, "data_split": split_info}
-  write_results(arm_dir, out)
-  return out
+  return {"lb_loss_coef": float(arm_cfg.model.lb_loss_coef), "params": num_params(model.abstract_params()),
+          "steps": t.steps, "final_train": unprefixed(res.last_metrics, f"{name}/"),
+          "final_eval": unprefixed(res.hook_metrics.get(f"{name}/eval", {}), f"{name}/eval/"),
+          "steps_per_sec": res.steps_per_sec, "compile_wall_s": res.compile_seconds,
+          "data_split": parts["split_info"]}
 
 
 # ------------------------------------------------------------------------------------------ (2) routing records
 
 
-def collect_arm(config, arm_dir: str, out_dir: str, batches_BWT: np.ndarray, forward=None):
-  """Writes the routing records of every snapshot of ``arm_dir`` (restored params-only) to ``out_dir``; returns
+def collect_arm(config, snap_dir: str, out_dir: str, batches_BWT: np.ndarray, forward=None):
+  """Writes the routing records of every snapshot in ``snap_dir`` (restored params-only) to ``out_dir``; returns
   ``(files written, the jitted routing forward)`` (snapshots whose files all exist are skipped). ``forward``: a
   routing forward jitted for another arm of the same architecture (the arms differ in the aux weight only, which
   the forward does not read), so that it compiles once per run."""
-  snap_dir = os.path.join(arm_dir, "snapshots")
-  with ckpt_lib.Checkpointer(os.path.join(snap_dir, "checkpoints"), async_save=False) as ckpt:
+  with ckpt_lib.Checkpointer(snap_dir, async_save=False) as ckpt:
     steps = ckpt.all_steps()
   missing = sorted(set(int(s) for s in config.routing.ckpt_steps) - set(steps))
   if missing:
-    raise FileNotFoundError(f"{snap_dir}: no snapshot at step(s) {missing}; delete {arm_dir} to retrain the arm")
+    raise FileNotFoundError(f"{snap_dir}: no snapshot at step(s) {missing}; use a new --workdir to retrain the arm")
   written, fwd, model, target = 0, forward, None, None
-  with ckpt_lib.Checkpointer(os.path.join(snap_dir, "checkpoints"), async_save=False) as ckpt:
+  with ckpt_lib.Checkpointer(snap_dir, async_save=False) as ckpt, \
+       progress(len(steps), desc=f"routing records {os.path.basename(out_dir)}") as bar:
     for step in steps:
+      bar.update(1)
       if model is None:  # the first snapshot: the model from its saved config, the restore target from it
-        _, model, params = load_run(snap_dir, step)
+        _, model, params = load_run(snap_dir, step, ckpt_dir=snap_dir)
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
       if all(os.path.exists(records.record_path(out_dir, step, i)) for i in model.cfg.moe_layers):
         continue
+      interrupt.check(f"before the routing records of {snap_dir} at step {step} (the files written are kept)")
       params = ckpt.restore_subset({"params": target}, step=step)[1]["params"]  # params only
       fwd = fwd or jax.jit(records.routing_forward(model))  # one compile for all snapshots (same shapes)
       for layer, rec in records.collect_params(model, params, batches_BWT, step, forward=fwd).items():
@@ -201,8 +194,10 @@ def analyse_dir(config, routing_dir: str) -> dict:
   runs = records.find_runs(routing_dir)
   out = {}
   for name, paths in runs.items():
+    interrupt.check(f"before the analysis of {name}")
     n = sum(len(v) for v in paths.values())
-    print(f"moe_routing: analysing {name}: {len(paths)} checkpoints, {n} layer files", flush=True)
+    print(f"moe_routing: analysing {name}: {len(paths)} checkpoints, {n} layer files, {kw['n_boot']} bootstrap "
+          "resamples", flush=True)
     out[name] = analysis.analyse_run(paths, records.read_record, **kw)
   return out
 
@@ -249,52 +244,62 @@ def summarize(runs: dict, coefs: dict | None = None) -> dict:
 
 
 def run(config, workdir: str) -> dict:
+  t_start = time.time()
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   coefs, arms = None, {}
-  if config.routing_dir:
-    routing_dir = config.routing_dir
-  else:
-    routing_dir = os.path.join(workdir, "routing")
-    batches_BWT = routing_batches(config)  # the same held-out batches for every arm and checkpoint
-    coefs, fwd = {}, None
-    for w in config.sweep.lb_loss_coef:
-      name = arm_name(w)
-      arm_dir = os.path.join(workdir, name)
-      cfg = arm_config(config, w)
-      if os.path.exists(os.path.join(arm_dir, "results.json")):
-        arms[name] = json.load(open(os.path.join(arm_dir, "results.json")))
-      else:
-        print(f"moe_routing: training arm {name} (lb_loss_coef={w}) in {arm_dir}", flush=True)
-        arms[name] = train_arm(cfg, arm_dir, config.routing.ckpt_steps)
-      n, fwd = collect_arm(config, arm_dir, os.path.join(routing_dir, name), batches_BWT, fwd)
-      print(f"moe_routing: {name}: {n} routing files written to {os.path.join(routing_dir, name)}", flush=True)
-      coefs[name] = float(w)
-  runs = analyse_dir(config, routing_dir)
-  if coefs is not None:
-    m = config.model
-    for name, w in coefs.items():
-      runs[name]["lb_loss_coef"] = w
-      # γ_explicit of the Switch loss [reconstructed]; summed over layers each layer's router sees α
-      runs[name]["gamma_explicit"] = est.gamma_explicit(w, int(m.n_experts), int(m.top_k), m.lb_loss_norm)
-      runs[name]["train"] = arms[name]
-  summary = summarize(runs, coefs)
-  results = {"method": "moe_routing", "variant": config.variant, "routing_dir": routing_dir,
-             "phase_rule": est.annotate_phases.__doc__.split("\n\n")[1].strip(),
-             "labels": "see lmx/methods/moe_routing/estimators.py: B_0, K/M, eps_l, the game, the fits and the "
-                       "quality estimators are [reconstructed] definitions, not the paper's",
-             "summary": summary, "runs": runs}
-  if not os.path.isdir(routing_dir):
-    raise ConfigError(f"routing_dir={routing_dir!r} vanished during the run")
-  path = write_results(workdir, results)
-  if jax.process_index() == 0 and config.train.plot:
-    report.plots(workdir, runs, coefs)
+  writer = Writer(workdir, total_steps=config.train.steps, console_exclude=r"/(load|mean_prob)/e\d+$|/layer\d+/")
+  try:
+    if config.routing_dir:
+      routing_dir = config.routing_dir
+    else:
+      routing_dir = os.path.join(workdir, "routing")
+      batches_BWT = routing_batches(config)  # the same held-out batches for every arm and checkpoint
+      coefs, fwd = {}, [None]
+      for w in config.sweep.lb_loss_coef:
+        name = arm_name(w)
+        cfg = arm_config(config, w)
+        arms[name] = stages.run_stage(workdir, name, lambda cfg=cfg, name=name: train_arm(
+            cfg, workdir, name, config.routing.ckpt_steps, writer=writer))
+
+        def collect(name=name):
+          out_dir = os.path.join(routing_dir, name)
+          n, fwd[0] = collect_arm(config, snapshot_dir(workdir, name), out_dir, batches_BWT, fwd[0])
+          print(f"moe_routing: {name}: {n} routing files written to {out_dir}", flush=True)
+          return {"files_written": n}
+
+        stages.run_stage(workdir, f"routing/{name}", collect)
+        coefs[name] = float(w)
+    runs = analyse_dir(config, routing_dir)
+    if coefs is not None:
+      m = config.model
+      for name, w in coefs.items():
+        runs[name]["lb_loss_coef"] = w
+        # γ_explicit of the Switch loss [reconstructed]; summed over layers each layer's router sees α
+        runs[name]["gamma_explicit"] = est.gamma_explicit(w, int(m.n_experts), int(m.top_k), m.lb_loss_norm)
+        runs[name]["train"] = arms[name]
+    summary = summarize(runs, coefs)
+    results = {"method": "moe_routing", "variant": config.variant,
+               # the records analysed: config.routing_dir, or routing/ in this workdir
+               "routing_dir": config.routing_dir or "routing",
+               "phase_rule": est.annotate_phases.__doc__.split("\n\n")[1].strip(),
+               "labels": "see lmx/methods/moe_routing/estimators.py: B_0, K/M, eps_l, the game, the fits and the "
+                         "quality estimators are [reconstructed] definitions, not the paper's",
+               "summary": summary, "runs": runs, "wall_s": time.time() - t_start}
+    if not os.path.isdir(routing_dir):
+      raise ConfigError(f"routing_dir={routing_dir!r} vanished during the run")
+    path = write_results(workdir, results)
+    if jax.process_index() == 0 and config.train.plot:
+      for png in report.plots(workdir, runs, coefs):
+        writer.image(f"plots/{os.path.splitext(os.path.basename(png))[0]}", png)
+  finally:
+    writer.close()
   h = summary["heldout_l1"]
-  parts = {"held-out L1 MFG": h["mfg"], "softmax": h["softmax"], "(paper 0.199 vs 0.200) multi-type gain":
+  parts = {"held-out L1 of MFG": h["mfg"], "of softmax": h["softmax"], "(paper: 0.199, 0.200); multi-type gain":
            summary["multitype_gain_mean"]}
   if "gamma_vs_aux" in summary:
     g = summary["gamma_vs_aux"]
-    parts["gamma_eff final by aux weight"] = " ".join(f"{w:g}:{x:.3g}" for w, x in
+    parts["final gamma_eff by aux weight"] = " ".join(f"{w:g}:{x:.3g}" for w, x in
                                                        zip(g["lb_loss_coef"], g["gamma_eff_final"]))
   summary_line("moe_routing", parts, path)
   return results
