@@ -63,7 +63,6 @@ from lmx.rl import losses as rl_losses
 from lmx.rl.update import minibatch_update
 
 ARMS = ("sft", "outcome", "grounding", "spa", "rloo")
-RL_ARMS = ("outcome", "grounding", "spa", "rloo")
 CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "arms", "games", "model", "shapes", "sft", "explore",
                  "estimator", "spa", "rl", "paper")
 GAMES_FIELDS = ("cache_dir", "n_train", "n_eval", "quest_lengths", "world_size", "nb_objects", "train_seed0",
@@ -160,7 +159,7 @@ def make_fns(model, config):
     return jnp.mean(nll), {"acc": acc}
 
   def est_c(est, tok_NL, end_N):
-    logp, h, logits = policy.forward(apply, est["lm"], tok_NL)
+    _, h, logits = policy.forward(apply, est["lm"], tok_NL)
     rows = jnp.arange(tok_NL.shape[0])
     if e.head == "hidden":
       return progress.apply_head(est["head"], "hidden", h_BKD=h[rows, end_N])
@@ -212,8 +211,10 @@ def estimator_optimizer(config):
   tx, _ = make_optimizer(e.optim, e.steps)
   if e.train_backbone:
     return tx
-  labels = lambda p: {"lm": jax.tree.map(lambda _: "freeze", p["lm"]),  # noqa: E731
-                      "head": jax.tree.map(lambda _: "train", p["head"])}
+
+  def labels(p):
+    return {"lm": jax.tree.map(lambda _: "freeze", p["lm"]), "head": jax.tree.map(lambda _: "train", p["head"])}
+
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
@@ -699,6 +700,10 @@ def _plots(results, config, workdir) -> list[str]:
     cols = [stages.mean_std([c[i][1] for c in curves]) for i in range(n)]
     series[arm] = (xs, [m["mean"] for m in cols])
     bands[arm] = [m["std"] or 0.0 for m in cols]
+  x_end = max([xs[-1] for xs, _ in series.values()] + [1.0])
+  for arm, (xs, ys) in series.items():
+    if len(xs) == 1:  # no RL (the sft arm): a level line across the plot
+      series[arm], bands[arm] = ([xs[0], x_end], [ys[0], ys[0]]), [bands[arm][0]] * 2
   out = [plots.curves(plot_path(workdir, "learning_curves"), series, bands=bands,
                       title=f"held-out success (greedy), mean ± std over {len(seeds)} seed(s)",
                       xlabel="environment steps", ylabel="success rate")]
