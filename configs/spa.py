@@ -19,13 +19,18 @@ from lmx.core.config import parse_arg
 VARIANTS = ("", "smoke", "paper")
 
 
+def _adam(lr):
+  """Adam at a constant ``lr`` after clipping the global gradient norm to 1 (lmx.core.optim.make_optimizer)."""
+  return ml_collections.ConfigDict(dict(name="adam", lr=lr, clip_norm=1.0, schedule="constant"))
+
+
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
   c = ml_collections.ConfigDict()
   c.method = "spa"
   c.variant = a.variant
   c.seed = a.seed
-  c.seeds = (0, 1, 2)  # the comparison over 3 seeds: 5 min 14 s measured on one core (experiments/spa/README.md)
+  c.seeds = (0, 1, 2)
   c.arms = ("sft", "outcome", "grounding", "spa", "rloo")
   c.games = ml_collections.ConfigDict(dict(
       cache_dir="",  # "" = <workdir>/games
@@ -37,19 +42,19 @@ def get_config(arg=None):
       attention_impl="xla"))
   c.shapes = ml_collections.ConfigDict(dict(
       k=6, length=56, cand_len=6, max_steps=12, objective_len=32, history_len=6))
-  c.sft = ml_collections.ConfigDict(dict(steps=200, batch=16, lr=3e-3, copies=2))
-  c.explore = ml_collections.ConfigDict(dict(rollouts=2, count_steps=True, temperature=1.0))
+  c.sft = ml_collections.ConfigDict(dict(steps=200, batch=16, copies=2, optim=_adam(3e-3)))
+  c.explore = ml_collections.ConfigDict(dict(rollouts=2, count_steps=True))
   c.estimator = ml_collections.ConfigDict(dict(
       head="hidden",  # 'hidden' (the paper: MLP on the last hidden state) | 'logits' (the code: Linear(V->1))
-      hidden=32, steps=100, batch=8, lr=1e-3, l2=0.0, train_backbone=True))
+      hidden=32, steps=100, batch=8, optim=_adam(1e-3), l2=0.0, train_backbone=True))
   c.spa = ml_collections.ConfigDict(dict(
       alpha=1.0, beta=0.5,
       final_always=False,  # the code's rule: the last step always gets the grounding bonus
       weighting="unit",  # 'remaining': StepTool's (T-k-1) weighting kept by the released code
       reward_source="estimator"))  # 'loo': the released example's leave-one-out overwrite of the contributions
   c.rl = ml_collections.ConfigDict(dict(
-      env_steps=1500, games_per_iter=4, group=4, epochs=1, minibatch=64, lr=3e-4, clip=0.2, vf_coef=0.5,
-      ent_coef=0.01, gamma=0.99, lam=0.95, eval_every=4, whiten=True))
+      env_steps=1500, games_per_iter=4, group=4, epochs=1, minibatch=64, optim=_adam(3e-4), clip=0.2,
+      vf_coef=0.5, ent_coef=0.01, gamma=0.99, lam=0.95, eval_every=4, whiten=True))
   c.paper = ml_collections.ConfigDict(dict(hf_path="", seq_len=4096, batch=8))
 
   if a.variant == "smoke":
@@ -60,7 +65,8 @@ def get_config(arg=None):
     c.sft.update(steps=4, batch=8, copies=1)
     c.explore.update(rollouts=2)
     c.estimator.update(steps=3, batch=4, hidden=8)
-    c.rl.update(env_steps=10, games_per_iter=2, group=2, epochs=1, minibatch=8, eval_every=1)
+    # exploration spends at most 2 games × 2 rollouts × 4 steps = 16 of SPA's env steps; 24 leaves it >= 1 update
+    c.rl.update(env_steps=24, games_per_iter=2, group=2, epochs=1, minibatch=8, eval_every=1)
   elif a.variant == "paper":
     # Llama-3.2-3B-Instruct on ALFWorld (max 40 steps); the model comes from paper.hf_path (model.name='hf')
     c.games.update(source="alfworld")
@@ -70,6 +76,9 @@ def get_config(arg=None):
         attention_impl="auto"))
     c.shapes.update(max_steps=40, k=16, length=4096, cand_len=32, objective_len=512, history_len=1024)
     c.explore.update(rollouts=10)
-    c.estimator.update(lr=3e-6, head="logits")
-    c.rl.update(lr=1e-5, minibatch=8, gamma=0.99, lam=0.95, vf_coef=0.1, epochs=4)
+    c.estimator.update(head="logits")
+    c.estimator.optim = ml_collections.ConfigDict(dict(name="adamw", lr=3e-6, weight_decay=0.01, clip_norm=1.0,
+                                                       schedule="constant"))
+    c.rl.update(minibatch=8, gamma=0.99, lam=0.95, vf_coef=0.1, epochs=4)
+    c.rl.optim.update(lr=1e-5)
   return c

@@ -1,5 +1,8 @@
 """SPA's estimator loss, fused rewards and reward placement on hand-made episodes against hand-computed numbers;
-the candidate policy's scoring against a numpy recomputation; the smoke config end to end through ``run``."""
+the candidate policy's scoring against a numpy recomputation; the RL buffer and advantages against numpy; the
+smoke config end to end through the launcher, interrupted and resumed (after the first checkpoint and inside an RL
+arm), and stopped by a NaN in SFT and in an RL update."""
+import importlib
 import json
 import os
 
@@ -7,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import resume_check as rc
 
 from lmx.methods.spa import policy, progress
+
+spa_run = importlib.import_module("lmx.methods.spa.run")  # the package exports run(), the function
 
 # two hand-made episodes: 3 real steps and 2 real steps, padded to 4
 C = np.array([[0.2, 0.3, 0.4, 9.0], [0.5, -0.1, 7.0, 7.0]], np.float32)
@@ -111,26 +117,143 @@ def test_candidate_scores_match_numpy():
   np.testing.assert_allclose(np.asarray(logits)[0], expect, rtol=1e-5)
 
 
+SMOKE = "configs/spa.py:smoke"
+
+
 @pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory):
-  from lmx.core.config import load_config_file
-  from lmx.methods.spa import run as spa_run_fn
-  root = os.path.join(os.path.dirname(__file__), "..")
-  cfg = load_config_file(os.path.join(root, "configs/spa.py:smoke"))
-  wd = str(tmp_path_factory.mktemp("spa_smoke"))
-  cfg.games.cache_dir = str(tmp_path_factory.getbasetemp() / "spa_games")
-  return spa_run_fn(cfg, wd), wd
+def smoke(tmp_path_factory):
+  """One uninterrupted run of the smoke config through the launcher (the reference of the resume tests), with
+  the games and XLA's compilation cache shared by every smoke run of this module."""
+  base = tmp_path_factory.mktemp("spa")
+  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "xla_cache")  # runs of one config compile the same steps
+  overrides = (f"--config.games.cache_dir={base / 'games'}",)
+  ref = base / "reference"
+  r = rc.run(SMOKE, ref, *overrides)
+  assert r.returncode == 0, rc.fail(r, "smoke run")
+  yield ref, overrides, r
+  if old is None:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  else:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
 
 
-# The CI's run of the smoke config: about 23 s on one idle core (game generation, five compiles of the policy).
-def test_smoke_end_to_end(smoke_results):
-  res, wd = smoke_results
-  assert set(res["arms"]) >= {"outcome", "spa"}
+def test_smoke_end_to_end(smoke):
+  ref, _, r = smoke
+  rc.check_layout(ref)
+  res = rc.results(ref)
+  assert res["method"] == "spa" and set(res["arms"]) == {"sft", "outcome", "grounding", "spa", "rloo"}
   for arm in res["arms"].values():
     assert 0.0 <= arm["success"]["mean"] <= 1.0 and 0.0 <= arm["grounding"]["mean"] <= 1.0
-  assert os.path.exists(os.path.join(wd, "plots", "learning_curves.png"))
-  with open(os.path.join(wd, "results.json")) as f:
-    assert json.load(f)["method"] == "spa"
+    assert arm["success"]["n"] == 1
+  s0 = res["per_seed"]["0"]
+  # the SPA arm spends its exploration steps and still makes >= 1 update with the estimator's rewards
+  assert s0["spa"]["iterations"] >= 1
+  assert s0["spa"]["env_steps"] > res["estimator"]["0"]["explore_env_steps"]
+  for arm in ("outcome", "grounding", "spa", "rloo"):
+    assert s0[arm]["env_steps"] >= 24 and s0[arm]["curve"][0][0] == 0
+    assert [p[0] for p in s0[arm]["curve"]] == sorted(p[0] for p in s0[arm]["curve"])
+  assert os.path.isfile(os.path.join(ref, "plots", "learning_curves.png"))
+  with open(os.path.join(ref, "samples.json")) as f:
+    assert set(json.load(f)) == set(res["arms"])
+  assert "Traceback" not in r.stderr and "{'" not in r.stdout  # console lines, not raw dicts
+
+
+def test_sigterm_after_the_first_checkpoint_resumes_to_the_same_results(smoke, tmp_path):
+  ref, overrides, _ = smoke
+  rc.check_sigterm_resume(tmp_path, SMOKE, *overrides, reference=ref)
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_rl_arm_resumes_to_the_same_results(smoke, tmp_path):
+  """SIGTERM right after the first checkpoint of the ``outcome`` arm (saves 1-4: SFT, 5-7: estimator, 8: outcome
+  after its first iteration): the rerun restores its env-step count, its learning-curve points and the data."""
+  ref, overrides, _ = smoke
+  work = tmp_path / "interrupted"
+  r = rc.run(SMOKE, work, *overrides, LMX_FAULT="sigterm_after_save:8")
+  assert r.returncode == 143, rc.fail(r, "run with SIGTERM inside the outcome arm")
+  assert "at step 1/" in r.stderr and "outcome/s0" in r.stderr, rc.fail(r, "the stop message")
+  assert not os.path.exists(work / "stages" / "outcome" / "s0" / "stage.json")
+  r = rc.run(SMOKE, work, *overrides)
+  assert r.returncode == 0, rc.fail(r, "resumed run")
+  assert rc.without_timing(rc.results(work)) == rc.without_timing(rc.results(ref))
+
+
+def test_nan_in_sft_stops_with_one_line(smoke, tmp_path):
+  rc.check_nan_stops(tmp_path, SMOKE, "sft/s0", 2, *smoke[1])
+
+
+def test_nan_in_an_rl_update_stops_with_one_line(smoke, tmp_path):
+  rc.check_nan_stops(tmp_path, SMOKE, "outcome/s0", 1, *smoke[1])
+
+
+def test_validate_wants_a_budget_beyond_exploration():
+  from lmx.core.config import ConfigError, load_config_file
+
+  cfg = load_config_file(os.path.join(os.path.dirname(__file__), "..", SMOKE))
+  spa_run.validate(cfg)
+  cfg.rl.env_steps = 16  # 2 games × 2 rollouts × 4 steps: exploration may spend all of it
+  with pytest.raises(ConfigError, match="rl.env_steps"):
+    spa_run.validate(cfg)
+  cfg.explore.count_steps = False
+  spa_run.validate(cfg)
+
+
+def test_rollout_buffer_and_advantages_against_numpy():
+  """The padded buffer holds every step slot (E·T rows, mask = real steps); GAE and whitening match a direct
+  numpy computation over each episode's real steps (the last one terminal)."""
+  from lmx.core.config import load_config_file
+
+  cfg = load_config_file(os.path.join(os.path.dirname(__file__), "..", SMOKE))
+  rng = np.random.default_rng(0)
+  E, T, K, L = 3, 4, 2, 5
+  m = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
+  ro = {"tokens": rng.integers(0, 9, (E, T, K, L)).astype(np.int32), "cand_mask": np.ones((E, T, K, L), np.float32),
+        "valid": np.ones((E, T, K), bool), "prompt_end": np.zeros((E, T), np.int32),
+        "action": rng.integers(0, K, (E, T)).astype(np.int32), "logp": rng.normal(size=(E, T)).astype(np.float32),
+        "value": (rng.normal(size=(E, T)) * m).astype(np.float32), "step_mask": m,
+        "invalid": (rng.random((E, T)) < 0.5).astype(np.float32) * m, "reward": np.array([1, 0, 1], np.float32)}
+  g, lam = cfg.rl.gamma, cfg.rl.lam
+  rew = spa_run.step_rewards("grounding", ro, None, cfg)
+  adv, ret = spa_run.advantages("grounding", ro, rew, cfg)
+  want = np.zeros((E, T))
+  for e in range(E):
+    n = int(m[e].sum())
+    a = 0.0
+    for t in reversed(range(n)):
+      v_next = ro["value"][e, t + 1] if t + 1 < n else 0.0
+      a = rew[e, t] + g * v_next - ro["value"][e, t] + g * lam * a
+      want[e, t] = a
+  np.testing.assert_allclose(ret, (want + ro["value"]) * m, rtol=1e-5, atol=1e-6)
+  real = want[m > 0]
+  np.testing.assert_allclose(adv[m > 0], (real - real.mean()) / np.sqrt(real.var() + 1e-8), rtol=1e-4, atol=1e-5)
+  buf = spa_run.rollout_buffer(ro, adv, ret)
+  assert {k: v.shape[0] for k, v in buf.items()} == {k: E * T for k in buf}
+  np.testing.assert_array_equal(buf["mask"], m.reshape(-1))
+  np.testing.assert_array_equal(buf["tokens"][5], ro["tokens"][1, 1])
+  np.testing.assert_array_equal(buf["old_logp"], ro["logp"].reshape(-1))
+
+
+def test_estimator_optimizer_freezes_the_backbone_and_matches_clip_adam():
+  import optax
+
+  from lmx.core.config import load_config_file
+
+  cfg = load_config_file(os.path.join(os.path.dirname(__file__), "..", SMOKE))
+  params = {"lm": {"w": jnp.ones((3,))}, "head": {"w": jnp.arange(2.0)}}
+  grads = {"lm": {"w": jnp.full((3,), 5.0)}, "head": {"w": jnp.array([3.0, -4.0])}}
+  ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.estimator.optim.lr))
+  for frozen in (False, True):
+    cfg.estimator.train_backbone = not frozen
+    tx = spa_run.estimator_optimizer(cfg)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    want = ref.update(grads if not frozen else {"head": grads["head"]}, ref.init(params if not frozen else
+                                                                                 {"head": params["head"]}))[0]
+    np.testing.assert_allclose(np.asarray(upd["head"]["w"]), np.asarray(want["head"]["w"]), rtol=1e-6)
+    if frozen:
+      assert float(jnp.abs(upd["lm"]["w"]).max()) == 0.0
+    else:
+      np.testing.assert_allclose(np.asarray(upd["lm"]["w"]), np.asarray(want["lm"]["w"]), rtol=1e-6)
 
 
 def _paper_config(small: bool):

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from lmx.core import interrupt
+from lmx.core.metrics import progress
 from lmx.envs import textworld as tw
 from lmx.methods.spa import policy
 
@@ -73,13 +75,15 @@ def expert_data(paths, pool: EnvPool, shp: Shapes, rng: np.random.Generator, cop
 
 
 def rollout(act_fn, params, paths, copies: int, pool: EnvPool, shp: Shapes, rng: np.random.Generator, key, *,
-            greedy: bool, batch: int, keep_text: bool = False):
+            greedy: bool, batch: int, keep_text: bool = False, desc: str | None = None):
   """Plays one episode per (game, copy) with ``batch`` environments stepped in lockstep.
 
   ``act_fn(params, tokens_BKL, cand_mask_BKL, valid_BK, prompt_end_B, key, greedy) -> (action_B, logp_B,
   value_B)`` is the jitted policy. Returns arrays ``[E, T, ...]`` (``E`` = len(paths)·copies episodes, ``T`` =
   ``max_steps``): tokens, cand_mask, valid, end, prompt_end, action, logp, value, step_mask, invalid, progress;
   ``reward_E`` (0/1), ``won_E``, ``env_steps`` and, with ``keep_text``, each episode's (command, feedback) list.
+  ``desc`` names a progress bar over the episodes (none when None). A Ctrl-C/SIGTERM stops it after the current
+  environment step (:func:`lmx.core.interrupt.check`).
   """
   import jax
   jobs = [(p, c) for p in paths for c in range(copies)]
@@ -93,6 +97,7 @@ def rollout(act_fn, params, paths, copies: int, pool: EnvPool, shp: Shapes, rng:
              won=np.zeros((E,), np.float32))
   texts = [[] for _ in range(E)]
   env_steps = 0
+  bar = progress(E, desc=desc) if desc else None
   for start in range(0, E, batch):
     idx = list(range(start, min(start + batch, E)))
     envs = [pool.get(*jobs[i]) for i in idx]
@@ -102,6 +107,7 @@ def rollout(act_fn, params, paths, copies: int, pool: EnvPool, shp: Shapes, rng:
     for t in range(T):
       if not any(active):
         break
+      interrupt.check(f"in {desc or 'a rollout'}")
       tok = np.zeros((batch, K, L), np.int32)
       cm = np.zeros((batch, K, L), np.float32)
       val = np.zeros((batch, K), np.bool_)
@@ -136,6 +142,10 @@ def rollout(act_fn, params, paths, copies: int, pool: EnvPool, shp: Shapes, rng:
           active[j] = False
           out["reward"][i] = r
           out["won"][i] = float(info.won)
+    if bar is not None:
+      bar.update(len(idx))
+  if bar is not None:
+    bar.close()
   out["env_steps"] = env_steps
   if keep_text:
     out["texts"] = texts

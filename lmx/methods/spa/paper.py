@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lmx.core.loop import optax_state, optax_step
+from lmx.core.optim import make_optimizer
 from lmx.methods.spa import progress
 from lmx.rl import rollout
 
@@ -43,10 +43,13 @@ def estimator_loss_fn(apply_fn, head_kind: str):
 
 
 def make_steps(model, config):
-  """(estimator_step, ppo_step, estimator tx, ppo tx) for ``model`` (a registry Model) under ``config``."""
+  """(estimator_step, ppo_step, estimator tx, ppo tx) for ``model`` (a registry Model) under ``config``; the
+  optimisers are ``estimator.optim`` and ``rl.optim``."""
+  from lmx.methods.spa.run import max_iterations
+
   r, e = config.rl, config.estimator
-  ppo_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
-  est_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(e.lr, weight_decay=0.01))
+  ppo_tx, _ = make_optimizer(r.optim, max_iterations(config))
+  est_tx, _ = make_optimizer(e.optim, e.steps)
   ppo_loss = rollout.policy_loss_fn(model.apply, clip_low=r.clip, kl_coef=0.3, kl_kind="k1",
                                     entropy_coef=r.ent_coef, agg="token-mean")
   return (jax.jit(optax_step(estimator_loss_fn(model.apply, e.head), est_tx)), jax.jit(optax_step(ppo_loss, ppo_tx)),

@@ -1,0 +1,32 @@
+"""XLA's persistent compilation cache for the span of a run.
+
+Every :class:`lmx.core.loop.Loop` jits its own step, so a method whose stages train identically shaped steps (the
+arms of a comparison, one loop each) would compile the same program once per loop. With the cache on, a program
+already compiled (same HLO, compile options, device and jax/XLA versions) is read back from disk instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+
+@contextlib.contextmanager
+def persistent(directory: str):
+  """Compiles inside the block go through the persistent cache in ``directory``; a cache directory the user
+  already configured (``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir``) is kept as it is.
+  The previous setting is restored on exit."""
+  previous = jax.config.jax_compilation_cache_dir
+  if previous:
+    yield previous
+    return
+  os.makedirs(directory, exist_ok=True)
+  cc.set_cache_dir(directory)
+  cc.reset_cache()  # the cache reads its directory once; make it read this one
+  try:
+    yield directory
+  finally:
+    cc.set_cache_dir(previous)
+    cc.reset_cache()
