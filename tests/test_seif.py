@@ -143,8 +143,9 @@ def test_grpo_step_is_one_optax_step_of_the_policy_loss_and_records_the_batch_st
   from lmx.methods.seif.policy import grpo_batch
   from lmx.rl.rollout import policy_loss_fn
   pol, optim = _tiny_policy()
-  params = pol.init_params(jax.random.key(0))
   rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(np.float32),
+                        pol.model.abstract_params())
   new_mask = np.arange(8)[None, :] < np.array([[8], [3], [5], [1]])  # EOS at different positions
   out = {"tokens": rng.integers(0, 256, (4, 20)).astype(np.int32), "new_tokens": np.zeros((4, 8), np.int32),
          "mask": new_mask, "sequence_mask": np.concatenate([np.arange(12)[None, :] >= np.array([[2], [0], [5], [9]]),
