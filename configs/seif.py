@@ -5,9 +5,9 @@ r"""SEIF: Self-Evolving Reinforcement Learning for Instruction Following (Ren et
   python launch/run.py --config=configs/seif.py --config.seeds="(0,)" --workdir=runs/seif-1seed
 
 Variants: default (CPU: three variants x three seeds, byte-level tiny Instructor and Follower trained in process;
-about 3 min on one idle core, results in experiments/seif/README.md),
-``smoke`` (CI, seconds), ``long`` (twice the RL steps at twice the RL learning rate), ``qwen2_5_7b`` (the paper's model, group size, KL and clipping: its GRPO step builds and
-lowers for GPU with abstract shapes, see ``lmx.methods.seif.paper``; it does not run here).
+minutes on one core, results in experiments/seif/README.md), ``smoke`` (CI, seconds), ``long`` (twice the RL steps
+at twice the RL learning rate), ``qwen2_5_7b`` (the paper's model, group size, KL and clipping: its GRPO step
+builds and lowers for GPU with abstract shapes, see ``lmx.methods.seif.paper``; it does not run here).
 
 Variants compared at equal Follower GRPO steps (``variants``): ``seif`` (Instructor evolution with the Filter),
 ``random`` (uniformly random instructions that the Filter accepts; no Instructor), ``no_filter`` (Instructor
@@ -50,9 +50,13 @@ def get_config(arg=None):
   # the warm starts (trained once with sft.seed, shared by all seeds and variants, as the paper's base model)
   c.sft = ml_collections.ConfigDict(dict(seed=0, follower_steps=400, instructor_steps=150, batch=16,
                                          follower_max_constraints=2))
-  c.sft_optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=50, weight_decay=0.01, clip_norm=1.0))
-  # The paper: lr 1e-6 for a 7B model; a 0.2M-parameter byte LM needs a much larger step.
-  c.rl_optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, weight_decay=0.01, clip_norm=1.0))
+  # lmx.core.optim.make_optimizer blocks; SFT: linear warmup, then constant (min_lr_ratio 1)
+  c.sft_optim = ml_collections.ConfigDict(dict(name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=1.0, b2=0.99,
+                                               weight_decay=0.01, clip_norm=1.0))
+  # The paper: lr 1e-6 for a 7B model; a 0.2M-parameter byte LM needs a much larger step. Constant: every GRPO
+  # stage (role, round) restarts Adam from the previous round's policy.
+  c.rl_optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, schedule="constant", b2=0.99,
+                                              weight_decay=0.01, clip_norm=1.0))
   # The paper's GRPO: n = 5 rollouts at temperature 1, k3 KL as a loss with beta 0.01, clip 0.2 / 0.3, dual clip
   # 3, token-mean aggregation.
   c.grpo = ml_collections.ConfigDict(dict(group_size=5, temperature=1.0, kl_coef=0.01, kl_kind="k3",
@@ -71,8 +75,8 @@ def get_config(arg=None):
     c.follower.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=136)
     c.instructor.model = ml_collections.ConfigDict(c.follower.model.to_dict())
     c.instructor.update(prompt_len=80, new_tokens=49)
-    c.sft.update(follower_steps=0, instructor_steps=0, batch=8)  # no SFT compile in CI (the default covers it)
-    c.rounds.update(n=2, follower_steps=1, follower_epochs=(2, 1), instructor_steps=1, prompts_per_step=2,
+    c.sft.update(follower_steps=0, instructor_steps=0, batch=8)  # no SFT compilation (the tests add steps)
+    c.rounds.update(n=2, follower_steps=1, follower_epochs=(2, 1), instructor_steps=2, prompts_per_step=2,
                     pool_size=10)
     c.grpo.update(minibatches=1)
     c.eval.update(levels=(1, 3), per_level=2, hard_level=3)
@@ -89,6 +93,8 @@ def get_config(arg=None):
             vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
             max_seq_len=2048 + 8192, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=False, norm_eps=1e-6,
             dtype="bfloat16", param_dtype="bfloat16", remat="full", attention_impl="xla")),
-        lr=1e-6, weight_decay=1e-2, clip_norm=1.0, max_prompt=2048, max_response=8192, micro_batch=4,
+        optim=ml_collections.ConfigDict(dict(name="adamw", lr=1e-6, weight_decay=1e-2, clip_norm=1.0,
+                                             schedule="constant")),
+        max_prompt=2048, max_response=8192, micro_batch=4,
         rollout_batch_prompts=384, global_batch=96))
   return c

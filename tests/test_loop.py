@@ -354,3 +354,31 @@ def test_at_steps_hook_runs_on_its_schedule_only():
   assert [s for s in range(1, 31) if loop.every(10, lambda *a: None).due(s, 30)] == [10, 20, 30]
   with pytest.raises(ValueError):
     loop.at_steps([0, 5], lambda *a: None)
+
+
+def test_compile_cache_shares_one_compilation_and_init_state_starts_from_given_parts(tmp_path):
+  """Loops with the same step object, seed and shapes compile once through a shared ``compile_cache`` (another
+  seed compiles again: its step rng is another constant); ``init_state`` starts from the given parts, which stay
+  the caller's (the state is donated, the given arrays are not)."""
+  mesh = mesh_lib.make_mesh(dict(data=-1), devices=jax.devices()[:1])
+  traces = {"n": 0}
+
+  def step(state, frozen, batch, rng):
+    traces["n"] += 1
+    return dict(state, w=state["w"] + frozen["d"]), {"loss": jnp.sum(state["w"])}
+
+  cache, outs, given = {}, [], []
+  for i, seed in enumerate((0, 0, 1)):
+    start = np.full((3,), float(i), np.float32)
+    given.append(start)
+    lp = loop.Loop(step_fn=step, init_state={"w": start}, frozen={"d": np.full((3,), i + 1.0, np.float32)},
+                   mesh=mesh, workdir=str(tmp_path / f"run{i}"), total_steps=2, seed=seed, ckpt_every=0,
+                   log_console=False, compile_cache=cache)
+    outs.append(np.asarray(lp.run().state["w"]))
+  assert traces["n"] == 2 and len(cache) == 2  # seed 0 twice: one compilation; seed 1: another
+  for i, w in enumerate(outs):
+    np.testing.assert_allclose(w, i + 2 * (i + 1.0))
+    np.testing.assert_allclose(given[i], float(i))
+  with pytest.raises(ValueError, match="not both"):
+    loop.Loop(step_fn=step, init_fn=lambda k: {"w": jnp.zeros(3)}, init_state={"w": np.zeros(3)}, mesh=mesh,
+              workdir=str(tmp_path / "both"), total_steps=1, seed=0)

@@ -116,8 +116,64 @@ def test_grpo_batch_advantages_numpy():
   g = r.reshape(2, 5)
   want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
   np.testing.assert_allclose(adv, want, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(batch["advantages_BT"])[:, 2:], np.repeat(want[:, None], 2, 1), rtol=1e-5)
-  assert np.asarray(batch["advantages_BT"])[:, :2].sum() == 0  # prompt tokens carry no advantage
+  np.testing.assert_allclose(batch["advantages_BT"][:, 2:], np.repeat(want[:, None], 2, 1), rtol=1e-5)
+  assert batch["advantages_BT"][:, :2].sum() == 0  # prompt tokens carry no advantage
+  assert batch["mask"].tolist() == [1.0] * 10 and all(isinstance(v, np.ndarray) for v in batch.values())
+
+
+def _tiny_policy(**rl):
+  import ml_collections
+
+  from lmx.methods.seif.policy import Policy
+  model = ml_collections.ConfigDict(dict(vocab_size=260, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32,
+                                         max_seq_len=24, tie_embeddings=False, dtype="float32",
+                                         param_dtype="float32", remat="none", attention_impl="xla"))
+  optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-2, schedule="constant", b2=0.99, weight_decay=0.01,
+                                         clip_norm=1.0))
+  cfg = dict(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_kind="k3", agg="token-mean")
+  return Policy.build(model, prompt_len=12, new_tokens=8, rl_optim=optim, rl_cfg={**cfg, **rl}), optim
+
+
+def test_grpo_step_is_one_optax_step_of_the_policy_loss_and_records_the_batch_stats():
+  """One minibatch: the loop step equals a plain optax step of ``policy_loss_fn`` on the whole buffer (the
+  reference, built here from optax directly); the batch's scalars land in row ``step`` of the state's record."""
+  import jax
+  import optax
+
+  from lmx.methods.seif.policy import grpo_batch
+  from lmx.rl.rollout import policy_loss_fn
+  pol, optim = _tiny_policy()
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(np.float32),
+                        pol.model.abstract_params())
+  new_mask = np.arange(8)[None, :] < np.array([[8], [3], [5], [1]])  # EOS at different positions
+  out = {"tokens": rng.integers(0, 256, (4, 20)).astype(np.int32), "new_tokens": np.zeros((4, 8), np.int32),
+         "mask": new_mask, "sequence_mask": np.concatenate([np.arange(12)[None, :] >= np.array([[2], [0], [5], [9]]),
+                                                             new_mask], 1),
+         "logprobs": -rng.uniform(0.5, 6.0, (4, 8)).astype(np.float32)}
+  rows, _ = grpo_batch(out, [0.0, 1.0, 0.5, 0.25], 2)
+  key = np.asarray(jax.random.key_data(jax.random.key(2)))
+  ref = jax.tree.map(lambda x: x * 0.9, params)
+  step = pol.grpo_step(rows=4, minibatches=1)
+  assert step is pol.grpo_step(rows=4, minibatches=1)  # one step object: one compilation per shape
+  state = {"params": params, "opt_state": pol.rl_tx.init(params), "stats": np.zeros((3, 2), np.float32),
+           "step": np.int32(1)}
+  batch = {"rows": rows, "stats": {"reward": np.float32(0.4), "len": np.float32(5.0)}, "key": key}
+  new, m = jax.jit(step)(state, {"ref_params": ref}, batch, None)
+  tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+                   optax.adamw(optim.lr, b2=optim.b2, weight_decay=optim.weight_decay))
+  loss_fn = policy_loss_fn(pol.model.apply, clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_kind="k3",
+                           agg="token-mean")
+  plain = {k: v for k, v in rows.items() if k != "mask"}
+  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, {"ref_params": ref}, plain, None)
+  upd, _ = tx.update(grads, tx.init(params), params)
+  want = optax.apply_updates(params, upd)
+  for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(m["loss"]), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(m["kl_ref"]), float(aux["kl_ref"]), rtol=1e-5)
+  assert float(m["reward"]) == pytest.approx(0.4) and float(m["updates"]) == 1.0
+  np.testing.assert_allclose(np.asarray(new["stats"]), [[0, 0], [5.0, 0.4], [0, 0]])  # sorted names: len, reward
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -128,13 +184,20 @@ def test_summarize_by_hand():
     return {"eval": {"L1/adherence": a, "L1/all_followed": a, "mean/adherence": a}, "pool": {}, "instructor": {}}
 
   per_seed = {0: {"variants": {"seif": {"rounds": [rec(0.5), rec(0.9)]}, "random": {"rounds": [rec(0.5), rec(0.6)]}}},
-              1: {"variants": {"seif": {"rounds": [rec(0.5), rec(0.7)]}, "random": {"rounds": [rec(0.5), rec(0.8)]}}}}
+              1: {"variants": {"seif": {"rounds": [rec(0.5), rec(0.7)]}, "random": {"rounds": [rec(0.5), rec(0.8)]}}},
+              2: {"variants": {"seif": {"rounds": [rec(0.5), rec(0.5)]}}}}  # a sweep part-way: no random yet
   s = report.summarize(per_seed, ["seif", "random"], [1], 1)
-  assert s["final"]["seif"]["L1/adherence"]["mean"] == pytest.approx(0.8)
-  assert s["final"]["seif"]["L1/adherence"]["std"] == pytest.approx(0.1)
-  assert s["paired_vs_random"]["seif"]["L1/adherence"]["per_seed"] == pytest.approx([0.3, -0.1])
-  assert s["paired_vs_random"]["seif"]["L1/adherence"]["mean"] == pytest.approx(0.1)
+  f = s["final"]["seif"]["L1/adherence"]
+  assert f["mean"] == pytest.approx(0.7) and f["n"] == 3
+  assert f["std"] == pytest.approx(np.std([0.9, 0.7, 0.5], ddof=1))  # the sample std (0.2), not the population's
+  p = s["paired_vs_random"]["seif"]["L1/adherence"]
+  assert p["per_seed"] == pytest.approx([0.3, -0.1]) and p["n"] == 2
+  assert p["mean"] == pytest.approx(0.1) and p["std"] == pytest.approx(np.std([0.3, -0.1], ddof=1))
   assert s["per_round"]["random"]["L1/adherence"][0]["mean"] == 0.5
+  one = report.summarize({0: per_seed[0]}, ["seif"], [1], 1)["final"]["seif"]["L1/adherence"]
+  assert one["n"] == 1 and one["std"] is None  # no spread from one seed
+  table = report.markdown({"summary": s, "variants": ["seif", "random"], "levels": [1], "hard_level": 1})
+  assert "n = 3 seeds" in table and "0.700 ± 0.200" in table
 
 
 # ------------------------------------------------------------------------------------------ config and run
@@ -165,28 +228,39 @@ def test_validate_names_fields():
 
 
 class _StubPolicy:
-  """A policy without a network (no compilation): the Instructor writes fixed proposals, the Follower fixed
-  answers; training steps count their calls. Exercises the whole driver in seconds."""
-
-  class _Model:
-    class cfg:  # noqa: N801
-      max_seq_len = 136
-
-  model = _Model()
+  """A policy without a network (trivial jitted steps): the Instructor writes fixed proposals, the Follower fixed
+  answers; every GRPO update adds 1 to the parameter ``w``, so a stage's output counts its updates. Exercises the
+  whole driver (stages, loops, sweep, report) in seconds."""
+  max_seq_len = 136
 
   def __init__(self):
-    self.grpo_calls = 0
+    import optax
 
-  def init_state(self, key, tx="sft", params=None):
-    return {"params": {"w": np.zeros(1)} if params is None else params}
+    from lmx.methods.seif.policy import with_batch_stats
+    self.compile_cache = {}
+    self.rl_tx = optax.sgd(0.0)
 
-  def sft_step(self, state, batch):
-    return state, {"loss": 0.0}
+    def update(state, frozen, buffer, key):
+      assert buffer["tokens_BT"].shape[0] % 5 == 0
+      return dict(state, params={"w": state["params"]["w"] + 1}), {"loss": buffer["mask"].sum() * 0.0}
 
-  def grpo_step(self, state, ref, batch):
-    self.grpo_calls += 1
-    assert batch["tokens_BT"].shape[0] % 5 == 0
-    return state, {"loss": 0.0, "kl_ref": 0.0}
+    self._grpo = with_batch_stats(update)
+
+  def init_params(self, key):
+    return {"w": np.zeros((1,), np.float32)}
+
+  def pack(self, params):
+    return [np.asarray(params["w"])]
+
+  def unpack(self, leaves):
+    return {"w": np.asarray(leaves[0])}
+
+  def sft_step(self, optim, steps):
+    import optax
+    return (lambda state, frozen, batch, rng: (state, {"loss": batch["loss_mask_BT"].sum() * 0.0})), optax.sgd(0.0)
+
+  def grpo_step(self, *, rows, minibatches):
+    return self._grpo
 
   def sample(self, params, prompts, key, temperature):
     texts = [(["lower; incl sun", "lower; upper", "nonsense"][i % 3] if p.endswith("C:") else "the sun is here")
@@ -201,44 +275,89 @@ class _StubPolicy:
 
 
 def test_driver_end_to_end_with_stub_policies(tmp_path, monkeypatch):
-  """The smoke config through ``run`` with network-free policies (the real networks: the slow test below)."""
+  """The smoke config through ``run`` with network-free policies (the real networks: the launcher runs below)."""
+  from lmx.core import stages
   seif_run = importlib.import_module("lmx.methods.seif.run")
   fol, inst = _StubPolicy(), _StubPolicy()
   monkeypatch.setattr(seif_run, "build_policies", lambda config: (fol, inst))
   res = seif_run.run(_config("smoke"), str(tmp_path))
   s = res["per_seed"][0]["variants"]
-  # the stub Follower's answer "the sun is here" follows 'lower' and 'incl sun' of every held-out set it meets
-  assert fol.grpo_calls == 3 * 3  # 3 variants x (2 + 1) Follower steps, 1 minibatch each
-  assert inst.grpo_calls == 2 * 2  # seif and no_filter: 2 rounds x 1 Instructor step
+  for v in ("seif", "random", "no_filter"):  # equal Follower steps in every variant: 2 + 1, one update each
+    out, _ = stages.load_outputs(stages.stage_dir(str(tmp_path), f"s0/{v}/r2/follower"))
+    assert out["params"][0].tolist() == [3.0] and s[v]["follower_steps"] == 3
+  out, _ = stages.load_outputs(stages.stage_dir(str(tmp_path), "s0/seif/r2/instructor"))
+  assert out["params"][0].tolist() == [4.0]  # 2 rounds x 2 Instructor steps, going on from round to round
+  # per-step scalars: the Instructor's proposals cycle 'lower; incl sun' (valid), 'lower; upper' (a
+  # contradiction), 'nonsense' (unparsable) over its 10 rollouts
+  np.testing.assert_allclose(out["stats"]["parsed"], [0.7, 0.7])
+  np.testing.assert_allclose(out["stats"]["filter_pass"], [0.4, 0.4])
+  assert not stages.is_finished(str(tmp_path), "s0/random/r1/instructor")
+  assert s["random"]["instructor_steps"] == 0 and s["seif"]["instructor_steps"] == 4
   seif_pool, nf_pool = s["seif"]["rounds"][1]["pool"], s["no_filter"]["rounds"][1]["pool"]
-  # proposals: 'lower; incl sun' (valid), 'lower; upper' (a contradiction), 'nonsense' (unparsable, dropped)
   assert seif_pool["filter_reject"] == pytest.approx(nf_pool["filter_reject"])
   assert 0 < seif_pool["filter_reject"] < 1
   assert s["random"]["rounds"][1]["pool"]["filter_reject"] == 0.0  # random sets pass the Filter
-  assert s["random"]["instructor_steps"] == 0
   ex = s["seif"]["rounds"][1]["examples"][0]
   assert ex["answer"] == "the sun is here" and ex["followed"] == I.check_all(ex["answer"], P(ex["instruction"]))
   assert os.path.exists(tmp_path / "plots" / "heldout_levels.png")
+  assert res["summary"]["final"]["seif"]["L3/adherence"]["n"] == 1 and "wall_s" in res
+  # a rerun reads every stage back and writes the same results
+  again = seif_run.run(_config("smoke"), str(tmp_path))
+  assert json.dumps(again["summary"]) == json.dumps(res["summary"])
 
 
-# The CI's run of the smoke config with the real networks: about 9 s on one idle core.
-def test_smoke_end_to_end(tmp_path):
-  seif_run = importlib.import_module("lmx.methods.seif.run")
-  res = seif_run.run(_config("smoke"), str(tmp_path))
-  with open(tmp_path / "results.json") as f:
-    saved = json.load(f)
-  assert saved["variants"] == ["seif", "random", "no_filter"]
+# ------------------------------------------------------------------------------------------ the launcher's runs
+
+SMOKE = "configs/seif.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """One uninterrupted run of the smoke config through the launcher, shared by the tests below."""
+  from resume_check import fail, run
+  work = tmp_path_factory.mktemp("seif") / "uninterrupted"
+  r = run(SMOKE, work)
+  assert r.returncode == 0, fail(r, "smoke run")
+  return work
+
+
+def test_smoke_run_layout_and_results(smoke_run):
+  from resume_check import check_layout, results
+  check_layout(smoke_run)
+  saved = results(smoke_run)
+  assert saved["variants"] == ["seif", "random", "no_filter"] and saved["wall_s"] > 0
   for v in saved["variants"]:
-    rounds = saved["per_seed"]["0"]["variants"][v]["rounds"]
-    assert len(rounds) == 3 and rounds[0]["round"] == 0
-    assert saved["per_seed"]["0"]["variants"][v]["follower_steps"] == 3  # equal Follower steps: 2 + 1
-    for r in rounds:
+    rec = saved["per_seed"]["0"]["variants"][v]
+    assert len(rec["rounds"]) == 3 and rec["rounds"][0]["round"] == 0
+    assert rec["follower_steps"] == 3  # equal Follower steps: 2 + 1
+    for r in rec["rounds"]:
       assert 0.0 <= r["eval"]["L3/adherence"] <= 1.0
   assert saved["per_seed"]["0"]["variants"]["random"]["instructor_steps"] == 0
-  assert saved["per_seed"]["0"]["variants"]["seif"]["instructor_steps"] == 2
-  assert res["summary"]["final"]["seif"]["L3/adherence"]["n"] == 1
+  assert saved["per_seed"]["0"]["variants"]["seif"]["instructor_steps"] == 4
+  assert saved["summary"]["final"]["seif"]["L3/adherence"]["n"] == 1
   for name in ("heldout_hard", "heldout_levels", "proposal_conflicts"):
-    assert os.path.exists(tmp_path / "plots" / f"{name}.png")
+    assert os.path.exists(smoke_run / "plots" / f"{name}.png")
+  with open(smoke_run / "metrics.jsonl") as f:
+    keys = set().union(*(json.loads(line) for line in f))
+  assert {"s0/seif/r1/instructor/reward", "s0/seif/r1/instructor/filter_pass", "s0/seif/r1/follower/kl_ref",
+          "s0/random/r2/follower/reward"} <= keys
+
+
+def test_sigterm_resume_matches_the_uninterrupted_run(tmp_path, smoke_run):
+  """SIGTERM right after the first checkpoint (step 1 of the first Instructor GRPO stage), rerun: the same
+  results.json."""
+  from resume_check import check_sigterm_resume
+  check_sigterm_resume(tmp_path, SMOKE, reference=smoke_run)
+
+
+def test_nan_in_the_sft_stops_the_run(tmp_path):
+  from resume_check import check_nan_stops
+  check_nan_stops(tmp_path, SMOKE, "sft_follower", 1, "--config.sft.follower_steps=2")
+
+
+def test_nan_in_a_grpo_update_stops_the_run(tmp_path):
+  from resume_check import check_nan_stops
+  check_nan_stops(tmp_path, SMOKE, "s0/seif/r1/instructor", 1)
 
 
 @pytest.mark.slow

@@ -2,6 +2,9 @@
 
 A method supplies
   ``init_fn(key) -> parts``                      its part of the train state (params, optimiser, EMA, env state...)
+                                                 or ``init_state``: those parts as arrays (a stage that goes on
+                                                 from another stage's parameters), placed on their shardings
+                                                 without compiling an init
   ``step_fn(state, frozen, batch, rng) -> (state, metrics)``
                                                  pure; ``state`` is the parts plus the loop's ``step`` (int32)
   ``frozen``                                     inputs the step reads but does not train (a teacher, a reference
@@ -19,6 +22,10 @@ A method supplies
                                                  ``at_end`` hooks), also when a resumed run restores it
   ``hooks``                                      :func:`every` ``(k, fn)``: ``fn(step, state, writer)`` after
                                                  every k-th step (evaluate, plot, sample, refresh a reference...)
+
+``compile_cache`` (a dict the caller owns) lets many short loops share one compiled step: a Loop whose ``step_fn`` is
+the same object as an earlier one's, with the same seed, finite keys, shapes, dtypes and shardings, reuses that
+compiled step (a method with one RL update per round and role compiles it once, not once per round).
 
 ``ckpt_every <= 0`` turns checkpoints off (short inner trainings such as DATM's experts and evaluation networks).
 ``ckpt_dir`` (default ``<workdir>/checkpoints``) lets the stages of one method keep their own checkpoints under the
@@ -187,12 +194,17 @@ def optax_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Ca
 # ------------------------------------------------------------------------------------------ the loop
 
 
+def _nan_at(names: Sequence[str]) -> int | None:
+  """The step at which ``LMX_FAULT=nan:<name>:<k>`` injects a NaN loss into the loop named by one of ``names``."""
+  fault = _fault()
+  return fault[2] if fault is not None and fault[0] == "nan" and fault[1] in names else None
+
+
 def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss", "grad_norm"),
             names: Sequence[str] = ()) -> Callable:
   """``(state, frozen, batch) -> (state, metrics)``: the step with its rng, step count and NaN guard."""
   base = rng_stream(seed, "step")
-  fault = _fault()
-  nan_at = fault[2] if fault is not None and fault[0] == "nan" and fault[1] in names else None
+  nan_at = _nan_at(names)
 
   def wrapped(state, frozen, batch):
     new, metrics = step_fn(state, frozen, batch, jax.random.fold_in(base, state["step"]))
@@ -256,16 +268,22 @@ def _checkpointable(data):
 class Loop:
   """Runs (or resumes) ``total_steps`` steps; see the module docstring. ``run()`` returns a :class:`TrainResult`."""
 
-  def __init__(self, *, step_fn: Callable, init_fn: Callable, mesh, workdir: str, total_steps: int, seed: int,
-               state_shardings=None, frozen=None, frozen_shardings=None, data=None, hooks: Sequence[Hook] = (),
-               config=None, writer: Writer | None = None, log_every: int = 10, ckpt_every: int = 100,
-               ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
+  def __init__(self, *, step_fn: Callable, init_fn: Callable | None = None, mesh, workdir: str, total_steps: int,
+               seed: int, init_state=None, state_shardings=None, frozen=None, frozen_shardings=None, data=None,
+               hooks: Sequence[Hook] = (), config=None, writer: Writer | None = None, log_every: int = 10,
+               ckpt_every: int = 100, ckpt_keep: int = 3, async_checkpointing: bool = True, nan_patience: int = 1,
                finite_keys: Sequence[str] = ("loss", "grad_norm"), desc: str = "train", items_per_step: int = 0,
                item_name: str = "tokens", log_prefix: str = "train/", log_console: bool = True,
                postfix: Sequence[str] = ("loss",), allow_fresh_start: bool | None = None,
-               batch_fn: Callable | None = None, stop_fn: Callable | None = None, ckpt_dir: str | None = None):
+               batch_fn: Callable | None = None, stop_fn: Callable | None = None, ckpt_dir: str | None = None,
+               compile_cache: dict | None = None):
     if data is not None and batch_fn is not None:
       raise ValueError("give the loop either data (an iterator) or batch_fn (host batches from the state), not both")
+    if (init_fn is None) == (init_state is None):
+      raise ValueError("give the loop either init_fn (parts from a key) or init_state (the parts), not both")
+    self._given = init_state
+    if init_state is not None:
+      init_fn = lambda key: init_state  # noqa: E731  (for the abstract state)
     self.mesh, self.workdir, self.total_steps, self.seed = mesh, workdir, int(total_steps), int(seed)
     self.init_fn, self.data, self.hooks, self.config = init_fn, data, tuple(hooks), config
     self.batch_fn, self.stop_fn = batch_fn, stop_fn
@@ -287,8 +305,10 @@ class Loop:
     self._frozen_avals = None
     if frozen is not None:
       self.set_frozen(frozen)
-    self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys,
-                         names=(log_prefix.strip("/"), desc))
+    names = (log_prefix.strip("/"), desc)
+    self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys, names=names)
+    self.compile_cache = compile_cache
+    self._step_identity = (step_fn, self.seed, tuple(finite_keys), _nan_at(names))
     self._ckpt_args = dict(keep=ckpt_keep, async_save=async_checkpointing)
     self._ckpt = None  # opened by restore_or_init / run (a Loop used only to compile opens nothing)
     self._compiled = None
@@ -312,8 +332,30 @@ class Loop:
     return None if self.data is None else next(self.data)
 
   def compile(self, state, batch):
-    """The step compiled ahead of time for ``state``, the frozen inputs and ``batch`` (what ``run`` calls)."""
-    return self.lower(state, batch).compile()
+    """The step compiled ahead of time for ``state``, the frozen inputs and ``batch`` (what ``run`` calls);
+    taken from (and added to) ``compile_cache`` when the Loop has one."""
+    key = self._cache_key(state, batch)
+    if key is not None and key in self.compile_cache:
+      return self.compile_cache[key]
+    compiled = self.lower(state, batch).compile()
+    if key is not None:
+      self.compile_cache[key] = compiled
+    return compiled
+
+  def _cache_key(self, state, batch):
+    """What the compiled step depends on: the step function, seed, NaN checks, shapes, dtypes and shardings."""
+    if self.compile_cache is None:
+      return None
+
+    def dtype(x):
+      return str(x.dtype) if hasattr(x, "dtype") else str(np.result_type(x))
+
+    def spec(tree):
+      leaves, treedef = jax.tree.flatten(tree)
+      return treedef, tuple((tuple(np.shape(x)), dtype(x), getattr(x, "sharding", None)) for x in leaves)
+
+    shardings = jax.tree.flatten((self.state_shardings, self.frozen_shardings))
+    return (self._step_identity, spec(state), spec(self.frozen), spec(batch), shardings[1], tuple(shardings[0]))
 
   def lower(self, state, batch, *, lowering_platforms: tuple[str, ...] | None = None):
     """The step lowered for ``state``, the frozen inputs and ``batch`` (arrays, or ``jax.ShapeDtypeStruct`` with
@@ -334,6 +376,8 @@ class Loop:
   def fresh_state(self):
     """A new sharded train state (the method's parts and the loop's)."""
     with jax.set_mesh(self.mesh):
+      if self._given is not None:  # a copy: the state is donated to the step, the given arrays stay the caller's
+        return jax.device_put({**self._given, **_loop_parts()}, self.state_shardings, may_alias=False)
       return jax.jit(self._init_state, out_shardings=self.state_shardings)(rng_stream(self.seed, "init"))
 
   def restore_or_init(self):

@@ -2,7 +2,8 @@
 
 Both roles share one GRPO step (:func:`lmx.rl.rollout.policy_loss_fn`: clipped PPO with ε_low 0.2, ε_high 0.3,
 dual clip 3, k3 KL as a loss with β = 0.01 to the frozen reference ``frozen["ref_params"]``, token-mean) in
-:func:`lmx.core.loop.optax_step` with AdamW (lr 1e-6, weight decay 1e-2, clip 1.0). :func:`lower_step` lowers it
+:func:`lmx.core.loop.optax_step` with AdamW (lr 1e-6, weight decay 1e-2, clip 1.0; ``paper.optim`` through
+:func:`lmx.core.optim.make_optimizer`). :func:`lower_step` lowers it
 for a GPU target from abstract shapes (nothing of paper size is allocated): a micro-batch of ``micro_batch`` rows
 of ``max_prompt + max_response`` tokens. A real run reads the checkpoint with ``model.name='hf'``
 (:mod:`lmx.models.hf`, ``paper.hf_path``).
@@ -12,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from lmx.core.loop import optax_state, optax_step
+from lmx.core.optim import make_optimizer
 from lmx.models.registry import build_model
 from lmx.rl import rollout
 
@@ -27,7 +28,7 @@ def paper_model(config):
 def make_step(model, config):
   """``(jitted step(state, frozen, batch, rng), tx)`` with the paper's GRPO loss and optimiser."""
   p, g = config.paper, config.grpo
-  tx = optax.chain(optax.clip_by_global_norm(p.clip_norm), optax.adamw(p.lr, weight_decay=p.weight_decay))
+  tx, _ = make_optimizer(p.optim, 1)
   loss = rollout.policy_loss_fn(model.apply, clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip,
                                 kl_coef=g.kl_coef, kl_kind=g.kl_kind, agg=g.agg)
   return jax.jit(optax_step(loss, tx), donate_argnums=(0,)), tx

@@ -1,40 +1,55 @@
 """SEIF's driver: SFT warm starts, then alternating Instructor / Follower GRPO rounds, per variant and seed.
 
-Per seed (paired across variants: the same warm-started Follower F0 and Instructor I0, the same held-out set):
-  0. SFT: the Follower on rule-written compliant answers to instructions of ``sft.follower_max_constraints``
-     or fewer constraints; the Instructor on random constraint sets (1..``instructor.max_constraints``, not
-     filtered) written in the text form of :mod:`lmx.envs.instructions`.
-  1. For each variant and round T = 1..R:
-     a. Instructor I_T (variants ``seif``, ``no_filter``): GRPO from I_{T−1}; reward 0 if unparsable, 0 if the
-        Filter rejects (``seif`` only), else 1 − adherence of the frozen F_{T−1}'s greedy answer.
-     b. q_T: I_T samples constraints for the training questions at ``rounds.gen_temperature`` (0.7); the
-        parsable ones are kept (``random``: uniformly random sets the Filter accepts, no Instructor).
-     c. Follower F_T: GRPO from F_{T−1} on q_T with reward = adherence (rule-based Judger), reference F_{T−1};
-        ``rounds.follower_epochs[T]`` × ``rounds.follower_steps`` steps (3/1/1 as the paper's epochs): the same
-        number of Follower steps in every variant.
-     d. Evaluation of F_T on the held-out set (greedy), the difficulty of the round's proposals (constraint
-        count, Filter rejections, adherence of F0 and F_{T−1} on them) and example instructions with answers.
-Writes ``results.json`` (per variant, seed, round and level; mean ± std over seeds), ``metrics.jsonl``,
-``examples.json`` and plots.
+Stages (each a resumable sub-run of the workdir, :mod:`lmx.core.stages`; a rerun skips the finished ones and
+resumes the one it stopped in):
+
+  sft_follower, sft_instructor     the warm starts F0 and I0 (the paper's base model): trained once with
+                                   ``sft.seed`` and shared by every seed and variant. The Follower learns
+                                   rule-written compliant answers to instructions of ``sft.follower_max_constraints``
+                                   or fewer constraints; the Instructor random constraint sets (1..
+                                   ``instructor.max_constraints``, not filtered) in the text form of
+                                   :mod:`lmx.envs.instructions`.
+  eval_F0                          F0 on the held-out set (round 0 of every variant).
+  s<seed>/<variant>                one cell of the sweep (seeds × variants; results.json rewritten after each),
+                                   made of the stages of its rounds T = 1..R:
+    .../r<T>/instructor            (``seif``, ``no_filter``) GRPO from I_{T−1}; reward 0 if unparsable, 0 if the
+                                   Filter rejects (``seif`` only), else 1 − adherence of the frozen F_{T−1}'s
+                                   greedy answer.
+    .../r<T>/pool                  q_T: I_T's constraints for the training questions at ``rounds.gen_temperature``,
+                                   the parsable ones kept (``random``: uniformly random sets the Filter accepts).
+    .../r<T>/pool_stats            q_T's difficulty: constraint count, Filter rejections, adherence of F0 and F_{T−1}.
+    .../r<T>/follower              GRPO from F_{T−1} on q_T, reward = adherence (rule-based Judger), reference
+                                   F_{T−1}; ``rounds.follower_epochs[T]`` × ``rounds.follower_steps`` steps (the same
+                                   number in every variant).
+    .../r<T>/eval, .../examples    F_T on the held-out set (greedy); example instructions of q_T with F_T's answers.
+
+The GRPO stages run on the shared loop: the step is one jitted update over the step's fixed-size rollout buffer
+(:meth:`lmx.methods.seif.policy.Policy.grpo_step`), the rollouts are sampled and scored on the host by the stage's
+``batch_fn`` from the current parameters with named random streams indexed by (seed, round, variant, step), the
+reference policy is the loop's frozen input. Writes ``results.json`` (per variant, seed, round and level; mean ±
+sample std over seeds), ``metrics.jsonl`` + ``tb/`` (every stage's per-step scalars under its name) and plots.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lmx.core import loop, stages
+from lmx.core import optim as optim_lib
 from lmx.core.config import ConfigError, check_keys, require
-from lmx.core.metrics import Writer, progress
+from lmx.core.metrics import Writer
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import np_stream, rng_stream
 from lmx.datasets import text
 from lmx.envs import instructions as I
 from lmx.methods.seif import data as D
 from lmx.methods.seif import report
-from lmx.methods.seif.policy import Policy, grpo_batch, sft_rows, split_batch
+from lmx.methods.seif.policy import Policy, grpo_batch, sft_rows
 from lmx.methods.seif.rewards import follower_reward, instructor_reward, parse_proposal
 
 VARIANTS = ("seif", "random", "no_filter")
@@ -42,6 +57,14 @@ CONFIG_FIELDS = ("method", "variant", "seeds", "variants", "vocab", "answer_char
                  "sft", "sft_optim", "rl_optim", "grpo", "rounds", "eval", "train", "paper")
 STEPS_FIELD = None
 SAFE_TO_CHANGE = ("train.log_every", "train.plot")
+# The per-step scalars of a GRPO stage (the step's batch carries them), the same for both roles so that equal
+# shapes share one compiled update: mean reward, mean completion length (tokens), and of the step's instructions
+# (the Instructor's proposals; the Follower's prompts) the share that parses, the share the Filter accepts and the
+# mean constraint count.
+STATS = ("reward", "len", "parsed", "filter_pass", "n_constraints")
+# The GRPO loops' own seed: their update draws its randomness from the batch's named stream (seed, round,
+# variant, step), so the loop seed is one constant and one compiled update serves every seed.
+GRPO_LOOP_SEED = 0
 
 
 def validate(config):
@@ -63,12 +86,12 @@ def validate(config):
   require(r.n >= 1, "rounds.n", f"must be >= 1, got {r.n}")
   require(len(r.follower_epochs) >= r.n, "rounds.follower_epochs",
           f"needs one entry per round ({r.n}), got {tuple(r.follower_epochs)}")
-  b = r.prompts_per_step * g.group_size
-  require(b % g.minibatches == 0 and (b // g.minibatches) % g.group_size == 0, "grpo.minibatches",
-          f"rounds.prompts_per_step*group_size={b} must split into {g.minibatches} minibatches of whole groups")
   for f in ("follower_steps", "instructor_steps", "pool_size", "prompts_per_step"):
     require(isinstance(r[f], int) and r[f] >= 0, f"rounds.{f}", f"must be an integer >= 0, got {r[f]!r}")
   require(r.prompts_per_step >= 1, "rounds.prompts_per_step", "must be >= 1")
+  b = r.prompts_per_step * g.group_size
+  require(isinstance(g.minibatches, int) and 1 <= g.minibatches <= b, "grpo.minibatches",
+          f"must be an integer in [1, rounds.prompts_per_step*group_size = {b}], got {g.minibatches!r}")
   require(0 < config.instructor.max_constraints <= 8, "instructor.max_constraints",
           f"must be in [1, 8], got {config.instructor.max_constraints}")
   require(all(1 <= lv <= config.instructor.max_constraints + 2 for lv in config.eval.levels), "eval.levels",
@@ -85,6 +108,14 @@ def validate(config):
           f"must be 'spec', 'short' or 'ifeval', got {config.follower.prompt_style!r}")
   require(isinstance(config.sft.seed, int) and config.sft.seed >= 0, "sft.seed",
           f"must be an integer >= 0, got {config.sft.seed!r}")
+  for f in ("follower_steps", "instructor_steps", "batch"):
+    require(isinstance(config.sft[f], int) and config.sft[f] >= 0, f"sft.{f}",
+            f"must be an integer >= 0, got {config.sft[f]!r}")
+  optim_lib.validate(config.sft_optim, "sft_optim")
+  optim_lib.validate(config.rl_optim, "rl_optim")
+  require(config.rl_optim.get("schedule", "cosine") == "constant", "rl_optim.schedule",
+          "must be 'constant': every GRPO stage restarts the optimiser from the previous round's policy with one "
+          "compiled update for all of them")
   require(config.follower.new_tokens >= config.answer_chars + 1, "follower.new_tokens",
           f"must be >= answer_chars + 1 (EOS) = {config.answer_chars + 1}")
   require(config.paper.enabled is False, "paper.enabled",
@@ -93,7 +124,8 @@ def validate(config):
 
 
 def build_policies(config) -> tuple[Policy, Policy]:
-  """``(follower, instructor)`` with compiled steps (shared across seeds and variants)."""
+  """``(follower, instructor)``; roles of identical shape (smoke) share one policy, so one compilation of each
+  step and of the sampler."""
   g = config.grpo
   rl_cfg = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip, kl_coef=g.kl_coef,
                 kl_kind=g.kl_kind, agg=g.agg)
@@ -101,18 +133,35 @@ def build_policies(config) -> tuple[Policy, Policy]:
   for role in ("follower", "instructor"):
     r = config[role]
     key = (str(r.model.to_dict()), r.prompt_len, r.new_tokens)
-    if key not in built:  # identical roles (smoke) share one policy: one compilation of each step
+    if key not in built:
       built[key] = Policy.build(r.model, prompt_len=r.prompt_len, new_tokens=r.new_tokens,
-                                sft_optim=config.sft_optim, rl_optim=config.rl_optim, rl_cfg=rl_cfg)
+                                rl_optim=config.rl_optim, rl_cfg=rl_cfg)
     out.append(built[key])
   return out[0], out[1]
 
 
-# ------------------------------------------------------------------------------------------ SFT warm starts
+@dataclasses.dataclass
+class Context:
+  """What every stage of one run reads: the config, the workdir and its writer, the two policies, the data."""
+  config: object
+  workdir: str
+  writer: Writer
+  vocab: D.Vocab
+  fol: Policy
+  inst: Policy
+  heldout: list
+
+  @property
+  def rows(self) -> int:
+    """Rollouts per GRPO step (and the batch of every sampling call): prompts × group size."""
+    return int(self.config.rounds.prompts_per_step * self.config.grpo.group_size)
 
 
 def _fp(config, question, constraints):
   return D.prompt_text(question, constraints, config.follower.prompt_style)
+
+
+# ------------------------------------------------------------------------------------------ SFT warm starts
 
 
 def follower_sft_example(config, vocab, rng, qs):
@@ -129,31 +178,39 @@ def instructor_sft_example(config, vocab, rng, qs):
   return D.instructor_prompt(q), I.to_text(cs)
 
 
-def sft(policy: Policy, make_example, steps: int, batch: int, seed: int, name: str, writer, log_every: int):
-  """Trains a fresh ``policy`` for ``steps`` SFT steps on ``make_example(rng) -> (prompt, target)``."""
-  rng = np_stream(seed, f"seif_sft_{name}")
-  state = policy.init_state(rng_stream(seed, f"seif_init_{name}"))
-  length = policy.model.cfg.max_seq_len
-  last = {}
-  bar = progress(steps, desc=f"seed {seed} sft {name}", leave=False)
-  for step in range(steps):
-    ex = [make_example(rng)[:2] for _ in range(batch)]
-    rows = sft_rows([p for p, _ in ex], [t for _, t in ex], length)
-    state, m = policy.sft_step(state, rows)
-    if (step + 1) % log_every == 0 or step + 1 == steps:
-      last = writer.scalars(step + 1, {"nll": m["loss"]}, prefix=f"s{seed}/sft_{name}/")
-    bar.update(1)
-  bar.close()
-  return state["params"], last
+def sft(ctx: Context, policy: Policy, name: str, make_example, steps: int) -> dict:
+  """The stage ``sft_<name>``: a fresh ``policy`` trained for ``steps`` SFT steps; batch k is ``sft.batch``
+  examples ``make_example(rng)`` from ``np_stream(sft.seed, "seif_sft_<name>", k)``. Returns the parameters
+  (packed) and the last step's NLL."""
+  c = ctx.config
+  seed = int(c.sft.seed)
+  step_fn, tx = policy.sft_step(c.sft_optim, steps)
+  parts = {**loop.optax_state(policy.init_params(rng_stream(seed, f"seif_init_{name}")), tx),
+           "nll": np.zeros((), np.float32)}
+
+  def batch_fn(step, state):
+    del state
+    rng = np_stream(seed, f"seif_sft_{name}", step)
+    ex = [make_example(rng)[:2] for _ in range(c.sft.batch)]
+    return sft_rows([p for p, _ in ex], [t for _, t in ex], policy.max_seq_len)
+
+  res = stages.train(ctx.workdir, f"sft_{name}", writer=ctx.writer, total_steps=steps, step_fn=step_fn,
+                     init_state=parts, seed=seed, batch_fn=batch_fn, log_every=c.train.log_every,
+                     compile_cache=policy.compile_cache)
+  nll = float(loop.host(res.state["nll"])) if steps else None
+  print(f"sft_{name}: {steps} steps" + (f", last nll {nll:.3f}" if steps else ""), flush=True)
+  return {"params": policy.pack(res.state["params"]), "nll": nll}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(config, follower: Policy, params, heldout, key) -> dict:
-  """Greedy answers to the held-out set: per level mean adherence and the all-followed rate, plus per kind."""
+def evaluate(ctx: Context, params) -> dict:
+  """Greedy answers of the Follower ``params`` to the held-out set: per level the mean adherence and the
+  all-followed rate, per constraint type the adherence, and four examples."""
+  config, heldout = ctx.config, ctx.heldout
   prompts = [_fp(config, h["question"], h["constraints"]) for h in heldout]
-  texts = follower.sample_batched(params, prompts, key, 0.0, config.rounds.prompts_per_step * config.grpo.group_size)
+  texts = ctx.fol.sample_batched(params, prompts, rng_stream(int(config.sft.seed), "seif_eval"), 0.0, ctx.rows)
   by_level, by_id = {}, {}
   for h, t in zip(heldout, texts):
     ok = I.check_all(t, h["constraints"])
@@ -171,167 +228,246 @@ def evaluate(config, follower: Policy, params, heldout, key) -> dict:
   return out
 
 
-# ------------------------------------------------------------------------------------------ GRPO rounds
+# ------------------------------------------------------------------------------------------ GRPO stages
 
 
-def train_instructor(config, inst: Policy, inst_params, fol: Policy, fol_params, *, use_filter: bool, seed: int,
-                     rnd: int, variant: str, writer, step0: int):
-  """GRPO on the Instructor for ``rounds.instructor_steps`` steps against the frozen Follower ``fol_params``."""
-  r, g = config.rounds, config.grpo
-  qs = D.questions("train")
-  rng = np_stream(seed, "seif_inst_prompts", rnd, VARIANTS.index(variant))
-  state = inst.init_state(None, "rl", params=jax.tree.map(lambda x: x.copy(), inst_params))
-  ref = inst_params
-  stats = []
-  for step in range(r.instructor_steps):
-    key = rng_stream(seed, "seif_inst_sample", rnd, VARIANTS.index(variant), step)
-    picks = [qs[i] for i in rng.choice(len(qs), r.prompts_per_step, replace=False)]
-    prompts = [D.instructor_prompt(q) for _, q in picks for _ in range(g.group_size)]
-    out = inst.sample(state["params"], prompts, key, g.temperature)
-    parsed = [parse_proposal(t, max_constraints=config.instructor.max_constraints) for t in out["texts"]]
-    topics = [t for t, _ in picks for _ in range(g.group_size)]
-    fprompts = [_fp(config, q, cs or ()) for (_, q), cs in zip([p for p in picks for _ in range(g.group_size)],
-                                                                  parsed)]
-    answers = fol.sample(fol_params, fprompts, jax.random.fold_in(key, 1), 0.0)["texts"]
-    rewards = [instructor_reward(cs, a, use_filter=use_filter, max_chars=config.answer_chars)
-               for cs, a in zip(parsed, answers)]
-    batch, _ = grpo_batch(out, rewards, g.group_size)
-    for mb in split_batch(batch, g.minibatches):
-      state, m = inst.grpo_step(state, ref, mb)
-    valid = [cs is not None and I.is_valid(cs, max_chars=config.answer_chars) for cs in parsed]
-    rec = {"reward": float(np.mean(rewards)), "parsed": float(np.mean([cs is not None for cs in parsed])),
-           "filter_pass": float(np.mean(valid)),
-           "n_constraints": float(np.mean([len(cs) for cs in parsed if cs] or [0])),
-           "loss": float(m["loss"]), "kl_ref": float(m.get("kl_ref", 0.0))}
-    stats.append(rec)
-    del topics
-    if (step + 1) % config.train.log_every == 0 or step + 1 == r.instructor_steps:
-      writer.scalars(step0 + step + 1, rec, prefix=f"s{seed}/{variant}/instructor/")
-  return state["params"], stats
-
-
-def make_pool(config, variant: str, inst: Policy | None, inst_params, seed: int, rnd: int, vocab) -> list[dict]:
-  """q_T: ``rounds.pool_size`` instructions (question + constraint set) for the round's Follower training."""
+def max_grpo_steps(config) -> int:
+  """The longest GRPO stage of a run (rows of every stage's per-step record: one state shape for all)."""
   r = config.rounds
+  return max(1, r.instructor_steps, max(int(e) for e in r.follower_epochs[:r.n]) * r.follower_steps)
+
+
+def grpo_stage(ctx: Context, policy: Policy, name: str, params, steps: int, make_batch) -> dict:
+  """The GRPO training stage ``name``: ``steps`` updates of ``policy`` from ``params`` (also the frozen
+  reference), batch k = ``make_batch(k, current params)`` (rollout buffer, :data:`STATS`, update key). The
+  per-step scalars are kept in the state (checkpointed with it). Returns the trained parameters (packed) and
+  ``stats[name]`` = the per-step values."""
+  c = ctx.config
+  tx = policy.rl_tx
+  parts = {"params": params, "opt_state": tx.init(jax.tree.map(jnp.asarray, params)),
+           "stats": np.zeros((max_grpo_steps(c), len(STATS)), np.float32)}
+  res = stages.train(ctx.workdir, name, writer=ctx.writer, total_steps=steps,
+                     step_fn=policy.grpo_step(rows=ctx.rows, minibatches=c.grpo.minibatches), init_state=parts,
+                     seed=GRPO_LOOP_SEED, batch_fn=lambda k, state: make_batch(k, state["params"]),
+                     frozen={"ref_params": params}, log_every=c.train.log_every, postfix=("loss", "reward"),
+                     compile_cache=policy.compile_cache)
+  hist = loop.host(res.state["stats"])[:steps]
+  stats = {n: hist[:, i] for i, n in enumerate(sorted(STATS))}
+  if steps:
+    k = max(1, steps // 4)
+    rw = stats["reward"]
+    print(f"{name}: {steps} steps, reward {np.mean(rw[:k]):.3f} (first {k}) → {np.mean(rw[-k:]):.3f} (last {k})",
+          flush=True)
+  return {"params": policy.pack(res.state["params"]), "stats": stats}
+
+
+def _update_key(seed: int, role: str, rnd: int, vidx: int, step: int) -> np.ndarray:
+  return np.asarray(jax.random.key_data(rng_stream(seed, f"seif_update_{role}", rnd, vidx, step)))
+
+
+def _stats(rewards, lengths, constraint_sets, max_chars: int) -> dict:
+  """:data:`STATS` of one rollout batch (``constraint_sets``: the step's instructions, None where unparsable)."""
+  parsed = [cs for cs in constraint_sets if cs]
+  out = {"reward": np.mean(rewards), "len": np.mean(np.asarray(lengths)),
+         "parsed": len(parsed) / len(constraint_sets),
+         "filter_pass": np.mean([bool(cs) and I.is_valid(cs, max_chars=max_chars) for cs in constraint_sets]),
+         "n_constraints": np.mean([len(cs) for cs in parsed] or [0])}
+  return {k: np.float32(out[k]) for k in STATS}
+
+
+def train_instructor(ctx: Context, i_prev, f_prev, *, use_filter: bool, seed: int, rnd: int, variant: str,
+                     name: str) -> dict:
+  """GRPO on the Instructor from ``i_prev`` for ``rounds.instructor_steps`` steps against the frozen Follower
+  ``f_prev``: step k asks ``rounds.prompts_per_step`` questions of ``np_stream(seed, "seif_inst_prompts", rnd,
+  variant, k)``, ``grpo.group_size`` proposals each."""
+  c, r, g = ctx.config, ctx.config.rounds, ctx.config.grpo
   qs = D.questions("train")
+  vidx = VARIANTS.index(variant)
+
+  def make_batch(step, params):
+    rng = np_stream(seed, "seif_inst_prompts", rnd, vidx, step)
+    key = rng_stream(seed, "seif_inst_sample", rnd, vidx, step)
+    picks = [qs[i] for i in rng.choice(len(qs), r.prompts_per_step, replace=False)]
+    group = [p for p in picks for _ in range(g.group_size)]
+    out = ctx.inst.sample(params, [D.instructor_prompt(q) for _, q in group], key, g.temperature)
+    parsed = [parse_proposal(t, max_constraints=c.instructor.max_constraints) for t in out["texts"]]
+    answers = ctx.fol.sample(f_prev, [_fp(c, q, cs or ()) for (_, q), cs in zip(group, parsed)],
+                             jax.random.fold_in(key, 1), 0.0)["texts"]
+    rewards = [instructor_reward(cs, a, use_filter=use_filter, max_chars=c.answer_chars)
+               for cs, a in zip(parsed, answers)]
+    rows, _ = grpo_batch(out, rewards, g.group_size)
+    return {"rows": rows, "stats": _stats(rewards, out["lengths"], parsed, c.answer_chars),
+            "key": _update_key(seed, "instructor", rnd, vidx, step)}
+
+  return grpo_stage(ctx, ctx.inst, name, i_prev, r.instructor_steps, make_batch)
+
+
+def train_follower(ctx: Context, f_prev, pool, steps: int, *, seed: int, rnd: int, variant: str, name: str) -> dict:
+  """GRPO on the Follower from ``f_prev`` (also its reference) for ``steps`` steps on instructions of ``pool``:
+  step k draws ``rounds.prompts_per_step`` of them from ``np_stream(seed, "seif_fol_prompts", rnd, variant, k)``,
+  ``grpo.group_size`` answers each, reward = adherence."""
+  c, r, g = ctx.config, ctx.config.rounds, ctx.config.grpo
+  vidx = VARIANTS.index(variant)
+
+  def make_batch(step, params):
+    rng = np_stream(seed, "seif_fol_prompts", rnd, vidx, step)
+    items = [pool[i] for i in rng.integers(0, len(pool), r.prompts_per_step)]
+    group = [it for it in items for _ in range(g.group_size)]
+    out = ctx.fol.sample(params, [_fp(c, it["question"], it["constraints"]) for it in group],
+                         rng_stream(seed, "seif_fol_sample", rnd, vidx, step), g.temperature)
+    rewards = [follower_reward(t, it["constraints"]) for t, it in zip(out["texts"], group)]
+    rows, _ = grpo_batch(out, rewards, g.group_size)
+    return {"rows": rows, "stats": _stats(rewards, out["lengths"], [it["constraints"] for it in group], c.answer_chars),
+            "key": _update_key(seed, "follower", rnd, vidx, step)}
+
+  return grpo_stage(ctx, ctx.fol, name, f_prev, steps, make_batch)
+
+
+# ------------------------------------------------------------------------------------------ pools
+
+
+def make_pool(ctx: Context, variant: str, i_params, seed: int, rnd: int) -> dict:
+  """q_T: ``rounds.pool_size`` instructions (question + constraints in the text form) for the round's Follower
+  training; ``random`` (and the fallback when the Instructor wrote nothing parsable, so that the Follower's step
+  count stays equal) draws uniformly random sets the Filter accepts."""
+  c, r = ctx.config, ctx.config.rounds
+  qs = D.questions("train")
+
+  def random_pool():
+    rng = np_stream(seed, "seif_pool", rnd, VARIANTS.index("random"))
+    picks = [qs[i] for i in rng.integers(0, len(qs), r.pool_size)]
+    lo, hi = r.random_constraints
+    items = []
+    for t, q in picks:
+      spec = I.to_text(D.sample_set(ctx.vocab, rng, int(rng.integers(lo, hi + 1)), max_chars=c.answer_chars))
+      items.append({"topic": t, "question": q, "spec": spec, "text": spec})
+    return items
+
+  if variant == "random":
+    return {"items": random_pool(), "fallback_random": False}
   rng = np_stream(seed, "seif_pool", rnd, VARIANTS.index(variant))
   picks = [qs[i] for i in rng.integers(0, len(qs), r.pool_size)]
-  if variant == "random":
-    lo, hi = config.rounds.random_constraints
-    return [{"topic": t, "question": q, "constraints": D.sample_set(vocab, rng, int(rng.integers(lo, hi + 1)),
-                                                                    max_chars=config.answer_chars)}
-            for t, q in picks]
-  b = r.prompts_per_step * config.grpo.group_size
-  texts = inst.sample_batched(inst_params, [D.instructor_prompt(q) for _, q in picks],
-                              rng_stream(seed, "seif_pool_sample", rnd, VARIANTS.index(variant)), r.gen_temperature, b)
-  pool = []
+  texts = ctx.inst.sample_batched(i_params, [D.instructor_prompt(q) for _, q in picks],
+                                  rng_stream(seed, "seif_pool_sample", rnd, VARIANTS.index(variant)),
+                                  r.gen_temperature, ctx.rows)
+  items = []
   for (t, q), s in zip(picks, texts):
-    cs = parse_proposal(s, max_constraints=config.instructor.max_constraints)
+    cs = parse_proposal(s, max_constraints=c.instructor.max_constraints)
     if cs:
-      pool.append({"topic": t, "question": q, "constraints": cs, "text": s})
-  return pool
+      items.append({"topic": t, "question": q, "spec": I.to_text(cs), "text": s})
+  if not items:
+    return {"items": random_pool(), "fallback_random": True}
+  return {"items": items, "fallback_random": False}
 
 
-def pool_stats(config, pool, fol: Policy, params_by_name: dict, key) -> dict:
+def with_constraints(items) -> list[dict]:
+  """Pool items with their constraints parsed back from the text form (a stage saves strings)."""
+  return [dict(it, constraints=I.parse(it["spec"])) for it in items]
+
+
+def pool_stats(ctx: Context, pool, params_by_name: dict, key) -> dict:
   """Difficulty of a pool: constraint count, Filter rejections, adherence of the given Followers (greedy)."""
+  c = ctx.config
   if not pool:
     return {"size": 0}
   out = {"size": len(pool), "n_constraints": float(np.mean([len(p["constraints"]) for p in pool])),
-         "filter_reject": float(np.mean([not I.is_valid(p["constraints"], max_chars=config.answer_chars)
+         "filter_reject": float(np.mean([not I.is_valid(p["constraints"], max_chars=c.answer_chars)
                                          for p in pool]))}
-  sub = pool[: config.rounds.prompts_per_step * config.grpo.group_size * 2]
-  prompts = [_fp(config, p["question"], p["constraints"]) for p in sub]
-  b = config.rounds.prompts_per_step * config.grpo.group_size
+  sub = pool[: ctx.rows * 2]
+  prompts = [_fp(c, p["question"], p["constraints"]) for p in sub]
   for name, params in params_by_name.items():
-    texts = fol.sample_batched(params, prompts, key, 0.0, b)
+    texts = ctx.fol.sample_batched(params, prompts, key, 0.0, ctx.rows)
     out[f"adherence_{name}"] = float(np.mean([I.adherence(t, p["constraints"]) for t, p in zip(texts, sub)]))
   kinds = {}
   for p in pool:
-    for c in p["constraints"]:
-      kinds[c.id] = kinds.get(c.id, 0) + 1
+    for cn in p["constraints"]:
+      kinds[cn.id] = kinds.get(cn.id, 0) + 1
   out["kinds"] = {k: v / len(pool) for k, v in sorted(kinds.items())}
   return out
 
 
-def train_follower(config, fol: Policy, fol_params, pool, steps: int, *, seed: int, rnd: int, variant: str, writer,
-                   step0: int, vocab):
-  """GRPO on the Follower for ``steps`` steps on instructions drawn from ``pool`` (reference: ``fol_params``)."""
-  g, r = config.grpo, config.rounds
-  rng = np_stream(seed, "seif_fol_prompts", rnd, VARIANTS.index(variant))
-  state = fol.init_state(None, "rl", params=jax.tree.map(lambda x: x.copy(), fol_params))
-  ref = fol_params
-  stats = []
-  for step in range(steps):
-    items = [pool[i] for i in rng.integers(0, len(pool), r.prompts_per_step)]
-    prompts = [_fp(config, it["question"], it["constraints"]) for it in items for _ in range(g.group_size)]
-    cons = [it["constraints"] for it in items for _ in range(g.group_size)]
-    out = fol.sample(state["params"], prompts, rng_stream(seed, "seif_fol_sample", rnd, VARIANTS.index(variant),
-                                                          step), g.temperature)
-    rewards = [follower_reward(t, cs) for t, cs in zip(out["texts"], cons)]
-    batch, _ = grpo_batch(out, rewards, g.group_size)
-    for mb in split_batch(batch, g.minibatches):
-      state, m = fol.grpo_step(state, ref, mb)
-    rec = {"reward": float(np.mean(rewards)), "loss": float(m["loss"]), "kl_ref": float(m.get("kl_ref", 0.0)),
-           "len": float(np.mean(np.asarray(out["lengths"])))}
-    stats.append(rec)
-    if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
-      writer.scalars(step0 + step + 1, rec, prefix=f"s{seed}/{variant}/follower/")
-  del vocab
-  return state["params"], stats
+def examples(ctx: Context, pool, f_params, seed: int) -> list[dict]:
+  """The first ``train.examples`` instructions of the pool with the Follower's greedy answers and verdicts."""
+  c = ctx.config
+  items = pool[:c.train.examples]
+  texts = ctx.fol.sample_batched(f_params, [_fp(c, p["question"], p["constraints"]) for p in items],
+                                 rng_stream(seed, "seif_examples"), 0.0, ctx.rows) if items else []
+  return [{"instruction": p["text"], "question": p["question"],
+           "filter_valid": I.is_valid(p["constraints"], max_chars=c.answer_chars), "answer": t,
+           "followed": I.check_all(t, p["constraints"])} for p, t in zip(items, texts)]
 
 
-def run_variant(config, variant, seed, fol, inst, f0, i0, heldout, vocab, writer, eval0) -> dict:
-  """All rounds of one variant at one seed, from the shared warm starts ``f0`` / ``i0``."""
-  r = config.rounds
+# ------------------------------------------------------------------------------------------ one cell
+
+
+def _quarters(stats: dict, names) -> dict:
+  """Mean of each per-step scalar over the first and the last quarter of the steps."""
+  n = len(stats[names[0]]) if names else 0
+  if not n:
+    return {}
+  k = max(1, n // 4)
+  return {f"{name}_{w}": float(np.mean(sl)) for name in names
+          for w, sl in (("first", stats[name][:k]), ("last", stats[name][-k:]))}
+
+
+def run_cell(ctx: Context, f0, i0, eval0, seed: int, variant: str) -> dict:
+  """All rounds of ``variant`` at ``seed`` from the shared warm starts ``f0`` / ``i0``, each piece a stage."""
+  c, r, w = ctx.config, ctx.config.rounds, ctx.workdir
+  vidx = VARIANTS.index(variant)
   f_prev, i_prev = f0, i0
   rounds = [{"round": 0, "eval": eval0}]
   fsteps = isteps = 0
   for rnd in range(1, r.n + 1):
-    t0 = time.time()
+    name = f"s{seed}/{variant}/r{rnd}"
     rec = {"round": rnd}
     if variant != "random":
-      i_new, istats = train_instructor(config, inst, i_prev, fol, f_prev, use_filter=(variant == "seif"),
-                                       seed=seed, rnd=rnd, variant=variant, writer=writer, step0=isteps)
-      isteps += len(istats)
-      k = max(1, len(istats) // 4)
-      rec["instructor"] = {f"{n}_{w}": float(np.mean([s[n] for s in sl])) for n in ("reward", "parsed", "filter_pass",
-                                                                                 "n_constraints")
-                           for w, sl in (("first", istats[:k]), ("last", istats[-k:]))} if istats else {}
-      i_prev = i_new
-    pool = make_pool(config, variant, inst, i_prev, seed, rnd, vocab)
-    fallback = not pool
-    if fallback:  # the Instructor wrote nothing parsable: train on random sets so the step count stays equal
-      pool = make_pool(config, "random", None, None, seed, rnd, vocab)
-    key = rng_stream(seed, "seif_pool_eval", rnd, VARIANTS.index(variant))
-    rec["pool"] = pool_stats(config, pool, fol, {"F0": f0, "Fprev": f_prev}, key)
-    rec["pool"]["fallback_random"] = fallback
+      out = stages.run_stage(w, f"{name}/instructor", lambda: train_instructor(
+          ctx, i_prev, f_prev, use_filter=(variant == "seif"), seed=seed, rnd=rnd, variant=variant,
+          name=f"{name}/instructor"))
+      i_prev = ctx.inst.unpack(out["params"])
+      rec["instructor"] = _quarters(out["stats"], ("reward", "parsed", "filter_pass", "n_constraints"))
+      isteps += r.instructor_steps
+    made = stages.run_stage(w, f"{name}/pool", lambda: make_pool(ctx, variant, i_prev, seed, rnd))
+    pool = with_constraints(made["items"])
+    key = rng_stream(seed, "seif_pool_eval", rnd, vidx)
+    rec["pool"] = dict(stages.run_stage(w, f"{name}/pool_stats", lambda: pool_stats(
+        ctx, pool, {"F0": f0, "Fprev": f_prev}, key)), fallback_random=bool(made["fallback_random"]))
     steps = int(r.follower_epochs[rnd - 1]) * r.follower_steps
-    f_new, fstats = train_follower(config, fol, f_prev, pool, steps, seed=seed, rnd=rnd, variant=variant,
-                                   writer=writer, step0=fsteps, vocab=vocab)
+    out = stages.run_stage(w, f"{name}/follower", lambda: train_follower(
+        ctx, f_prev, pool, steps, seed=seed, rnd=rnd, variant=variant, name=f"{name}/follower"))
+    f_prev = ctx.fol.unpack(out["params"])
     fsteps += steps
-    rec["follower"] = {"steps": steps, "total_steps": fsteps,
-                       "reward_first": float(np.mean([s["reward"] for s in fstats[:max(1, steps // 4)]])) if steps
-                       else None,
-                       "reward_last": float(np.mean([s["reward"] for s in fstats[-max(1, steps // 4):]])) if steps
-                       else None}
-    f_prev = f_new
-    rec["eval"] = evaluate(config, fol, f_prev, heldout, rng_stream(seed, "seif_eval"))
-    ex_items = pool[:config.train.examples]
-    ex_texts = fol.sample_batched(f_prev, [_fp(config, p["question"], p["constraints"]) for p in ex_items],
-                                  rng_stream(seed, "seif_examples"), 0.0,
-                                  config.rounds.prompts_per_step * config.grpo.group_size) if ex_items else []
-    rec["examples"] = [{"instruction": p.get("text", I.to_text(p["constraints"])), "question": p["question"],
-                        "filter_valid": I.is_valid(p["constraints"], max_chars=config.answer_chars),
-                        "answer": t, "followed": I.check_all(t, p["constraints"])}
-                       for p, t in zip(ex_items, ex_texts)]
-    rec["seconds"] = time.time() - t0
-    e = rec["eval"]
-    hard = config.eval.hard_level
-    writer.summary(rnd, {f"L{hard}_adherence": e[f"L{hard}/adherence"], "mean_adherence": e["mean/adherence"],
-                         "pool_n": rec["pool"].get("n_constraints", 0.0),
-                         "pool_reject": rec["pool"].get("filter_reject", 0.0)}, prefix=f"s{seed}/{variant}/round/")
+    q = _quarters(out["stats"], ("reward",))
+    rec["follower"] = {"steps": steps, "total_steps": fsteps, "reward_first": q.get("reward_first"),
+                       "reward_last": q.get("reward_last")}
+    fresh = not stages.is_finished(w, f"{name}/eval")
+    rec["eval"] = stages.run_stage(w, f"{name}/eval", lambda: evaluate(ctx, f_prev))
+    rec["examples"] = stages.run_stage(w, f"{name}/examples", lambda: examples(ctx, pool, f_prev, seed))
+    if fresh:
+      e, hard = rec["eval"], c.eval.hard_level
+      ctx.writer.summary(rnd, {f"L{hard}_adherence": e[f"L{hard}/adherence"], "mean_adherence": e["mean/adherence"],
+                               "pool_n": rec["pool"].get("n_constraints", 0.0),
+                               "pool_reject": rec["pool"].get("filter_reject", 0.0)},
+                         prefix=f"s{seed}/{variant}/round/")
     rounds.append(rec)
   return {"rounds": rounds, "follower_steps": fsteps, "instructor_steps": isteps}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def results_of(ctx: Context, sft_info: dict, done: dict) -> dict:
+  """results.json from the finished cells ``{(seed, variant): record}`` (a partial sweep gives partial means)."""
+  c = ctx.config
+  per_seed: dict = {}
+  for (seed, variant), rec in done.items():
+    per_seed.setdefault(seed, {"variants": {}})["variants"][variant] = rec
+  return {"method": "seif", "variant": c.variant, "seeds": list(c.seeds), "variants": list(c.variants),
+          "levels": list(c.eval.levels), "hard_level": c.eval.hard_level,
+          "summary": report.summarize(per_seed, list(c.variants), list(c.eval.levels), c.rounds.n),
+          "sft": sft_info, "per_seed": per_seed,
+          "heldout": [{"level": h["level"], "question": h["question"], "instruction": I.to_text(h["constraints"])}
+                      for h in ctx.heldout]}
 
 
 def run(config, workdir: str) -> dict:
@@ -340,55 +476,36 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   vocab = D.Vocab.from_config(config.vocab)
   fol, inst = build_policies(config)
-  writer = Writer(workdir, total_steps=config.rounds.n)
   ev = config.eval
   heldout = D.heldout_set(vocab, tuple(ev.levels), ev.per_level, ev.seed, max_chars=config.answer_chars)
-  per_seed = {}
+  writer = Writer(workdir, total_steps=config.rounds.n)
+  ctx = Context(config, workdir, writer, vocab, fol, inst, heldout)
   try:
-    # The warm starts (the paper's base model): trained once, shared by every seed and variant; the seeds vary
-    # the RL (proposals, rollouts, prompt order).
-    ts, sseed = time.time(), int(config.sft.seed)
     qs = D.questions("train")
-    f0, fsft = sft(fol, lambda rng: follower_sft_example(config, vocab, rng, qs), config.sft.follower_steps,
-                   config.sft.batch, sseed, "follower", writer, config.train.log_every)
-    i0, isft = sft(inst, lambda rng: instructor_sft_example(config, vocab, rng, qs), config.sft.instructor_steps,
-                   config.sft.batch, sseed, "instructor", writer, config.train.log_every)
-    eval0 = evaluate(config, fol, f0, heldout, rng_stream(sseed, "seif_eval"))
-    sft_info = {"follower_nll": fsft.get(f"s{sseed}/sft_follower/nll"),
-                "instructor_nll": isft.get(f"s{sseed}/sft_instructor/nll"), "seconds": time.time() - ts,
+    fo = stages.run_stage(workdir, "sft_follower", lambda: sft(
+        ctx, fol, "follower", lambda rng: follower_sft_example(config, vocab, rng, qs), config.sft.follower_steps))
+    io = stages.run_stage(workdir, "sft_instructor", lambda: sft(
+        ctx, inst, "instructor", lambda rng: instructor_sft_example(config, vocab, rng, qs),
+        config.sft.instructor_steps))
+    f0, i0 = fol.unpack(fo["params"]), inst.unpack(io["params"])
+    eval0 = stages.run_stage(workdir, "eval_F0", lambda: evaluate(ctx, f0))
+    sft_info = {"follower_nll": fo["nll"], "instructor_nll": io["nll"],
                 "F0_eval": {k: v for k, v in eval0.items() if k != "examples"}, "F0_examples": eval0["examples"]}
-    print(f"seif: SFT warm starts in {sft_info['seconds']:.0f}s (follower nll {sft_info['follower_nll']}, "
-          f"instructor nll {sft_info['instructor_nll']}); F0 held-out mean adherence {eval0['mean/adherence']:.3f}",
-          flush=True)
-    for seed in config.seeds:
-      per_seed[seed] = {"variants": {}}
-      for variant in config.variants:
-        tv = time.time()
-        per_seed[seed]["variants"][variant] = run_variant(config, variant, seed, fol, inst, f0, i0, heldout, vocab,
-                                                          writer, eval0)
-        per_seed[seed]["variants"][variant]["seconds"] = time.time() - tv
-        print(f"seif: seed {seed} {variant} done in {time.time() - tv:.0f}s", flush=True)
+    print(f"seif: F0 held-out mean adherence {eval0['mean/adherence']:.3f}", flush=True)
+    cells = [(seed, v) for seed in config.seeds for v in config.variants]
+    done = stages.sweep(workdir, cells, lambda cell: run_cell(ctx, f0, i0, eval0, *cell),
+                        lambda d: results_of(ctx, sft_info, d))
+    results = {**results_of(ctx, sft_info, done), "wall_s": time.time() - t_start}
+    path = write_results(workdir, results)
+    if jax.process_index() == 0 and config.train.plot:
+      for p in report.plots(results, workdir):
+        writer.image(f"plots/{os.path.splitext(os.path.basename(p))[0]}", p)
   finally:
     writer.close()
-  summary = report.summarize(per_seed, list(config.variants), list(ev.levels), config.rounds.n)
-  results = {"method": "seif", "variant": config.variant, "seeds": list(config.seeds),
-             "variants": list(config.variants), "levels": list(ev.levels), "hard_level": ev.hard_level,
-             "summary": summary, "sft": sft_info, "per_seed": per_seed, "seconds": time.time() - t_start,
-             "heldout": [{"level": h["level"], "question": h["question"], "instruction": I.to_text(h["constraints"])}
-                         for h in heldout]}
-  path = write_results(workdir, results)
-  if jax.process_index() == 0 and config.train.plot:
-    report.plots(results, workdir)
-  hard = ev.hard_level
-  last = summary["final"]
-  summary_line("seif", {f"{v} L{hard}": f"{last[v][f'L{hard}/adherence']['mean']:.3f}±"
-                                      f"{last[v][f'L{hard}/adherence']['std']:.3f}" for v in config.variants}, path)
+  last, hard = results["summary"]["final"], ev.hard_level
+  summary_line("seif", {f"{v} L{hard}": stages.fmt_mean_std(last[v][f"L{hard}/adherence"])
+                        for v in config.variants}, path)
   return results
-
-
-def load_results(workdir: str) -> dict:
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
 
 
 __all__ = ["run", "validate", "ConfigError", "VARIANTS", "plot_path"]
