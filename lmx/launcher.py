@@ -184,6 +184,17 @@ def _prepare(module, workdir: str, new: dict):
   return RUN, lock, before
 
 
+def _run_method(module, config, workdir: str):
+  """``module.run`` with XLA's persistent compilation cache in ``<workdir>/.xla_cache`` (see
+  :mod:`lmx.core.compile_cache`; local workdirs only, off with ``LMX_COMPILE_CACHE=0``)."""
+  from lmx.core import compile_cache
+
+  if not (compile_cache.enabled() and wd.is_local(workdir)):
+    return module.run(config, workdir)
+  with compile_cache.persistent(os.path.join(workdir, compile_cache.CACHE_DIR)):
+    return module.run(config, workdir)
+
+
 def dispatch(config, workdir: str | None):
   """Validates the config, guards the workdir (see the module docstring) and runs the method."""
   import jax
@@ -221,7 +232,7 @@ def dispatch(config, workdir: str | None):
                     command=" ".join(sys.argv), pid=os.getpid(), host=socket.gethostname(), started=wd.now(),
                     results="results.json")
     try:
-      out = module.run(config, workdir)
+      out = _run_method(module, config, workdir)
     except interrupt.Interrupted as e:
       _end_record(workdir, status="interrupted", stopped=str(e))
       raise

@@ -123,19 +123,13 @@ SMOKE = "configs/spa.py:smoke"
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   """One uninterrupted run of the smoke config through the launcher (the reference of the resume tests), with
-  the games and XLA's compilation cache shared by every smoke run of this module."""
+  the games shared by every smoke run of this module."""
   base = tmp_path_factory.mktemp("spa")
-  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "xla_cache")  # runs of one config compile the same steps
   overrides = (f"--config.games.cache_dir={base / 'games'}",)
   ref = base / "reference"
   r = rc.run(SMOKE, ref, *overrides)
   assert r.returncode == 0, rc.fail(r, "smoke run")
   yield ref, overrides, r
-  if old is None:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
 
 
 def test_smoke_end_to_end(smoke):

@@ -1,8 +1,10 @@
-"""XLA's persistent compilation cache for the span of a run.
+"""XLA's persistent compilation cache for the span of a run (the launcher turns it on in ``<workdir>/.xla_cache``).
 
 Every :class:`lmx.core.loop.Loop` jits its own step, so a method whose stages train identically shaped steps (the
-arms of a comparison, one loop each) would compile the same program once per loop. With the cache on, a program
-already compiled (same HLO, compile options, device and jax/XLA versions) is read back from disk instead.
+arms of a comparison, one loop each) would compile the same program once per loop, and a resumed run would compile
+everything again. With the cache on, a program already compiled (same HLO, compile options, device and jax/XLA
+versions) is read back from disk instead. One directory per workdir: only the run holding the workdir's lock
+writes to it. ``LMX_COMPILE_CACHE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ import os
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache as cc
+
+
+CACHE_DIR = ".xla_cache"
+
+
+def enabled() -> bool:
+  return os.environ.get("LMX_COMPILE_CACHE", "1") not in ("0", "", "false")
 
 
 @contextlib.contextmanager

@@ -24,8 +24,11 @@ A method supplies
                                                  every k-th step (evaluate, plot, sample, refresh a reference...)
 
 ``compile_cache`` (a dict the caller owns) lets many short loops share one compiled step: a Loop whose ``step_fn`` is
-the same object as an earlier one's, with the same seed, finite keys, shapes, dtypes and shardings, reuses that
-compiled step (a method with one RL update per round and role compiles it once, not once per round).
+the same object as an earlier one's, with the same finite keys, shapes, dtypes and shardings, reuses that compiled
+step (a method with one RL update per round and role compiles it once, not once per round). The seed is not part
+of the compiled program (the step's base key is an argument), so loops of different seeds share it too; and the
+launcher turns on XLA's persistent compilation cache in ``<workdir>/.xla_cache``, so stages whose steps lower to
+the same program, and a resumed run, read the executable back instead of compiling it again.
 
 ``ckpt_every <= 0`` turns checkpoints off (short inner trainings such as DATM's experts and evaluation networks).
 ``ckpt_dir`` (default ``<workdir>/checkpoints``) lets the stages of one method keep their own checkpoints under the
@@ -204,9 +207,17 @@ def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss
             names: Sequence[str] = ()) -> Callable:
   """``(state, frozen, batch) -> (state, metrics)``: the step with its rng, step count and NaN guard."""
   base = rng_stream(seed, "step")
+  keyed = guarded_keyed(step_fn, finite_keys=finite_keys, names=names)
+  return lambda state, frozen, batch: keyed(state, frozen, batch, base)
+
+
+def guarded_keyed(step_fn: Callable, *, finite_keys: Sequence[str] = ("loss", "grad_norm"),
+                  names: Sequence[str] = ()) -> Callable:
+  """:func:`guarded` with the base key of the step rngs as a fourth argument ``(state, frozen, batch, key)``, so
+  one compiled step serves every seed (the loop compiles this)."""
   nan_at = _nan_at(names)
 
-  def wrapped(state, frozen, batch):
+  def wrapped(state, frozen, batch, base):
     new, metrics = step_fn(state, frozen, batch, jax.random.fold_in(base, state["step"]))
     if nan_at is not None:
       metrics = {k: (jnp.where(state["step"] + 1 == nan_at, jnp.nan, v) if k in finite_keys else v)
@@ -222,6 +233,20 @@ def guarded(step_fn: Callable, *, seed: int, finite_keys: Sequence[str] = ("loss
     return {**kept, "step": state["step"] + 1, "guard": guard}, metrics
 
   return wrapped
+
+
+class CompiledStep:
+  """A compiled loop step called as ``compiled(state, frozen, batch)``: it passes its loop's step key (the
+  executable takes it as an argument, so loops that differ only in their seed share one executable)."""
+
+  def __init__(self, executable, key):
+    self.executable, self.key = executable, key
+
+  def __call__(self, state, frozen, batch):
+    return self.executable(state, frozen, batch, self.key)
+
+  def __getattr__(self, name):  # memory_analysis, as_text, cost_analysis, ...
+    return getattr(self.executable, name)
 
 
 @jax.jit
@@ -306,9 +331,10 @@ class Loop:
     if frozen is not None:
       self.set_frozen(frozen)
     names = (log_prefix.strip("/"), desc)
-    self._step = guarded(step_fn, seed=self.seed, finite_keys=finite_keys, names=names)
+    self._step = guarded_keyed(step_fn, finite_keys=finite_keys, names=names)
+    self._step_key = rng_stream(self.seed, "step")
     self.compile_cache = compile_cache
-    self._step_identity = (step_fn, self.seed, tuple(finite_keys), _nan_at(names))
+    self._step_identity = (step_fn, tuple(finite_keys), _nan_at(names))
     self._ckpt_args = dict(keep=ckpt_keep, async_save=async_checkpointing)
     self._ckpt = None  # opened by restore_or_init / run (a Loop used only to compile opens nothing)
     self._compiled = None
@@ -336,14 +362,14 @@ class Loop:
     taken from (and added to) ``compile_cache`` when the Loop has one."""
     key = self._cache_key(state, batch)
     if key is not None and key in self.compile_cache:
-      return self.compile_cache[key]
-    compiled = self.lower(state, batch).compile()
+      return CompiledStep(self.compile_cache[key], self._step_key)
+    executable = self.lower(state, batch).compile()
     if key is not None:
-      self.compile_cache[key] = compiled
-    return compiled
+      self.compile_cache[key] = executable
+    return CompiledStep(executable, self._step_key)
 
   def _cache_key(self, state, batch):
-    """What the compiled step depends on: the step function, seed, NaN checks, shapes, dtypes and shardings."""
+    """What the compiled step depends on: the step function, NaN checks, shapes, dtypes and shardings."""
     if self.compile_cache is None:
       return None
 
@@ -363,9 +389,9 @@ class Loop:
     platform this host lacks. Batch leaves without a sharding are replicated."""
     rep = replicated(self.mesh)
     batch_sh = jax.tree.map(lambda x: getattr(x, "sharding", None) or rep, batch)
-    jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
+    jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh, rep),
                      out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-    return jitted.trace(state, self.frozen, batch).lower(lowering_platforms=lowering_platforms)
+    return jitted.trace(state, self.frozen, batch, self._step_key).lower(lowering_platforms=lowering_platforms)
 
   def abstract_state(self):
     """The train state's shapes, dtypes and shardings without allocating it (for :meth:`lower`)."""

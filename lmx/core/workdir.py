@@ -377,8 +377,10 @@ def snapshot(workdir: str) -> dict[str, tuple[int, int]]:
 
 
 def only_bookkeeping(workdir: str) -> bool:
-  """The workdir holds nothing but this module's files (and empty folders): nothing a user would miss."""
-  for root, _, files in os.walk(workdir):
+  """The workdir holds nothing but this module's files, empty folders and the compilation cache: nothing a user
+  would miss."""
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = [d for d in dirs if not (root == workdir and d == ".xla_cache")]
     for f in files:
       if root != workdir or (f not in (LOCK_FILE, RECORD_FILE) and not f.startswith(RECORD_FILE + ".tmp")):
         return False

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lmx.core import compile_cache, loop, plots, stages
+from lmx.core import loop, plots, stages
 from lmx.core import optim as optim_lib
 from lmx.core.config import ConfigError, check_choice, check_keys, require
 from lmx.core.data import ArrayBatches
@@ -653,10 +653,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       writer.image(f"plots/{os.path.splitext(os.path.basename(path))[0]}", path, len(done))
 
   try:
-    # the arms of a seed train identically shaped steps (one loop each): compiled once, then read back
-    with compile_cache.persistent(os.path.join(workdir, "xla_cache")):
-      done = stages.sweep(workdir, seeds, lambda seed: run_seed(ctx, seed), summarize, prefix="seed/",
-                          after=after)
+    # the arms of a seed train identically shaped steps (one loop each): the launcher's persistent compilation
+    # cache compiles them once
+    done = stages.sweep(workdir, seeds, lambda seed: run_seed(ctx, seed), summarize, prefix="seed/", after=after)
   finally:
     ctx.pool.close()
     writer.close()
