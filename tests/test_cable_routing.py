@@ -180,19 +180,6 @@ def test_random_shift_is_an_edge_padded_crop_at_the_drawn_offsets():
   assert T.random_shift(key, views, 0)[1] is views[1]
 
 
-def test_parameter_init_from_one_draw_has_the_layer_scales():
-  p = pol.init_bc(jax.random.key(0), 2, 2, (8, 16), (64,))
-  assert [e["stem"].shape for e in p["enc"]] == [(3, 3, 3, 8)] * 2 and p["out"]["w"].shape == (64, 4)
-  w = np.asarray(p["enc"][0]["blocks"][1]["c1"])  # 3x3 conv 8 -> 16: He scale sqrt(2 / 72)
-  assert w.std() == pytest.approx(math.sqrt(2 / 72), rel=0.15)
-  assert np.asarray(p["mlp"][0]["w"]).std() == pytest.approx(math.sqrt(1 / 48), rel=0.1)
-  leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(p) if np.asarray(x).std() > 0]
-  firsts = [x[:4].tolist() for x in leaves]
-  assert len({tuple(f) for f in firsts}) == len(firsts)  # every layer gets its own slice of the draw
-  q = pol.init_bc(jax.random.key(0), 2, 2, (8, 16), (64,))
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))
-
-
 def _bc_data(m, res=8, seed=0):
   rng = np.random.default_rng(seed)
   return dict(top=rng.integers(0, 256, (m, res, res, 3), dtype=np.uint8),

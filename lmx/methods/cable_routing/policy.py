@@ -53,34 +53,16 @@ def selection_loss(logits_BC, labels_B, mask_B=None):
 
 # ----------------------------------------------------------------------------------------------- layers
 
-def _one_draw(key, build):
-  """``build(draw)`` where ``draw(shape)`` hands out consecutive slices of one standard-normal draw from ``key``:
-  a whole parameter tree from one random-number kernel (XLA's compile time grows with the number of RNG calls
-  in a program)."""
-  sizes = []
-  jax.eval_shape(lambda: build(lambda shape: (sizes.append(math.prod(shape)), jnp.zeros(shape))[1]))
-  z = jax.random.normal(key, (sum(sizes),))
-  pos = [0]
-
-  def draw(shape):
-    n = math.prod(shape)
-    out = z[pos[0]:pos[0] + n].reshape(shape)
-    pos[0] += n
-    return out
-
-  return build(draw)
-
-
-def _dense_init(draw, din, dout, scale=1.0):
-  return dict(w=draw((din, dout)) * scale * math.sqrt(1.0 / din), b=jnp.zeros(dout))
+def _dense_init(key, din, dout, scale=1.0):
+  return dict(w=jax.random.normal(key, (din, dout)) * scale * math.sqrt(1.0 / din), b=jnp.zeros(dout))
 
 
 def _dense(p, x):
   return x @ p["w"] + p["b"]
 
 
-def _conv_init(draw, k, cin, cout):
-  return draw((k, k, cin, cout)) * math.sqrt(2.0 / (k * k * cin))
+def _conv_init(key, k, cin, cout):
+  return jax.random.normal(key, (k, k, cin, cout)) * math.sqrt(2.0 / (k * k * cin))
 
 
 def _conv(w, x, stride=1):
@@ -103,17 +85,14 @@ def group_norm(p, x_BHWC, groups, eps=1e-5):
 
 def init_encoder(key, in_ch: int = 3, widths=(16, 32)):
   """A ResNet: a 3x3 stride-2 stem, one basic block per width (stride 2 after the first), GroupNorm, GAP."""
-  return _one_draw(key, lambda draw: _encoder_tree(draw, in_ch, widths))
-
-
-def _encoder_tree(draw, in_ch, widths):
-  p = dict(stem=_conv_init(draw, 3, in_ch, widths[0]), stem_gn=_gn_init(widths[0]), blocks=[])
+  keys = iter(jax.random.split(key, 4 * len(widths) + 2))
+  p = dict(stem=_conv_init(next(keys), 3, in_ch, widths[0]), stem_gn=_gn_init(widths[0]), blocks=[])
   cin = widths[0]
   for w in widths:
-    blk = dict(c1=_conv_init(draw, 3, cin, w), g1=_gn_init(w), c2=_conv_init(draw, 3, w, w),
+    blk = dict(c1=_conv_init(next(keys), 3, cin, w), g1=_gn_init(w), c2=_conv_init(next(keys), 3, w, w),
                g2=_gn_init(w, zero=True))
     if cin != w:
-      blk["proj"] = _conv_init(draw, 1, cin, w)
+      blk["proj"] = _conv_init(next(keys), 1, cin, w)
     p["blocks"].append(blk)
     cin = w
   return p
@@ -138,16 +117,14 @@ def encoder(p, x_BHWC):
 
 def init_bc(key, n_views: int = 2, action_dim: int = 2, widths=(16, 32), hidden=(128, 128), state_dim: int = 1):
   """Parameters of the tanh-Gaussian BC policy: one encoder per view, a state projection, an MLP head."""
-  def build(draw):
-    enc = [_encoder_tree(draw, 3, widths) for _ in range(n_views)]
-    state = _dense_init(draw, state_dim, 16)
-    mlp, din = [], n_views * widths[-1] + 16
-    for h in hidden:
-      mlp.append(_dense_init(draw, din, h))
-      din = h
-    return dict(enc=enc, state=state, mlp=mlp, out=_dense_init(draw, din, 2 * action_dim, scale=0.1))
-
-  return _one_draw(key, build)
+  ks = jax.random.split(key, n_views + 2 + len(hidden))
+  feat = n_views * widths[-1] + 16
+  mlp, din = [], feat
+  for i, h in enumerate(hidden):
+    mlp.append(_dense_init(ks[n_views + 2 + i], din, h))
+    din = h
+  return dict(enc=[init_encoder(ks[i], 3, widths) for i in range(n_views)], state=_dense_init(ks[n_views], state_dim, 16),
+              mlp=mlp, out=_dense_init(ks[n_views + 1], din, 2 * action_dim, scale=0.1))
 
 
 def features(p, views, state_BS):
@@ -167,12 +144,10 @@ def bc_apply(p, views, state_BS):
 
 
 def init_selector(key, feat_dim: int, n_prims: int = 4, history: int = 6, embed: int = 4, hidden: int = 128):
-  """Parameters of the selector: the history embedding (id 0 = padding), the feature and history branches, the
-  mixing layer and the logits."""
-  return _one_draw(key, lambda draw: dict(
-      emb=draw((n_prims + 1, embed)) * 0.1, f=_dense_init(draw, feat_dim, hidden),
-      h=_dense_init(draw, history * embed, hidden), mix=_dense_init(draw, 2 * hidden, hidden),
-      out=_dense_init(draw, hidden, n_prims, scale=0.1)))
+  ks = jax.random.split(key, 5)
+  return dict(emb=jax.random.normal(ks[0], (n_prims + 1, embed)) * 0.1, f=_dense_init(ks[1], feat_dim, hidden),
+              h=_dense_init(ks[2], history * embed, hidden), mix=_dense_init(ks[3], 2 * hidden, hidden),
+              out=_dense_init(ks[4], hidden, n_prims, scale=0.1))
 
 
 def selector_apply(p, feat_BF, hist_BH):
