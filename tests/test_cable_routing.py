@@ -180,6 +180,11 @@ def test_random_shift_is_an_edge_padded_crop_at_the_drawn_offsets():
   assert T.random_shift(key, views, 0)[1] is views[1]
 
 
+def test_flat_normal_draw_equals_the_shaped_one():
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(np.asarray(pol._normal(key, (6, 7))), np.asarray(jax.random.normal(key, (6, 7))))
+
+
 def _bc_data(m, res=8, seed=0):
   rng = np.random.default_rng(seed)
   return dict(top=rng.integers(0, 256, (m, res, res, 3), dtype=np.uint8),

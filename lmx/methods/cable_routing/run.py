@@ -155,13 +155,12 @@ def stage_table(progress_B, k):
 # ------------------------------------------------------------------------------------------ the stages
 
 
-def collect_demos(runner, config, seed: int, prm) -> dict:
-  """Stage ``s<seed>/demos``: one noisy-oracle episode per training layout 0..demos.episodes-1. Outputs the
-  active steps (views, grasp flag, clean label, primitive), the active decisions (views, grasp flag, history,
-  oracle label) and counts."""
+def collect_demos(runner, config, seed: int, prm, nets) -> dict:
+  """Stage ``s<seed>/demos``: one noisy-oracle episode per training layout 0..demos.episodes-1 (``nets``: any
+  networks of the run's shapes, unused by the scripted arm). Outputs the active steps (views, grasp flag, clean
+  label, primitive), the active decisions (views, grasp flag, history, oracle label) and counts."""
   E = config.demos.episodes
   keys = jnp.stack([rng_stream(seed, "demo", i) for i in range(E)])
-  nets = init_nets(rng_stream(seed, "init"), config)  # unused by the scripted arm; the compiled function's input
   prog, drec, srec = runner(np.arange(E), keys, nets, ARM_MODES["scripted"], config.demos.action_sigma,
                             f"s{seed}/demos")
   drec, srec = jax.tree.map(_flat, drec), jax.tree.map(_flat, srec)
@@ -186,7 +185,7 @@ def run_seed(config, workdir: str, seed: int, runner, writer, prm, *, first: boo
   tr, dg = config.train, config.dagger
   nets = init_nets(rng_stream(seed, "init"), config)
   s = f"s{seed}"
-  demos = stages.run_stage(workdir, f"{s}/demos", lambda: collect_demos(runner, config, seed, prm))
+  demos = stages.run_stage(workdir, f"{s}/demos", lambda: collect_demos(runner, config, seed, prm, nets))
   steps, dec = demos["steps"], demos["decisions"]
 
   def bc_stage(arm, data):
@@ -194,7 +193,7 @@ def run_seed(config, workdir: str, seed: int, runner, writer, prm, *, first: boo
     params = T.train_bc(workdir, name, nets[arm], data, optim=tr.bc_optim, steps=tr.bc_steps, batch=tr.batch,
                         pad=tr.augment_shift, seed=seed, stream=arm, writer=writer)
     fit = T.bc_eval(params, data)
-    summary_line(f"{name} (on its {len(data['action'])} training steps)", fit)
+    summary_line(f"{name} BC, fit on its {len(data['action'])} demonstrated steps", fit)
     return dict(params=params, fit=fit)
 
   route_steps = {k: v[steps["prim"] == P.ROUTE] for k, v in steps.items()}
@@ -214,7 +213,7 @@ def run_seed(config, workdir: str, seed: int, runner, writer, prm, *, first: boo
     params = T.train_selector(workdir, name, params, data, optim=optim, steps=n_steps, batch=tr.batch, seed=seed,
                               stream=stream, writer=writer)
     fit = T.selector_eval(params, data)
-    summary_line(f"{name} (on its {len(data['label'])} training decisions)", fit)
+    summary_line(f"{name}, fit on its {len(data['label'])} decisions", fit)
     return dict(params=params, fit=fit)
 
   sel = stages.run_stage(workdir, f"{s}/selector", lambda: sel_stage(

@@ -30,7 +30,7 @@ def random_shift(key, views, pad: int):
   if pad <= 0:
     return list(views)
   b, h, w, c = views[0].shape
-  off_VB2 = jax.random.randint(key, (len(views), b, 2), 0, 2 * pad + 1)
+  off_VB2 = jax.random.randint(key, (len(views) * b * 2,), 0, 2 * pad + 1).reshape(len(views), b, 2)
   crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))
   return [crop(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge"), o) for x, o in zip(views, off_VB2)]
 
