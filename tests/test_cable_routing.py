@@ -270,6 +270,24 @@ def smoke(tmp_path_factory):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = old
 
 
+def _tensorboard_image_tags(workdir) -> set:
+  """The image tags in a workdir's TensorBoard event files (read with tensorboardX's protobufs)."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
+    data, i = open(path, "rb").read(), 0
+    while i + 12 <= len(data):  # records: length (8 bytes), its crc (4), the event, its crc (4)
+      n = struct.unpack("<Q", data[i:i + 8])[0]
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      tags |= {v.tag for v in ev.summary.value if v.HasField("image")}
+      i += n + 16
+  return tags
+
+
 def test_smoke_end_to_end(smoke):
   from configs.cable_routing import get_config
 
@@ -288,6 +306,7 @@ def test_smoke_end_to_end(smoke):
     assert os.path.isdir(ref / "checkpoints" / "s0" / stage), stage
   for arm in run_lib.STRIP_ARMS:
     assert os.path.isfile(ref / "plots" / f"rollouts_{arm}.png")
+  assert _tensorboard_image_tags(ref) == {"plots/success"} | {f"plots/rollouts_{a}" for a in run_lib.STRIP_ARMS}
   assert "Traceback" not in r.stderr and "{'" not in r.stdout  # console lines, not raw dicts
   bad = get_config("smoke")
   bad.env.decisions = 2

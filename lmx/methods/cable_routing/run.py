@@ -333,7 +333,8 @@ def _plots(workdir, writer, summary, strips, prm, step):
   ax.set_xticks(xs + 0.4 - w / 2, [f"clip {j + 1}" for j in range(prm.k)] + ["full"])
   ax.set_ylabel("success (held-out layouts)")
   ax.set_ylim(0, 1.05)
-  ax.legend(fontsize=7, ncol=3)
+  ax.set_title(f"mean ± sample std over seeds (n={summary['scripted']['full']['n']})", fontsize=8, loc="left")
+  ax.legend(fontsize=7, ncol=len(summary), loc="lower center", bbox_to_anchor=(0.5, 1.06), frameon=False)
   path = plots.save_figure(fig, plot_path(workdir, "success"))
   writer.image("plots/success", path, step)
   for arm, tops in strips.items():  # (episodes, D, H, W, 3) uint8: the top view at each decision
