@@ -32,11 +32,13 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(widths=(8, 16), hidden=(64, 64), history=6, embed=4,
                                            selector_hidden=64))
   c.train = ml_collections.ConfigDict(dict(
-      bc_steps=400, sel_steps=400, batch=32, lr=1e-3, sel_lr=3e-4, weight_decay=3e-3, warmup=50,
-      augment_shift=2))
+      bc_steps=400, sel_steps=400, batch=32, augment_shift=2,
+      # lmx.core.optim blocks: AdamW, linear warmup then cosine decay to 0, global-norm clipping
+      bc_optim=dict(name="adamw", lr=1e-3, warmup_steps=50, weight_decay=3e-3, clip_norm=1.0),
+      sel_optim=dict(name="adamw", lr=3e-4, warmup_steps=50, weight_decay=1e-2, clip_norm=1.0)))
   c.dagger = ml_collections.ConfigDict(dict(
       episodes=16,  # more training layouts (ids after the demos'), rolled out with the learned selector
-      steps=300, lr=3e-4, warmup=15))
+      steps=300, optim=dict(name="adamw", lr=3e-4, warmup_steps=15, weight_decay=1e-2, clip_norm=1.0)))
   c.eval = ml_collections.ConfigDict(dict(episodes=32, batch=32, strips=4))
   c.real = ml_collections.ConfigDict(dict(data_dir="", split="train", max_episodes=0, res=64, steps=2000,
                                           batch=64))
@@ -45,9 +47,11 @@ def get_config(arg=None):
     c.seeds = (0,)
     c.env.update(decisions=8, steps=10)
     c.demos.update(episodes=4)
-    c.train.update(bc_steps=3, sel_steps=3, batch=8, warmup=1)
+    c.train.update(bc_steps=3, sel_steps=3, batch=8)
+    c.train.bc_optim.warmup_steps = c.train.sel_optim.warmup_steps = 1
     c.model.update(widths=(4, 8), hidden=(16,), selector_hidden=16)
-    c.dagger.update(episodes=2, steps=2, warmup=1)
+    c.dagger.update(episodes=2, steps=2)
+    c.dagger.optim.warmup_steps = 1
     c.eval.update(episodes=2, batch=2, strips=1)
   elif a.variant == "berkeley_cable_routing":
     c.source = "oxe"

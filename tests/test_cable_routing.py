@@ -1,9 +1,13 @@
 """Cable routing: the tanh-Gaussian log-probability and BC loss against hand/numpy values (and distrax), the
-selector's cross-entropy, GroupNorm against numpy, the oracle's choices, the berkeley_cable_routing loader on a
-tiny data set written here in the same RLDS layout, its fail-fast error, and the smoke config end to end."""
+selector's cross-entropy, GroupNorm against numpy, the random-shift augmentation against a numpy crop, the
+chunked full-data passes against one pass, a selector stage on the loop (learns; a rerun restores it), the sample
+std over seeds, the berkeley_cable_routing loader and training stage on a tiny data set written here in the same
+RLDS layout, its fail-fast error; and the smoke config through the launcher: workdir layout, SIGTERM + resume to
+the same results.json, a NaN in a BC stage and in the selector stage."""
 import importlib
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,10 @@ import numpy as np
 import pytest
 
 from lmx.core.config import ConfigError
-from lmx.methods.cable_routing import oxe, policy as pol
+from lmx.methods.cable_routing import oxe, policy as pol, train as T
+import resume_check as rc
+
+run_lib = importlib.import_module("lmx.methods.cable_routing.run")  # the package exports run(), the function
 
 
 def _np_logprob(mean, log_std, a):
@@ -157,34 +164,198 @@ def test_oxe_loader_on_tiny_dataset(tiny_oxe):
     oxe.open_episodes(data_dir, split="validation")
 
 
-# ------------------------------------------------------------------------------------------ end to end
+# ------------------------------------------------------------------------------------------ training pieces
 
-# The CI's run of the smoke config: compiles the episode scan + 4 train steps, about 23 s on one idle core.
-def test_smoke_config_end_to_end(tmp_path):
+def test_random_shift_is_an_edge_padded_crop_at_the_drawn_offsets():
+  rng = np.random.default_rng(2)
+  views = [rng.uniform(size=(3, 6, 5, 2)).astype(np.float32) for _ in range(2)]
+  key, pad = jax.random.key(4), 2
+  got = T.random_shift(key, [jnp.asarray(v) for v in views], pad)
+  off = np.asarray(jax.random.randint(key, (2, 3, 2), 0, 2 * pad + 1))  # the draw random_shift makes
+  for v, g, o in zip(views, got, off):
+    padded = np.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    want = np.stack([padded[b, o[b, 0]:o[b, 0] + 6, o[b, 1]:o[b, 1] + 5] for b in range(3)])
+    np.testing.assert_array_equal(np.asarray(g), want)
+  assert not np.array_equal(off[0], off[1])  # the views get their own offsets
+  assert T.random_shift(key, views, 0)[1] is views[1]
+
+
+def test_flat_normal_draw_equals_the_shaped_one():
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(np.asarray(pol._normal(key, (6, 7))), np.asarray(jax.random.normal(key, (6, 7))))
+
+
+def _bc_data(m, res=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(top=rng.integers(0, 256, (m, res, res, 3), dtype=np.uint8),
+              wrist=rng.integers(0, 256, (m, res, res, 3), dtype=np.uint8),
+              grasped=rng.integers(0, 2, m).astype(bool), action=rng.uniform(-1, 1, (m, 2)).astype(np.float32))
+
+
+def test_full_data_passes_match_one_unchunked_pass():
+  d = _bc_data(11)
+  p = pol.init_bc(jax.random.key(1), 2, 2, (4, 8), (16,))
+  x = [np.float32(d["top"]) / 255, np.float32(d["wrist"]) / 255]
+  g = np.float32(d["grasped"])[:, None]
+
+  @jax.jit
+  def one_pass(p, x, g, a):
+    mean, log_std = pol.bc_apply(p, x, g)
+    return pol.bc_nll_loss(mean, log_std, a), pol.features(p, x, g)
+
+  (nll, mse), feat = one_pass(p, x, g, d["action"])
+  got = T.bc_eval(p, d, chunk=4)  # 4 + 4 + 3 rows: the last chunk padded and masked
+  assert got["nll"] == pytest.approx(float(nll), rel=1e-5) and got["mse"] == pytest.approx(float(mse), rel=1e-5)
+  np.testing.assert_allclose(T.features(p, d["top"], d["wrist"], d["grasped"], chunk=4), np.asarray(feat),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_selector_stage_learns_and_a_rerun_restores_it(tmp_path):
+  """The selector on the loop (ArrayBatches, the optimiser block) fits a separable toy labelling; calling the
+  finished stage again restores its last checkpoint instead of training."""
+  from lmx.core.metrics import Writer
+  import ml_collections
+
+  rng = np.random.default_rng(0)
+  feat = rng.normal(size=(64, 6)).astype(np.float32)
+  data = dict(feat=feat, hist=rng.integers(0, 5, (64, 6)), label=feat[:, :4].argmax(-1))
+  optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-2, warmup_steps=5, weight_decay=1e-2, clip_norm=1.0))
+  p0 = pol.init_selector(jax.random.key(0), 6, 4, 6, 4, 32)
+  kw = dict(optim=optim, steps=150, batch=16, seed=0, stream="selector")
+  with Writer(str(tmp_path)) as w:
+    p = T.train_selector(str(tmp_path), "sel", p0, data, writer=w, **kw)
+    assert T.selector_eval(p0, data)["acc"] < 0.5 and T.selector_eval(p, data)["acc"] > 0.9
+    again = T.train_selector(str(tmp_path), "sel", p0, data, writer=w, **kw)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(again)))
+  assert os.path.isdir(tmp_path / "checkpoints" / "sel")
+
+
+def test_summary_is_the_sample_std_over_seeds():
   from configs.cable_routing import get_config
-  run_lib = importlib.import_module("lmx.methods.cable_routing.run")  # the package exports run(), the function
 
   cfg = get_config("smoke")
-  res = run_lib.run(cfg, str(tmp_path))
-  assert set(res["summary"]) == set(run_lib.ARMS)
+  arms = lambda full, st: {a: dict(full=full, stages=st) for a in run_lib.ARMS}  # noqa: E731
+  done = {0: dict(arms=arms(0.5, [0.9, 0.7, 0.5]), demos={}, training={}),
+          1: dict(arms=arms(0.25, [0.8, 0.5, 0.25]), demos={}, training={})}
+  done[1]["arms"]["flat_bc"] = dict(full=0.0, stages=[0.3, 0.0, 0.0])
+  cfg.seeds = (0, 1)
+  res = run_lib.summarize(cfg, done, 0.0)
+  full = res["summary"]["hier_dagger"]["full"]
+  assert full["n"] == 2 and full["mean"] == pytest.approx(0.375)
+  assert full["std"] == pytest.approx(np.std([0.5, 0.25], ddof=1))
+  assert res["summary"]["hier"]["stages"][1]["std"] == pytest.approx(np.std([0.7, 0.5], ddof=1))
+  gap = res["paired"]["hier_dagger-flat_bc"]
+  assert gap["values"] == [0.0, 0.25] and gap["std"] == pytest.approx(np.std([0.0, 0.25], ddof=1))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+SMOKE = "configs/cable_routing.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  """One uninterrupted run of the smoke config through the launcher: the reference of the resume and NaN tests,
+  with XLA's compilation cache shared by every run of this module (the runs compile the same programs)."""
+  base = tmp_path_factory.mktemp("cable")
+  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "xla_cache")
+  ref = base / "reference"
+  r = rc.run(SMOKE, ref)
+  assert r.returncode == 0, rc.fail(r, "smoke run")
+  yield ref, r
+  if old is None:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  else:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
+
+
+def _tensorboard_image_tags(workdir) -> set:
+  """The image tags in a workdir's TensorBoard event files (read with tensorboardX's protobufs)."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
+    data, i = open(path, "rb").read(), 0
+    while i + 12 <= len(data):  # records: length (8 bytes), its crc (4), the event, its crc (4)
+      n = struct.unpack("<Q", data[i:i + 8])[0]
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      tags |= {v.tag for v in ev.summary.value if v.HasField("image")}
+      i += n + 16
+  return tags
+
+
+def test_smoke_end_to_end(smoke):
+  from configs.cable_routing import get_config
+
+  ref, r = smoke
+  rc.check_layout(ref)
+  res = rc.results(ref)
+  cfg = get_config("smoke")
+  assert set(res["summary"]) == set(run_lib.ARMS) and res["seeds"] == [0] and res["wall_s"] > 0
   for arm, s in res["summary"].items():
-    assert 0.0 <= s["full_mean"] <= 1.0 and len(s["stages_mean"]) == cfg.env.clips
-  assert res["demos"][0]["decisions"] > 0
-  assert os.path.exists(tmp_path / "results.json") and os.path.exists(tmp_path / "plots" / "success.png")
+    assert 0.0 <= s["full"]["mean"] <= 1.0 and s["full"]["n"] == 1 and s["full"]["std"] is None
+    assert len(s["stages"]) == cfg.env.clips
+  assert res["demos"]["0"]["decisions"] > 0 and res["training"]["0"]["dagger_decisions"] > 0
+  for stage in ("demos", "route", "flat", "selector", "dagger_rollouts", "dagger", "eval/hier_dagger"):
+    assert os.path.isfile(ref / "stages" / "s0" / stage / "stage.json"), stage
+  for stage in ("route", "flat", "selector", "dagger"):
+    assert os.path.isdir(ref / "checkpoints" / "s0" / stage), stage
+  for arm in run_lib.STRIP_ARMS:
+    assert os.path.isfile(ref / "plots" / f"rollouts_{arm}.png")
+  assert _tensorboard_image_tags(ref) == {"plots/success"} | {f"plots/rollouts_{a}" for a in run_lib.STRIP_ARMS}
+  assert "Traceback" not in r.stderr and "{'" not in r.stdout  # console lines, not raw dicts
   bad = get_config("smoke")
   bad.env.decisions = 2
   with pytest.raises(ConfigError, match="env.decisions"):
     run_lib.validate(bad)
+  bad = get_config("smoke")
+  bad.dagger.optim.lr = 0.0
+  with pytest.raises(ConfigError, match="dagger.optim.lr"):
+    run_lib.validate(bad)
+
+
+def test_sigterm_after_the_first_checkpoint_resumes_to_the_same_results(smoke, tmp_path):
+  rc.check_sigterm_resume(tmp_path, SMOKE, reference=smoke[0])
+
+
+def _resumed_from(ref, work, keep):
+  """``work``: a copy of the reference run stopped after the stages ``keep`` of seed 0 (a rerun resumes there)."""
+  shutil.copytree(ref, work)
+  os.remove(work / "results.json")
+  shutil.rmtree(work / "stages")
+  for name in keep:
+    shutil.copytree(ref / "stages" / "s0" / name, work / "stages" / "s0" / name)
+  for name in os.listdir(work / "checkpoints" / "s0"):
+    if name not in keep:
+      shutil.rmtree(work / "checkpoints" / "s0" / name)
+
+
+def test_nan_in_a_bc_stage_stops_with_one_line(smoke, tmp_path):
+  """A run resumed after its demonstrations whose route BC loss turns NaN at step 2."""
+  _resumed_from(smoke[0], tmp_path / "nan-s0_route", keep=("demos",))
+  rc.check_nan_stops(tmp_path, SMOKE, "s0/route", 2)
+
+
+def test_nan_in_the_selector_stage_stops_with_one_line(smoke, tmp_path):
+  _resumed_from(smoke[0], tmp_path / "nan-s0_selector", keep=("demos", "route", "flat"))
+  line = rc.check_nan_stops(tmp_path, SMOKE, "s0/selector", 1)
+  assert "no checkpoint had been written yet" in line
 
 
 def test_real_variant_trains_on_tiny_dataset(tiny_oxe, tmp_path):
   from configs.cable_routing import get_config
-  run_lib = importlib.import_module("lmx.methods.cable_routing.run")  # the package exports run(), the function
 
   cfg = get_config("berkeley_cable_routing")
   cfg.real.update(data_dir=tiny_oxe[0], steps=3, batch=4, res=32)
   cfg.model.update(widths=(4, 8), hidden=(16,))
-  cfg.train.update(warmup=1)
+  cfg.train.bc_optim.warmup_steps = 1
   res = run_lib.run(cfg, str(tmp_path))
   assert res["episodes"] == 2 and res["train_steps"] + res["val_steps"] == 5
-  assert np.isfinite(res["val_nll"]) and np.isfinite(res["val_mse"])
+  assert np.isfinite(res["val_nll"]) and np.isfinite(res["val_mse"]) and res["wall_s"] >= 0
+  assert os.path.isdir(tmp_path / "checkpoints" / "real" / "route") and os.path.isdir(tmp_path / "tb")
+  again = run_lib.run(cfg, str(tmp_path))  # the finished training stage is read back
+  assert (again["val_nll"], again["final_train"]) == (res["val_nll"], res["final_train"])

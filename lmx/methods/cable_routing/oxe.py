@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
+from lmx.core import stages
 from lmx.core.config import ConfigError
 from lmx.core.metrics import Writer
 from lmx.core.results import summary_line, write_results
@@ -90,7 +90,9 @@ def step_arrays(src, *, res: int = 64, max_episodes: int = 0):
 
 
 def run_real(config, workdir: str):
-  """The route BC policy on the robot data: 90/10 split by episode, NLL / MSE on the held-out episodes."""
+  """The route BC policy on the robot data: 90/10 split by episode, NLL / MSE on the held-out episodes. One
+  training stage ``real/route`` (resumed from its checkpoints when interrupted); the episodes are read again on a
+  rerun (they are not copied into the workdir)."""
   t0 = time.time()
   r, tr, m = config.real, config.train, config.model
   src = open_episodes(r.data_dir, r.split)
@@ -104,15 +106,18 @@ def run_real(config, workdir: str):
   keys = ("top", "wrist", "grasped", "action")
   train = {k: data[k][~is_val] for k in keys}
   val = {k: data[k][is_val] for k in keys} if is_val.any() else train
-  writer = Writer(workdir, tensorboard=False)
-  params = pol.init_bc(rng_stream(seed, "init"), 2, 4, tuple(m.widths), tuple(m.hidden))
-  params, hist = T.train_bc(params, train, steps=r.steps, batch=r.batch, lr=tr.lr, warmup=tr.warmup,
-                            weight_decay=tr.weight_decay, pad=tr.augment_shift, seed_key=rng_stream(seed, "route"),
-                            rng=np_stream(seed, "route"), log=lambda i, d: writer.scalars(i, d), name="real/route")
-  nll, mse = T.bc_eval(params, {k: jnp.asarray(v) for k, v in val.items()})
+
+  def route():
+    params = pol.init_bc(rng_stream(seed, "init"), 2, 4, tuple(m.widths), tuple(m.hidden))
+    params = T.train_bc(workdir, "real/route", params, train, optim=tr.bc_optim, steps=r.steps, batch=r.batch,
+                        pad=tr.augment_shift, seed=seed, stream="route", writer=writer)
+    return dict(params=params, train=T.bc_eval(params, train), val=T.bc_eval(params, val))
+
+  with Writer(workdir) as writer:
+    out = stages.run_stage(workdir, "real/route", route)
   results = dict(method="cable_routing", variant=config.variant, source="oxe", episodes=int(len(eps)),
-                 train_steps=int((~is_val).sum()), val_steps=int(is_val.sum()), val_nll=float(nll),
-                 val_mse=float(mse), final_train=hist[-1] if hist else {}, wall_time_s=round(time.time() - t0, 1))
+                 train_steps=int((~is_val).sum()), val_steps=int(is_val.sum()), val_nll=out["val"]["nll"],
+                 val_mse=out["val"]["mse"], final_train=out["train"], wall_s=round(time.time() - t0, 1))
   path = write_results(workdir, results)
-  summary_line("cable_routing real-data route BC", dict(val_nll=float(nll), val_mse=float(mse)), path)
+  summary_line("cable_routing real-data route BC (held-out episodes)", out["val"], path)
   return results

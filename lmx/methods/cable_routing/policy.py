@@ -53,8 +53,14 @@ def selection_loss(logits_BC, labels_B, mask_B=None):
 
 # ----------------------------------------------------------------------------------------------- layers
 
+def _normal(key, shape):
+  """``jax.random.normal(key, shape)`` (the same values) drawn flat: XLA's CPU compile of a many-dimensional
+  random draw is far slower than of a flat one."""
+  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
+
+
 def _dense_init(key, din, dout, scale=1.0):
-  return dict(w=jax.random.normal(key, (din, dout)) * scale * math.sqrt(1.0 / din), b=jnp.zeros(dout))
+  return dict(w=_normal(key, (din, dout)) * scale * math.sqrt(1.0 / din), b=jnp.zeros(dout))
 
 
 def _dense(p, x):
@@ -62,7 +68,7 @@ def _dense(p, x):
 
 
 def _conv_init(key, k, cin, cout):
-  return jax.random.normal(key, (k, k, cin, cout)) * math.sqrt(2.0 / (k * k * cin))
+  return _normal(key, (k, k, cin, cout)) * math.sqrt(2.0 / (k * k * cin))
 
 
 def _conv(w, x, stride=1):
@@ -145,7 +151,7 @@ def bc_apply(p, views, state_BS):
 
 def init_selector(key, feat_dim: int, n_prims: int = 4, history: int = 6, embed: int = 4, hidden: int = 128):
   ks = jax.random.split(key, 5)
-  return dict(emb=jax.random.normal(ks[0], (n_prims + 1, embed)) * 0.1, f=_dense_init(ks[1], feat_dim, hidden),
+  return dict(emb=_normal(ks[0], (n_prims + 1, embed)) * 0.1, f=_dense_init(ks[1], feat_dim, hidden),
               h=_dense_init(ks[2], history * embed, hidden), mix=_dense_init(ks[3], 2 * hidden, hidden),
               out=_dense_init(ks[4], hidden, n_prims, scale=0.1))
 

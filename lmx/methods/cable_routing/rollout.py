@@ -1,5 +1,5 @@
 """Episodes as ``lax.scan``: hierarchical (a selector picks a primitive every ``T`` steps, ``D`` decisions) or flat
-(one policy for ``D*T`` steps); ``vmap`` over layouts. The same code collects demonstrations (oracle selector,
+(one policy for the same ``D*T`` steps); ``vmap`` over layouts. The same code collects demonstrations (oracle selector,
 scripted primitives, action noise, clean labels) and evaluates the learned policies.
 
 Selector: ``select(d, top, wrist, grasped, hist_H, state, layout, key) -> prim`` (int32; -1 = idle).
@@ -95,25 +95,6 @@ def _episode(key, layout, select, route, flat_fn, flat, action_sigma, prm: cable
   if flat_fn is not None:
     return cable.progress(state.p_N2, layout, prm), drec, srec
   return state, drec, srec
-
-
-def flat_episode(key, layout, flat, prm: cable.Params, ec: EpisodeCfg):
-  """One flat-policy episode of ``D*T`` steps. Returns (final state, per-step record)."""
-  k_reset, k_run = jax.random.split(key)
-  state = cable.reset(k_reset, layout, prm)
-
-  def inner(st, t):
-    ks = jax.random.fold_in(k_run, t)
-    k_env, k_pol = jax.random.split(ks)
-    top, wrist = observe(st, layout, ec, prm)
-    done = cable.progress(st.p_N2, layout, prm) >= prm.k
-    a = jnp.where(done, 0.0, flat(top, wrist, st.grasped, st, layout, k_pol))
-    st2, info = cable.step(k_env, layout, st, a, prm)
-    return st2, dict(progress=info["progress"], slipped=info["slipped"], snagged=info["snagged"],
-                     grip=st.grip)
-
-  state, rec = jax.lax.scan(inner, state, jnp.arange(ec.decisions * ec.steps))
-  return state, rec
 
 
 # ------------------------------------------------------------------------------------- scripted selectors
