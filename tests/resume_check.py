@@ -40,6 +40,15 @@ def run(config: str, workdir, *overrides: str, timeout: int = 900, **env_extra) 
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**env_extra), cwd=ROOT)
 
 
+def reference_run(tmp_path_factory, name: str, config: str, *overrides: str, timeout: int = 900):
+  """``(workdir, completed process)`` of one uninterrupted run of ``config`` in a fresh ``<tmp>/<name>/uninterrupted``
+  (what a module-scoped fixture shares as the reference of its resume tests); fails the test unless it exits 0."""
+  work = tmp_path_factory.mktemp(name) / "uninterrupted"
+  r = run(config, work, *overrides, timeout=timeout)
+  assert r.returncode == 0, fail(r, f"uninterrupted run of {config}")
+  return work, r
+
+
 def without_timing(x):
   """``x`` without the wall-clock and resume-provenance fields (recursively)."""
   if isinstance(x, dict):

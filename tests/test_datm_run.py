@@ -238,9 +238,7 @@ TINY = ("--config.experts.num=1", "--config.experts.parallel=1", "--config.exper
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run of the tiny smoke config through launch/run.py, shared by the tests below."""
-  w = tmp_path_factory.mktemp("datm") / "uninterrupted"
-  r = resume_check.run(CONFIG, w, *TINY)
-  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  w, r = resume_check.reference_run(tmp_path_factory, "datm", CONFIG, *TINY)
   assert max(len(line.split(" → ")[0]) for line in r.stdout.splitlines()) < 200, r.stdout  # readable lines
   return w
 

@@ -221,9 +221,7 @@ SHORT = ("--config.teacher.steps=8", "--config.train.steps=16", "--config.train.
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run of the shortened smoke config through launch/run.py, shared by the tests below."""
-  w = tmp_path_factory.mktemp("let") / "uninterrupted"
-  r = resume_check.run(CONFIG, w, *SHORT)
-  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
+  w, r = resume_check.reference_run(tmp_path_factory, "let", CONFIG, *SHORT)
   assert "resumed_from_step" not in r.stdout  # the CE phase continues the alignment phase's state: not a resume
   return w
 

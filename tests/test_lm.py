@@ -17,10 +17,7 @@ SHORT = ("--config.train.steps=40", "--config.train.ckpt_every=20", "--config.tr
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run of the shortened smoke config, shared by the tests below."""
-  w = tmp_path_factory.mktemp("lm") / "uninterrupted"
-  r = resume_check.run(CONFIG, w, *SHORT)
-  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
-  return w
+  return resume_check.reference_run(tmp_path_factory, "lm", CONFIG, *SHORT)[0]
 
 
 def test_workdir_layout_and_results(reference):

@@ -357,25 +357,34 @@ def test_at_steps_hook_runs_on_its_schedule_only():
 
 
 def test_compile_cache_shares_one_compilation_and_init_state_starts_from_given_parts(tmp_path):
-  """Loops with the same step object, seed and shapes compile once through a shared ``compile_cache`` (another
-  seed compiles again: its step rng is another constant); ``init_state`` starts from the given parts, which stay
-  the caller's (the state is donated, the given arrays are not)."""
+  """Loops with the same step object and shapes compile once through a shared ``compile_cache``, whatever their
+  seed (the step's base key is an argument of the compiled step, so each seed still gets its own rngs: the same
+  for the same seed); ``init_state`` starts from the given parts, which stay the caller's (the state is donated,
+  the given arrays are not)."""
   mesh = mesh_lib.make_mesh(dict(data=-1), devices=jax.devices()[:1])
   traces = {"n": 0}
 
   def step(state, frozen, batch, rng):
     traces["n"] += 1
-    return dict(state, w=state["w"] + frozen["d"]), {"loss": jnp.sum(state["w"])}
+    return dict(state, w=state["w"] + frozen["d"]), {"loss": jnp.sum(state["w"]), "u": jax.random.uniform(rng)}
 
-  cache, outs, given = {}, [], []
+  cache, outs, given, us = {}, [], [], []
   for i, seed in enumerate((0, 0, 1)):
     start = np.full((3,), float(i), np.float32)
     given.append(start)
     lp = loop.Loop(step_fn=step, init_state={"w": start}, frozen={"d": np.full((3,), i + 1.0, np.float32)},
                    mesh=mesh, workdir=str(tmp_path / f"run{i}"), total_steps=2, seed=seed, ckpt_every=0,
                    log_console=False, compile_cache=cache)
-    outs.append(np.asarray(lp.run().state["w"]))
-  assert traces["n"] == 2 and len(cache) == 2  # seed 0 twice: one compilation; seed 1: another
+    res = lp.run()
+    outs.append(np.asarray(res.state["w"]))
+    us.append(res.last_metrics["train/u"])
+  assert traces["n"] == 1 and len(cache) == 1  # one compilation for the three loops
+  assert us[0] == us[1] and us[2] != us[0]  # the step rngs are the seed's
+  # the reference: the mean over the 2 steps of uniform(fold_in(rng_stream(seed, "step"), step))
+  from lmx.core.rng import rng_stream
+  want = [float(np.mean([jax.random.uniform(jax.random.fold_in(rng_stream(s, "step"), k)) for k in range(2)]))
+          for s in (0, 1)]
+  np.testing.assert_allclose([us[0], us[2]], want, rtol=1e-6)
   for i, w in enumerate(outs):
     np.testing.assert_allclose(w, i + 2 * (i + 1.0))
     np.testing.assert_allclose(given[i], float(i))

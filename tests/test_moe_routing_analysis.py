@@ -438,10 +438,7 @@ CONFIG = "configs/moe_routing.py:smoke"
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run of the smoke config through launch/run.py, shared by the tests below."""
-  w = tmp_path_factory.mktemp("moe") / "uninterrupted"
-  r = resume_check.run(CONFIG, w)
-  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
-  return w
+  return resume_check.reference_run(tmp_path_factory, "moe", CONFIG)[0]
 
 
 def test_smoke_stages_and_results(reference):  # the CI's run of the smoke config

@@ -314,11 +314,8 @@ SMOKE = "configs/seif.py:smoke"
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   """One uninterrupted run of the smoke config through the launcher, shared by the tests below."""
-  from resume_check import fail, run
-  work = tmp_path_factory.mktemp("seif") / "uninterrupted"
-  r = run(SMOKE, work)
-  assert r.returncode == 0, fail(r, "smoke run")
-  return work
+  from resume_check import reference_run
+  return reference_run(tmp_path_factory, "seif", SMOKE)[0]
 
 
 def test_smoke_run_layout_and_results(smoke_run):

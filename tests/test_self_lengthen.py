@@ -343,10 +343,7 @@ SMOKE = "configs/self_lengthen.py:smoke"
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   """One uninterrupted smoke run through launch/run.py, shared by the end-to-end, layout and resume tests."""
-  work = tmp_path_factory.mktemp("sl") / "uninterrupted"
-  r = resume_check.run(SMOKE, work)
-  assert r.returncode == 0, resume_check.fail(r, "smoke run")
-  return work
+  return resume_check.reference_run(tmp_path_factory, "sl", SMOKE)[0]
 
 
 def test_smoke_run_end_to_end(smoke_run):

@@ -321,10 +321,7 @@ SHORT = ("--config.base.steps=10", "--config.data.max_domain_chars=7000",
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run of the smaller smoke config through launch/run.py, shared by the tests below."""
-  w = tmp_path_factory.mktemp("sg") / "uninterrupted"
-  r = resume_check.run(CONFIG, w, *SHORT)
-  assert r.returncode == 0, resume_check.fail(r, "uninterrupted run")
-  return w
+  return resume_check.reference_run(tmp_path_factory, "sg", CONFIG, *SHORT)[0]
 
 
 def test_smoke_stages_and_results(reference):
