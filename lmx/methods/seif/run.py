@@ -62,8 +62,8 @@ SAFE_TO_CHANGE = ("train.log_every", "train.plot")
 # (the Instructor's proposals; the Follower's prompts) the share that parses, the share the Filter accepts and the
 # mean constraint count.
 STATS = ("reward", "len", "parsed", "filter_pass", "n_constraints")
-# The GRPO loops' own seed: their update draws its randomness from the batch's named stream (seed, round,
-# variant, step), so the loop seed is one constant and one compiled update serves every seed.
+# The GRPO loops' own seed: their update takes its key from the batch (the named stream of seed, round, variant and
+# step) and ignores the loop's step rng, so the loop seed is a constant.
 GRPO_LOOP_SEED = 0
 
 
