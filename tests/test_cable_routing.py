@@ -18,7 +18,7 @@ from lmx.core.config import ConfigError
 from lmx.methods.cable_routing import oxe, policy as pol, train as T
 import resume_check as rc
 
-run_lib = importlib.import_module("lmx.methods.cable_routing.run")  # the package exports run(), the function
+run_lib = importlib.import_module("lmx.methods.cable_routing.driver")  # the package exports run(), the function
 
 
 def _np_logprob(mean, log_std, a):

@@ -210,7 +210,7 @@ def _config(arg=""):
 
 def test_validate_names_fields():
   from lmx.core.config import ConfigError
-  seif_run = importlib.import_module("lmx.methods.seif.run")
+  seif_run = importlib.import_module("lmx.methods.seif.driver")
   c = _config("smoke")
   c.variants = ("seif", "other")
   with pytest.raises(ConfigError, match="variants"):
@@ -277,7 +277,7 @@ class _StubPolicy:
 def test_driver_end_to_end_with_stub_policies(tmp_path, monkeypatch):
   """The smoke config through ``run`` with network-free policies (the real networks: the launcher runs below)."""
   from lmx.core import stages
-  seif_run = importlib.import_module("lmx.methods.seif.run")
+  seif_run = importlib.import_module("lmx.methods.seif.driver")
   fol, inst = _StubPolicy(), _StubPolicy()
   monkeypatch.setattr(seif_run, "build_policies", lambda config: (fol, inst))
   res = seif_run.run(_config("smoke"), str(tmp_path))

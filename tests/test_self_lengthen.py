@@ -17,7 +17,7 @@ from lmx.methods.self_lengthen import filters as F
 from lmx.methods.self_lengthen import lm as sl_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sl_run = importlib.import_module("lmx.methods.self_lengthen.run")
+sl_run = importlib.import_module("lmx.methods.self_lengthen.driver")
 
 
 def _config(variant):
@@ -411,7 +411,7 @@ class PassingSampler:
 
 @pytest.mark.slow  # five SFT compilations
 def test_every_stage_runs_and_a_rerun_reads_them_back(tmp_path, monkeypatch):
-  from lmx.methods.self_lengthen import run
+  from lmx.methods.self_lengthen.driver import run
 
   monkeypatch.setattr(sl_lm, "Sampler", PassingSampler)
   monkeypatch.setenv("LMX_NO_PROGRESS", "1")

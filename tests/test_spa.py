@@ -14,7 +14,7 @@ import resume_check as rc
 
 from lmx.methods.spa import policy, progress
 
-spa_run = importlib.import_module("lmx.methods.spa.run")  # the package exports run(), the function
+spa_run = importlib.import_module("lmx.methods.spa.driver")  # the package exports run(), the function
 
 # two hand-made episodes: 3 real steps and 2 real steps, padded to 4
 C = np.array([[0.2, 0.3, 0.4, 9.0], [0.5, -0.1, 7.0, 7.0]], np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 from lmx.core.results import write_results
 import importlib
 
-sl_run = importlib.import_module("lmx.methods.self_lengthen.run")  # the module (the package re-exports run())
+sl_run = importlib.import_module("lmx.methods.self_lengthen.driver")  # the module (the package re-exports run())
 
 
 def fmt(m, digits=2):

@@ -45,7 +45,7 @@ def estimator_loss_fn(apply_fn, head_kind: str):
 def make_steps(model, config):
   """(estimator_step, ppo_step, estimator tx, ppo tx) for ``model`` (a registry Model) under ``config``; the
   optimisers are ``estimator.optim`` and ``rl.optim``."""
-  from lmx.methods.spa.run import max_iterations
+  from lmx.methods.spa.driver import max_iterations
 
   r, e = config.rl, config.estimator
   ppo_tx, _ = make_optimizer(r.optim, max_iterations(config))

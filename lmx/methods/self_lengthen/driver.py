@@ -382,7 +382,7 @@ class Pipeline:
   def run_seed(self, seed: int) -> dict:
     """One seed's pipeline: bootstrap SFTs → macro-iterations (drafts, extensions, filters, Generator SFT,
     Extender SFT, evaluation) → length-following SFT and its evaluation."""
-    config, lens, log = self.config, self.lens, lambda m: print(m, flush=True)
+    config, log = self.config, lambda m: print(m, flush=True)
     lp, sc, bc, lf = config.loop, config.sft, config.bootstrap, config.length_sft
     t0 = time.time()
     gen_boot, ext_boot = bootstrap_pairs(self.train_items, config, np_stream(seed, "bootstrap"))
