@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import numpy as np
 
 from lmx.core.results import write_results
 import importlib
