@@ -20,6 +20,14 @@ import signal  # noqa: E402
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The runs the tests start through launch/run.py share one XLA compilation cache per test process (a folder per
+# xdist worker below this one: a worker runs its tests one at a time, so each cache has one writer), so the
+# reference, interrupted and resumed runs of a smoke config compile each program once.
+if "LMX_TEST_XLA_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LMX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="lmx-xla-")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

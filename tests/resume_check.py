@@ -28,6 +28,9 @@ TIMING = re.compile(r"(^|_)(wall|seconds|secs|time|elapsed|per_sec|steps_per_sec
 
 def env(**extra) -> dict:
   e = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  if os.environ.get("LMX_TEST_XLA_CACHE"):  # one compilation cache per test process (tests/conftest.py)
+    e.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["LMX_TEST_XLA_CACHE"],
+                                                           os.environ.get("PYTEST_XDIST_WORKER", "main")))
   e.pop("LMX_FAULT", None)
   e.pop("LMX_ALLOW_FRESH_START", None)
   e.update(extra)

@@ -255,19 +255,9 @@ SMOKE = "configs/cable_routing.py:smoke"
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-  """One uninterrupted run of the smoke config through the launcher: the reference of the resume and NaN tests,
-  with XLA's compilation cache shared by every run of this module (the runs compile the same programs)."""
-  base = tmp_path_factory.mktemp("cable")
-  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "xla_cache")
-  ref = base / "reference"
-  r = rc.run(SMOKE, ref)
-  assert r.returncode == 0, rc.fail(r, "smoke run")
-  yield ref, r
-  if old is None:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
+  """One uninterrupted run of the smoke config through the launcher: the reference of the resume and NaN tests
+  (the runs share the test process's compilation cache, tests/conftest.py)."""
+  return rc.reference_run(tmp_path_factory, "cable", SMOKE)
 
 
 def _tensorboard_image_tags(workdir) -> set:

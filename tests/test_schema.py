@@ -59,9 +59,8 @@ def test_unknown_and_missing_fields_and_wrong_types():
   with pytest.raises(ConfigError, match=r"rl: unknown field\(s\) \['lr_typo'\]; valid: \['every', 'lr', 'mode', "):
     schema.validate(c)
   c = _config()
-  del c.rl["every"]
-  with pytest.raises(ConfigError, match="rl.every: missing"):
-    schema.validate(c)
+  del c.rl["every"]  # a config built by code may leave out a field: the code that reads it has the default
+  schema.validate(c)
   c = _config()
   c.model.new_key = 3  # an open block's keys are its owner's to check
   schema.validate(c)

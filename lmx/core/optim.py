@@ -3,37 +3,15 @@ from __future__ import annotations
 
 import optax
 
-from lmx.core.config import check_choice, check_keys, finite, require
-
-
-OPTIM_FIELDS = ("name", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm",
-                "momentum", "schedule")
-NUMERIC_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm", "momentum")
-
-
-SCHEDULES = ("cosine", "constant")
+from lmx.core import blocks, schema
+from lmx.core.blocks import SCHEDULES
+from lmx.core.config import check_choice
 
 
 def validate(cfg, prefix: str = "optim") -> None:
-  """Range checks of an optimiser config (ConfigError naming the field); every numeric field must be finite."""
-  check_keys(cfg, prefix, OPTIM_FIELDS)
-  check_choice(cfg.name, f"{prefix}.name", ("adamw", "adam", "sgd"))
-  check_choice(cfg.get("schedule", "cosine"), f"{prefix}.schedule", SCHEDULES)
-  for f in NUMERIC_FIELDS:
-    if f in cfg:
-      finite(cfg[f], f"{prefix}.{f}")
-  require(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr!r}")
-  require(cfg.get("warmup_steps", 0) >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {cfg.get('warmup_steps')!r}")
-  require(0 <= cfg.get("min_lr_ratio", 0.0) <= 1, f"{prefix}.min_lr_ratio",
-          f"must be in [0, 1], got {cfg.get('min_lr_ratio')!r}")
-  for f in ("b1", "b2", "momentum"):
-    if f in cfg:
-      require(0 <= cfg[f] < 1, f"{prefix}.{f}", f"must be in [0, 1), got {cfg[f]!r}")
-  for f in ("weight_decay", "clip_norm"):
-    if f in cfg:
-      require(cfg[f] >= 0, f"{prefix}.{f}", f"must be >= 0, got {cfg[f]!r}")
-  if "eps" in cfg:
-    require(cfg.eps > 0, f"{prefix}.eps", f"must be > 0, got {cfg.eps!r}")
+  """Checks an optimiser block against its declaration (:data:`lmx.core.blocks.OPTIM`): unknown fields, names,
+  finite numbers in range; ConfigError naming the field."""
+  schema.check_block(cfg, blocks.OPTIM, prefix)
 
 
 def make_schedule(cfg, total_steps: int):

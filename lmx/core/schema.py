@@ -189,7 +189,8 @@ def _type_name(x) -> str:
 
 def validate(config, method: str | None = None) -> None:
   """Checks ``config`` against the declarations of its method (see the module docstring); ConfigError naming the
-  first wrong field. A method whose config file was never built in this process is not checked here."""
+  first wrong field. A method whose config file was never built in this process is not checked here (its config
+  was built by code, e.g. a pretraining stage of another method: the method's own checks still run)."""
   method = method or config.get("method")
   specs = _REGISTRY.get(method)
   if specs is None:
@@ -197,7 +198,17 @@ def validate(config, method: str | None = None) -> None:
   _check_block(config, "", specs)
 
 
+def check_block(node, declarations: Mapping[str, Any], prefix: str) -> None:
+  """Checks one block (a dict or ConfigDict) against a tree of declarations (as given to :func:`build`), e.g. an
+  optimiser block built by code rather than by a config file; ``prefix`` names it in the errors."""
+  specs: dict = {}
+  _declare(declarations, f"{prefix}.", specs)
+  _check_block(node, f"{prefix}.", specs)
+
+
 def _check_block(node, prefix: str, specs: dict) -> None:
+  """Unknown fields, then every declared field present: its type and value. A declared field may be absent (a
+  config built by code with a subset of a block's fields; the code that reads it gives the default)."""
   keys = list(node.keys())
   valid = sorted(n[len(prefix):] for n in specs if n.startswith(prefix) and "." not in n[len(prefix):])
   unknown = sorted(k for k in keys if f"{prefix}{k}" not in specs)
@@ -208,7 +219,7 @@ def _check_block(node, prefix: str, specs: dict) -> None:
     name = f"{prefix}{k}"
     spec = specs[name]
     if k not in keys:
-      raise ConfigError(f"{name}: missing (the config file declares it; was it deleted?)")
+      continue
     value = node[k]
     if spec is None:  # a block
       if not hasattr(value, "keys"):
@@ -218,6 +229,6 @@ def _check_block(node, prefix: str, specs: dict) -> None:
       if not hasattr(value, "keys"):
         raise ConfigError(f"{name}: must be a block of fields, got {value!r}")
     else:
+      check_value(value, name, spec)
       if not _type_ok(value, spec.default):
         raise ConfigError(f"{name}: must be {_type_name(spec.default)}, got {value!r}")
-      check_value(value, name, spec)
