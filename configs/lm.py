@@ -6,43 +6,42 @@ r"""Plain language-model pretraining on an embedded corpus (the runtime's end-to
 Variants: ``smoke`` (CI), default (CPU-sized), ``moe`` (CPU-sized mixture-of-experts), and accelerator-sized
 ``125m``, ``1b``, ``moe_1b7b`` (same code, bigger numbers).
 """
-import ml_collections
-
+from lmx.core import blocks
 from lmx.core.config import parse_arg
 from lmx.core.mesh import DEFAULT_AXIS_RULES
+from lmx.core.schema import F, build
 
 VARIANTS = ("", "smoke", "moe", "125m", "1b", "moe_1b7b")
 
 
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
-  c = ml_collections.ConfigDict()
-  c.method = "lm"
-  c.variant = a.variant
-  c.seed = a.seed
-
-  # Mesh axis sizes; -1 fills the remaining devices. One list of logical-axis rules maps parameter names and
-  # the batch ("batch": the mesh axes batches and activations are split over) to mesh axes.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
-  c.axis_rules = DEFAULT_AXIS_RULES
-
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=260, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
-      tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"))
-
-  c.data = ml_collections.ConfigDict(dict(
-      corpus="python_docs",  # the Python documentation topics (lmx.datasets.text.CORPORA)
-      # validation: whole documents held out at random (split_seed), ~eval_fraction of the text
-      seq_len=128, global_batch=32, eval_fraction=0.05, split="document", split_seed=0, shuffle_seed=0,
-      worker_count=0))
-
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.1, clip_norm=1.0))
-
-  c.train = ml_collections.ConfigDict(dict(
-      steps=600, log_every=25, eval_every=200, eval_batches=4, ckpt_every=200, ckpt_keep=3,
-      async_checkpointing=True, plot=True))
+  c = build("lm", dict(
+      variant=F(a.variant, choices=VARIANTS),
+      seed=F(a.seed, ge=0, integer=True),
+      # Mesh axis sizes; -1 fills the remaining devices. One list of logical-axis rules maps parameter names and
+      # the batch ("batch": the mesh axes batches and activations are split over) to mesh axes.
+      mesh=blocks.mesh(),
+      axis_rules=F(DEFAULT_AXIS_RULES, safe=True),
+      # the transformer (lmx.models.transformer.TransformerConfig checks it; numerics-neutral choices may change
+      # on resume: attention kernel, rematerialisation, MoE implementation)
+      model=blocks.transformer(
+          vocab_size=260, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
+          tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"),
+      data=dict(
+          corpus=F("python_docs", doc="an embedded corpus of lmx.datasets.text.CORPORA"),
+          seq_len=F(128, ge=1, integer=True),
+          global_batch=F(32, ge=1, integer=True),
+          # validation: whole documents held out at random (split_seed), ~eval_fraction of the text
+          eval_fraction=F(0.05, gt=0, lt=1),
+          split=F("document", choices=("document", "tail")),
+          split_seed=F(0, ge=0, integer=True),
+          shuffle_seed=F(0, ge=0, integer=True),
+          worker_count=F(0, ge=0, integer=True)),
+      optim=blocks.optim(name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95,
+                         weight_decay=0.1, clip_norm=1.0),
+      train=blocks.lm_train(steps=600, log_every=25, eval_every=200, eval_batches=4, ckpt_every=200),
+  ))
 
   if a.variant == "smoke":
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=64)

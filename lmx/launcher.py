@@ -4,7 +4,8 @@ A run's life in its workdir (see :mod:`lmx.core.workdir`):
   1. the config is validated by the method (``lmx.methods.<m>.validate``) before the workdir is created;
   2. a workdir whose record says *finished* with the same config is left untouched ("already finished", exit 0);
      asking it for more steps (the method's ``STEPS_FIELD``) continues it, for fewer refuses;
-  3. any other config change is refused unless the method lists the field in ``SAFE_TO_CHANGE`` (then printed);
+  3. any other config change is refused unless the field is declared safe to change (``F(..., safe=True)`` in the
+     config file's schema, or the method's ``SAFE_TO_CHANGE``; then printed);
   4. the workdir's lock is taken (a second run on it refuses, naming the first), ``run.json`` says *running*;
   5. the method runs; ``run.json`` ends as finished / interrupted (a signal, a second Ctrl-C) / failed (any error,
      ``SystemExit`` included). A user error (``ConfigError``) before the run wrote anything leaves the workdir as
@@ -107,8 +108,12 @@ def plan_resume(module, saved: dict | None, new: dict, record: dict | None, work
   """
   if saved is None:
     return "fresh"
+  from lmx.core import schema
+
   steps_field = getattr(module, "STEPS_FIELD", None)
-  safe = tuple(getattr(module, "SAFE_TO_CHANGE", ())) + ((steps_field,) if steps_field else ())
+  method = (new or {}).get("method") if isinstance(new, dict) else None
+  safe = (tuple(getattr(module, "SAFE_TO_CHANGE", ())) + (schema.safe_fields(method) if method else ())
+          + ((steps_field,) if steps_field else ()))
   changes = wd.config_changes(saved, new)
   unsafe = [c for c in changes if not wd.matches(c[0], safe)]
   if unsafe:

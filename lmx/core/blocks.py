@@ -3,7 +3,7 @@ data and training cadence. A config file uses them as ``optim=blocks.optim(lr=3e
 of the block with the given defaults, each checked the same way in every method."""
 from __future__ import annotations
 
-from lmx.core.schema import F
+from lmx.core.schema import F, open_block
 
 SCHEDULES = ("cosine", "constant")
 
@@ -39,6 +39,15 @@ LM_TRAIN = dict(
     async_checkpointing=F(True, safe=True),
     plot=F(True, safe=True),
 )
+
+
+# Numerics-neutral implementation choices of a transformer (lmx.models.transformer): a resume may change them.
+TRANSFORMER_SAFE_KEYS = ("attention_impl", "remat", "moe_impl")
+
+
+def transformer(**fields):
+  """A transformer model block (its keys are checked by ``lmx.models.transformer.TransformerConfig``)."""
+  return open_block(fields, safe_keys=TRANSFORMER_SAFE_KEYS)
 
 
 def _with(declarations: dict, defaults: dict, name: str) -> dict:

@@ -61,12 +61,14 @@ class F:
 class _Open:
   default: dict
   safe: bool = False
+  safe_keys: tuple = ()
   doc: str = ""
 
 
-def open_block(default: Mapping[str, Any], *, safe: bool = False, doc: str = "") -> _Open:
-  """A block whose keys are validated by its owner (a model config, a mesh), not by the schema."""
-  return _Open(dict(default), safe, doc)
+def open_block(default: Mapping[str, Any], *, safe: bool = False, safe_keys=(), doc: str = "") -> _Open:
+  """A block whose keys are validated by its owner (a model config: the model builder), not by the schema;
+  ``safe`` marks the whole block safe to change on resume, ``safe_keys`` some of its keys."""
+  return _Open(dict(default), safe, tuple(safe_keys), doc)
 
 
 def _default(x):
@@ -112,6 +114,8 @@ def safe_fields(method: str) -> tuple[str, ...]:
   for name, spec in (_REGISTRY.get(method) or {}).items():
     if isinstance(spec, _Open) and spec.safe:
       out.append(f"{name}.*")
+    elif isinstance(spec, _Open):
+      out.extend(f"{name}.{k}" for k in spec.safe_keys)
     elif isinstance(spec, F) and spec.safe:
       out.append(name)
   return tuple(out)

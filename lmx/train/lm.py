@@ -16,7 +16,8 @@ import numpy as np
 
 from lmx.core import data as data_lib
 from lmx.core import loop, mesh as mesh_lib, plots
-from lmx.core.config import check_keys, require
+from lmx.core import schema
+from lmx.core.config import require
 from lmx.core.losses import next_token_loss
 from lmx.core.metrics import Writer
 from lmx.core import optim as optim_lib
@@ -26,41 +27,23 @@ from lmx.datasets import text
 from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
-CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "optim", "train")
-DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "split", "split_seed", "shuffle_seed",
-               "worker_count")
-TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "ckpt_keep",
-                "async_checkpointing", "plot")
 STEPS_FIELD = "train.steps"
-# Fields a resume may change (the launcher refuses any other change): cadences, the step count, the mesh and
-# the sharding rules (checkpoints restore onto any mesh), numerics-neutral implementation choices.
-SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
-                  "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*", "axis_rules",
-                  "model.attention_impl", "model.remat", "model.moe_impl")
 
 
 def validate(config):
-  """Checks every field before anything is built; returns the built model (no parameters yet)."""
-  check_keys(config, "config", CONFIG_FIELDS)
-  check_keys(config.data, "data", DATA_FIELDS)
-  check_keys(config.train, "train", TRAIN_FIELDS)
+  """Checks the config (its fields against ``configs/lm.py``'s declarations, then what relates fields: the corpus,
+  the sequence length against the model's, the byte vocabulary) before anything is built; returns the built
+  model (no parameters yet)."""
+  schema.validate(config)
   d = config.data
   text.check_corpus(d.corpus)
-  for f in ("seq_len", "global_batch"):
-    require(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive integer, got {d[f]!r}")
-  require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction!r}")
-  require(d.split in text.SPLITS, "data.split", f"must be one of {list(text.SPLITS)}, got {d.split!r}")
-  require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count!r}")
   optim_lib.validate(config.optim)
-  require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed!r}")
   model = build_model(config.model, axis_rules=config.axis_rules)
-  require(config.data.seq_len <= model.cfg.max_seq_len, "data.seq_len",
-          f"{config.data.seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
+  require(d.seq_len <= model.cfg.max_seq_len, "data.seq_len",
+          f"{d.seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
   # the built model's vocabulary: a Hugging Face model (model.name='hf') states it in its config.json, not here
   require(model.cfg.vocab_size >= text.VOCAB_SIZE, "model.vocab_size",
           f"must be >= {text.VOCAB_SIZE} for the byte tokenizer, got {model.cfg.vocab_size}")
-  for f in ("steps", "log_every", "eval_every", "ckpt_every", "ckpt_keep", "eval_batches"):
-    require(config.train[f] > 0, f"train.{f}", f"must be > 0, got {config.train[f]}")
   return model
 
 
