@@ -290,7 +290,7 @@ def _buffer(c, experts: int = 1, fill: float = 0.0) -> E.ExpertBuffer:
 
 
 class _Writer:
-  def summary(self, step, values, prefix=""):
+  def scalars(self, step, values, prefix=""):
     del step, values, prefix
 
 
