@@ -211,20 +211,66 @@ def _config(arg=""):
 def test_validate_names_fields():
   from lmx.core.config import ConfigError
   seif_run = importlib.import_module("lmx.methods.seif.driver")
-  c = _config("smoke")
-  c.variants = ("seif", "other")
-  with pytest.raises(ConfigError, match="variants"):
-    seif_run.validate(c)
-  c = _config("smoke")
-  c.grpo.group_size = 1
-  with pytest.raises(ConfigError, match="grpo.group_size"):
-    seif_run.validate(c)
-  c = _config("smoke")
-  c.follower.prompt_len = 200
-  with pytest.raises(ConfigError, match="follower.prompt_len"):
-    seif_run.validate(c)
+  for field, value, match in [
+      ("variants", ("seif", "other"), "variants"),  # a choice of each element
+      ("variants", ("seif", "seif"), "variants"),  # distinct
+      ("seeds", (0, 0), "seeds"),
+      ("grpo.group_size", 1, "grpo.group_size"),
+      ("grpo.minibatches", 99, "grpo.minibatches"),  # <= rounds.prompts_per_step × group_size
+      ("rounds.follower_epochs", (1,), "rounds.follower_epochs"),  # one per round
+      ("eval.levels", (1, 9), "eval.levels"),  # <= instructor.max_constraints + 2
+      ("eval.hard_level", 2, "eval.hard_level"),
+      ("vocab.kinds", ("lower", "nope"), r"vocab.kinds\[1\]"),
+      ("follower.prompt_len", 200, "follower.prompt_len"),
+      ("follower.new_tokens", 40, "follower.new_tokens"),  # >= answer_chars + 1
+      ("rl_optim.lr", -1.0, "rl_optim.lr"),
+  ]:
+    c = _config("smoke")
+    node, key = c, field.split(".")
+    for k in key[:-1]:
+      node = node[k]
+    node[key[-1]] = value
+    with pytest.raises(ConfigError, match=match):
+      seif_run.validate(c)
   with pytest.raises(ConfigError, match="paper.enabled"):
     seif_run.validate(_config("qwen2_5_7b"))
+
+
+def test_schema_errors_name_the_field_and_safe_fields():
+  """A typo'd field, an out-of-range value and an unknown choice each give a one-line ConfigError naming the
+  field; GRPO's optimiser must be constant; a resume may change the logging cadence and plotting only."""
+  from lmx.core import schema
+  from lmx.core.config import ConfigError
+  from lmx.methods.seif import driver
+  for edit, match in [
+      (lambda c: c.grpo.__setattr__("kl_coeff", 0.1), r"grpo: unknown field\(s\) \['kl_coeff'\]"),
+      (lambda c: c.instructor.__setattr__("max_constraints", 9), "instructor.max_constraints: must be"),
+      (lambda c: c.sft.__setattr__("batch", -1), "sft.batch: must be"),
+      (lambda c: c.follower.__setattr__("prompt_style", "long"), "follower.prompt_style: 'long' is not one of"),
+      (lambda c: c.rl_optim.__setattr__("schedule", "cosine"), "rl_optim.schedule: 'cosine' is not one of"),
+      (lambda c: c.sft_optim.__setattr__("name", "lion"), "sft_optim.name: 'lion' is not one of"),
+  ]:
+    c = _config("smoke")
+    edit(c)
+    with pytest.raises(ConfigError, match=match) as e:
+      driver.validate(c)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=match):
+      schema.validate(c)
+  assert set(schema.safe_fields("seif")) == {"train.log_every", "train.plot"}
+
+
+def test_config_choices_match_the_driver():
+  """The config file imports no method code, so it states the compared variants and the constraint kinds again:
+  they must be the driver's (whose order indexes the random streams)."""
+  import importlib.util
+
+  from lmx.methods.seif import driver
+  spec = importlib.util.spec_from_file_location("seif_cfg", "configs/seif.py")
+  cfg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg)
+  assert cfg.COMPARED == driver.VARIANTS
+  assert cfg.KINDS == D.Vocab().kinds
 
 
 class _StubPolicy:

@@ -277,6 +277,40 @@ def test_unknown_field_is_refused():
     sl_run.validate(c)
 
 
+def test_schema_errors_name_the_field_and_safe_fields():
+  """A typo'd field, an out-of-range value and an unknown choice each give a one-line ConfigError naming the
+  field (every SFT's warmup comes from sft.warmup_ratio, so sft.optim has no warmup_steps); a resume may change
+  the logging cadence, plotting, the mesh, the sharding rules and the attention kernel only."""
+  from lmx.core import schema
+  for edit, match in [
+      (lambda c: c.sampling.__setattr__("top_q", 0.5), r"sampling: unknown field\(s\) \['top_q'\]"),
+      (lambda c: c.sft.optim.__setattr__("warmup_steps", 10), r"sft.optim: unknown field\(s\) \['warmup_steps'\]"),
+      (lambda c: c.data.__setattr__("heldout_fraction", 1.5), "data.heldout_fraction: must be"),
+      (lambda c: c.sampling.__setattr__("top_p", 0.0), "sampling.top_p: must be"),
+      (lambda c: c.base.optim.__setattr__("b2", 1.0), "base.optim.b2: must be"),
+      (lambda c: c.loop.__setattr__("flavour", "gpt"), "loop.flavour: 'gpt' is not one of"),
+      (lambda c: c.sft.optim.__setattr__("schedule", "linear"), "sft.optim.schedule: 'linear' is not one of"),
+  ]:
+    c = _config("smoke")
+    edit(c)
+    with pytest.raises(ConfigError, match=match) as e:
+      sl_run.validate(c)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=match):
+      schema.validate(c)
+  assert set(schema.safe_fields("self_lengthen")) == {
+      "train.log_every", "train.plot", "mesh.data", "mesh.fsdp", "mesh.model", "mesh.expert", "axis_rules",
+      "base.model.attention_impl"}
+
+
+def test_config_flavours_match_the_filters():
+  """The config file imports no method code, so it states the filters' flavours again."""
+  spec = importlib.util.spec_from_file_location("sl_config", os.path.join(ROOT, "configs", "self_lengthen.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.FLAVOURS == F.FLAVOURS
+
+
 # ------------------------------------------------------------------------------------------ the loop, stubbed
 
 
@@ -380,8 +414,8 @@ def test_nan_in_the_bootstrap_sft_stops(tmp_path):
 
 
 def test_nan_in_the_base_pretraining_stops(tmp_path):
-  # the base LM trains in the shared lm stage (its loop's log prefix is "train/")
-  resume_check.check_nan_stops(tmp_path, SMOKE, "train", 1, "--config.base.steps=2")
+  # the base LM trains in the shared lm pretraining stage, named "base" (its loop's log prefix is "base/")
+  resume_check.check_nan_stops(tmp_path, SMOKE, "base", 1, "--config.base.steps=2")
 
 
 class PassingSampler:

@@ -37,8 +37,8 @@ import time
 import jax
 import numpy as np
 
-from lmx.core import mesh as mesh_lib, optim as optim_lib, plots, stages
-from lmx.core.config import check_keys, require
+from lmx.core import mesh as mesh_lib, plots, schema, stages
+from lmx.core.config import require
 from lmx.core.metrics import Writer, progress
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import np_stream, rng_stream
@@ -50,67 +50,23 @@ from lmx.train.lm import load_base as load_lm, stage_config
 from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
-CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "base", "data", "bootstrap", "loop",
-                 "sft", "sampling", "length_sft", "eval", "train")
-BASE_FIELDS = ("steps", "corpus", "seq_len", "global_batch", "model", "optim")
-DATA_FIELDS = ("max_topic_chars", "heldout_fraction", "max_chars", "draft_chars")
-BOOT_FIELDS = ("gen_steps", "ext_steps", "max_examples", "lr")
-LOOP_FIELDS = ("macro_iters", "n_prompts", "samples_per_prompt", "draft_retries", "ext_jobs", "ext_retries",
-               "micro_iters", "min_gain", "line_keep", "drop_short", "flavour", "meta_talk")
-SFT_FIELDS = ("batch", "epochs", "warmup_ratio", "optim")
-SAMPLING_FIELDS = ("batch", "temperature", "top_k", "top_p", "prompt_buckets")
-LSFT_FIELDS = ("min_words", "max_words", "epochs", "p_coarse", "coarse_unit", "fine_unit", "eval_buckets",
-               "eval_topics")
-EVAL_FIELDS = ("n_topics", "n_samples")
-TRAIN_FIELDS = ("log_every", "eval_batches", "plot")
 STEPS_FIELD = None
-SAFE_TO_CHANGE = ("train.log_every", "train.plot", "mesh.*", "axis_rules", "base.model.attention_impl")
 
 
 def validate(config):
-  """Checks every field before anything is built; returns the built model (no parameters)."""
-  check_keys(config, "config", CONFIG_FIELDS)
-  for name, fields in (("base", BASE_FIELDS), ("data", DATA_FIELDS), ("bootstrap", BOOT_FIELDS),
-                       ("loop", LOOP_FIELDS), ("sft", SFT_FIELDS), ("sampling", SAMPLING_FIELDS),
-                       ("length_sft", LSFT_FIELDS), ("eval", EVAL_FIELDS), ("train", TRAIN_FIELDS)):
-    check_keys(config[name], name, fields)
-  b, d, lp, s, lf = config.base, config.data, config.loop, config.sampling, config.length_sft
-  optim_lib.validate(config.sft.optim, "sft.optim")
-  require("warmup_steps" not in config.sft.optim, "sft.optim.warmup_steps",
-          "is set for every SFT from sft.warmup_ratio × its steps; remove the field")
-  require(0 <= config.sft.warmup_ratio < 1, "sft.warmup_ratio",
-          f"must be in [0, 1), got {config.sft.warmup_ratio!r}")
-  require(isinstance(config.sft.batch, int) and config.sft.batch >= 1, "sft.batch",
-          f"must be an integer >= 1, got {config.sft.batch!r}")
-  for f in ("gen_steps", "ext_steps"):
-    require(isinstance(config.bootstrap[f], int) and config.bootstrap[f] >= 1, f"bootstrap.{f}",
-            f"must be an integer >= 1, got {config.bootstrap[f]!r}")
-  require(config.bootstrap.lr > 0, "bootstrap.lr", f"must be > 0, got {config.bootstrap.lr!r}")
-  require(isinstance(b.steps, int) and b.steps >= 0, "base.steps", f"must be an integer >= 0, got {b.steps!r}")
+  """Checks the config before anything is built: its fields against ``configs/self_lengthen.py``'s declarations,
+  then what relates fields (the corpus, distinct seeds, lengths against each other and against the built model's,
+  the byte vocabulary). Returns the built model (no parameters)."""
+  schema.validate(config)
+  b, d, s, lf = config.base, config.data, config.sampling, config.length_sft
   text_lib.check_corpus(b.corpus)
-  for f in ("max_topic_chars", "max_chars", "draft_chars"):
-    require(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive integer, got {d[f]!r}")
   require(d.draft_chars <= d.max_chars, "data.draft_chars", f"must be <= data.max_chars={d.max_chars}")
-  require(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction!r}")
-  require(isinstance(lp.macro_iters, int) and lp.macro_iters >= 1, "loop.macro_iters",
-          f"must be an integer >= 1, got {lp.macro_iters!r}")
-  for f in ("n_prompts", "samples_per_prompt", "ext_jobs", "micro_iters"):
-    require(isinstance(lp[f], int) and lp[f] >= 1, f"loop.{f}", f"must be an integer >= 1, got {lp[f]!r}")
-  for f in ("draft_retries", "ext_retries"):
-    require(isinstance(lp[f], int) and lp[f] >= 0, f"loop.{f}", f"must be an integer >= 0, got {lp[f]!r}")
-  require(lp.min_gain >= 1.0, "loop.min_gain", f"must be >= 1 (the paper: 1.2), got {lp.min_gain!r}")
-  require(0 < lp.line_keep <= 1, "loop.line_keep", f"must be in (0, 1] (the paper: 0.8), got {lp.line_keep!r}")
-  require(lp.flavour in F.FLAVOURS, "loop.flavour", f"must be one of {list(F.FLAVOURS)}, got {lp.flavour!r}")
-  require(s.temperature > 0, "sampling.temperature", f"must be > 0, got {s.temperature!r}")
-  require(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p!r}")
-  require(len(s.prompt_buckets) >= 1, "sampling.prompt_buckets", "must list at least one prompt length")
-  require(0 <= lf.min_words < lf.max_words, "length_sft.min_words", f"needs 0 <= min_words < max_words, got "
+  require(lf.min_words < lf.max_words, "length_sft.min_words", f"needs 0 <= min_words < max_words, got "
           f"{lf.min_words!r}, {lf.max_words!r}")
   require(all(len(bk) == 2 and 0 < bk[0] < bk[1] for bk in lf.eval_buckets), "length_sft.eval_buckets",
           f"must be (lo, hi) pairs with 0 < lo < hi, got {lf.eval_buckets!r}")
   seeds = list(config.seeds)
-  require(len(seeds) > 0 and all(isinstance(x, int) and x >= 0 for x in seeds) and len(set(seeds)) == len(seeds),
-          "seeds", f"must be distinct integers >= 0, got {seeds}")
+  require(len(set(seeds)) == len(seeds), "seeds", f"must be distinct integers >= 0, got {seeds}")
   model = build_model(b.model, axis_rules=config.axis_rules)
   need = max(int(x) for x in s.prompt_buckets) + d.max_chars
   require(need <= model.cfg.max_seq_len, "base.model.max_seq_len",
