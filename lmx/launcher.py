@@ -115,6 +115,8 @@ def plan_resume(module, saved: dict | None, new: dict, record: dict | None, work
   safe = (tuple(getattr(module, "SAFE_TO_CHANGE", ())) + (schema.safe_fields(method) if method else ())
           + ((steps_field,) if steps_field else ()))
   changes = wd.config_changes(saved, new)
+  if method:  # a field the code declared after the run started, at its default, changes nothing
+    changes = [c for c in changes if not (c[1] == "<absent>" and schema.default_of(method, c[0]) == (True, c[2]))]
   unsafe = [c for c in changes if not wd.matches(c[0], safe)]
   if unsafe:
     raise ConfigError(

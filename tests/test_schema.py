@@ -69,3 +69,20 @@ def test_unknown_and_missing_fields_and_wrong_types():
     c.rl.whiten = "yes"
   with pytest.raises(ConfigError, match="rl.whiten: must be a boolean, got 'yes'"):
     schema.validate(c)
+
+
+def test_a_resume_ignores_fields_declared_since_at_their_default(tmp_path):
+  """A run recorded before a field existed resumes when the new field holds its declared default; any other
+  value of it is a change the launcher refuses."""
+  from lmx import launcher
+  from lmx.core.results import jsonable
+
+  c = _config()
+  new = jsonable(c.to_dict())
+  saved = jsonable(c.to_dict())
+  del saved["rl"]["whiten"]  # the older run's config had no rl.whiten
+  module = type("M", (), {})()
+  assert launcher.plan_resume(module, saved, new, {"status": "running"}, str(tmp_path), quiet=True) == "resume"
+  new["rl"]["whiten"] = False
+  with pytest.raises(ConfigError, match=r"rl.whiten: '<absent>' → False"):
+    launcher.plan_resume(module, saved, new, {"status": "running"}, str(tmp_path), quiet=True)

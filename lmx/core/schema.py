@@ -121,6 +121,20 @@ def safe_fields(method: str) -> tuple[str, ...]:
   return tuple(out)
 
 
+def default_of(method: str, field: str):
+  """``(True, default)`` of a declared field (``a.b.c``, also inside an open block's defaults), else
+  ``(False, None)``."""
+  specs = _REGISTRY.get(method) or {}
+  spec = specs.get(field)
+  if isinstance(spec, F):
+    return True, spec.default
+  head, _, key = field.rpartition(".")
+  block = specs.get(head)
+  if isinstance(block, _Open) and key in block.default:
+    return True, block.default[key]
+  return False, None
+
+
 def _describe(spec: F | Mapping) -> str:
   get = spec.get if isinstance(spec, Mapping) else (lambda k, d=None: getattr(spec, k, d))
   parts = []
