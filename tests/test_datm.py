@@ -290,6 +290,9 @@ def _buffer(c, experts: int = 1, fill: float = 0.0) -> E.ExpertBuffer:
 
 
 class _Writer:
+  def scalars(self, step, values, prefix=""):
+    del step, values, prefix
+
   def summary(self, step, values, prefix=""):
     del step, values, prefix
 
