@@ -35,6 +35,7 @@ from __future__ import annotations
 import ml_collections
 
 from lmx.core.config import parse_arg
+from lmx.core.schema import F, build
 
 # (N, M, T⁻, T⁺₀ (current_max_start), T⁺, SG expansion its or 0 = off, batch_syn, lr_img, lr_lr, lr_y, thr, init)
 PAPER = {
@@ -51,58 +52,131 @@ PAPER = {
 VARIANTS = ["", "smoke", "ipc1", "ipc10", "ipc10_n10", "ipc10_n25", "ipc50", "ipc100", "mtt", "evaluate"] + [
     f"{d}_ipc{i}" for d, i in PAPER]
 
+# Convolution implementations of lmx.models.convnet (CONV_IMPLS) and the architectures the evaluation can train on a
+# distilled set (registered image classifiers); tests check both against the code that reads them.
+CONV_IMPLS = ("auto", "xla", "im2col", "mixed")
+EVAL_ARCHS = ("convnet", "mlp", "lenet", "resnet18")
 
-def _base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.method = "datm"
-  c.variant = ""
-  c.seed = 0
-  c.data = dict(dataset="mnist5k", zca=False, zca_eps=0.1, data_dir="",
-                # DSA strategy; MNIST drops 'flip' (digits are not mirror-symmetric), CIFAR uses all six groups.
-                dsa_strategy="color_crop_cutout_scale_rotate")
-  # conv_impl 'auto': native convolutions on accelerators; on CPU, where XLA's convolution backward is slow, im2col
-  # (patches × matmul) in the meta-step and 'mixed' (im2col in the 1-channel first layer only) for plain training.
-  c.model = dict(name="convnet", depth=3, width=16, norm="instancenorm", conv_impl="auto")
-  # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
-  # fwd_chunk_experts × fwd_chunk_images: the block of expert forward passes (initial-image selection, soft labels,
-  # expert test accuracy) the device holds at once; one compiled shape, the last block padded.
-  # lr 0.03: stronger experts than at 0.01 (experiments/datm/README.md compares them). Every MNIST variant but
-  # ipc10_n10/ipc10_n25 shares them, so one buffer serves all (--config.experts.dir).
-  c.experts = dict(num=3, epochs=8, lr=0.03, batch=64, momentum=0.0, weight_decay=0.0, dsa=True,
-                   gsam=False, gsam_rho=0.01, gsam_alpha=0.3, parallel=3, dir="",
-                   vmap=False,  # vmap=False: on XLA:CPU an unrolled loop over networks beats vmap (grouped conv)
-                   fwd_chunk_experts=10, fwd_chunk_images=1000)
-  c.distill = dict(
-      ipc=10, iterations=120, syn_steps=10, expert_epochs=2, min_start_epoch=0, max_start_epoch=6,
-      sequential=True, current_max_start_epoch=3, expansion_end=80, batch_syn=50,
-      lr_img=100.0, lr_lr=1e-5, lr_y=2.0, momentum_img=0.5, momentum_lr=0.5, momentum_y=0.9,
-      threshold=1.0, init="correct", soft_labels=True, learn_labels=True, learn_lr=True,
-      lr_init=0.03, lr_param="log_sgd", lr_min=1e-4, lr_max=1.0,
-      unroll=True, remat=False,
-      # augment the N minibatches of an iteration in one call before the inner loop, not inside each (rematerialised)
-      # step: the same function, less time per iteration on CPU (benchmarks/results/datm_step_hoist.json)
-      hoist_dsa=True,
-      log_every=10, ckpt_every=50, max_nonfinite=20,
-      spike_factor=0.0,  # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM)
-      # every eval_every iterations (0 = off) train eval_nets fresh nets for eval_epochs on the current set; the best
-      # set so far is kept in <workdir>/best_synthetic.npz (DATM's periodic evaluation, shorter here).
-      eval_every=0, eval_nets=2, eval_epochs=50)
-  # init: also evaluate the initial synthetic set (real images + soft labels, learned α, no image updates), so a
-  # run shows what the trajectory matching adds on top of DATM's initialisation.
-  c.eval = dict(num=5, epochs=150, batch=128, momentum=0.9, weight_decay=5e-4, lr_real=0.01, full_epochs=3,
-                random=True, full=True, vmap=False, init=True,
-                cross=True,  # (final images, initial labels) and (initial images, final labels)
-                cross_arch=())  # other architectures trained on the distilled set, e.g. ("mlp", "lenet", "resnet18")
-  # A synthetic.npz (x, y, lr, labels) to evaluate on its own: no experts, no distillation (the 'evaluate' variant).
-  c.synthetic = ""
-  return c
+_COUNT = dict(ge=1, integer=True)  # a positive whole number
+_MOMENTUM = dict(ge=0, lt=1)
+
+
+def _base(variant: str, seed: int) -> ml_collections.ConfigDict:
+  """The default variant's config; every field declared once (lmx.core.schema), the checks that relate fields in
+  lmx.methods.datm.checks."""
+  return build("datm", dict(
+      variant=F(variant, choices=tuple(VARIANTS)),
+      seed=F(seed, ge=0, integer=True),
+      data=dict(
+          dataset=F("mnist5k", doc="a dataset of lmx.datasets.images.DATASETS"),
+          zca=False,
+          zca_eps=F(0.1, gt=0),
+          data_dir=F("", doc='"" = the default tfds data directory'),
+          # DSA strategy; MNIST drops 'flip' (digits are not mirror-symmetric), CIFAR uses all six groups.
+          dsa_strategy="color_crop_cutout_scale_rotate"),
+      # conv_impl 'auto': native convolutions on accelerators; on CPU, where XLA's convolution backward is slow,
+      # im2col (patches × matmul) in the meta-step and 'mixed' (im2col in the 1-channel first layer only) for plain
+      # training.
+      model=dict(
+          name=F("convnet", choices=("convnet",)),
+          depth=F(3, **_COUNT),
+          width=F(16, **_COUNT),
+          norm=F("instancenorm", choices=("instancenorm", "none")),
+          conv_impl=F("auto", choices=CONV_IMPLS, safe=True)),
+      # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
+      # fwd_chunk_experts × fwd_chunk_images: the block of expert forward passes (initial-image selection, soft
+      # labels, expert test accuracy) the device holds at once; one compiled shape, the last block padded.
+      # lr 0.03: stronger experts than at 0.01 (experiments/datm/README.md compares them). Every MNIST variant but
+      # ipc10_n10/ipc10_n25 shares them, so one buffer serves all (--config.experts.dir).
+      experts=dict(
+          num=F(3, **_COUNT),
+          epochs=F(8, **_COUNT),
+          lr=F(0.03, gt=0),
+          batch=F(64, **_COUNT),
+          momentum=F(0.0, **_MOMENTUM),
+          weight_decay=F(0.0, ge=0),
+          dsa=True,
+          gsam=False,
+          gsam_rho=F(0.01, ge=0),
+          gsam_alpha=F(0.3, ge=0),
+          parallel=F(3, **_COUNT, safe=True),
+          dir=F("", doc='the experts/ folder of a DATM run to reuse ("" = train new experts)'),
+          # vmap=False: on XLA:CPU an unrolled loop over networks beats vmap (grouped conv)
+          vmap=F(False, safe=True),
+          fwd_chunk_experts=F(10, **_COUNT, safe=True),
+          fwd_chunk_images=F(1000, **_COUNT, safe=True)),
+      distill=dict(
+          ipc=F(10, **_COUNT),
+          iterations=F(120, **_COUNT),
+          syn_steps=F(10, **_COUNT),
+          expert_epochs=F(2, **_COUNT),
+          # the window of start epochs [min_start_epoch, max_start_epoch); with sequential, its upper end starts at
+          # current_max_start_epoch and grows to max_start_epoch by iteration expansion_end
+          min_start_epoch=F(0, ge=0, integer=True),
+          max_start_epoch=F(6, **_COUNT),
+          sequential=True,
+          current_max_start_epoch=F(3, integer=True),
+          expansion_end=F(80, **_COUNT),
+          batch_syn=F(50, **_COUNT),
+          lr_img=F(100.0, gt=0),
+          lr_lr=F(1e-5, gt=0),
+          lr_y=F(2.0, gt=0),
+          momentum_img=F(0.5, **_MOMENTUM),
+          momentum_lr=F(0.5, **_MOMENTUM),
+          momentum_y=F(0.9, **_MOMENTUM),
+          threshold=F(1.0, gt=0),
+          init=F("correct", choices=("correct", "real", "noise")),
+          soft_labels=True,
+          learn_labels=True,
+          learn_lr=True,
+          lr_init=F(0.03, gt=0),
+          lr_param=F("log_sgd", choices=("log", "log_sgd", "raw")),
+          lr_min=F(1e-4, gt=0),
+          lr_max=F(1.0, gt=0),
+          unroll=True,
+          remat=False,
+          # augment the N minibatches of an iteration in one call before the inner loop, not inside each
+          # (rematerialised) step: the same function, less time per iteration on CPU
+          # (benchmarks/results/datm_step_hoist.json)
+          hoist_dsa=True,
+          log_every=F(10, **_COUNT, safe=True),
+          ckpt_every=F(50, **_COUNT, safe=True),
+          max_nonfinite=F(20, **_COUNT, safe=True),
+          # > 0: skip updates whose image gradient exceeds spike_factor × its running mean (not in DATM); 0 = off
+          spike_factor=0.0,
+          # every eval_every iterations (0 = off) train eval_nets fresh nets for eval_epochs on the current set; the
+          # best set so far is kept in <workdir>/best_synthetic.npz (DATM's periodic evaluation, shorter here).
+          eval_every=F(0, ge=0, integer=True, safe=True),
+          eval_nets=F(2, **_COUNT, safe=True),
+          eval_epochs=F(50, **_COUNT, safe=True)),
+      # The evaluation happens after the distillation, from scratch: a resume may change any of it.
+      # init: also evaluate the initial synthetic set (real images + soft labels, learned α, no image updates), so a
+      # run shows what the trajectory matching adds on top of DATM's initialisation.
+      eval=dict(
+          num=F(5, **_COUNT, safe=True),
+          epochs=F(150, **_COUNT, safe=True),
+          batch=F(128, **_COUNT, safe=True),
+          momentum=F(0.9, **_MOMENTUM, safe=True),
+          weight_decay=F(5e-4, ge=0, safe=True),
+          lr_real=F(0.01, gt=0, safe=True),
+          full_epochs=F(3, **_COUNT, safe=True),
+          random=F(True, safe=True),
+          full=F(True, safe=True),
+          vmap=F(False, safe=True),
+          init=F(True, safe=True),
+          cross=F(True, safe=True),  # (final images, initial labels) and (initial images, final labels)
+          # other architectures trained on the distilled set, e.g. ("mlp", "lenet", "resnet18")
+          cross_arch=F((), each=dict(choices=EVAL_ARCHS), safe=True)),
+      # A synthetic.npz (x, y, lr, labels) to evaluate on its own: no experts, no distillation (the 'evaluate'
+      # variant).
+      synthetic="",
+  ))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The DATM config for variant ``arg`` (see module docstring)."""
   a = parse_arg(arg, variants=VARIANTS, seed=0)
-  c = _base()
-  c.variant, c.seed = a.variant, a.seed
+  c = _base(a.variant, a.seed)
   d = c.distill
   if a.variant == "smoke":
     c.data.dataset = "digits"
@@ -158,6 +232,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              lr_y=lr_y, threshold=thr, init=init, iterations=10000, lr_init=0.01, lr_param="log_sgd", lr_max=10.0,
              unroll=False, remat=True, log_every=50, ckpt_every=500, eval_every=1000, eval_nets=3, eval_epochs=300)
     c.eval.update(epochs=1000, full_epochs=50, vmap=True, init=False, cross=False)
-  from lmx.methods.datm.checks import validate  # pylint: disable=g-import-not-at-top
-  validate(c, for_run=False)  # the evaluate variant gets its --config.synthetic from the command line
   return c

@@ -30,55 +30,86 @@ Defaults for the paper's unknowns (all inferred unless stated):
     initialised to the interpolation matrix and trained with the student.
   * ``let.schedule`` = 'linear' (the paper's); 'constant' keeps λ = λ0 until S_stop (the ablation).
 """
+import dataclasses
 import os
 
-import ml_collections
-
+from lmx.core import blocks, schema
 from lmx.core.config import load_config_file, parse_arg
+from lmx.core.schema import F, build
 
 VARIANTS = ("", "smoke", "pile_1b4")
+# Where the teacher comes from, how its features meet the student's, how λ decays (lmx.methods.let.losses), the arms
+# of a comparison (lmx.methods.let.compare.ARMS); tests check these against the code that reads them.
+TEACHER_SOURCES = ("pretrain", "run", "hf")
+ALIGN_MODES = ("interp", "project")
+SCHEDULES = ("linear", "constant")
+ARMS = ("baseline", "let", "l2l", "constant", "large")
+
+
+def _lm_block(name: str, **defaults) -> dict:
+  """The declarations of ``configs/lm.py``'s block ``name`` (its fields and checks are stated there once), with
+  ``defaults`` replacing its defaults."""
+  prefix = f"{name}."
+  fields = {k[len(prefix):]: spec for k, spec in schema.declared("lm").items() if k.startswith(prefix)}
+  unknown = sorted(set(defaults) - set(fields))
+  if unknown:
+    raise KeyError(f"configs/lm.py's {name} block has no field(s) {unknown}")
+  return {k: dataclasses.replace(spec, default=defaults[k]) if k in defaults else spec for k, spec in fields.items()}
 
 
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
   # The student is trained as configs/lm.py trains a model (mesh, rules, model, data, optimiser and loop blocks
   # from there); this file states only what LET changes.
-  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py"))
-  c.method = "let"
-  c.variant = a.variant
-  c.seed = a.seed
-
-  # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes.
-  c.model.update(n_layers=6)
-  c.data.update(seq_len=64, global_batch=16)
-  # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
-  # record's text_key) read through Grain, tokenized by ``tokenizer`` ('' = bytes, else a dir with tokenizer.json)
-  # and packed into windows (lmx.datasets.tfds_text); data_dir '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  c.data.update(dict(source="embedded", tfds_name="", tfds_split="train", tfds_eval_split="validation",
-                     data_dir="", text_key="text", tokenizer=""))
-
-  c.teacher = ml_collections.ConfigDict(dict(
-      source="pretrain",  # 'pretrain' | 'run' | 'hf'
-      workdir="",  # source='run': an lmx run's workdir, e.g. an lm run or another LET run (its teacher stage)
-      hf_path="",  # source='hf': a local Hugging Face checkpoint directory (Llama / Qwen2)
-      steps=1000,  # source='pretrain': training steps of the teacher on the same corpus
-      model=ml_collections.ConfigDict(dict(
-          vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
-          tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
-      optim=ml_collections.ConfigDict(c.optim.to_dict())))
-
-  c.let = ml_collections.ConfigDict(dict(
-      student_layer=1, teacher_layer=-1, lam0=0.1, s_stop=0, s_stop_fraction=1 / 3, align="interp",
-      schedule="linear",
-      # also train the paired baseline (λ0 = 0, same seed, data order and steps) as the stage 'baseline' first and
-      # report the speedup; the multi-seed comparison with the ablations is compare.seeds below
-      with_baseline=True))
-
-  # compare.seeds non-empty: instead of one run, the comparison of compare.arms (baseline, let, l2l, constant,
-  # large; lmx.methods.let.compare) at each seed, on one shared teacher
-  c.compare = ml_collections.ConfigDict(dict(seeds=(), arms=("baseline", "let")))
-
-  c.train.update(eval_every=50, eval_batches=8)  # 12 points on the validation curve, 128 held-out windows
+  lm = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py"))
+  c = build("let", dict(
+      variant=F(a.variant, choices=VARIANTS),
+      seed=F(a.seed, ge=0, integer=True),
+      mesh=blocks.mesh(**lm.mesh),
+      axis_rules=F(lm.axis_rules, safe=True),
+      # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes.
+      model=blocks.transformer(**dict(lm.model, n_layers=6)),
+      data=dict(
+          **_lm_block("data", seq_len=64, global_batch=16),
+          # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
+          # record's text_key) read through Grain, tokenized by ``tokenizer`` ('' = bytes, else a dir with
+          # tokenizer.json) and packed into windows (lmx.datasets.tfds_text); data_dir '' = $TFDS_DATA_DIR or
+          # ~/tensorflow_datasets.
+          source=F("embedded", choices=("embedded", "tfds")),
+          tfds_name="", tfds_split="train", tfds_eval_split="validation", data_dir="", text_key="text",
+          tokenizer=""),
+      optim=blocks.optim(**lm.optim),
+      # 12 points on the validation curve, 128 held-out windows
+      train=blocks.lm_train(**dict(lm.train, eval_every=50, eval_batches=8)),
+      teacher=dict(
+          source=F("pretrain", choices=TEACHER_SOURCES),
+          workdir=F("", doc="source='run': an lmx run's workdir, e.g. an lm run or another LET run (its teacher "
+                    "stage)"),
+          hf_path=F("", doc="source='hf': a local Hugging Face checkpoint directory (Llama / Qwen2)"),
+          steps=F(1000, ge=1, integer=True, doc="source='pretrain': training steps of the teacher on the same corpus"),
+          model=blocks.transformer(
+              vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
+              tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"),
+          optim=blocks.optim(**lm.optim)),
+      let=dict(
+          # the residual stream after student block k (0-based) is aligned with the teacher's layer teacher_layer
+          # (-1: its final layer after the final norm)
+          student_layer=F(1, ge=0, integer=True),
+          teacher_layer=F(-1, ge=-1, integer=True),
+          lam0=F(0.1, ge=0),
+          s_stop=F(0, ge=0, integer=True, doc="0: round(s_stop_fraction · train.steps)"),
+          s_stop_fraction=1 / 3,
+          align=F("interp", choices=ALIGN_MODES),
+          schedule=F("linear", choices=SCHEDULES),
+          # also train the paired baseline (λ0 = 0, same seed, data order and steps) as the stage 'baseline' first
+          # and report the speedup; the multi-seed comparison with the ablations is compare.seeds below
+          with_baseline=True),
+      # compare.seeds non-empty: instead of one run, the comparison of compare.arms (baseline, let, l2l, constant,
+      # large; lmx.methods.let.compare) at each seed, on one shared teacher
+      compare=dict(
+          seeds=F((), each=dict(ge=0, integer=True)),
+          arms=F(("baseline", "let"), each=dict(choices=ARMS), nonempty=True)),
+  ))
 
   if a.variant == "smoke":
     c.model.update(d_model=64, n_layers=3, d_ff=192, max_seq_len=64)

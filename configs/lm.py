@@ -17,7 +17,8 @@ VARIANTS = ("", "smoke", "moe", "125m", "1b", "moe_1b7b")
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
   c = build("lm", dict(
-      variant=F(a.variant, choices=VARIANTS),
+      # the variant this file built (get_config refuses others); LM pretraining stages of other methods name theirs
+      variant=F(a.variant),
       seed=F(a.seed, ge=0, integer=True),
       # Mesh axis sizes; -1 fills the remaining devices. One list of logical-axis rules maps parameter names and
       # the batch ("batch": the mesh axes batches and activations are split over) to mesh axes.

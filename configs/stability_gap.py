@@ -20,57 +20,73 @@ steps (one epoch of all domain windows), lr re-warmup (``train.warmup_ratio``) t
   full_mix (a control, not in the default list) all domain windows with the same general replay
 ``strategies.domain_ratio`` = 0.82: the paper replaces the Llama mixture's CC + C4 share (82%) by domain tokens.
 """
-import ml_collections
-
+from lmx.core import blocks
 from lmx.core.config import parse_arg
 from lmx.core.mesh import DEFAULT_AXIS_RULES
+from lmx.core.schema import F, build
 
 VARIANTS = ("", "smoke")
+# The data strategies of lmx.methods.stability_gap.data (a test checks them against it).
+STRATEGIES = ("full", "random", "hq", "hq_mix", "full_mix")
+
+_COUNT = dict(ge=1, integer=True)  # a positive whole number
 
 
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
-  c = ml_collections.ConfigDict()
-  c.method = "stability_gap"
-  c.variant = a.variant
-  c.seed = a.seed  # the base's seed (init and data order)
-  c.seeds = (0, 1, 2)  # continual-pretraining seeds: data order, the random subset, the replay draws
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
-  c.axis_rules = DEFAULT_AXIS_RULES
-
-  c.base = ml_collections.ConfigDict(dict(
-      source="pretrain",  # 'pretrain' (an lm training, the stage 'base') | 'run' (restore base.workdir's params)
-      workdir="",  # source='run': an lm run on data.general, or another stability_gap run (its base stage)
-      steps=500,
-      model=ml_collections.ConfigDict(dict(
-          vocab_size=260, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=64,
-          tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla")),
-      optim=ml_collections.ConfigDict(dict(
-          name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-          weight_decay=0.1, clip_norm=1.0))))
-
-  c.data = ml_collections.ConfigDict(dict(
-      general="stdlib_docstrings", domain="legal",  # embedded corpora (lmx.datasets.text)
-      min_domain_chars=100_000,  # fewer characters of domain text on this machine: a ConfigError
-      max_domain_chars=0,  # > 0: keep documents (corpus order) up to this many characters (smoke)
-      seq_len=64, global_batch=32, eval_fraction=0.05, split_seed=0, worker_count=0))
-
-  c.ngram = ml_collections.ConfigDict(dict(order=5, add_k=0.1))
-
-  c.strategies = ml_collections.ConfigDict(dict(
-      names=("full", "random", "hq", "hq_mix"), epochs=4, domain_ratio=0.82, resample_each_epoch=True))
-
-  # Continual pretraining: the paper's AdamW (0.9, 0.95), weight decay 0.01, cosine with warmup ratio 0.1; the lr
-  # is a tiny model's (the paper: 3e-4 for 1.1B, 3e-5 for 3B; smaller models want larger rates).
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0))
-
-  c.probe = ml_collections.ConfigDict(dict(n_items=48, distractors=3, context_len=48, cont_len=16, seed=0))
-  c.weights = ml_collections.ConfigDict(dict(k=1))  # bottom-k / top-k blocks (the paper: 5 of 26)
-
-  c.train = ml_collections.ConfigDict(dict(
-      warmup_ratio=0.1, log_every=25, eval_every=10, eval_batches=2, ckpt_keep=1, async_checkpointing=False,
-      plot=True))
+  c = build("stability_gap", dict(
+      variant=F(a.variant, choices=VARIANTS),
+      seed=F(a.seed, ge=0, integer=True, doc="the base's seed (init and data order)"),
+      # continual-pretraining seeds: data order, the random subset, the replay draws (each distinct)
+      seeds=F((0, 1, 2), each=dict(ge=0, integer=True), nonempty=True),
+      mesh=blocks.mesh(),
+      axis_rules=F(DEFAULT_AXIS_RULES, safe=True),
+      base=dict(
+          # 'pretrain' (an lm training, the stage 'base') | 'run' (restore base.workdir's params)
+          source=F("pretrain", choices=("pretrain", "run")),
+          workdir=F("", doc="source='run': an lm run on data.general, or another stability_gap run (its base stage)"),
+          steps=F(500, **_COUNT),
+          model=blocks.transformer(
+              vocab_size=260, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=64,
+              tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none", attention_impl="xla"),
+          optim=blocks.optim(name="adamw", lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                             weight_decay=0.1, clip_norm=1.0)),
+      data=dict(
+          general=F("stdlib_docstrings", doc="an embedded corpus (lmx.datasets.text.CORPORA)"),
+          domain=F("legal", doc="an embedded corpus (lmx.datasets.text.CORPORA), not data.general"),
+          min_domain_chars=F(100_000, **_COUNT),  # fewer characters of domain text on this machine: a ConfigError
+          max_domain_chars=F(0, ge=0, integer=True),  # > 0: keep documents (corpus order) up to this many characters
+          seq_len=F(64, **_COUNT),
+          global_batch=F(32, **_COUNT),
+          eval_fraction=F(0.05, gt=0, lt=1),
+          split_seed=0,
+          worker_count=F(0, ge=0, integer=True)),
+      ngram=dict(order=F(5, ge=2, le=7, integer=True), add_k=F(0.1, gt=0)),
+      strategies=dict(
+          names=F(("full", "random", "hq", "hq_mix"), each=dict(choices=STRATEGIES), nonempty=True),
+          epochs=F(4, **_COUNT, doc="the subsets hold 1/epochs of the domain"),
+          # the domain share of a mixture epoch; the rest is general replay
+          domain_ratio=F(0.82, gt=0, lt=1),
+          resample_each_epoch=True),
+      # Continual pretraining: the paper's AdamW (0.9, 0.95), weight decay 0.01, cosine with warmup ratio 0.1; the
+      # lr is a tiny model's (the paper: 3e-4 for 1.1B, 3e-5 for 3B; smaller models want larger rates). No
+      # warmup_steps: train.warmup_ratio sets it from the continual-pretraining steps.
+      optim={k: spec for k, spec in blocks.optim(
+          name="adamw", lr=1e-3, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
+          clip_norm=1.0).items() if k != "warmup_steps"},
+      probe=dict(n_items=F(48, **_COUNT), distractors=F(3, **_COUNT), context_len=F(48, **_COUNT),
+                 cont_len=F(16, **_COUNT), seed=0),
+      weights=dict(k=1),  # bottom-k / top-k blocks (the paper: 5 of 26)
+      # eval_every / eval_batches shape the reported curves, so they are not safe to change on resume
+      train=dict(
+          warmup_ratio=F(0.1, ge=0, lt=1),
+          log_every=F(25, **_COUNT, safe=True),
+          eval_every=F(10, **_COUNT),
+          eval_batches=F(2, **_COUNT),
+          ckpt_keep=F(1, **_COUNT, safe=True),
+          async_checkpointing=F(False, safe=True),
+          plot=F(True, safe=True)),
+  ))
 
   if a.variant == "smoke":
     c.seeds = (0,)

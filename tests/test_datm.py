@@ -293,6 +293,9 @@ class _Writer:
   def scalars(self, step, values, prefix=""):
     del step, values, prefix
 
+  def summary(self, step, values, prefix=""):
+    del step, values, prefix
+
 
 def _fake_training(monkeypatch, c):
   """experts.train_experts replaced by a call counter returning a recognisable buffer (fill 7)."""

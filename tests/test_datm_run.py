@@ -19,6 +19,7 @@ from tests import resume_check
 @pytest.mark.parametrize("variant", datm_config.VARIANTS)
 def test_every_variant_builds_and_validates(variant):
   c = datm_config.get_config(variant)
+  validate(c, for_run=False)  # the evaluate variant's --config.synthetic comes from the command line
   assert c.method == "datm"
   if variant.startswith("cifar"):
     name, ipc = variant.split("_ipc")
@@ -55,6 +56,45 @@ def test_bad_input_names_the_field():
     validate(c)
   with pytest.raises(ConfigError, match="variant"):
     datm_config.get_config("cifar10_ipc7")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("distill.lr_imgg", 100.0, r"distill: unknown field\(s\) \['lr_imgg'\]; valid: \[.*'lr_img'"),
+    ("experts.num", 0, r"experts.num: must be a whole number and >= 1, got 0"),
+    ("distill.momentum_y", 1.0, r"distill.momentum_y: must be >= 0 and < 1, got 1.0"),
+    ("distill.lr_img", float("inf"), r"distill.lr_img: must be a finite number, got inf"),
+    ("distill.init", "zeros", r"distill.init: 'zeros' is not one of \['correct', 'real', 'noise'\]"),
+    ("model.conv_impl", "cudnn", r"model.conv_impl: 'cudnn' is not one of"),
+    ("eval.cross_arch", ("mlp", "vit"), r"eval.cross_arch\[1\]: 'vit' is not one of"),
+])
+def test_schema_names_the_wrong_field_in_one_line(field, value, needle):
+  c = datm_config.get_config("smoke")
+  block, key = field.split(".")
+  c[block][key] = value
+  with pytest.raises(ConfigError, match=f"^{needle}") as e:
+    validate(c, for_run=False)
+  assert "\n" not in str(e.value)
+
+
+def test_safe_fields_are_the_cadences_the_evaluation_and_implementation_choices():
+  from lmx.core import schema
+
+  datm_config.get_config("smoke")
+  evaluation = {f"eval.{k}" for k in ("num", "epochs", "batch", "momentum", "weight_decay", "lr_real", "full_epochs",
+                                      "random", "full", "vmap", "init", "cross", "cross_arch")}  # all of eval
+  assert set(schema.safe_fields("datm")) == {
+      "distill.log_every", "distill.ckpt_every", "distill.max_nonfinite", "experts.parallel", "experts.vmap",
+      "model.conv_impl", "experts.fwd_chunk_experts", "experts.fwd_chunk_images", "distill.eval_every",
+      "distill.eval_nets", "distill.eval_epochs"} | evaluation
+  assert evaluation == {f"eval.{k}" for k in datm_config.get_config("smoke").eval}
+
+
+def test_config_choices_match_the_code_that_reads_them():
+  from lmx.models import convnet
+  from lmx.models.registry import model_names
+
+  assert datm_config.CONV_IMPLS == convnet.CONV_IMPLS
+  assert set(datm_config.EVAL_ARCHS) <= set(model_names())
 
 
 def test_expert_buffer_round_trip_and_mismatch(tmp_path):

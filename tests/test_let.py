@@ -149,6 +149,55 @@ def test_config_schedules():
   assert let_run.s_stop(c) == 25
 
 
+# ------------------------------------------------------------------------------------------ config checks
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("let.lamda0", 0.3, r"let: unknown field\(s\) \['lamda0'\]; valid: \[.*'lam0'"),
+    ("teacher.optim.lr_typo", 1e-3, r"teacher.optim: unknown field\(s\) \['lr_typo'\]"),
+    ("let.lam0", -0.1, r"let.lam0: must be >= 0, got -0.1"),
+    ("data.eval_fraction", 1.0, r"data.eval_fraction: must be > 0 and < 1, got 1.0"),
+    ("teacher.steps", 0, r"teacher.steps: must be a whole number and >= 1, got 0"),
+    ("optim.lr", float("nan"), r"optim.lr: must be a finite number"),
+    ("let.align", "concat", r"let.align: 'concat' is not one of \['interp', 'project'\]"),
+    ("teacher.source", "hub", r"teacher.source: 'hub' is not one of \['pretrain', 'run', 'hf'\]"),
+    ("data.source", "web", r"data.source: 'web' is not one of \['embedded', 'tfds'\]"),
+    ("compare.arms", ("let", "l2e"), r"compare.arms\[1\]: 'l2e' is not one of"),
+    ("compare.seeds", (0, 0), r"compare.seeds: must be distinct integers >= 0"),
+    ("let.s_stop_fraction", 1.5, r"let.s_stop_fraction: must be in \(0, 1\] when let.s_stop is 0, got 1.5"),
+])
+def test_bad_config_names_the_field_in_one_line(field, value, needle):
+  c = _config("smoke")
+  *path, key = field.split(".")
+  node = c
+  for k in path:
+    node = node[k]
+  with node.unlocked():
+    node[key] = value
+  from lmx.core.config import ConfigError
+
+  with pytest.raises(ConfigError, match=f"^{needle}") as e:
+    let_run.validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_safe_fields_and_config_choices():
+  from lmx.core import schema
+  from lmx.methods.let import compare
+
+  mod_spec = importlib.util.spec_from_file_location("let_config", os.path.join(ROOT, "configs", "let.py"))
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  mod.get_config("smoke")
+  # cadences, the mesh and its rules, numerics-neutral implementation choices of both transformers
+  assert set(schema.safe_fields("let")) == {
+      "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.ckpt_keep",
+      "train.async_checkpointing", "train.plot", "mesh.data", "mesh.fsdp", "mesh.model", "mesh.expert", "axis_rules",
+      "model.attention_impl", "model.remat", "model.moe_impl",
+      "teacher.model.attention_impl", "teacher.model.remat", "teacher.model.moe_impl"}
+  assert mod.ALIGN_MODES == losses.ALIGN_MODES and mod.ARMS == compare.ARMS
+
+
 # ------------------------------------------------------------------------------------------ the step
 
 

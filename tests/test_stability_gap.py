@@ -276,6 +276,8 @@ def test_gap_stats_by_hand():
     ("strategies.epochs", 0, "strategies.epochs"),
     ("base.source", "hub", "base.source"),
     ("ngram.order", 9, "ngram.order"),
+    ("seeds", (0, 0), "seeds: must be distinct"),
+    ("strategies.names", ("full", "full"), "strategies.names: lists a strategy twice"),
 ])
 def test_bad_config_names_the_field(field, value, match):
   c = _config("smoke")
@@ -285,6 +287,44 @@ def test_bad_config_names_the_field(field, value, match):
   node[key[-1]] = value
   with pytest.raises(ConfigError, match=match):
     sg_run.validate(c)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("strategies.epoch", 2, r"strategies: unknown field\(s\) \['epoch'\]; valid: \[.*'epochs'"),
+    ("optim.warmup_steps", 10, r"optim.warmup_steps: is set by train.warmup_ratio"),
+    ("train.warmup_ratio", 1.0, r"train.warmup_ratio: must be >= 0 and < 1, got 1.0"),
+    ("probe.cont_len", 0, r"probe.cont_len: must be a whole number and >= 1, got 0"),
+    ("base.optim.b2", 1.0, r"base.optim.b2: must be >= 0 and < 1, got 1.0"),
+    ("seeds", (0, -1), r"seeds\[1\]: must be a whole number and >= 0, got -1"),
+    ("strategies.names", ("full", "bogus"), r"strategies.names\[1\]: 'bogus' is not one of"),
+    ("base.source", "hub", r"base.source: 'hub' is not one of \['pretrain', 'run'\]"),
+])
+def test_schema_names_the_wrong_field_in_one_line(field, value, needle):
+  c = _config("smoke")
+  *path, key = field.split(".")
+  node = c
+  for k in path:
+    node = node[k]
+  with node.unlocked():
+    node[key] = value
+  with pytest.raises(ConfigError, match=f"^{needle}") as e:
+    sg_run.validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_safe_fields_and_config_choices():
+  from lmx.core import schema
+
+  mod_spec = importlib.util.spec_from_file_location("sg_config", os.path.join(ROOT, "configs", "stability_gap.py"))
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  mod.get_config("smoke")
+  # not seeds or strategies.names (more seeds go to a new workdir), nor the eval cadence (it shapes the curves)
+  assert set(schema.safe_fields("stability_gap")) == {
+      "train.log_every", "train.ckpt_keep", "train.async_checkpointing", "train.plot",
+      "mesh.data", "mesh.fsdp", "mesh.model", "mesh.expert", "axis_rules",
+      "base.model.attention_impl", "base.model.remat", "base.model.moe_impl"}
+  assert mod.STRATEGIES == sg_data.STRATEGIES
 
 
 def test_missing_base_run_and_small_domain_are_clear(tmp_path):

@@ -35,9 +35,9 @@ import numpy as np
 from lmx.core import data as data_lib
 from lmx.core import loop, mesh as mesh_lib, plots, stages
 from lmx.core import metrics as metrics_lib
-from lmx.core import optim as optim_lib
 from lmx.core import workdir as wd
-from lmx.core.config import ConfigError, check_keys, require
+from lmx.core import schema
+from lmx.core.config import ConfigError, require
 from lmx.core.losses import next_token_loss
 from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
@@ -48,27 +48,11 @@ from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 from lmx.train.lm import heldout_eval, load_base, run_checkpoints, stage_config, unprefixed
 
-CONFIG_FIELDS = ("method", "variant", "seed", "mesh", "axis_rules", "model", "data", "teacher", "let", "optim",
-                 "train", "compare")
-LM_DATA_FIELDS = ("corpus", "seq_len", "global_batch", "eval_fraction", "split", "split_seed", "shuffle_seed",
-                  "worker_count")
-# data.source='tfds': a prepared tfds text data set (lmx.datasets.tfds_text), tokenized by ``data.tokenizer`` (''
-# = bytes, else a directory holding a Hugging Face tokenizer.json) and packed into windows
-TFDS_FIELDS = ("tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "text_key", "tokenizer")
-DATA_FIELDS = LM_DATA_FIELDS + ("source",) + TFDS_FIELDS
-DATA_SOURCES = ("embedded", "tfds")
-TEACHER_FIELDS = ("source", "workdir", "hf_path", "steps", "model", "optim")
-TEACHER_SOURCES = ("pretrain", "run", "hf")
-LET_FIELDS = ("student_layer", "teacher_layer", "lam0", "s_stop", "s_stop_fraction", "align", "schedule",
-              "with_baseline")
-SCHEDULES = ("linear", "constant")
-TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "ckpt_keep",
-                "async_checkpointing", "plot")
 # S_stop, the lr schedule and the finished stages are tied to train.steps: a finished run is not continued
 STEPS_FIELD = None
-SAFE_TO_CHANGE = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
-                  "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*", "axis_rules",
-                  "model.attention_impl", "model.remat")
+# The fields LET's data block adds to configs/lm.py's (data.source='tfds': lmx.datasets.tfds_text); the teacher's lm
+# pretraining stage gets the others.
+TFDS_DATA_FIELDS = ("source", "tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "text_key", "tokenizer")
 
 
 def s_stop(config) -> int:
@@ -105,39 +89,16 @@ def teacher_model(config):
 
 
 def validate(config, *, check_teacher_source: bool = True):
-  """Checks every field; returns ``(student, teacher)`` Models (no parameters yet)."""
-  check_keys(config, "config", CONFIG_FIELDS)
-  check_keys(config.data, "data", DATA_FIELDS)
-  check_keys(config.teacher, "teacher", TEACHER_FIELDS)
-  check_keys(config.let, "let", LET_FIELDS)
-  check_keys(config.train, "train", TRAIN_FIELDS)
-  check_keys(config.compare, "compare", ("seeds", "arms"))
+  """Checks the config (each field against its declaration in ``configs/let.py``, then what relates fields or
+  needs the built models: the corpus, S_stop against the steps, the layers against the models' depths, the
+  vocabularies and sequence lengths); returns ``(student, teacher)`` Models (no parameters yet)."""
+  schema.validate(config)
   compare.validate_block(config.compare)
   d, t, lc = config.data, config.teacher, config.let
-  require(d.source in DATA_SOURCES, "data.source", f"must be one of {list(DATA_SOURCES)}, got {d.source!r}")
   if d.source == "embedded":
     text.check_corpus(d.corpus)
   else:
     require(bool(d.tfds_name), "data.tfds_name", "is required for data.source='tfds'")
-  for f in ("seq_len", "global_batch"):
-    require(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive integer, got {d[f]!r}")
-  require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction!r}")
-  require(d.split in text.SPLITS, "data.split", f"must be one of {list(text.SPLITS)}, got {d.split!r}")
-  optim_lib.validate(config.optim)
-  require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed!r}")
-  for f in ("steps", "log_every", "eval_every", "ckpt_every", "ckpt_keep", "eval_batches"):
-    require(config.train[f] > 0, f"train.{f}", f"must be > 0, got {config.train[f]}")
-  require(t.source in TEACHER_SOURCES, "teacher.source", f"must be one of {list(TEACHER_SOURCES)}, got "
-          f"{t.source!r}")
-  if t.source == "pretrain":
-    require(t.steps > 0, "teacher.steps", f"must be > 0, got {t.steps}")
-    optim_lib.validate(t.optim, "teacher.optim")
-  require(lc.align in losses.ALIGN_MODES, "let.align", f"must be one of {list(losses.ALIGN_MODES)}, got "
-          f"{lc.align!r}")
-  require(lc.schedule in SCHEDULES, "let.schedule", f"must be one of {list(SCHEDULES)}, got {lc.schedule!r}")
-  require(lc.lam0 >= 0, "let.lam0", f"must be >= 0, got {lc.lam0}")
-  require(isinstance(lc.with_baseline, bool), "let.with_baseline", f"must be True or False, got {lc.with_baseline!r}")
-  require(lc.s_stop >= 0, "let.s_stop", f"must be >= 0 (0: use let.s_stop_fraction), got {lc.s_stop}")
   require(lc.s_stop > 0 or 0 < lc.s_stop_fraction <= 1, "let.s_stop_fraction",
           f"must be in (0, 1] when let.s_stop is 0, got {lc.s_stop_fraction}")
   require(s_stop(config) <= config.train.steps, "let.s_stop",
@@ -246,9 +207,9 @@ def make_steps(config, student, teacher, mesh):
 
 def teacher_lm_config(config):
   """The ``lm`` run config that pretrains the teacher in-process on the student's corpus and split."""
+  data = {f: v for f, v in config.data.items() if f not in TFDS_DATA_FIELDS}
   return stage_config(config, variant="let_teacher", model=config.teacher.model, optim=config.teacher.optim,
-                      data={f: config.data[f] for f in LM_DATA_FIELDS}, steps=config.teacher.steps,
-                      seed=config.seed)
+                      data=data, steps=config.teacher.steps, seed=config.seed)
 
 
 def load_teacher(config, workdir: str, mesh, writer):

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from lmx.core import data as data_lib
 from lmx.core import workdir as wd
 from lmx.core import loop, mesh as mesh_lib, plots, stages
-from lmx.core import optim as optim_lib
-from lmx.core.config import ConfigError, check_keys, require
+from lmx.core import schema
+from lmx.core.config import ConfigError, require
 from lmx.core import metrics as metrics_lib
 from lmx.core.metrics import Writer
 from lmx.core.optim import make_optimizer
@@ -43,79 +43,31 @@ from lmx.train.lm import heldout_eval, lm_loss, load_base as load_lm, stage_conf
 from lmx.models.registry import build_model
 from lmx.models.transformer import num_params
 
-CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "mesh", "axis_rules", "base", "data", "ngram", "strategies",
-                 "optim", "probe", "weights", "train")
-DATA_FIELDS = ("general", "domain", "min_domain_chars", "max_domain_chars", "seq_len", "global_batch", "eval_fraction",
-               "split_seed", "worker_count")
-BASE_FIELDS = ("source", "workdir", "steps", "model", "optim")
-BASE_SOURCES = ("pretrain", "run")
-NGRAM_FIELDS = ("order", "add_k")
-STRATEGY_FIELDS = ("names", "epochs", "domain_ratio", "resample_each_epoch")
-PROBE_FIELDS = ("n_items", "distractors", "context_len", "cont_len", "seed")
-WEIGHT_FIELDS = ("k",)
-TRAIN_FIELDS = ("warmup_ratio", "log_every", "eval_every", "eval_batches", "ckpt_keep", "async_checkpointing",
-                "plot")
 STEPS_FIELD = None  # the step count follows from the domain corpus (one epoch of it), not from a field
-# Fields a resume may change. Not seeds or strategies.names: the launcher treats a finished workdir as done, so
-# more seeds go to a new workdir (with base.source='run' and base.workdir=<old workdir> to reuse its base).
-SAFE_TO_CHANGE = ("train.log_every", "train.ckpt_keep", "train.async_checkpointing", "train.plot", "mesh.*",
-                  "axis_rules", "base.model.attention_impl", "base.model.remat")
 CURVES = {  # metric -> higher is better
     "general_ce": False, "domain_ce": False, "probe_general_acc": True, "probe_domain_acc": True,
     "probe_general_margin": True, "probe_domain_margin": True}
 
 
 def validate(config):
-  """Checks every field before anything is built; returns the base Model (from ``base.model`` when pretraining,
-  else None: the run's own config gives it once loaded)."""
-  check_keys(config, "config", CONFIG_FIELDS)
-  for name, fields in (("data", DATA_FIELDS), ("base", BASE_FIELDS), ("ngram", NGRAM_FIELDS),
-                       ("strategies", STRATEGY_FIELDS), ("probe", PROBE_FIELDS), ("weights", WEIGHT_FIELDS),
-                       ("train", TRAIN_FIELDS)):
-    check_keys(config[name], name, fields)
-  d, b, s, p = config.data, config.base, config.strategies, config.probe
+  """Checks the config before anything is built (each field against its declaration in ``configs/stability_gap.py``,
+  then what relates fields or needs the corpora and the model); returns the base Model (from ``base.model`` when
+  pretraining, else None: the run's own config gives it once loaded)."""
+  # before the schema's "unknown field": say why the optimiser has no warmup_steps
+  require("warmup_steps" not in config.optim, "optim.warmup_steps",
+          "is set by train.warmup_ratio (a fraction of the continual-pretraining steps); remove it")
+  schema.validate(config)
+  d, b, s = config.data, config.base, config.strategies
   for f in ("general", "domain"):
     require(d[f] in text.CORPORA, f"data.{f}", f"{d[f]!r} is not an embedded corpus; valid: {sorted(text.CORPORA)}")
   require(d.general != d.domain, "data.domain", f"must differ from data.general ({d.general!r})")
-  require(isinstance(d.max_domain_chars, int) and d.max_domain_chars >= 0, "data.max_domain_chars",
-          f"must be an integer >= 0 (0: the whole corpus), got {d.max_domain_chars!r}")
-  for f in ("seq_len", "global_batch", "min_domain_chars"):
-    require(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive integer, got {d[f]!r}")
-  require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction!r}")
-  require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count!r}")
-  require(b.source in BASE_SOURCES, "base.source", f"must be one of {list(BASE_SOURCES)}, got {b.source!r}")
-  if b.source == "pretrain":
-    require(b.steps > 0, "base.steps", f"must be > 0, got {b.steps}")
-    optim_lib.validate(b.optim, "base.optim")
-  else:
+  if b.source == "run":
     require(bool(b.workdir), "base.workdir", "is required for base.source='run' (an lmx run's workdir)")
   names = list(s.names)
-  require(len(names) > 0, "strategies.names", f"must name at least one of {list(sg_data.STRATEGIES)}")
-  for n in names:
-    require(n in sg_data.STRATEGIES, "strategies.names", f"{n!r} is not a strategy; valid: {list(sg_data.STRATEGIES)}")
   require(len(set(names)) == len(names), "strategies.names", f"lists a strategy twice: {names}")
-  require(isinstance(s.epochs, int) and s.epochs >= 1, "strategies.epochs",
-          f"must be an integer >= 1 (the subsets hold 1/epochs of the domain), got {s.epochs!r}")
-  require(isinstance(s.domain_ratio, float) and 0 < s.domain_ratio < 1, "strategies.domain_ratio",
-          f"must be a float in (0, 1) (the domain share of a mixture epoch; the rest is general replay), got "
-          f"{s.domain_ratio!r}")
-  require(isinstance(s.resample_each_epoch, bool), "strategies.resample_each_epoch",
-          f"must be a bool, got {s.resample_each_epoch!r}")
-  require(2 <= config.ngram.order <= 7, "ngram.order", f"must be in [2, 7], got {config.ngram.order}")
-  require(config.ngram.add_k > 0, "ngram.add_k", f"must be > 0, got {config.ngram.add_k}")
-  for f in ("n_items", "distractors", "context_len", "cont_len"):
-    require(isinstance(p[f], int) and p[f] > 0, f"probe.{f}", f"must be a positive integer, got {p[f]!r}")
   seeds = list(config.seeds)
-  require(len(seeds) > 0 and all(isinstance(x, int) and x >= 0 for x in seeds) and len(set(seeds)) == len(seeds),
-          "seeds", f"must be distinct integers >= 0, got {seeds}")
-  require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed!r}")
-  t = config.train
-  require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio!r}")
-  for f in ("log_every", "eval_every", "eval_batches", "ckpt_keep"):
-    require(t[f] > 0, f"train.{f}", f"must be > 0, got {t[f]}")
-  optim_lib.validate(config.optim)
-  require("warmup_steps" not in config.optim, "optim.warmup_steps",
-          "is set by train.warmup_ratio (a fraction of the continual-pretraining steps); remove it")
+  require(all(isinstance(x, int) for x in seeds) and len(set(seeds)) == len(seeds), "seeds",
+          f"must be distinct integers >= 0, got {seeds}")
   model = None
   if b.source == "pretrain":
     model = build_model(b.model, axis_rules=config.axis_rules)
