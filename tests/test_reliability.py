@@ -284,8 +284,8 @@ def test_second_ctrl_c_during_the_checkpoint_save_is_one_line_and_interrupted(tm
     (["--config=configs/lm:smoke"], ["did you mean --config=configs/lm.py:smoke"]),
     (["--config=configs/lm.py:smoke,smoke"], ["one variant"]),
     (["--config=configs/lm.py:smoke", "--config.optim.lr=-1"], ["optim.lr", "> 0"]),
-    (["--config=configs/lm.py:smoke", "--config.data.global_batch=0"], ["data.global_batch", "positive"]),
-    (["--config=configs/lm.py:smoke", "--config.data.seq_len=0"], ["data.seq_len", "positive"]),
+    (["--config=configs/lm.py:smoke", "--config.data.global_batch=0"], ["data.global_batch", "must be a whole number and >= 1, got 0"]),
+    (["--config=configs/lm.py:smoke", "--config.data.seq_len=0"], ["data.seq_len", "must be a whole number and >= 1, got 0"]),
     (["--config=configs/lm.py:smoke", "--config.model.dtype=float7"], ["model.dtype", "float7", "bfloat16"]),
     (["--config=configs/datm.py:smoke", "--config.distill.lr_img=-1"], ["distill.lr_img"]),
 ])
