@@ -1,7 +1,6 @@
 """LET: the pure pieces against independent numpy references, the step's gradients and retracing, the (shortened)
 smoke run through launch/run.py with its stages, SIGTERM resume and NaN stop, and the paper-scale student step
 lowered for a GPU target."""
-import importlib.util
 import json
 import os
 
@@ -16,16 +15,13 @@ from lmx.core import mesh as mesh_lib
 from lmx.kernels import attention as attention_lib
 from lmx.methods.let import driver as let_run
 from lmx.methods.let import losses
-from tests import resume_check
+from tests import config_check, resume_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(variant):
-  spec = importlib.util.spec_from_file_location("let_config", os.path.join(ROOT, "configs", "let.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return config_check.config("let", variant)
 
 
 def _np_interp_features(h, d_out):
@@ -167,27 +163,14 @@ def test_config_schedules():
     ("let.s_stop_fraction", 1.5, r"let.s_stop_fraction: must be in \(0, 1\] when let.s_stop is 0, got 1.5"),
 ])
 def test_bad_config_names_the_field_in_one_line(field, value, needle):
-  c = _config("smoke")
-  *path, key = field.split(".")
-  node = c
-  for k in path:
-    node = node[k]
-  with node.unlocked():
-    node[key] = value
-  from lmx.core.config import ConfigError
-
-  with pytest.raises(ConfigError, match=f"^{needle}") as e:
-    let_run.validate(c)
-  assert "\n" not in str(e.value)
+  config_check.refuses(let_run.validate, _config("smoke"), field, value, needle, anchored=True)
 
 
 def test_safe_fields_and_config_choices():
   from lmx.core import schema
   from lmx.methods.let import compare
 
-  mod_spec = importlib.util.spec_from_file_location("let_config", os.path.join(ROOT, "configs", "let.py"))
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
+  mod = config_check.module("let")
   mod.get_config("smoke")
   # cadences, the mesh and its rules, numerics-neutral implementation choices of both transformers
   assert set(schema.safe_fields("let")) == {

@@ -11,6 +11,7 @@ from lmx.envs import instructions as I
 from lmx.methods.seif import data as D
 from lmx.methods.seif import report
 from lmx.methods.seif.rewards import follower_reward, instructor_reward, parse_proposal
+from tests import config_check
 
 P = I.parse
 
@@ -204,8 +205,7 @@ def test_summarize_by_hand():
 
 
 def _config(arg=""):
-  from lmx.core.config import load_config_file
-  return load_config_file("configs/seif.py" + (f":{arg}" if arg else ""))
+  return config_check.config("seif", arg)
 
 
 def test_validate_names_fields():
@@ -225,13 +225,7 @@ def test_validate_names_fields():
       ("follower.new_tokens", 40, "follower.new_tokens"),  # >= answer_chars + 1
       ("rl_optim.lr", -1.0, "rl_optim.lr"),
   ]:
-    c = _config("smoke")
-    node, key = c, field.split(".")
-    for k in key[:-1]:
-      node = node[k]
-    node[key[-1]] = value
-    with pytest.raises(ConfigError, match=match):
-      seif_run.validate(c)
+    config_check.refuses(seif_run.validate, _config("smoke"), field, value, match)
   with pytest.raises(ConfigError, match="paper.enabled"):
     seif_run.validate(_config("qwen2_5_7b"))
 
@@ -263,12 +257,8 @@ def test_schema_errors_name_the_field_and_safe_fields():
 def test_config_choices_match_the_driver():
   """The config file imports no method code, so it states the compared variants and the constraint kinds again:
   they must be the driver's (whose order indexes the random streams)."""
-  import importlib.util
-
   from lmx.methods.seif import driver
-  spec = importlib.util.spec_from_file_location("seif_cfg", "configs/seif.py")
-  cfg = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cfg)
+  cfg = config_check.module("seif")
   assert cfg.COMPARED == driver.VARIANTS
   assert cfg.KINDS == D.Vocab().kinds
 

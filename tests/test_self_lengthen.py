@@ -12,19 +12,15 @@ import numpy as np
 import pytest
 
 from lmx.core.config import ConfigError
-import resume_check
 from lmx.methods.self_lengthen import filters as F
 from lmx.methods.self_lengthen import lm as sl_lm
+from tests import config_check, resume_check
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sl_run = importlib.import_module("lmx.methods.self_lengthen.driver")
 
 
 def _config(variant):
-  spec = importlib.util.spec_from_file_location("sl_config", os.path.join(ROOT, "configs", "self_lengthen.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return config_check.config("self_lengthen", variant)
 
 
 # ------------------------------------------------------------------------------------------ words and filters
@@ -261,13 +257,7 @@ def test_sft_batches_walk_epochs_across_batch_boundaries(n, batch):
     ("bootstrap.gen_steps", 0, "bootstrap.gen_steps"),
 ])
 def test_bad_config_names_the_field(field, value, match):
-  c = _config("smoke")
-  node, key = c, field.split(".")
-  for k in key[:-1]:
-    node = node[k]
-  node[key[-1]] = value
-  with pytest.raises(ConfigError, match=match):
-    sl_run.validate(c)
+  config_check.refuses(sl_run.validate, _config("smoke"), field, value, match)
 
 
 def test_unknown_field_is_refused():
@@ -305,10 +295,7 @@ def test_schema_errors_name_the_field_and_safe_fields():
 
 def test_config_flavours_match_the_filters():
   """The config file imports no method code, so it states the filters' flavours again."""
-  spec = importlib.util.spec_from_file_location("sl_config", os.path.join(ROOT, "configs", "self_lengthen.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  assert mod.FLAVOURS == F.FLAVOURS
+  assert config_check.module("self_lengthen").FLAVOURS == F.FLAVOURS
 
 
 # ------------------------------------------------------------------------------------------ the loop, stubbed

@@ -2,7 +2,6 @@
 relative weight update, the probe and the gap statistics against independent references; bad configs; a smaller
 smoke run through launch/run.py with its stages and a SIGTERM resume."""
 import collections
-import importlib.util
 import json
 import math
 import os
@@ -17,16 +16,11 @@ from lmx.datasets import text
 from lmx.methods.stability_gap import data as sg_data
 from lmx.methods.stability_gap import driver as sg_run
 from lmx.methods.stability_gap import ngram, probe, report, weights
-from tests import resume_check
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import config_check, resume_check
 
 
 def _config(variant):
-  spec = importlib.util.spec_from_file_location("sg_config", os.path.join(ROOT, "configs", "stability_gap.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return config_check.config("stability_gap", variant)
 
 
 # ------------------------------------------------------------------------------------------ n-gram
@@ -280,13 +274,7 @@ def test_gap_stats_by_hand():
     ("strategies.names", ("full", "full"), "strategies.names: lists a strategy twice"),
 ])
 def test_bad_config_names_the_field(field, value, match):
-  c = _config("smoke")
-  node, key = c, field.split(".")
-  for k in key[:-1]:
-    node = node[k]
-  node[key[-1]] = value
-  with pytest.raises(ConfigError, match=match):
-    sg_run.validate(c)
+  config_check.refuses(sg_run.validate, _config("smoke"), field, value, match)
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -300,24 +288,13 @@ def test_bad_config_names_the_field(field, value, match):
     ("base.source", "hub", r"base.source: 'hub' is not one of \['pretrain', 'run'\]"),
 ])
 def test_schema_names_the_wrong_field_in_one_line(field, value, needle):
-  c = _config("smoke")
-  *path, key = field.split(".")
-  node = c
-  for k in path:
-    node = node[k]
-  with node.unlocked():
-    node[key] = value
-  with pytest.raises(ConfigError, match=f"^{needle}") as e:
-    sg_run.validate(c)
-  assert "\n" not in str(e.value)
+  config_check.refuses(sg_run.validate, _config("smoke"), field, value, needle, anchored=True)
 
 
 def test_safe_fields_and_config_choices():
   from lmx.core import schema
 
-  mod_spec = importlib.util.spec_from_file_location("sg_config", os.path.join(ROOT, "configs", "stability_gap.py"))
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
+  mod = config_check.module("stability_gap")
   mod.get_config("smoke")
   # not seeds or strategies.names (more seeds go to a new workdir), nor the eval cadence (it shapes the curves)
   assert set(schema.safe_fields("stability_gap")) == {
