@@ -14,48 +14,69 @@ non-executable distractors); see lmx/methods/spa/policy.py and experiments/spa/R
 """
 import ml_collections
 
+from lmx.core import blocks
 from lmx.core.config import parse_arg
+from lmx.core.schema import F, build, open_block
 
 VARIANTS = ("", "smoke", "paper")
+# The arms (lmx.methods.spa.driver.ARMS), the estimator heads and step weightings (lmx.methods.spa.progress.HEADS,
+# WEIGHTINGS); the config imports no method code, so a test checks these against the code that reads them.
+ARMS = ("sft", "outcome", "grounding", "spa", "rloo")
+HEADS = ("hidden", "logits")
+WEIGHTINGS = ("unit", "remaining")
+
+_COUNT = dict(ge=1, integer=True)  # a positive whole number
 
 
 def _adam(lr):
   """Adam at a constant ``lr`` after clipping the global gradient norm to 1 (lmx.core.optim.make_optimizer)."""
-  return ml_collections.ConfigDict(dict(name="adam", lr=lr, clip_norm=1.0, schedule="constant"))
+  return blocks.optim(name="adam", lr=lr, clip_norm=1.0, schedule="constant")
 
 
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
-  c = ml_collections.ConfigDict()
-  c.method = "spa"
-  c.variant = a.variant
-  c.seed = a.seed
-  c.seeds = (0, 1, 2)
-  c.arms = ("sft", "outcome", "grounding", "spa", "rloo")
-  c.games = ml_collections.ConfigDict(dict(
-      cache_dir="",  # "" = <workdir>/games
-      n_train=24, n_eval=16, quest_lengths=(4, 6, 8), world_size=3, nb_objects=5,
-      train_seed0=0, eval_seed0=10_000, source="textworld", alfworld_dir=""))
-  c.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-      max_seq_len=56, tie_embeddings=True, dtype="float32", param_dtype="float32", remat="none",
-      attention_impl="xla"))
-  c.shapes = ml_collections.ConfigDict(dict(
-      k=6, length=56, cand_len=6, max_steps=12, objective_len=32, history_len=6))
-  c.sft = ml_collections.ConfigDict(dict(steps=200, batch=16, copies=2, optim=_adam(3e-3)))
-  c.explore = ml_collections.ConfigDict(dict(rollouts=2, count_steps=True))
-  c.estimator = ml_collections.ConfigDict(dict(
-      head="hidden",  # 'hidden' (the paper: MLP on the last hidden state) | 'logits' (the code: Linear(V->1))
-      hidden=32, steps=100, batch=8, optim=_adam(1e-3), l2=0.0, train_backbone=True))
-  c.spa = ml_collections.ConfigDict(dict(
-      alpha=1.0, beta=0.5,
-      final_always=False,  # the code's rule: the last step always gets the grounding bonus
-      weighting="unit",  # 'remaining': StepTool's (T-k-1) weighting kept by the released code
-      reward_source="estimator"))  # 'loo': the released example's leave-one-out overwrite of the contributions
-  c.rl = ml_collections.ConfigDict(dict(
-      env_steps=1500, games_per_iter=4, group=4, epochs=1, minibatch=64, optim=_adam(3e-4), clip=0.2,
-      vf_coef=0.5, ent_coef=0.01, gamma=0.99, lam=0.95, eval_every=4, whiten=True))
-  c.paper = ml_collections.ConfigDict(dict(hf_path="", seq_len=4096, batch=8))
+  c = build("spa", dict(
+      variant=F(a.variant, choices=VARIANTS),
+      seed=F(a.seed, ge=0, integer=True),
+      seeds=F((0, 1, 2), each=dict(ge=0, integer=True), nonempty=True),
+      arms=F(ARMS, each=dict(choices=ARMS)),
+      # training games train_seed0.., held-out games eval_seed0.. (the two ranges must not overlap)
+      games=dict(
+          cache_dir=F("", safe=True, doc='"" = <workdir>/games'),
+          n_train=F(24, **_COUNT), n_eval=F(16, **_COUNT),
+          quest_lengths=F((4, 6, 8), each=_COUNT, nonempty=True), world_size=F(3, **_COUNT),
+          nb_objects=F(5, **_COUNT), train_seed0=F(0, ge=0, integer=True), eval_seed0=F(10_000, ge=0, integer=True),
+          source=F("textworld", choices=("textworld", "alfworld")), alfworld_dir=""),
+      # the policy's backbone (lmx.models.registry.build_model checks it; max_seq_len >= shapes.length)
+      model=open_block(dict(
+          name="transformer", vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+          max_seq_len=56, tie_embeddings=True, dtype="float32", param_dtype="float32", remat="none",
+          attention_impl="xla")),
+      # length >= objective_len + history_len + cand_len + 12 (the driver checks)
+      shapes=dict(k=F(6, ge=2, integer=True, doc="candidate commands per step"), length=F(56, **_COUNT),
+                  cand_len=F(6, **_COUNT), max_steps=F(12, **_COUNT), objective_len=F(32, **_COUNT),
+                  history_len=F(6, **_COUNT)),
+      sft=dict(steps=F(200, **_COUNT), batch=F(16, **_COUNT), copies=F(2, **_COUNT), optim=_adam(3e-3)),
+      explore=dict(rollouts=F(2, **_COUNT), count_steps=True),
+      estimator=dict(
+          # 'hidden' (the paper: MLP on the last hidden state) | 'logits' (the code: Linear(V->1))
+          head=F("hidden", choices=HEADS),
+          hidden=F(32, **_COUNT), steps=F(100, **_COUNT), batch=F(8, **_COUNT), optim=_adam(1e-3),
+          l2=F(0.0, ge=0), train_backbone=True),
+      spa=dict(
+          alpha=1.0, beta=0.5,
+          final_always=False,  # the code's rule: the last step always gets the grounding bonus
+          # 'remaining': StepTool's (T-k-1) weighting kept by the released code
+          weighting=F("unit", choices=WEIGHTINGS),
+          # 'loo': the released example's leave-one-out overwrite of the contributions
+          reward_source=F("estimator", choices=("estimator", "loo"))),
+      rl=dict(
+          env_steps=F(1500, **_COUNT), games_per_iter=F(4, **_COUNT), group=F(4, **_COUNT), epochs=F(1, **_COUNT),
+          minibatch=F(64, **_COUNT), optim=_adam(3e-4), clip=F(0.2, gt=0), vf_coef=F(0.5, ge=0),
+          ent_coef=F(0.01, ge=0), gamma=F(0.99, ge=0, le=1), lam=F(0.95, ge=0, le=1), eval_every=F(4, **_COUNT),
+          whiten=True),
+      paper=dict(hf_path="", seq_len=F(4096, **_COUNT), batch=F(8, **_COUNT)),
+  ))
 
   if a.variant == "smoke":
     c.seeds = (0,)
@@ -77,8 +98,7 @@ def get_config(arg=None):
     c.shapes.update(max_steps=40, k=16, length=4096, cand_len=32, objective_len=512, history_len=1024)
     c.explore.update(rollouts=10)
     c.estimator.update(head="logits")
-    c.estimator.optim = ml_collections.ConfigDict(dict(name="adamw", lr=3e-6, weight_decay=0.01, clip_norm=1.0,
-                                                       schedule="constant"))
+    c.estimator.optim.update(name="adamw", lr=3e-6, weight_decay=0.01)
     c.rl.update(minibatch=8, gamma=0.99, lam=0.95, vf_coef=0.1, epochs=4)
     c.rl.optim.update(lr=1e-5)
   return c

@@ -308,6 +308,35 @@ def test_smoke_end_to_end(smoke):
     run_lib.validate(bad)
 
 
+
+def test_schema_errors_name_the_field_and_safe_fields():
+  """A typo'd field, an out-of-range value and an unknown choice each give a one-line ConfigError naming the
+  field; every variant's config validates; no field may change on resume."""
+  from configs.cable_routing import VARIANTS, get_config
+  from lmx.core import schema
+
+  for v in VARIANTS:
+    run_lib.validate(get_config(v or None))
+  for edit, match in [
+      (lambda c: c.env.__setattr__("n_clips", 2), r"env: unknown field\(s\) \['n_clips'\]"),
+      (lambda c: c.env.__setattr__("particles", 4), r"env.particles: must be a whole number and >= 8, got 4"),
+      (lambda c: c.env.__setattr__("p_snag", 1.5), r"env.p_snag: must be >= 0 and <= 1, got 1.5"),
+      (lambda c: c.train.__setattr__("batch", 0), r"train.batch: must be a whole number and >= 1, got 0"),
+      (lambda c: c.model.__setattr__("widths", ()), "model.widths: must not be empty"),
+      (lambda c: c.__setattr__("source", "real"), "source: 'real' is not one of"),
+      (lambda c: c.dagger.optim.__setattr__("lr", 0.0), r"dagger.optim.lr: must be > 0, got 0.0"),
+  ]:
+    c = get_config("smoke")
+    edit(c)
+    with pytest.raises(ConfigError, match=match) as e:
+      run_lib.validate(c)
+    assert "\n" not in str(e.value)
+  c = get_config("smoke")
+  c.env.decisions = 2
+  with pytest.raises(ConfigError, match=r"env.decisions: must be >= 2 \* env.clips"):
+    run_lib.validate(c)
+  assert set(schema.safe_fields("cable_routing")) == set()
+
 def test_sigterm_after_the_first_checkpoint_resumes_to_the_same_results(smoke, tmp_path):
   rc.check_sigterm_resume(tmp_path, SMOKE, reference=smoke[0])
 

@@ -407,6 +407,45 @@ def test_configs_validate(tmp_path):
     run_lib.validate(c)
 
 
+
+def test_schema_errors_name_the_field_and_safe_fields():
+  """A typo'd field, an out-of-range value and an unknown choice each give a one-line ConfigError naming the
+  field (also in the blocks taken from configs/lm.py); a resume may change the logging and evaluation cadence,
+  plotting, the mesh and the model's numerics-neutral implementation choices."""
+  from lmx.core import schema
+  from lmx.core.config import ConfigError
+
+  for edit, match in [
+      (lambda c: c.analysis.__setattr__("n_boots", 10), r"analysis: unknown field\(s\) \['n_boots'\]"),
+      (lambda c: c.analysis.__setattr__("sigma", 0.0), r"analysis.sigma: must be > 0, got 0.0"),
+      (lambda c: c.analysis.__setattr__("phi", "quadratic"), "analysis.phi: 'quadratic' is not one of"),
+      (lambda c: c.routing.__setattr__("n_batches", 1), r"routing.n_batches: must be a whole number and >= 2, got 1"),
+      (lambda c: c.sweep.__setattr__("lb_loss_coef", (0.0, -0.1)), r"sweep.lb_loss_coef\[1\]: must be >= 0"),
+      (lambda c: c.data.__setattr__("seq_len", 0), r"data.seq_len: must be a whole number and >= 1, got 0"),
+      (lambda c: c.train.__setattr__("ckpt_evry", 5), r"train: unknown field\(s\) \['ckpt_evry'\]"),
+      (lambda c: c.optim.__setattr__("name", "lion"), "optim.name: 'lion' is not one of"),
+  ]:
+    c = _config("smoke")
+    edit(c)
+    with pytest.raises(ConfigError, match=match) as e:
+      run_lib.validate(c)
+    assert "\n" not in str(e.value)
+  c = _config("smoke")
+  c.sweep.lb_loss_coef = (0.1, 0.1)
+  with pytest.raises(ConfigError, match="sweep.lb_loss_coef: must be distinct"):
+    run_lib.validate(c)
+  assert set(schema.safe_fields("moe_routing")) == {
+      "train.log_every", "train.eval_every", "train.eval_batches", "train.plot", "mesh.data", "mesh.fsdp",
+      "mesh.model", "mesh.expert", "axis_rules", "model.attention_impl", "model.remat", "model.moe_impl"}
+
+
+def test_config_choices_match_the_code():
+  """The config file imports no method code, so it states the congestion functions again."""
+  spec = importlib.util.spec_from_file_location("moe_routing_cfg", os.path.join(ROOT, "configs", "moe_routing.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.PHIS == est.PHIS
+
 def _launch(args, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "run.py"), *args], cwd=ROOT, env=env,

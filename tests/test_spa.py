@@ -3,6 +3,7 @@ the candidate policy's scoring against a numpy recomputation; the RL buffer and 
 smoke config end to end through the launcher, interrupted and resumed (after the first checkpoint and inside an RL
 arm), and stopped by a NaN in SFT and in an RL update."""
 import importlib
+import importlib.util
 import json
 import os
 
@@ -192,6 +193,39 @@ def test_validate_wants_a_budget_beyond_exploration():
   cfg.explore.count_steps = False
   spa_run.validate(cfg)
 
+
+
+def test_schema_errors_name_the_field_and_safe_fields():
+  """A typo'd field, an out-of-range value and an unknown choice each give a one-line ConfigError naming the
+  field; a resume may change the games' cache directory only."""
+  from lmx.core import schema
+  from lmx.core.config import ConfigError, load_config_file
+
+  for edit, match in [
+      (lambda c: c.games.__setattr__("n_trian", 4), r"games: unknown field\(s\) \['n_trian'\]"),
+      (lambda c: c.rl.__setattr__("env_steps", 0), r"rl.env_steps: must be a whole number and >= 1, got 0"),
+      (lambda c: c.shapes.__setattr__("k", 1), r"shapes.k: must be a whole number and >= 2, got 1"),
+      (lambda c: c.rl.__setattr__("gamma", 1.5), r"rl.gamma: must be >= 0 and <= 1, got 1.5"),
+      (lambda c: c.__setattr__("arms", ("sft", "ppo")), r"arms\[1\]: 'ppo' is not one of"),
+      (lambda c: c.estimator.__setattr__("head", "mlp"), "estimator.head: 'mlp' is not one of"),
+      (lambda c: c.sft.optim.__setattr__("name", "lion"), "sft.optim.name: 'lion' is not one of"),
+  ]:
+    c = load_config_file(os.path.join(os.path.dirname(__file__), "..", SMOKE))
+    edit(c)
+    with pytest.raises(ConfigError, match=match) as e:
+      spa_run.validate(c)
+    assert "\n" not in str(e.value)
+  assert set(schema.safe_fields("spa")) == {"games.cache_dir"}
+
+
+def test_config_choices_match_the_code():
+  """The config file imports no method code, so it states the arms, estimator heads and weightings again."""
+  spec = importlib.util.spec_from_file_location("spa_cfg", os.path.join(os.path.dirname(__file__), "..",
+                                                                         "configs", "spa.py"))
+  cfg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg)
+  assert cfg.ARMS == spa_run.ARMS
+  assert cfg.HEADS == progress.HEADS and cfg.WEIGHTINGS == progress.WEIGHTINGS
 
 def test_rollout_buffer_and_advantages_against_numpy():
   """The padded buffer holds every step slot (E·T rows, mask = real steps); GAE and whitening match a direct

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmx.core import interrupt, optim, plots, stages
-from lmx.core.config import check_keys, require
+from lmx.core import interrupt, plots, schema, stages
+from lmx.core.config import require
 from lmx.core.metrics import Writer, progress
 from lmx.core.results import plot_path, summary_line, write_results
 from lmx.core.rng import rng_stream
@@ -45,16 +45,7 @@ from lmx.methods.cable_routing import primitives as P
 from lmx.methods.cable_routing import rollout as R
 from lmx.methods.cable_routing import train as T
 
-CONFIG_FIELDS = ("method", "variant", "source", "seeds", "env", "demos", "model", "train", "dagger", "eval", "real")
-ENV_FIELDS = ("clips", "particles", "p_snag", "slip_stretch", "res", "decisions", "steps", "goto_sigma")
-DEMO_FIELDS = ("episodes", "action_sigma")
-MODEL_FIELDS = ("widths", "hidden", "history", "embed", "selector_hidden")
-TRAIN_FIELDS = ("bc_steps", "sel_steps", "batch", "augment_shift", "bc_optim", "sel_optim")
-DAGGER_FIELDS = ("episodes", "steps", "optim")
-EVAL_FIELDS = ("episodes", "batch", "strips")
-REAL_FIELDS = ("data_dir", "split", "max_episodes", "res", "steps", "batch")
 STEPS_FIELD = None
-SAFE_TO_CHANGE = ()
 ARMS = ("hier_dagger", "hier", "fixed_order", "flat_bc", "oracle_selector", "scripted")
 ARM_MODES = {  # (selector mode, learned route, flat)
     "hier_dagger": (R.SEL_LEARNED, 1, 0), "hier": (R.SEL_LEARNED, 1, 0), "fixed_order": (R.SEL_FIXED, 1, 0),
@@ -63,35 +54,12 @@ STRIP_ARMS = ("hier_dagger", "fixed_order", "flat_bc")  # the rollout strips plo
 
 
 def validate(config):
-  """Field names and ranges; ConfigError names the field."""
-  check_keys(config, "config", CONFIG_FIELDS)
-  for name, fields in (("env", ENV_FIELDS), ("demos", DEMO_FIELDS), ("model", MODEL_FIELDS), ("train", TRAIN_FIELDS),
-                       ("dagger", DAGGER_FIELDS), ("eval", EVAL_FIELDS), ("real", REAL_FIELDS)):
-    check_keys(config[name], name, fields)
-  require(config.source in ("sim", "oxe"), "source", f"must be 'sim' or 'oxe', got {config.source!r}")
-  require(len(config.seeds) >= 1, "seeds", "give at least one seed")
+  """Checks the config before anything runs: its fields against ``configs/cable_routing.py``'s declarations, then
+  what relates fields (enough decisions for a goto and a route per clip). Errors name the field."""
+  schema.validate(config)
   e = config.env
-  require(e.clips >= 1, "env.clips", f"must be >= 1, got {e.clips}")
-  require(e.particles >= 8, "env.particles", f"must be >= 8, got {e.particles}")
-  require(e.res >= 8, "env.res", f"must be >= 8, got {e.res}")
   require(e.decisions >= 2 * e.clips, "env.decisions", f"must be >= 2 * env.clips (goto + route per clip), got "
           f"{e.decisions}")
-  require(e.steps >= 1, "env.steps", "must be >= 1")
-  require(0 <= e.p_snag <= 1, "env.p_snag", f"must be in [0, 1], got {e.p_snag}")
-  require(e.slip_stretch > 1, "env.slip_stretch", f"must be > 1, got {e.slip_stretch}")
-  require(config.demos.episodes >= 1, "demos.episodes", "must be >= 1")
-  require(config.demos.action_sigma >= 0, "demos.action_sigma", "must be >= 0")
-  for f in ("bc_steps", "sel_steps", "batch"):
-    require(config.train[f] >= 1, f"train.{f}", f"must be >= 1, got {config.train[f]}")
-  require(config.eval.episodes >= 1, "eval.episodes", "must be >= 1")
-  require(config.eval.batch >= 1, "eval.batch", "must be >= 1")
-  require(len(config.model.widths) >= 1, "model.widths", "give at least one width")
-  require(config.dagger.steps >= 1, "dagger.steps", f"must be >= 1, got {config.dagger.steps}")
-  for f in ("steps", "batch"):
-    require(config.real[f] >= 1, f"real.{f}", f"must be >= 1, got {config.real[f]}")
-  for field, block in (("train.bc_optim", config.train.bc_optim), ("train.sel_optim", config.train.sel_optim),
-                       ("dagger.optim", config.dagger.optim)):
-    optim.validate(block, field)
 
 
 def env_of(config):

@@ -46,9 +46,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from lmx.core import loop, plots, stages
-from lmx.core import optim as optim_lib
-from lmx.core.config import ConfigError, check_choice, check_keys, require
+from lmx.core import loop, plots, schema, stages
+from lmx.core.config import ConfigError, require
 from lmx.core.data import ArrayBatches
 from lmx.core.loop import host, optax_state, optax_step
 from lmx.core.metrics import Writer
@@ -63,56 +62,20 @@ from lmx.rl import losses as rl_losses
 from lmx.rl.update import minibatch_update
 
 ARMS = ("sft", "outcome", "grounding", "spa", "rloo")
-CONFIG_FIELDS = ("method", "variant", "seed", "seeds", "arms", "games", "model", "shapes", "sft", "explore",
-                 "estimator", "spa", "rl", "paper")
-GAMES_FIELDS = ("cache_dir", "n_train", "n_eval", "quest_lengths", "world_size", "nb_objects", "train_seed0",
-                "eval_seed0", "source", "alfworld_dir")
-SHAPES_FIELDS = ("k", "length", "cand_len", "max_steps", "objective_len", "history_len")
-SFT_FIELDS = ("steps", "batch", "copies", "optim")
-EXPLORE_FIELDS = ("rollouts", "count_steps")
-EST_FIELDS = ("head", "hidden", "steps", "batch", "optim", "l2", "train_backbone")
-SPA_FIELDS = ("alpha", "beta", "final_always", "weighting", "reward_source")
-RL_FIELDS = ("env_steps", "games_per_iter", "group", "epochs", "minibatch", "optim", "clip", "vf_coef", "ent_coef",
-             "gamma", "lam", "eval_every", "whiten")
 STEPS_FIELD = None
-SAFE_TO_CHANGE = ("games.cache_dir",)
 
 
 def validate(config):
-  """Checks every field before anything is built; returns the policy's Model."""
-  check_keys(config, "config", CONFIG_FIELDS)
-  for name, fields in (("games", GAMES_FIELDS), ("shapes", SHAPES_FIELDS), ("sft", SFT_FIELDS),
-                       ("explore", EXPLORE_FIELDS), ("estimator", EST_FIELDS), ("spa", SPA_FIELDS),
-                       ("rl", RL_FIELDS)):
-    check_keys(config[name], name, fields)
-  for name in ("sft", "estimator", "rl"):
-    optim_lib.validate(config[name].optim, f"{name}.optim")
-  for a in config.arms:
-    check_choice(a, "arms", ARMS)
-  require(len(config.seeds) >= 1, "seeds", "name at least one seed")
+  """Checks the config before anything is built: its fields against ``configs/spa.py``'s declarations, then what
+  relates fields (held-out game seeds, sequence lengths, RLOO's group, the games and env-step budget of an RL arm)
+  and the model; returns the policy's Model."""
+  schema.validate(config)
   g, s, r = config.games, config.shapes, config.rl
-  check_choice(g.source, "games.source", ("textworld", "alfworld"))
-  require(g.n_train >= 1 and g.n_eval >= 1, "games.n_train/n_eval", "must be >= 1")
-  require(len(g.quest_lengths) >= 1 and all(q >= 1 for q in g.quest_lengths), "games.quest_lengths",
-          f"must be positive ints, got {g.quest_lengths!r}")
   require(g.eval_seed0 >= g.train_seed0 + g.n_train or g.eval_seed0 + g.n_eval <= g.train_seed0,
           "games.eval_seed0", "held-out seeds must not overlap the training seeds")
-  for f in SHAPES_FIELDS:
-    require(s[f] >= 1, f"shapes.{f}", f"must be >= 1, got {s[f]!r}")
-  require(s.k >= 2, "shapes.k", "needs >= 2 candidates")
   need = s.objective_len + s.history_len + s.cand_len + 12
   require(s.length >= need, "shapes.length", f"{s.length} < objective_len + history_len + cand_len + 12 = {need}")
   require(r.group >= 2 or "rloo" not in config.arms, "rl.group", "rloo needs rl.group >= 2")
-  check_choice(config.estimator.head, "estimator.head", progress.HEADS)
-  check_choice(config.spa.weighting, "spa.weighting", progress.WEIGHTINGS)
-  check_choice(config.spa.reward_source, "spa.reward_source", ("estimator", "loo"))
-  for f in ("env_steps", "games_per_iter", "group", "epochs", "minibatch", "eval_every"):
-    require(r[f] >= 1, f"rl.{f}", f"must be >= 1, got {r[f]!r}")
-  for f in ("steps", "batch", "copies"):
-    require(config.sft[f] >= 1, f"sft.{f}", f"must be >= 1, got {config.sft[f]!r}")
-  for f in ("steps", "batch"):
-    require(config.estimator[f] >= 1, f"estimator.{f}", f"must be >= 1, got {config.estimator[f]!r}")
-  require(config.explore.rollouts >= 1, "explore.rollouts", "must be >= 1")
   if g.source == "textworld":
     require(r.games_per_iter <= g.n_train, "rl.games_per_iter",
             f"draws {r.games_per_iter} distinct training games per iteration; games.n_train is {g.n_train}")
