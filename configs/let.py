@@ -30,7 +30,6 @@ Defaults for the paper's unknowns (all inferred unless stated):
     initialised to the interpolation matrix and trained with the student.
   * ``let.schedule`` = 'linear' (the paper's); 'constant' keeps λ = λ0 until S_stop (the ablation).
 """
-import dataclasses
 import os
 
 from lmx.core import blocks, schema
@@ -46,17 +45,6 @@ SCHEDULES = ("linear", "constant")
 ARMS = ("baseline", "let", "l2l", "constant", "large")
 
 
-def _lm_block(name: str, **defaults) -> dict:
-  """The declarations of ``configs/lm.py``'s block ``name`` (its fields and checks are stated there once), with
-  ``defaults`` replacing its defaults."""
-  prefix = f"{name}."
-  fields = {k[len(prefix):]: spec for k, spec in schema.declared("lm").items() if k.startswith(prefix)}
-  unknown = sorted(set(defaults) - set(fields))
-  if unknown:
-    raise KeyError(f"configs/lm.py's {name} block has no field(s) {unknown}")
-  return {k: dataclasses.replace(spec, default=defaults[k]) if k in defaults else spec for k, spec in fields.items()}
-
-
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
   # The student is trained as configs/lm.py trains a model (mesh, rules, model, data, optimiser and loop blocks
@@ -70,7 +58,7 @@ def get_config(arg=None):
       # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes.
       model=blocks.transformer(**dict(lm.model, n_layers=6)),
       data=dict(
-          **_lm_block("data", seq_len=64, global_batch=16),
+          **schema.block_of("lm", "data", seq_len=64, global_batch=16),
           # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
           # record's text_key) read through Grain, tokenized by ``tokenizer`` ('' = bytes, else a dir with
           # tokenizer.json) and packed into windows (lmx.datasets.tfds_text); data_dir '' = $TFDS_DATA_DIR or

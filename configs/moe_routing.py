@@ -38,17 +38,6 @@ def _lm(variant: str):
   return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"lm.py:{variant}"))
 
 
-def _lm_block(name: str, **defaults) -> dict:
-  """The declarations of ``configs/lm.py``'s block ``name`` (its fields and checks are stated there once), with
-  ``defaults`` replacing its defaults."""
-  prefix = f"{name}."
-  fields = {k[len(prefix):]: spec for k, spec in schema.declared("lm").items() if k.startswith(prefix)}
-  unknown = sorted(set(defaults) - set(fields))
-  if unknown:
-    raise KeyError(f"configs/lm.py's {name} block has no field(s) {unknown}")
-  return {k: dataclasses.replace(spec, default=defaults[k]) if k in defaults else spec for k, spec in fields.items()}
-
-
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
   # The arms are trained as configs/lm.py trains its MoE (mesh, rules, model, data, optimiser, loop blocks from
@@ -66,7 +55,7 @@ def get_config(arg=None):
       model=blocks.transformer(**dict(lm.model, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
                                       moe_d_ff=128, max_seq_len=64, moe_stats_per_expert=False)),
       # 10 % of the documents held out: the routing batches (50 x 8 windows) come from there
-      data=_lm_block("data", **dict(lm.data, seq_len=64, global_batch=16, eval_fraction=0.1)),
+      data=schema.block_of("lm", "data", **dict(lm.data, seq_len=64, global_batch=16, eval_fraction=0.1)),
       optim=blocks.optim(**lm.optim),
       train={k: dataclasses.replace(spec, safe=k in TRAIN_SAFE) for k, spec in train.items()},
       # analyze: a directory of routing files (step_<S>/layer_<L>.npz, or sub-folders of runs holding them)

@@ -108,6 +108,20 @@ def declared(method: str) -> dict | None:
   return _REGISTRY.get(method)
 
 
+def block_of(method: str, name: str, **defaults) -> dict:
+  """The declarations of block ``name`` of ``method``'s config (built in this process), with ``defaults``
+  replacing its defaults: another config reuses a block declared once (e.g. configs/lm.py's ``data``)."""
+  prefix = f"{name}."
+  fields = {k[len(prefix):]: spec for k, spec in (_REGISTRY.get(method) or {}).items()
+            if k.startswith(prefix) and "." not in k[len(prefix):]}
+  if not fields:
+    raise KeyError(f"{method}'s config declares no block {name!r} (is its config file loaded?)")
+  unknown = sorted(set(defaults) - set(fields))
+  if unknown:
+    raise KeyError(f"{method}'s {name} block has no field(s) {unknown}")
+  return {k: dataclasses.replace(spec, default=defaults[k]) if k in defaults else spec for k, spec in fields.items()}
+
+
 def safe_fields(method: str) -> tuple[str, ...]:
   """Fields a resume may change (``a.b``, or ``a.*`` for a whole block)."""
   out = []
