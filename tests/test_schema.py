@@ -86,3 +86,16 @@ def test_a_resume_ignores_fields_declared_since_at_their_default(tmp_path):
   new["rl"]["whiten"] = False
   with pytest.raises(ConfigError, match=r"rl.whiten: '<absent>' → False"):
     launcher.plan_resume(module, saved, new, {"status": "running"}, str(tmp_path), quiet=True)
+
+
+def test_block_of_reuses_a_declared_block_with_new_defaults():
+  """Another config reuses a block with its checks and only the defaults replaced; a field the block lacks, or a
+  block the method lacks, is a KeyError at config-build time."""
+  _config()
+  block = schema.block_of("schema_test", "rl", steps=7)
+  assert block["steps"].default == 7 and block["steps"].ge == 1 and block["steps"].integer
+  assert block["lr"] == schema.declared("schema_test")["rl.lr"]
+  with pytest.raises(KeyError, match=r"no field\(s\) \['env_steps'\]"):
+    schema.block_of("schema_test", "rl", env_steps=3)
+  with pytest.raises(KeyError, match="no block 'nope'"):
+    schema.block_of("schema_test", "nope")
