@@ -31,6 +31,7 @@ def env(**extra) -> dict:
   if os.environ.get("LMX_TEST_XLA_CACHE"):  # one compilation cache per test process (tests/conftest.py)
     e.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["LMX_TEST_XLA_CACHE"],
                                                            os.environ.get("PYTEST_XDIST_WORKER", "main")))
+    e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the small programs too, as the launcher does
   e.pop("LMX_FAULT", None)
   e.pop("LMX_ALLOW_FRESH_START", None)
   e.update(extra)

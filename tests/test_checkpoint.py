@@ -1,6 +1,7 @@
 """Orbax checkpoints: restore onto another mesh, corrupt/partial latest falls back, Grain state round trip."""
 import errno
 import os
+import re
 import shutil
 
 import jax
@@ -286,10 +287,12 @@ def test_silently_corrupted_data_is_quarantined_and_the_previous_step_restored(t
   _silently_corrupt(os.path.join(d, "2"))
   target = ckpt_lib.abstract_like(_opt_state(0))
   with ckpt_lib.Checkpointer(d, keep=5) as ck:
-    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 2.*checksum"):
+    # the changed bytes fail the checksum, or decode to a NaN/Inf where the saved leaf was finite (found first)
+    detected = r"step 2.*(checksum|NaN/Inf values but was finite)"
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match=detected):
       ck.restore(target, step=2)  # a named step: an error, nothing moved
     assert ck.all_steps() == [1, 2]
-    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 2.*checksum"):
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match=detected):
       ck.restore_subset({"params": target["params"], "opt": target["opt"]})
     capsys.readouterr()
     step, st = ck.restore(target)
@@ -297,7 +300,7 @@ def test_silently_corrupted_data_is_quarantined_and_the_previous_step_restored(t
   for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(_opt_state(1))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-  assert len(warnings) == 1 and "step 2" in warnings[0] and "checksum" in warnings[0], warnings
+  assert len(warnings) == 1 and re.search(detected, warnings[0]), warnings
   moved = os.listdir(d + "_corrupt")
   assert len(moved) == 1 and moved[0].startswith("2-") and sorted(os.listdir(d)) == ["1"]
 

@@ -34,8 +34,13 @@ def persistent(directory: str):
   os.makedirs(directory, exist_ok=True)
   cc.set_cache_dir(directory)
   cc.reset_cache()  # the cache reads its directory once; make it read this one
+  # every program, not only those that took over a second: a run's many small programs (environment steps,
+  # evaluations, samplers) add up to most of a short stage's compile time, and a resume compiles them all again
+  min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
     yield directory
   finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
     cc.set_cache_dir(previous)
     cc.reset_cache()
