@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests import resume_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "launch", "run.py")]
 LM = ["--config=configs/lm.py:smoke", "--config.train.ckpt_every=10", "--config.train.eval_every=10",
@@ -21,9 +23,8 @@ LM = ["--config=configs/lm.py:smoke", "--config.train.ckpt_every=10", "--config.
 
 
 def _env():
-  env = dict(os.environ, LMX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+  env = resume_check.env()  # the test process's compilation cache: each lm smoke program is compiled once
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
-  env.pop("LMX_ALLOW_FRESH_START", None)
   return env
 
 
