@@ -272,22 +272,16 @@ def test_schema_errors_name_the_field_and_safe_fields():
   field (every SFT's warmup comes from sft.warmup_ratio, so sft.optim has no warmup_steps); a resume may change
   the logging cadence, plotting, the mesh, the sharding rules and the attention kernel only."""
   from lmx.core import schema
-  for edit, match in [
-      (lambda c: c.sampling.__setattr__("top_q", 0.5), r"sampling: unknown field\(s\) \['top_q'\]"),
-      (lambda c: c.sft.optim.__setattr__("warmup_steps", 10), r"sft.optim: unknown field\(s\) \['warmup_steps'\]"),
-      (lambda c: c.data.__setattr__("heldout_fraction", 1.5), "data.heldout_fraction: must be"),
-      (lambda c: c.sampling.__setattr__("top_p", 0.0), "sampling.top_p: must be"),
-      (lambda c: c.base.optim.__setattr__("b2", 1.0), "base.optim.b2: must be"),
-      (lambda c: c.loop.__setattr__("flavour", "gpt"), "loop.flavour: 'gpt' is not one of"),
-      (lambda c: c.sft.optim.__setattr__("schedule", "linear"), "sft.optim.schedule: 'linear' is not one of"),
+  for field, value, match in [
+      ("sampling.top_q", 0.5, r"sampling: unknown field\(s\) \['top_q'\]"),
+      ("sft.optim.warmup_steps", 10, r"sft.optim: unknown field\(s\) \['warmup_steps'\]"),
+      ("data.heldout_fraction", 1.5, "data.heldout_fraction: must be"),
+      ("sampling.top_p", 0.0, "sampling.top_p: must be"),
+      ("base.optim.b2", 1.0, "base.optim.b2: must be"),
+      ("loop.flavour", "gpt", "loop.flavour: 'gpt' is not one of"),
+      ("sft.optim.schedule", "linear", "sft.optim.schedule: 'linear' is not one of"),
   ]:
-    c = _config("smoke")
-    edit(c)
-    with pytest.raises(ConfigError, match=match) as e:
-      sl_run.validate(c)
-    assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=match):
-      schema.validate(c)
+    config_check.refuses(sl_run.validate, _config("smoke"), field, value, match)
   assert set(schema.safe_fields("self_lengthen")) == {
       "train.log_every", "train.plot", "mesh.data", "mesh.fsdp", "mesh.model", "mesh.expert", "axis_rules",
       "base.model.attention_impl"}

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import resume_check as rc
+from tests import config_check
+from tests import resume_check as rc
 
 from lmx.methods.spa import policy, progress
 
@@ -199,22 +200,17 @@ def test_schema_errors_name_the_field_and_safe_fields():
   """A typo'd field, an out-of-range value and an unknown choice each give a one-line ConfigError naming the
   field; a resume may change the games' cache directory only."""
   from lmx.core import schema
-  from lmx.core.config import ConfigError, load_config_file
 
-  for edit, match in [
-      (lambda c: c.games.__setattr__("n_trian", 4), r"games: unknown field\(s\) \['n_trian'\]"),
-      (lambda c: c.rl.__setattr__("env_steps", 0), r"rl.env_steps: must be a whole number and >= 1, got 0"),
-      (lambda c: c.shapes.__setattr__("k", 1), r"shapes.k: must be a whole number and >= 2, got 1"),
-      (lambda c: c.rl.__setattr__("gamma", 1.5), r"rl.gamma: must be >= 0 and <= 1, got 1.5"),
-      (lambda c: c.__setattr__("arms", ("sft", "ppo")), r"arms\[1\]: 'ppo' is not one of"),
-      (lambda c: c.estimator.__setattr__("head", "mlp"), "estimator.head: 'mlp' is not one of"),
-      (lambda c: c.sft.optim.__setattr__("name", "lion"), "sft.optim.name: 'lion' is not one of"),
+  for field, value, match in [
+      ("games.n_trian", 4, r"games: unknown field\(s\) \['n_trian'\]"),
+      ("rl.env_steps", 0, r"rl.env_steps: must be a whole number and >= 1, got 0"),
+      ("shapes.k", 1, r"shapes.k: must be a whole number and >= 2, got 1"),
+      ("rl.gamma", 1.5, r"rl.gamma: must be >= 0 and <= 1, got 1.5"),
+      ("arms", ("sft", "ppo"), r"arms\[1\]: 'ppo' is not one of"),
+      ("estimator.head", "mlp", "estimator.head: 'mlp' is not one of"),
+      ("sft.optim.name", "lion", "sft.optim.name: 'lion' is not one of"),
   ]:
-    c = load_config_file(os.path.join(os.path.dirname(__file__), "..", SMOKE))
-    edit(c)
-    with pytest.raises(ConfigError, match=match) as e:
-      spa_run.validate(c)
-    assert "\n" not in str(e.value)
+    config_check.refuses(spa_run.validate, config_check.config("spa", "smoke"), field, value, match)
   assert set(schema.safe_fields("spa")) == {"games.cache_dir"}
 
 
