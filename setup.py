@@ -26,6 +26,8 @@ setup(
         "scikit-learn>=1.4",  # ships the 8x8 digits used by fast tests
         "safetensors>=0.4.3",  # Hugging Face checkpoints (lmx.models.hf), read through NumPy: no torch
         "tokenizers>=0.19",  # Hugging Face tokenizer.json (lmx.datasets.tokenizer)
+        "gguf>=0.10",  # llama.cpp's NumPy-only GGUF reader: SmolLM2 and other GGUF weights (lmx.models.gguf)
+        "jinja2>=3.1",  # chat templates, rendered in jinja2's sandbox as transformers does
         "textworld>=1.6",  # text-agent games for SPA (lmx.envs.textworld); bundles its Inform7 compiler
         "distrax>=0.1.5",  # the reference the cable-routing tests check the tanh-Gaussian log-probs against
     ],

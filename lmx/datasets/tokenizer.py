@@ -48,10 +48,26 @@ class HFTokenizer:
   """
 
   def __init__(self, tokenizer, *, bos_id: int | None = None, eos_ids: Sequence[int] = (),
-               pad_id: int | None = None):
+               pad_id: int | None = None, chat_template: str | None = None):
     self.tokenizer = tokenizer
     self.bos_id, self.pad_id = bos_id, pad_id
     self.eos_ids = tuple(int(i) for i in eos_ids)
+    self.chat_template = chat_template
+
+  def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    """The prompt text of ``messages`` (``[{"role": "user", "content": "..."}, ...]``) under the model's chat
+    template (Jinja, rendered in a sandbox as transformers does); ``add_generation_prompt`` opens the assistant's
+    turn."""
+    if not self.chat_template:
+      raise ConfigError("this tokenizer has no chat template (tokenizer_config.json's chat_template, or the GGUF "
+                        "file's tokenizer.chat_template)")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    special = {k: self.tokenizer.id_to_token(i) if i is not None else None
+               for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
+    return env.from_string(self.chat_template).render(messages=list(messages),
+                                                      add_generation_prompt=add_generation_prompt, **special)
 
   @property
   def eos_id(self) -> int | None:
@@ -92,7 +108,9 @@ class HFTokenizer:
     bos = first(from_text("bos_token"), gcfg.get("bos_token_id"), mcfg.get("bos_token_id"))
     eos = first(gcfg.get("eos_token_id"), from_text("eos_token"), mcfg.get("eos_token_id"))
     pad = first(from_text("pad_token"), gcfg.get("pad_token_id"), mcfg.get("pad_token_id"))
-    return cls(tok, bos_id=bos[0] if bos else None, eos_ids=eos, pad_id=pad[0] if pad else None)
+    template = tcfg.get("chat_template")
+    return cls(tok, bos_id=bos[0] if bos else None, eos_ids=eos, pad_id=pad[0] if pad else None,
+               chat_template=template if isinstance(template, str) else None)
 
   def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
     """Token ids of ``text`` (with the post-processor's special tokens, e.g. BOS, unless turned off)."""

