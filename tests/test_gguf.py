@@ -161,3 +161,25 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
     gguf.load_gguf(llama)
   with pytest.raises(ConfigError, match="tokenizer model 'llama' is not supported"):
     gguf.tokenizer(llama)
+
+
+def test_respond_answers_a_batch_of_chat_prompts_and_stops_at_the_end_of_turn(smollm2, tok):
+  from lmx.models import chat
+
+  cfg, model, params = smollm2
+  lm = chat.LoadedLM(cfg, model, params, tok)
+  answers = chat.respond(lm, ["What is the capital of France?", "Colour of the sky?"], temperature=0.0,
+                         max_new_tokens=16, system="You answer in one short sentence.")
+  assert answers[0] == "The capital of France is Paris.", answers
+  assert all("<|im_end|>" not in a and "<|im_start|>" not in a for a in answers)
+
+
+def test_chat_tool_refuses_a_missing_prompts_file_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, os.path.join(root, "tools", "chat.py"), f"--prompts_file={tmp_path}/no.txt"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.strip().startswith("error: --prompts_file=") and "No such file" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
