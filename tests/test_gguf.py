@@ -183,3 +183,46 @@ def test_chat_tool_refuses_a_missing_prompts_file_in_one_line(tmp_path):
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and r.stderr.strip().startswith("error: --prompts_file=") and "No such file" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_perplexity_windows_pad_and_mask_like_separate_forwards(smollm2, tok):
+  """Windows of 8 tokens in batches of 3 (the last batch padded, the last window short) give the CE of each window
+  scored alone, summed by hand in numpy."""
+  from lmx.models import chat
+
+  cfg, model, params = smollm2
+  lm = chat.LoadedLM(cfg, model, params, tok)
+  text = "The quick brown fox jumps over the lazy dog. " * 3 + "Then it rests."
+  got = chat.perplexity(lm, text, seq_len=8, batch=3)
+  ids = tok.encode(text, add_special_tokens=False)
+  nll, n = 0.0, 0
+  for s in range(0, len(ids), 8):
+    w = ids[s:s + 8]
+    if len(w) < 2:
+      continue
+    logits = np.asarray(model.apply(params, jnp.asarray([w])), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    nll -= sum(logp[j, w[j + 1]] for j in range(len(w) - 1))
+    n += len(w) - 1
+  assert got["tokens"] == n and got["ce"] == pytest.approx(nll / n, rel=1e-5)
+  assert got["perplexity"] == pytest.approx(np.exp(nll / n), rel=1e-5)
+  with pytest.raises(ConfigError, match="at least 2"):
+    chat.perplexity(lm, "a")
+
+
+def test_export_of_smollm2_reloads_with_its_tokenizer_and_chat_template(smollm2, tok, tmp_path):
+  from lmx.datasets.tokenizer import HFTokenizer
+  from lmx.models import hf
+
+  cfg, model, params = smollm2
+  out = hf.save_hf(str(tmp_path / "smollm2"), cfg, params, tok)
+  cfg2, _, params2 = hf.load_hf(out, dtype="float32")
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tok2 = HFTokenizer.from_dir(out)
+  chat = [{"role": "user", "content": "In 2024,  19 cats?"}]
+  assert tok2.apply_chat_template(chat) == tok.apply_chat_template(chat)
+  assert tok2.encode(tok2.apply_chat_template(chat)) == tok.encode(tok.apply_chat_template(chat))
+  assert (tok2.bos_id, tok2.eos_ids, tok2.pad_id) == (tok.bos_id, tok.eos_ids, tok.pad_id)

@@ -310,3 +310,45 @@ def test_lm_validates_a_hugging_face_model_by_its_own_vocabulary():
   c.model = ml_collections.ConfigDict(dict(name="hf", hf_path=QWEN2, dtype="float32"))
   model = lm_run.validate(c)
   assert model.cfg.vocab_size == 300
+
+
+@pytest.mark.parametrize("path", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+def test_export_reloads_with_the_same_weights_and_the_recorded_logits(tmp_path, path):
+  """save_hf writes config.json, model.safetensors and the tokenizer files; load_hf reads back every tensor
+  exactly, and the reloaded model matches transformers' recorded logits (so the export's layouts are HF's)."""
+  cfg, model, params = hf.load_hf(path, dtype="float32")
+  tok = HFTokenizer.from_dir(LLAMA)
+  out = hf.save_hf(str(tmp_path / "export"), cfg, params, tok)
+  written = json.load(open(os.path.join(out, "config.json")))
+  original = hf.read_config(path)
+  for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "tie_word_embeddings", "rope_theta"):
+    assert written[key] == original.get(key, written[key]), key
+  assert written["architectures"] == original["architectures"]
+  cfg2, model2, params2 = hf.load_hf(out, dtype="float32")
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ref = _reference(path)
+  assert _max_diff(_logits(model2, params2, ref), ref) <= TOL
+  tok2 = HFTokenizer.from_dir(out)
+  assert tok2.encode("Hello world!") == tok.encode("Hello world!") and tok2.eos_ids == tok.eos_ids
+  with pytest.raises(ConfigError, match="export dtype 'int8'"):
+    hf.save_hf(str(tmp_path / "bad"), cfg, params, dtype="int8")
+
+
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  cfg, model, params = hf.load_hf(QWEN2, dtype="float32")
+  out = hf.save_hf(str(tmp_path / "export"), cfg, params)
+  ref = _reference(QWEN2)
+  tokens = np.asarray(ref["tokens"])[:-1]  # the rows without left padding
+  theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = theirs(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+  got = np.asarray(model.apply(params, jnp.asarray(tokens, jnp.int32)))
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)

