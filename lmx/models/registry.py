@@ -199,7 +199,7 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=Non
     config = ml_collections.ConfigDict(raw)
     rules = tuple(tuple(r) for r in (axis_rules if axis_rules is not None else config.get("axis_rules", ())))
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.get("mesh", {"data": -1}))
-    takes_rules = config.model.get("name", "transformer") in ("transformer", "hf")
+    takes_rules = config.model.get("name", "transformer") in ("transformer", "hf", "smollm2-135m-instruct")
     kw = dict(context, axis_rules=rules) if takes_rules else context
     model = build_model(config.model, **kw)
     with jax.set_mesh(mesh):
