@@ -142,6 +142,19 @@ def _smollm2(model_cfg, *, axis_rules=None) -> Model:
   return hf.build(gguf.smollm2_path(), axis_rules=axis_rules, **d)
 
 
+@register("smollm2-tiny")
+def _smollm2_tiny(model_cfg, *, axis_rules=None) -> Model:
+  """A randomly initialised stand-in for SmolLM2 (:data:`lmx.models.gguf.SMOLLM2_TINY`: its vocabulary, so its
+  tokenizer; Llama family) for smoke configs and tests; any transformer field may be overridden."""
+  from lmx.models import gguf
+  from lmx.models.transformer import TransformerConfig
+
+  d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  d.pop("name", None)
+  cfg = TransformerConfig.from_config({**gguf.SMOLLM2_TINY, **d}, axis_rules=axis_rules)
+  return transformer_model(cfg, name="smollm2-tiny")
+
+
 @register("convnet")
 def _convnet(model_cfg, *, image_shape, num_classes, second_order: bool = False) -> Model:
   """ConvNet-D; ``second_order`` picks the convolution measured fastest when differentiating through SGD steps."""
@@ -199,7 +212,8 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=Non
     config = ml_collections.ConfigDict(raw)
     rules = tuple(tuple(r) for r in (axis_rules if axis_rules is not None else config.get("axis_rules", ())))
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.get("mesh", {"data": -1}))
-    takes_rules = config.model.get("name", "transformer") in ("transformer", "hf", "smollm2-135m-instruct")
+    takes_rules = config.model.get("name", "transformer") in ("transformer", "hf", "smollm2-135m-instruct",
+                                                                 "smollm2-tiny")
     kw = dict(context, axis_rules=rules) if takes_rules else context
     model = build_model(config.model, **kw)
     with jax.set_mesh(mesh):
