@@ -5,7 +5,7 @@ A run's life in its workdir (see :mod:`lmx.core.workdir`):
   2. a workdir whose record says *finished* with the same config is left untouched ("already finished", exit 0);
      asking it for more steps (the method's ``STEPS_FIELD``) continues it, for fewer refuses;
   3. any other config change is refused unless the field is declared safe to change (``F(..., safe=True)`` in the
-     config file's schema, or the method's ``SAFE_TO_CHANGE``; then printed);
+     config file's schema; then printed);
   4. the workdir's lock is taken (a second run on it refuses, naming the first), ``run.json`` says *running*;
   5. the method runs; ``run.json`` ends as finished / interrupted (a signal, a second Ctrl-C) / failed (any error,
      ``SystemExit`` included). A user error (``ConfigError``) before the run wrote anything leaves the workdir as
@@ -112,8 +112,7 @@ def plan_resume(module, saved: dict | None, new: dict, record: dict | None, work
 
   steps_field = getattr(module, "STEPS_FIELD", None)
   method = (new or {}).get("method") if isinstance(new, dict) else None
-  safe = (tuple(getattr(module, "SAFE_TO_CHANGE", ())) + (schema.safe_fields(method) if method else ())
-          + ((steps_field,) if steps_field else ()))
+  safe = (schema.safe_fields(method) if method else ()) + ((steps_field,) if steps_field else ())
   changes = wd.config_changes(saved, new)
   if method:  # a field the code declared after the run started, at its default, changes nothing
     changes = [c for c in changes if not (c[1] == "<absent>" and schema.default_of(method, c[0]) == (True, c[2]))]
