@@ -107,6 +107,16 @@ def _transformer(model_cfg, *, axis_rules=None) -> Model:
 HF_FIELDS = ("name", "hf_path", "dtype", "param_dtype", "max_seq_len", "attention_impl", "remat", "batch_axes")
 
 
+def _checkpoint_fields(model_cfg, name: str, valid) -> dict:
+  """The model block of a pretrained checkpoint as a dict; ConfigError for a field the checkpoint fixes."""
+  d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  unknown = sorted(set(d) - set(valid))
+  if unknown:
+    raise ConfigError(f"model: unknown field(s) {unknown} for model.name={name!r} (the checkpoint fixes the "
+                      f"architecture); valid fields: {list(valid)}")
+  return d
+
+
 @register("hf")
 def _hf(model_cfg, *, axis_rules=None) -> Model:
   """A Hugging Face Llama / Qwen2 checkpoint (``model.hf_path``, a local directory) as the transformer, its
@@ -114,11 +124,7 @@ def _hf(model_cfg, *, axis_rules=None) -> Model:
   transformer's ``dtype``, ``param_dtype``, ``max_seq_len``, ``attention_impl``, ``remat``, ``batch_axes``."""
   from lmx.models import hf
 
-  d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  unknown = sorted(set(d) - set(HF_FIELDS))
-  if unknown:
-    raise ConfigError(f"model: unknown field(s) {unknown} for model.name='hf' (the checkpoint's config.json "
-                      f"fixes the architecture); valid fields: {list(HF_FIELDS)}")
+  d = _checkpoint_fields(model_cfg, "hf", HF_FIELDS)
   if not d.get("hf_path"):
     raise ConfigError("model.hf_path is required for model.name='hf': the local directory of a Hugging Face "
                       "checkpoint (config.json + *.safetensors)")
@@ -132,12 +138,7 @@ def _smollm2(model_cfg, *, axis_rules=None) -> Model:
   float32 unless ``dtype`` says otherwise). Optional fields as ``hf`` (no ``hf_path``)."""
   from lmx.models import gguf, hf
 
-  d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  valid = [f for f in HF_FIELDS if f != "hf_path"]
-  unknown = sorted(set(d) - set(valid))
-  if unknown:
-    raise ConfigError(f"model: unknown field(s) {unknown} for model.name='smollm2-135m-instruct' (the file fixes "
-                      f"the architecture); valid fields: {valid}")
+  d = _checkpoint_fields(model_cfg, "smollm2-135m-instruct", [f for f in HF_FIELDS if f != "hf_path"])
   d.pop("name", None)
   return hf.build(gguf.smollm2_path(), axis_rules=axis_rules, **d)
 
