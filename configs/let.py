@@ -58,7 +58,8 @@ def get_config(arg=None):
       # The student (target model M): 6 layers, d = 128, ~10x the teacher's parameters; batches of 16 x 64 bytes.
       model=blocks.transformer(**dict(lm.model, n_layers=6)),
       data=dict(
-          **schema.block_of("lm", "data", seq_len=64, global_batch=16),
+          # configs/lm.py's data block without its text_file / tokenizer (LET's own tokenizer field is below)
+          **schema.block_of("lm", "data", exclude=("text_file", "tokenizer"), seq_len=64, global_batch=16),
           # 'embedded' (lmx.datasets.text) or 'tfds': a prepared tfds text set (tfds_name, train/eval splits, the
           # record's text_key) read through Grain, tokenized by ``tokenizer`` ('' = bytes, else a dir with
           # tokenizer.json) and packed into windows (lmx.datasets.tfds_text); data_dir '' = $TFDS_DATA_DIR or

@@ -38,6 +38,9 @@ def _lm(variant: str):
   return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"lm.py:{variant}"))
 
 
+LM_ONLY = ("text_file", "tokenizer")  # configs/lm.py data fields this method does not read
+
+
 def get_config(arg=None):
   a = parse_arg(arg, variant="", variants=VARIANTS, seed=0)
   # The arms are trained as configs/lm.py trains its MoE (mesh, rules, model, data, optimiser, loop blocks from
@@ -55,7 +58,10 @@ def get_config(arg=None):
       model=blocks.transformer(**dict(lm.model, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
                                       moe_d_ff=128, max_seq_len=64, moe_stats_per_expert=False)),
       # 10 % of the documents held out: the routing batches (50 x 8 windows) come from there
-      data=schema.block_of("lm", "data", **dict(lm.data, seq_len=64, global_batch=16, eval_fraction=0.1)),
+      # bytes of an embedded corpus (configs/lm.py's data block without its text_file / tokenizer)
+      data=schema.block_of("lm", "data", exclude=LM_ONLY, **{
+          **{k: v for k, v in lm.data.items() if k not in LM_ONLY}, "seq_len": 64, "global_batch": 16,
+          "eval_fraction": 0.1}),
       optim=blocks.optim(**lm.optim),
       train={k: dataclasses.replace(spec, safe=k in TRAIN_SAFE) for k, spec in train.items()},
       # analyze: a directory of routing files (step_<S>/layer_<L>.npz, or sub-folders of runs holding them)

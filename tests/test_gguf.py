@@ -255,9 +255,9 @@ def test_tiny_stand_in_shares_the_tokenizer_and_family_and_trains(tok):
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_smollm2_forward_and_train_step_lower_for_accelerators(platform):
-  """The 135M model's forward (4 × 128) and full AdamW train step built from its shapes only (no weights read)
-  and lowered for an accelerator from this CPU host."""
+def test_smollm2_forward_train_decode_and_lora_steps_lower_for_accelerators(platform):
+  """The 135M model's forward (4 × 128), full AdamW train step, batched greedy KV-cache decoding and LoRA train
+  step, built from its shapes only (no weights read) and lowered for an accelerator from this CPU host."""
   import optax
 
   from lmx.models import hf
@@ -279,3 +279,20 @@ def test_smollm2_forward_and_train_step_lower_for_accelerators(platform):
       lowering_platforms=(platform,)).as_text()
   train = jax.jit(step).trace(params, opt, tokens).lower(lowering_platforms=(platform,)).as_text()
   assert "dot_general" in fwd and "dot_general" in train and "bf16" in train
+  # greedy decoding of 16 prompts through the KV cache (prompt 32, 8 new tokens)
+  sample = gen.make_generate_fn(model.graphdef, gen.SamplingConfig(max_new_tokens=8, temperature=0.0))
+  decode = sample.trace(params, jax.ShapeDtypeStruct((16, 32), jnp.int32), jax.ShapeDtypeStruct((16,), jnp.int32),
+                        jax.random.key(0)).lower(lowering_platforms=(platform,)).as_text()
+  assert "while" in decode and "dot_general" in decode
+  # the LoRA step the launcher runs (configs/lm.py:smollm2_lora): adapters train, the 135M weights are frozen
+  from lmx.core import loop
+  from lmx.models import finetune
+  from lmx.train.lm import lm_loss
+
+  ft = finetune.Finetune(n_layers=cfg.n_layers, lora_rank=8)
+  adapters = ft.abstract_trainable(params)
+  lora_step = loop.optax_step(lm_loss(model, ft), tx)
+  state = {"params": adapters, "opt_state": jax.eval_shape(tx.init, adapters), "step": jnp.int32(0)}
+  lora = jax.jit(lora_step).trace(state, params, tokens, jax.random.key(0)).lower(
+      lowering_platforms=(platform,)).as_text()
+  assert "dot_general" in lora and "bf16" in lora

@@ -6,8 +6,8 @@ transformers and ``lmx.models.hf.load_hf`` load with the same logits.
   python tools/export_hf.py --workdir=runs/ft --step=200 --tokenizer=smollm2-135m-instruct --out=exports/ft
 
 ``--model`` takes a name, a ``.gguf`` file or a checkpoint directory; ``--workdir`` an lmx run of a Llama/Qwen2-
-shaped transformer (dense; its tokenizer from ``--tokenizer`` when it has one, e.g. the model it was fine-tuned
-from). ``--dtype``: float32 (default), bfloat16 or float16.
+shaped transformer (dense; a fine-tune's LoRA adapters merged into the weights; the tokenizer it trained with, or
+``--tokenizer``). ``--dtype``: float32 (default), bfloat16 or float16.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
       cfg, params, tok = lm.cfg, lm.params, lm.tokenizer
     else:
       from lmx.models import registry
-      _, model, params = registry.load_run(a.workdir, a.step)
+      config, model, params = registry.load_run(a.workdir, a.step)
       cfg = model.cfg
-      tok = chat.load_tokenizer(a.tokenizer) if a.tokenizer else None
+      tok = chat.load_tokenizer(a.tokenizer) if a.tokenizer else chat.run_tokenizer(config)
     out = hf.save_hf(a.out, cfg, params, tok, dtype=a.dtype)
   except (ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

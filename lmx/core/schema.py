@@ -108,12 +108,13 @@ def declared(method: str) -> dict | None:
   return _REGISTRY.get(method)
 
 
-def block_of(method: str, name: str, **defaults) -> dict:
+def block_of(method: str, name: str, *, exclude=(), **defaults) -> dict:
   """The declarations of block ``name`` of ``method``'s config (built in this process), with ``defaults``
-  replacing its defaults: another config reuses a block declared once (e.g. configs/lm.py's ``data``)."""
+  replacing its defaults and the fields in ``exclude`` left out: another config reuses a block declared once
+  (e.g. configs/lm.py's ``data``)."""
   prefix = f"{name}."
   fields = {k[len(prefix):]: spec for k, spec in (_REGISTRY.get(method) or {}).items()
-            if k.startswith(prefix) and "." not in k[len(prefix):]}
+            if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] not in exclude}
   if not fields:
     raise KeyError(f"{method}'s config declares no block {name!r} (is its config file loaded?)")
   unknown = sorted(set(defaults) - set(fields))

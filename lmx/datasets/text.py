@@ -238,29 +238,71 @@ def split_documents(docs: Sequence[tuple[str, str]], eval_fraction: float, seed:
   return train, held
 
 
+def file_documents(path: str) -> tuple[tuple[str, str], ...]:
+  """A UTF-8 text file as documents: its paragraphs (text between blank lines), ids ``<file>:<paragraph>``.
+  ConfigError (naming ``data.text_file``) for a missing, unreadable, non-UTF-8 or empty file."""
+  import os
+  import re
+
+  full = os.path.expanduser(path)
+  try:
+    with open(full, encoding="utf-8") as f:
+      content = f.read()
+  except FileNotFoundError:
+    raise ConfigError(f"data.text_file={path!r}: no such file") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"data.text_file={path!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  except OSError as e:
+    raise ConfigError(f"data.text_file={path!r}: cannot be read ({e.strerror})") from None
+  paragraphs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", content) if p.strip()]
+  if not paragraphs:
+    raise ConfigError(f"data.text_file={path!r}: the file has no text")
+  name = os.path.basename(full)
+  return tuple((f"{name}:{i}", p) for i, p in enumerate(paragraphs))
+
+
 def train_eval_windows(corpus: str, seq_len: int, eval_fraction: float, *, split: str = "document",
-                       seed: int = 0):
+                       seed: int = 0, encode_fn=None, text_file: str = ""):
   """The corpus as train and validation window sources, and a description of the split (for results.json).
 
   ``split='document'``: whole documents held out at random (:func:`split_documents`, fixed by ``seed``), so the
   validation text comes from the same distribution as the training text. ``split='tail'``: the last
   ``eval_fraction`` of the corpus text (the corpus's last documents: for ``python_docs`` an ASCII table).
+  ``encode_fn(text) -> ids`` tokenizes (default: bytes, :func:`encode`); ``text_file`` (a path) replaces the
+  embedded corpus by a file's paragraphs (:func:`file_documents`). The info says how many bytes of text the
+  validation tokens hold (``eval_bytes``), so a CE per token converts to bits per byte.
   """
   if split not in SPLITS:
     raise ConfigError(f"data.split={split!r} is unknown; valid: {list(SPLITS)}")
-  check_corpus(corpus)
+  enc = encode_fn or (lambda t: encode(t))
+  if text_file:
+    docs = file_documents(text_file)
+  else:
+    check_corpus(corpus)
+    docs = DOCUMENTS[corpus]()
   if split == "tail":
-    tokens = encode(load_corpus(corpus))
-    n_eval = max(int(len(tokens) * eval_fraction), seq_len + 1)
-    train_tok, eval_tok = tokens[:-n_eval], tokens[-n_eval:]
+    whole = DOC_SEP.join(t for _, t in docs)
+    if encode_fn is None:
+      tokens = encode(whole)
+      n_eval = max(int(len(tokens) * eval_fraction), seq_len + 1)
+      train_tok, eval_tok = tokens[:-n_eval], tokens[-n_eval:]
+      eval_text_bytes = int(len(eval_tok))
+    else:  # cut at a character: the tokenizer sees whole characters on each side
+      n_chars = max(int(len(whole) * eval_fraction), 1)
+      train_tok = np.asarray(enc(whole[:-n_chars]), np.int32)
+      eval_tok = np.asarray(enc(whole[-n_chars:]), np.int32)
+      eval_text_bytes = len(whole[-n_chars:].encode("utf-8"))
     info = {"split": "tail", "eval_fraction": eval_fraction}
   else:
-    train_docs, eval_docs = split_documents(DOCUMENTS[corpus](), eval_fraction, seed)
-    train_tok = encode(DOC_SEP.join(t for _, t in train_docs))
-    eval_tok = encode(DOC_SEP.join(t for _, t in eval_docs))
+    train_docs, eval_docs = split_documents(docs, eval_fraction, seed)
+    eval_text = DOC_SEP.join(t for _, t in eval_docs)
+    train_tok = np.asarray(enc(DOC_SEP.join(t for _, t in train_docs)), np.int32)
+    eval_tok = np.asarray(enc(eval_text), np.int32)
+    eval_text_bytes = len(eval_text.encode("utf-8"))
     info = {"split": "document", "seed": seed, "eval_fraction": eval_fraction,
             "train_documents": len(train_docs), "eval_documents": len(eval_docs),
             "eval_document_ids": [k for k, _ in eval_docs]}
   info.update(train_tokens=int(len(train_tok)), eval_tokens=int(len(eval_tok)),
-              eval_fraction_actual=float(len(eval_tok) / (len(train_tok) + len(eval_tok))))
+              eval_fraction_actual=float(len(eval_tok) / (len(train_tok) + len(eval_tok))),
+              eval_bytes=int(eval_text_bytes))
   return TokenWindows(train_tok, seq_len), TokenWindows(eval_tok, seq_len), info

