@@ -75,3 +75,23 @@ def test_the_125m_train_step_lowers_for_its_accelerator_with_the_compiled_kernel
   low = json.loads(out.read_text())["models"]["125m"]["lowered"]
   other = "tpu_kernel_calls" if platform == "cuda" else "cuda_kernel_calls"
   assert low[marker] >= 1 and low[other] == 0
+
+
+def test_device_suite_dry_lowers_every_item_for_cuda(tmp_path):
+  """benchmarks/device_suite.py --dry: the GPU call's programs (attention impls, the 125m train step, SmolLM2 decode
+  and LoRA step, DATM's CIFAR meta-step) all lower for cuda from this host, the Pallas flash kernel among them (cuDNN's
+  attention is not traceable without cuDNN: noted, timed on the GPU), in one JSON."""
+  from benchmarks import device_suite
+
+  out = tmp_path / "dry.json"
+  assert device_suite.main(["--dry", f"--out={out}"]) == 0
+  r = json.loads(out.read_text())
+  runs = {x["item"]: x for x in r["runs"]}
+  assert sorted(runs) == sorted(device_suite.ITEMS) and all(x["ok"] for x in runs.values())
+  att = runs["attention"]
+  assert att["pallas"]["fwd"]["pallas_kernel_calls"] >= 1 and att["pallas"]["fwd_bwd"]["pallas_kernel_calls"] >= 2
+  assert att["xla"]["fwd"]["pallas_kernel_calls"] == 0 and "note" in att["cudnn"]
+  assert runs["lm_125m"]["cuda_kernel_calls"] >= 1  # the 125m config's auto attention is the Pallas kernel on GPU
+  assert runs["smollm2"]["decode_b16"]["stablehlo_chars"] > 0 and runs["smollm2"]["lora_step"]["stablehlo_chars"] > 0
+  assert runs["datm_w128"]["stablehlo_chars"] > 0
+  assert device_suite.main(["--dry", "--items=attention,warp_drive", f"--out={out}"]) == 2

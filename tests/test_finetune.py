@@ -66,6 +66,27 @@ def test_fresh_adapters_leave_the_model_unchanged_and_a_has_the_stated_scale():
   assert all(not np.any(np.asarray(x["b"])) for x in jax.tree.leaves(ad, is_leaf=lambda x: "b" in x))
 
 
+def test_adapters_beside_the_weights_compute_the_merged_model():
+  """The step's forward (``x W + (x A)(alpha/r) B`` in every adapted projection, MoE-free blocks) equals the
+  forward of the merged weights ``W + (alpha/r) A B``, with and without rematerialisation."""
+  import dataclasses
+
+  model = _tiny()
+  params = model.init(jax.random.key(0))
+  ft = finetune.Finetune(n_layers=2, lora_rank=4, lora_alpha=12.0)
+  ad = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape),
+                    ft.init_adapters(jax.random.key(1), model.abstract_params()))
+  tokens = jax.random.randint(jax.random.key(6), (2, 20), 0, 49152)
+  merged = np.asarray(model.apply(ft.full_params(ad, params), tokens))
+  base = np.asarray(model.apply(params, tokens))
+  assert np.abs(merged - base).max() > 1e-3  # the adapters change the output
+  p, lora = ft.apply_args(ad, params)
+  np.testing.assert_allclose(np.asarray(model.apply(p, tokens, lora=lora)), merged, rtol=2e-4, atol=2e-4)
+  remat = registry.transformer_model(dataclasses.replace(model.cfg, remat="full"))
+  np.testing.assert_allclose(np.asarray(jax.jit(lambda q, lo: remat.apply(q, tokens, lora=lo))(p, lora)), merged,
+                             rtol=2e-4, atol=2e-4)
+
+
 def test_adapter_gradient_matches_finite_differences():
   """d loss / d A and d B through the merged weights, against central differences of the loss (float32)."""
   from lmx.train.lm import lm_loss

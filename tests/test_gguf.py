@@ -49,6 +49,9 @@ def test_config_from_the_metadata(smollm2):
   assert cfg.tie_embeddings and cfg.rope_theta == 100_000.0 and cfg.norm_eps == pytest.approx(1e-5)
   n = sum(x.size for x in jax.tree.leaves(params))
   assert n == 134_515_008  # SmolLM2-135M: 30 × (4·576² − 2·576·384 + 3·576·1536 + 2·576) + 576 + 49152·576
+  # the constants that build it from shapes alone (benchmarks/device_suite.py) are the file's
+  for k, v in gguf.SMOLLM2_135M.items():
+    assert getattr(cfg, k) == pytest.approx(v), k
 
 
 def test_logits_equal_transformers_on_chat_and_plain_prompts(smollm2, ref_logits):

@@ -7,9 +7,10 @@ evaluation and export.
 
 * **LoRA** (``lora_rank > 0``; Hu et al. 2021): every targeted weight ``W`` of the blocks at or above
   ``freeze_layers`` gets adapters ``A [in..., r]`` (normal, std ``1/sqrt(fan_in)``) and ``B [r, out...]`` (zeros),
-  and the model computes with ``W + (alpha / r) · A B``. The trainable tree holds only the adapters; every
-  pretrained weight is frozen. Merged into the weights, the result is an ordinary checkpoint (:func:`full_params`),
-  which is what ``tools/export_hf.py`` writes.
+  and the model computes ``x W + (x A) (alpha / r) B`` (the adapters beside the weights, :meth:`Finetune.apply_args`,
+  so the frozen weights' gradient is never formed). The trainable tree holds only the adapters; every pretrained
+  weight is frozen. Merged into the weights (``W + (alpha / r) A B``, :meth:`Finetune.full_params`), the result is an
+  ordinary checkpoint: what ``load_run`` returns and ``tools/export_hf.py`` writes.
 * **Full fine-tuning with frozen parts** (``lora_rank = 0``): the blocks below ``freeze_layers`` (and the
   embedding, and the unembedding when untied, with ``freeze_embeddings``) are frozen; the rest trains.
 
@@ -138,6 +139,19 @@ class Finetune:
 
   def frozen_shardings(self, param_shardings: dict) -> dict:
     return self.split(param_shardings)[1]
+
+  def apply_args(self, trainable: dict, frozen: dict) -> tuple[dict, dict | None]:
+    """``(params, lora)`` to call the model with: the frozen weights and the adapters beside them (their ``B``
+    scaled by alpha / r; ``Transformer.__call__(..., lora=...)``) for LoRA, the joined parameters and None
+    otherwise. Equal to the merged weights' forward, without the frozen weights' gradient."""
+    if not self.lora:
+      return _union(trainable, frozen), None
+    scaled = jax.tree.map(lambda x: x, trainable)
+    for mods in scaled["blocks"].values():
+      for weights in mods.values():
+        for w, ab in weights.items():
+          weights[w] = {"a": ab["a"], "b": ab["b"] * self.scale}
+    return frozen, scaled
 
   def full_params(self, trainable: dict, frozen: dict) -> dict:
     """The model's parameters: the adapters merged into the frozen weights (LoRA), or the two parts joined."""

