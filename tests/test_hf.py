@@ -25,6 +25,8 @@ from lmx.models import hf, registry
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hf")
 LLAMA, QWEN2 = os.path.join(DATA, "tiny_llama"), os.path.join(DATA, "tiny_qwen2")
+QWEN3, MISTRAL = os.path.join(DATA, "tiny_qwen3"), os.path.join(DATA, "tiny_mistral")
+ALL = pytest.mark.parametrize("path", [LLAMA, QWEN2, QWEN3, MISTRAL], ids=["llama", "qwen2", "qwen3", "mistral"])
 TOL = 1e-4
 
 
@@ -42,7 +44,7 @@ def _max_diff(logits, ref):
   return float(np.abs(logits - ref["logits"])[real].max())
 
 
-@pytest.mark.parametrize("path", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+@ALL
 def test_logits_match_transformers(path):
   cfg, model, params = hf.load_hf(path, dtype="float32")
   ref = _reference(path)
@@ -67,6 +69,26 @@ def test_configs_mapped():
   assert hf.config_from_hf(old) == llama
   linear = dict(old, rope_scaling={"type": "linear", "factor": 2.0})
   assert hf.config_from_hf(linear).rope_scaling_factor == 2.0
+  qwen3 = hf.config_from_hf(hf.read_config(QWEN3))
+  assert (qwen3.qk_norm, qwen3.qkv_bias, qwen3.head_dim, qwen3.kv_heads, qwen3.tie_embeddings) == (True, False, 32, 2,
+                                                                                                  True)
+  mistral = hf.config_from_hf(hf.read_config(MISTRAL))
+  assert (mistral.qk_norm, mistral.qkv_bias, mistral.max_seq_len) == (False, False, 128)
+
+
+def test_qk_norm_and_a_binding_sliding_window():
+  """Qwen3's q/k norm weights change the output (so the comparison with transformers sees them); a Mistral window
+  shorter than the sequence length is refused, one at least as long is Llama's computation."""
+  cfg, model, params = hf.load_hf(QWEN3, dtype="float32")
+  ref = _reference(QWEN3)
+  flat = jax.tree.map(lambda x: x, params)
+  flat["blocks"][0]["attn"]["q_norm"]["scale"] = jnp.ones_like(flat["blocks"][0]["attn"]["q_norm"]["scale"])
+  assert _max_diff(_logits(model, flat, ref), ref) > 100 * TOL
+  windowed = dict(hf.read_config(MISTRAL), sliding_window=64)
+  with pytest.raises(ConfigError, match="sliding_window=64 .Mistral's sliding-window attention. is not implemented"):
+    hf.config_from_hf(windowed)
+  assert hf.config_from_hf(windowed, max_seq_len=64).max_seq_len == 64
+  assert hf.config_from_hf(dict(windowed, sliding_window=None)).max_seq_len == 128
 
 
 def test_controls_each_feature_matters():
@@ -97,7 +119,7 @@ def test_bf16_checkpoint_dtypes():
   assert mixed["embed"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("path", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+@ALL
 def test_greedy_generation_matches_transformers(path):
   make_reference = _make_reference()  # the prompts HF generated from
   _, model, params = hf.load_hf(path, dtype="float32")
@@ -211,7 +233,7 @@ def test_missing_tensor_names_tensor(tmp_path):
 
 
 @pytest.mark.parametrize("arch,extra,match", [
-    ("MistralForCausalLM", {"sliding_window": 4096}, "MistralForCausalLM is not supported .sliding-window"),
+    ("MixtralForCausalLM", {}, "MixtralForCausalLM is not supported .its sparse MoE"),
     ("GPTNeoXForCausalLM", {}, "GPTNeoXForCausalLM is not supported"),
     ("FancyNewForCausalLM", {}, r"\['FancyNewForCausalLM'\] is not supported; supported: \['LlamaForCausalLM'"),
 ])
@@ -312,7 +334,7 @@ def test_lm_validates_a_hugging_face_model_by_its_own_vocabulary():
   assert model.cfg.vocab_size == 300
 
 
-@pytest.mark.parametrize("path", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("path", [LLAMA, QWEN2, QWEN3], ids=["llama", "qwen2", "qwen3"])
 def test_export_reloads_with_the_same_weights_and_the_recorded_logits(tmp_path, path):
   """save_hf writes config.json, model.safetensors and the tokenizer files; load_hf reads back every tensor
   exactly, and the reloaded model matches transformers' recorded logits (so the export's layouts are HF's)."""

@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 checkpoints in lmx's transformer: ``config.json`` + ``*.safetensors``, no torch.
+"""Hugging Face Llama / Qwen2 / Qwen3 / Mistral checkpoints in lmx's transformer: ``config.json`` + ``*.safetensors``, no torch.
 
 ``load_hf(path)`` reads a local checkpoint directory (one ``model.safetensors``, or shards named by
 ``model.safetensors.index.json``) into :class:`lmx.models.transformer.Transformer` and returns
@@ -22,8 +22,11 @@ compare logits with the reference implementation):
   o ``[heads, E, D]``, SwiGLU ``w1`` = gate_proj, ``w3`` = up_proj, ``w2`` = down_proj, unembed ``[D, V]``.
 * Embeddings are looked up unscaled (no sqrt(D) factor) in both; tied checkpoints have no ``lm_head.weight``
   (one is ignored if present) and lmx uses the table's transpose.
-* Qwen2's q/k/v biases map to ``qkv_bias=True``; Llama's ``attention_bias`` / ``mlp_bias`` (bias on o_proj and
-  the MLP too) and Qwen2's sliding window are not implemented and are refused.
+* Qwen2's q/k/v biases map to ``qkv_bias=True``; Qwen3's per-head q/k RMSNorms (``q_norm`` / ``k_norm``, over the
+  head dim, after the projection and before RoPE) to ``qk_norm=True``. Mistral is Llama's computation when its
+  ``sliding_window`` is null or at least the sequence length (then the window never binds; a shorter window is
+  refused). Llama's ``attention_bias`` / ``mlp_bias`` (bias on o_proj and the MLP too) and Qwen's sliding window
+  are not implemented and are refused.
 
 Errors in the checkpoint (missing config.json or tensor, wrong shape, unknown architecture, unreadable
 safetensors) raise :class:`lmx.core.config.ConfigError` naming the file or tensor, before any weight is read.
@@ -44,17 +47,16 @@ import numpy as np
 from lmx.core.config import ConfigError
 from lmx.models.transformer import TransformerConfig
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "MistralForCausalLM": "mistral"}
 MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
 # Architectures people try that look close but compute something else.
 REFUSED = {
-    "MistralForCausalLM": "sliding-window attention is not implemented",
     "MixtralForCausalLM": "its sparse MoE layers are not mapped onto lmx.models.moe yet",
     "GPTNeoXForCausalLM": "it uses LayerNorm, parallel attention/MLP and partial rotary embeddings",
     "Qwen2MoeForCausalLM": "its shared-expert MoE layers are not mapped onto lmx.models.moe",
     "GemmaForCausalLM": "it scales embeddings by sqrt(D) and uses (1 + weight) RMSNorm and GeGLU",
     "Gemma2ForCausalLM": "it scales embeddings by sqrt(D) and uses soft-capping and sliding windows",
-    "Qwen3ForCausalLM": "its per-head q/k RMSNorm is not implemented",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 # TransformerConfig fields a caller may set on a loaded model (the rest is the checkpoint's).
@@ -140,7 +142,7 @@ def checkpoint_dtype(hf: dict) -> str | None:
 
 
 def config_from_hf(hf: dict, *, where: str = "config.json", axis_rules=None, **overrides) -> TransformerConfig:
-  """The :class:`TransformerConfig` of a Llama / Qwen2 ``config.json`` dict.
+  """The :class:`TransformerConfig` of a Llama / Qwen2 / Qwen3 / Mistral ``config.json`` dict.
 
   ``overrides`` may set any of :data:`OVERRIDES` (``dtype``/``param_dtype`` default to the checkpoint's dtype,
   else float32; ``max_seq_len`` to ``max_position_embeddings``). Unsupported variants raise ConfigError.
@@ -155,8 +157,15 @@ def config_from_hf(hf: dict, *, where: str = "config.json", axis_rules=None, **o
   if arch == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
     raise ConfigError(f"{where}: attention_bias / mlp_bias (biases on o_proj and the MLP) are not implemented; "
                       "only q/k/v biases (Qwen2) are")
-  if arch == "qwen2" and hf.get("use_sliding_window"):
+  if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
     raise ConfigError(f"{where}: use_sliding_window=true (sliding-window attention) is not implemented")
+  if arch == "qwen3" and hf.get("attention_bias"):
+    raise ConfigError(f"{where}: attention_bias=true on Qwen3 is not implemented")
+  window = hf.get("sliding_window") if arch == "mistral" else None
+  max_len = int(hf.get("max_position_embeddings") or 2048)
+  if window is not None and int(window) < int(overrides.get("max_seq_len") or max_len):
+    raise ConfigError(f"{where}: sliding_window={window} (Mistral's sliding-window attention) is not implemented; "
+                      f"it never binds for sequences up to the window: set max_seq_len <= {window}")
   d = _require(hf, "hidden_size", where)
   n_heads = _require(hf, "num_attention_heads", where)
   head_dim = hf.get("head_dim") or d // n_heads
@@ -165,8 +174,8 @@ def config_from_hf(hf: dict, *, where: str = "config.json", axis_rules=None, **o
       vocab_size=_require(hf, "vocab_size", where), d_model=d, n_layers=_require(hf, "num_hidden_layers", where),
       n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
       d_head=0 if head_dim * n_heads == d else head_dim, d_ff=_require(hf, "intermediate_size", where),
-      max_seq_len=int(hf.get("max_position_embeddings") or 2048), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "qwen2",
+      max_seq_len=max_len, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
       init_std=float(hf.get("initializer_range", 0.02)), dtype=dtype, param_dtype=dtype, **_rope(hf, where))
   fields.update({k: v for k, v in overrides.items() if v is not None})
   if overrides.get("param_dtype") is None and overrides.get("dtype"):
@@ -203,6 +212,11 @@ def tensor_map(cfg: TransformerConfig) -> dict[str, tuple[tuple, tuple, Callable
         p + "mlp.up_proj.weight": (("blocks", i, "ffn", "w3"), (f, d), t),
         p + "mlp.down_proj.weight": (("blocks", i, "ffn", "w2"), (d, f), t),
     })
+    if cfg.qk_norm:
+      out.update({
+          p + "self_attn.q_norm.weight": (("blocks", i, "attn", "q_norm", "scale"), (e,), same),
+          p + "self_attn.k_norm.weight": (("blocks", i, "attn", "k_norm", "scale"), (e,), same),
+      })
     if cfg.qkv_bias:
       out.update({
           p + "self_attn.q_proj.bias": (("blocks", i, "attn", "bq"), (h * e,), lambda b: b.reshape(h, e)),
@@ -459,10 +473,13 @@ def load_hf(path: str, *, dtype: str | None = None, param_dtype: str | None = No
 
 def hf_config_dict(cfg: TransformerConfig, *, dtype: str = "float32", bos_id: int | None = None,
                    eos_id: int | None = None, pad_id: int | None = None) -> dict:
-  """The ``config.json`` of ``cfg`` as a Llama (or, with q/k/v biases, Qwen2) checkpoint that transformers loads."""
+  """The ``config.json`` of ``cfg`` as a Llama (or, with q/k/v biases, Qwen2; with q/k norms, Qwen3) checkpoint that
+  transformers loads."""
   if getattr(cfg, "n_experts", 0) and getattr(cfg, "moe_every", 0):
     raise ConfigError("export: MoE transformers have no Hugging Face Llama/Qwen2 equivalent")
-  arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+  if cfg.qk_norm and cfg.qkv_bias:
+    raise ConfigError("export: q/k norms with q/k/v biases have no Hugging Face Llama/Qwen2/Qwen3 equivalent")
+  arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
   out = dict(
       architectures=[arch], model_type=ARCHITECTURES[arch], hidden_size=cfg.d_model,
       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
@@ -474,6 +491,8 @@ def hf_config_dict(cfg: TransformerConfig, *, dtype: str = "float32", bos_id: in
     out.update(attention_bias=False, mlp_bias=False)
   else:
     out.update(use_sliding_window=False)
+  if arch == "Qwen3ForCausalLM":
+    out.update(attention_bias=False)
   if cfg.rope_scaling == "linear":
     out["rope_scaling"] = dict(rope_type="linear", factor=cfg.rope_scaling_factor)
   elif cfg.rope_scaling == "llama3":

@@ -80,6 +80,7 @@ class TransformerConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   qkv_bias: bool = False  # learned biases on the q/k/v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm (learned scale over the head dim) on each head's q and k before RoPE (Qwen3)
   tie_embeddings: bool = False
   norm_eps: float = 1e-6
   dtype: str = "float32"  # activation / compute dtype
@@ -261,9 +262,9 @@ def _param(rngs: nnx.Rngs, shape, axes, std, dtype) -> nnx.Param:
 class RMSNorm(nnx.Module):
   """Root-mean-square norm with a learned scale (computed in float32)."""
 
-  def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis: str = "embed"):
     del rngs
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis,), eager_sharding=False)
     self.eps = eps
 
   def __call__(self, x_BTD):
@@ -359,6 +360,9 @@ class Attention(nnx.Module):
       self.bv = _param(rngs, (k, e), ("kv_heads", "head_dim"), 0.0, pd)
     self.wo = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"),
                      cfg.init_std / (2 * cfg.n_layers) ** 0.5, pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs, axis="head_dim")
+      self.k_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs, axis="head_dim")
 
   def _qkv(self, x_BTD, positions_BT, lora=None):
     """Query/key/value projections in the compute dtype, RoPE applied to q and k."""
@@ -372,6 +376,8 @@ class Attention(nnx.Module):
       q_BTHE = q_BTHE + self.bq[...].astype(dt)
       k_BTKE = k_BTKE + self.bk[...].astype(dt)
       v_BTKE = v_BTKE + self.bv[...].astype(dt)
+    if cfg.qk_norm:
+      q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
     inv_freq = None if cfg.rope_scaling == "none" else rope_inv_freq(cfg)
     return (apply_rope(q_BTHE, positions_BT, cfg.rope_theta, inv_freq),
             apply_rope(k_BTKE, positions_BT, cfg.rope_theta, inv_freq), v_BTKE)

@@ -11,6 +11,10 @@ Writes, next to this file:
                plus a byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json) and generation_config.json.
   tiny_qwen2/  Qwen2ForCausalLM: q/k/v biases, tied embeddings, weights stored in float32, sharded
                (model.safetensors.index.json + several files).
+  tiny_qwen3/  Qwen3ForCausalLM: per-head q/k RMSNorm, GQA, explicit head_dim 32 != hidden / heads, tied
+               embeddings, float32.
+  tiny_mistral/ MistralForCausalLM with sliding_window 4096 >= max_position_embeddings (the window never binds),
+               untied, float32.
   */reference.npz  float32 logits of a fixed batch (one row left-padded, with attention_mask and the
                matching position_ids), greedy ``generate`` continuations of left-padded prompts.
   tiny_llama/tokenizer_reference.json  ids of a few strings from ``AutoTokenizer`` and their decodings.
@@ -54,6 +58,25 @@ def qwen2_config(**kw):
               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
   base.update(kw)
   return Qwen2Config(**base)
+
+
+def qwen3_config(**kw):
+  from transformers import Qwen3Config
+  base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False,
+              use_sliding_window=False)
+  base.update(kw)
+  return Qwen3Config(**base)
+
+
+def mistral_config(**kw):
+  from transformers import MistralConfig
+  base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=1e4,
+              sliding_window=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  base.update(kw)
+  return MistralConfig(**base)
 
 
 def build(config, seed: int, std: float = 0.15):
@@ -155,8 +178,20 @@ def write_reference(path: str):
                       gen_new_tokens=reference_generate(loaded))
 
 
-def main():
+def main(argv=None):
+  import argparse
   import torch
+  a = argparse.ArgumentParser()
+  a.add_argument("--only", default="", help="comma-separated: llama,qwen2,qwen3,mistral (default: all)")
+  only = set(filter(None, a.parse_args(argv).only.split(",")))
+  for name, config, seed in (("qwen3", qwen3_config, 2), ("mistral", mistral_config, 3)):
+    if not only or name in only:
+      d = os.path.join(HERE, f"tiny_{name}")
+      save(build(config(), seed=seed), d)
+      write_reference(d)
+      print(f"wrote {d}")
+  if only and not only & {"llama", "qwen2"}:
+    return
   llama_dir, qwen_dir = os.path.join(HERE, "tiny_llama"), os.path.join(HERE, "tiny_qwen2")
   llama = build(llama_config(), seed=0).to(torch.bfloat16)
   save(llama, llama_dir)
