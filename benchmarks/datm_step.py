@@ -45,8 +45,9 @@ SHAPES = {
 }
 
 
-def build(shape: dict, unroll: bool, remat: bool, conv: str = "auto", hoist: bool = False) -> dict:
-  """Compiles one meta-step configuration and runs it once (warm-up)."""
+def make(shape: dict, unroll: bool, remat: bool, conv: str = "auto", hoist: bool = False):
+  """``(fn, args)``: one meta-step configuration, ``fn(state, start_params, target_params, key)``, and its
+  arguments (synthetic expert snapshots)."""
   key = jax.random.key(0)
   p0 = convnet.init_params(key, shape["image"], 10, depth=3, width=shape["width"])
   p1 = jax.tree.map(lambda a: a + 0.01 * jnp.sign(a), p0)
@@ -59,9 +60,15 @@ def build(shape: dict, unroll: bool, remat: bool, conv: str = "auto", hoist: boo
   outer = D.OuterSpec(lr_img=100.0, lr_lr=1e-5, lr_y=2.0, threshold=1e9)
   state = D.init_state(syn, D.make_optimizer(outer, inner))
   apply_fn = convnet.apply_with(conv, second_order=True)
-  fn = jax.jit(lambda s, a, b, k: D.meta_step(s, a, b, k, inner=inner, outer=outer, apply_fn=apply_fn))
+  return (lambda s, a, b, k: D.meta_step(s, a, b, k, inner=inner, outer=outer, apply_fn=apply_fn)), (state, p0, p1,
+                                                                                                      key)
+
+
+def build(shape: dict, unroll: bool, remat: bool, conv: str = "auto", hoist: bool = False) -> dict:
+  """Compiles one meta-step configuration and runs it once (warm-up)."""
+  fn, (state, p0, p1, key) = make(shape, unroll, remat, conv, hoist)
   t0 = time.time()
-  compiled = fn.lower(state, p0, p1, key).compile()
+  compiled = jax.jit(fn).lower(state, p0, p1, key).compile()
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   state, m = compiled(state, p0, p1, key)

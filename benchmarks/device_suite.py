@@ -185,25 +185,10 @@ def smollm2_item(dry: bool, platform: str, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- DATM
 
 def datm_programs():
-  from benchmarks.datm_step import SHAPES
-  from lmx.methods.datm import distill as D
-  from lmx.methods.datm import dsa
-  from lmx.models import convnet
+  from benchmarks.datm_step import SHAPES, make
 
-  shape = SHAPES["cifar"]
-  key = jax.random.key(0)
-  p0 = convnet.init_params(key, shape["image"], 10, depth=3, width=shape["width"])
-  p1 = jax.tree.map(lambda a: a + 0.01 * jnp.sign(a), p0)
-  n = shape["ipc"] * 10
-  syn = {"x": jax.random.normal(key, (n,) + shape["image"]), "y": jnp.zeros((n, 10)),
-         "lr": jnp.float32(D.lr_raw_from_value(0.01, "log"))}
-  inner = D.InnerSpec(syn_steps=shape["syn_steps"], batch_syn=shape["batch_syn"],
-                      dsa_strategy=dsa.parse_strategy(shape["strategy"]), unroll=False, remat=True, hoist_dsa=True)
-  outer = D.OuterSpec(lr_img=100.0, lr_lr=1e-5, lr_y=2.0, threshold=1e9)
-  state = D.init_state(syn, D.make_optimizer(outer, inner))
-  apply_fn = convnet.apply_with("auto", second_order=True)
-  fn = lambda s, a, b, k: D.meta_step(s, a, b, k, inner=inner, outer=outer, apply_fn=apply_fn)  # noqa: E731
-  return fn, (state, p0, p1, key), shape
+  fn, args = make(SHAPES["cifar"], unroll=False, remat=True, hoist=True)
+  return fn, args, SHAPES["cifar"]
 
 
 def datm_item(dry: bool, platform: str, steps: int) -> dict:
