@@ -91,7 +91,7 @@ def summarize(root: str, ipcs, seeds, windows) -> dict:
           with open(p) as f:
             r = json.load(f)
           per_seed[s] = dict(acc=float(r["distilled"]["mean"]), nets=int(r["distilled"]["n"]),
-                             seconds=float(r.get("total_seconds", float("nan"))))
+                             seconds_per_iteration=float(r.get("seconds_per_iteration", float("nan"))))
       accs = np.array([v["acc"] for v in per_seed.values()])
       rows[w] = dict(per_seed=per_seed, n=len(accs), mean=float(accs.mean()) if len(accs) else None,
                      std=float(accs.std(ddof=1)) if len(accs) > 1 else None)
@@ -117,7 +117,7 @@ def plot(summary: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   ipcs = list(summary["ipc"])
-  fig, axes = plt.subplots(1, len(ipcs), figsize=(3.8 * len(ipcs), 3.6), squeeze=False)
+  fig, axes = plt.subplots(1, len(ipcs), figsize=(max(3.8 * len(ipcs), 6.0), 4.0), squeeze=False)
   for ax, ipc in zip(axes[0], ipcs):
     rows = summary["ipc"][ipc]["rows"]
     names = [w for w in ORDER if w in rows and rows[w]["n"]]
@@ -134,7 +134,7 @@ def plot(summary: dict, path: str) -> None:
     ax.set_title(f"IPC {ipc} (n = {n} seeds)" + (f"; best: {best['window']}" if best else ""), fontsize=9)
     ax.set_ylabel("distilled-set test accuracy (%)" if ax is axes[0][0] else "")
     ax.grid(alpha=0.3)
-  fig.suptitle("DATM on MNIST-5k: accuracy vs matching window (mean ± sample std over seeds; dots: seeds)",
+  fig.suptitle("DATM on MNIST-5k: accuracy vs matching window\n(mean ± sample std over seeds; dots: seeds)",
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
