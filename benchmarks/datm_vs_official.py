@@ -19,7 +19,7 @@ in mode 'S', soft labels learned, step size learned; expert segment M = 2 epochs
 What is timed, per framework (one iteration, steady state, no dataset: random images of the right shape and a
 synthetic one-expert buffer of random parameters drifting by epoch; timing does not depend on the values):
   lmx    the jitted ``lmx.methods.datm.distill.meta_step`` with the specs of ``lmx.methods.datm.driver.specs`` built from
-         ``configs/datm.py``'s default config (its CPU choices: unrolled inner loop, no remat, conv 'auto' → im2col
+         ``configs/datm.py``'s ``ipc10`` config (its CPU choices: unrolled inner loop, no remat, conv 'auto' → im2col
          for second order on CPU, ``lr_param`` as configured), overridden to the shape above; the start/target
          snapshots are host arrays picked per iteration (as the loop's ``ExpertWindows`` feeds them).
   torch  ``distill/DATM.py`` lines 454–559 of the official code, copied: ``get_network`` (their
@@ -344,10 +344,10 @@ def _loadavg() -> list[float]:
 
 
 def _lmx_config(cfg: dict):
-  """configs/datm.py's default config overridden to ``cfg``'s shape, and its inner/outer specs (run.specs)."""
+  """configs/datm.py's ipc10 config overridden to ``cfg``'s shape, and its inner/outer specs (run.specs)."""
   from configs import datm as datm_config
   from lmx.methods.datm import driver as R
-  c = datm_config.get_config()
+  c = datm_config.get_config("ipc10")
   c.model.width, c.model.depth = cfg["width"], DEPTH
   c.data.dsa_strategy = DSA_STRATEGY
   d = c.distill

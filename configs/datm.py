@@ -1,19 +1,22 @@
 r"""DATM (and MTT) dataset distillation: ``python launch/run.py --config=configs/datm.py[:variant]``.
 
 Variants (experiments/datm/README.md has what each measured)
-  (default)        MNIST-5k (embedded, no download), ConvNet-3 width 16, IPC 10, N = 25 inner steps (the paper's
-                   inner-steps-per-expert-epoch ratio) in a rolled scan with per-step remat, experts at lr 0.03,
-                   spike guard 10: experts → distillation → evaluation on a CPU.
-  ipc10            the default (alias).
+  (default)        MNIST-5k (embedded, no download), ConvNet-3 width 16, IPC 1, early window [0, 3), N = 25 inner
+                   steps (the paper's inner-steps-per-expert-epoch ratio) in a rolled scan with per-step remat,
+                   1,000 iterations, experts at lr 0.03: experts → distillation → evaluation on a CPU in minutes.
+  ipc1             the default (alias).
   smoke            scikit-learn 8×8 digits, tiny net, IPC 1 (CI).
-  ipc1             MNIST-5k at IPC 1, early window, N = 25, 1,000 iterations.
+  ipc10            MNIST-5k at IPC 10, DATM's sequential window [0, 3 → 6), N = 25, 120 iterations, spike guard 10.
   ipc50            MNIST-5k at IPC 50, late window, N = 25.
   ipc100           MNIST-5k at IPC 100 (1,000 images, a quarter of the training split: the "lossless" regime),
                    late window, N = 25, against a full-data reference trained for 15 epochs.
   ipc10_n10        N = 10 unrolled, lr_img 30, experts at lr 0.01, no spike guard.
-  ipc10_n25        N = 25 as the default but with the lr-0.01 experts. Every other MNIST-5k variant trains the same
-                   experts (3 × 8 epochs at lr 0.03), so one buffer serves them all:
-                   ``--config.experts.dir=<a default run>/experts``.
+  ipc10_n25        ipc10 with the lr-0.01 experts. Every other MNIST-5k variant trains the same experts
+                   (3 × 8 epochs at lr 0.03), so one buffer serves them all: ``--config.experts.dir=<a run>/experts``.
+  digits_ipc{10,50,100}
+                   scikit-learn's 8×8 digits (1,437 training images, where a random 10 % subset is ~9 points below
+                   the full set, unlike MNIST-5k) with the smoke variant's ConvNet-2 width 8, N = 20, 300 iterations,
+                   sequential window at IPC 10, late window above, full-data reference trained 150 epochs (converged).
   mtt              MTT preset of the same code: hard labels, real init, no window growth, no loss threshold.
   cifar10_ipc{1,10,50,500,1000}, cifar100_ipc{1,10,50,100}
                    the DATM paper's hyperparameters for an accelerator: ZCA, ConvNet-3 width 128, 100 FTD (GSAM)
@@ -49,8 +52,9 @@ PAPER = {
     ("cifar100", 50): (80, 2, 20, 70, 70, 0, 1000, 1000, 1e-5, 10.0, 1.0, "real"),
     ("cifar100", 100): (80, 2, 30, 70, 70, 0, 1000, 50, 1e-5, 10.0, 1.0, "correct"),
 }
+DIGITS_IPCS = (10, 50, 100)
 VARIANTS = ["", "smoke", "ipc1", "ipc10", "ipc10_n10", "ipc10_n25", "ipc50", "ipc100", "mtt", "evaluate"] + [
-    f"{d}_ipc{i}" for d, i in PAPER]
+    f"digits_ipc{i}" for i in DIGITS_IPCS] + [f"{d}_ipc{i}" for d, i in PAPER]
 
 # Convolution implementations of lmx.models.convnet (CONV_IMPLS) and the architectures the evaluation can train on a
 # distilled set (registered image classifiers); tests check both against the code that reads them.
@@ -185,8 +189,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.update(ipc=1, iterations=30, syn_steps=5, batch_syn=10, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_y=5.0, log_every=5, ckpt_every=10, lr_init=0.01)
     c.eval.update(num=3, epochs=40, full_epochs=1, full=False, cross=False)
-  elif a.variant == "ipc1":
-    # N = 25 (the paper's ratio, as the default)
+  elif a.variant in ("", "ipc1"):
+    # N = 25: N : M·steps-per-epoch = 25 : 126 ≈ 0.2, the paper's ratio; the early window, as DATM at small IPC
     d.update(ipc=1, batch_syn=10, syn_steps=25, min_start_epoch=0, max_start_epoch=3, sequential=False,
              current_max_start_epoch=3, lr_lr=1e-7, lr_y=5.0, threshold=1.1, iterations=1000, unroll=False,
              remat=True)
@@ -199,7 +203,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              current_max_start_epoch=6, lr_img=50.0, iterations=60,  # lr_img: the paper's at IPC 500/1000
              unroll=False, remat=True)
     c.eval.update(epochs=40, full_epochs=15)  # the full-data reference trained to convergence (15 epochs)
-  elif a.variant in ("", "ipc10", "ipc10_n25"):
+  elif a.variant in ("ipc10", "ipc10_n25"):
     # N = 25 (N : M·steps-per-epoch = 25 : 126 ≈ 0.2, the paper's ratio) as a rolled scan with per-step remat
     # (benchmarks/results/datm_step_n25.json compares it with unrolling); the guard skips an image update whose
     # gradient exceeds 10× its running mean (not in DATM).
@@ -217,6 +221,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.update(lr_img=30.0)
     c.experts.update(lr=0.01)
     d.update(lr_init=0.01)
+  elif a.variant.startswith("digits_ipc"):
+    ipc = int(a.variant.split("_ipc")[1])
+    c.data.dataset = "digits"
+    c.model.update(depth=2, width=8)
+    c.experts.update(num=3, epochs=8, batch=32, parallel=3, lr=0.01)  # 45 steps per epoch
+    d.update(ipc=ipc, batch_syn=100, syn_steps=20, iterations=300, lr_init=0.01, log_every=20, ckpt_every=100)
+    if ipc == 10:  # DATM's sequential window, as ipc10
+      d.update(min_start_epoch=0, current_max_start_epoch=3, max_start_epoch=6, sequential=True, expansion_end=200)
+    else:  # the late window and the image lr of ipc50 / ipc100
+      d.update(min_start_epoch=3, current_max_start_epoch=6, max_start_epoch=6, sequential=False,
+               lr_img=1000.0 if ipc == 50 else 50.0)
+    c.eval.update(num=5, epochs=150, full_epochs=150, cross=False)  # 150 full-data epochs: converged (subset_gap)
   else:  # paper configs
     name, ipc = a.variant.split("_ipc")
     ipc = int(ipc)

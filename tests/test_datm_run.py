@@ -27,6 +27,18 @@ def test_every_variant_builds_and_validates(variant):
     assert c.model.width == 128 and c.experts.gsam and c.eval.epochs == 1000
 
 
+def test_default_is_ipc1_and_the_digits_variants_fit_their_data():
+  d, i1 = datm_config.get_config(""), datm_config.get_config("ipc1")
+  assert d.to_dict() == {**i1.to_dict(), "variant": ""}
+  assert (d.distill.ipc, d.distill.iterations, d.distill.min_start_epoch, d.distill.max_start_epoch) == (1, 1000, 0, 3)
+  assert datm_config.get_config("ipc10").distill.ipc == 10 and datm_config.get_config("ipc10").distill.sequential
+  for ipc in datm_config.DIGITS_IPCS:
+    c = datm_config.get_config(f"digits_ipc{ipc}")
+    assert c.data.dataset == "digits" and c.distill.ipc == ipc and c.eval.full_epochs >= 15
+    # the expert segment of the last window fits the experts' epochs
+    assert c.distill.max_start_epoch + c.distill.expert_epochs <= c.experts.epochs
+
+
 def test_paper_table_values():
   c = datm_config.get_config("cifar10_ipc1")
   d = c.distill

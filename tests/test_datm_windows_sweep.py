@@ -59,3 +59,23 @@ def test_commands_set_the_window_and_share_the_experts():
   late = ws.command("/r", 1, "late", 0, "", 3, False)
   assert "--config.distill.min_start_epoch=4" in late and "--config.distill.sequential=False" in late
   assert not any(c.startswith("--config.experts.dir") for c in late)
+
+
+def test_merge_fills_cells_from_an_earlier_summary_and_runs_take_precedence(tmp_path):
+  old_root, new_root = tmp_path / "old", tmp_path / "new"
+  for s, x in enumerate([0.70, 0.74]):
+    _write(old_root, 1, "early", s, x)
+  old = ws.summarize(str(old_root), [1], [0, 1], ["early"])
+  path = str(tmp_path / "old.json")
+  with open(path, "w") as f:
+    json.dump(old, f)
+  _write(new_root, 1, "early", 1, 0.80)  # seed 1 re-run here: this value wins over the merged 0.74
+  _write(new_root, 10, "early", 0, 0.90)
+  _write(new_root, 10, "early", 1, 0.94)
+  out = ws.summarize(str(new_root), [1, 10], [0, 1], ["early"], merge=[path])
+  r = out["ipc"]["1"]["rows"]["early"]
+  assert r["per_seed"][0]["source"] == path and "source" not in r["per_seed"][1]
+  assert r["mean"] == pytest.approx(0.75) and r["std"] == pytest.approx(np.std([0.70, 0.80], ddof=1))
+  assert out["ipc"]["10"]["rows"]["early"]["mean"] == pytest.approx(0.92)
+  assert ws.main(["--root", str(new_root), "--summarize_only", "--ipcs=1", "--seeds=0,1", "--windows=early",
+                  "--merge", str(tmp_path / "nope.json")]) == 2

@@ -4,9 +4,9 @@ seeds, plotted as accuracy vs window per IPC.
 
   PYTHONPATH=. python experiments/datm/windows_sweep.py --root=runs/datm_windows --ipcs=1,10,50 --seeds=0,1,2
   PYTHONPATH=. python experiments/datm/windows_sweep.py --root=runs/datm_windows --summarize_only \
-      --out=experiments/datm/results/windows_seeds
+      --merge=experiments/datm/results/windows_seeds_ipc1.json --out=experiments/datm/results/windows_seeds
 
-Each run is ``launch/run.py --config=configs/datm.py:<ipc variant>`` (ipc1, default, ipc50) with the window set by
+Each run is ``launch/run.py --config=configs/datm.py:<ipc variant>`` (ipc1, ipc10, ipc50) with the window set by
 ``distill.min_start_epoch`` / ``max_start_epoch`` / ``current_max_start_epoch`` / ``sequential``, its evaluation cut
 to the distilled arm (``eval.num`` nets, no full / random / init / cross arms). Seed ``s`` trains its experts once
 (its first run) and every other run of that seed reuses them (``experts.dir``): within a seed, the windows and IPCs
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VARIANT_OF_IPC = {1: "ipc1", 10: "", 50: "ipc50"}
+VARIANT_OF_IPC = {1: "ipc1", 10: "ipc10", 50: "ipc50"}
 # window name -> (T⁻, T⁺ at the start, T⁺ at the end, sequential): the start epochs sampled, in expert epochs
 WINDOWS = {
     "early": (0, 2, 2, False),
@@ -78,9 +78,18 @@ def sweep(root: str, ipcs, seeds, windows, eval_num: int, smoke: bool = False) -
         experts = experts or os.path.join(d, "experts")
 
 
-def summarize(root: str, ipcs, seeds, windows) -> dict:
-  """The per-seed accuracies and their mean ± sample std per (IPC, window), the best window per IPC."""
-  out: dict = {"seeds": list(seeds), "windows": {w: list(WINDOWS[w]) for w in windows}, "ipc": {}}
+def summarize(root: str, ipcs, seeds, windows, merge=()) -> dict:
+  """The per-seed accuracies and their mean ± sample std per (IPC, window), the best window per IPC.
+
+  ``merge``: paths of earlier summaries (this function's JSON); a (IPC, window, seed) with no run under ``root`` takes
+  its per-seed entry from the first of them that has it, marked with ``source`` = that path.
+  """
+  prior = []
+  for path in merge:
+    with open(path) as f:
+      prior.append((path, json.load(f)))
+  out: dict = {"seeds": list(seeds), "windows": {w: list(WINDOWS[w]) for w in windows}, "ipc": {},
+               "merged": list(merge)}
   for ipc in ipcs:
     rows = {}
     for w in windows:
@@ -92,6 +101,12 @@ def summarize(root: str, ipcs, seeds, windows) -> dict:
             r = json.load(f)
           per_seed[s] = dict(acc=float(r["distilled"]["mean"]), nets=int(r["distilled"]["n"]),
                              seconds_per_iteration=float(r.get("seconds_per_iteration", float("nan"))))
+        else:
+          for path, old in prior:
+            entry = old.get("ipc", {}).get(str(ipc), {}).get("rows", {}).get(w, {}).get("per_seed", {}).get(str(s))
+            if entry is not None:
+              per_seed[s] = dict(entry, source=path)
+              break
       accs = np.array([v["acc"] for v in per_seed.values()])
       rows[w] = dict(per_seed=per_seed, n=len(accs), mean=float(accs.mean()) if len(accs) else None,
                      std=float(accs.std(ddof=1)) if len(accs) > 1 else None)
@@ -150,6 +165,8 @@ def main(argv=None) -> int:
   ap.add_argument("--eval_num", type=int, default=3, help="evaluation nets per run")
   ap.add_argument("--out", default="", help="write <out>.json and <out>.png (default: <root>/summary)")
   ap.add_argument("--summarize_only", action="store_true")
+  ap.add_argument("--merge", default="", help="comma-separated earlier summary JSONs: their per-seed values fill in "
+                  "the (IPC, window, seed) cells with no run under --root (the runs of another session)")
   ap.add_argument("--smoke", action="store_true", help="the smoke variant (sklearn digits, seconds): for tests")
   a = ap.parse_args(argv)
   ipcs = [int(x) for x in a.ipcs.split(",")]
@@ -162,7 +179,12 @@ def main(argv=None) -> int:
     return 2
   if not a.summarize_only:
     sweep(a.root, ipcs, seeds, windows, a.eval_num, a.smoke)
-  summary = summarize(a.root, ipcs, seeds, windows)
+  merge = [m for m in a.merge.split(",") if m]
+  missing = [m for m in merge if not os.path.exists(m)]
+  if missing:
+    print(f"error: --merge file(s) not found: {missing}", file=sys.stderr)
+    return 2
+  summary = summarize(a.root, ipcs, seeds, windows, merge)
   out = a.out or os.path.join(a.root, "summary")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w") as f:
