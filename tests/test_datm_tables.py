@@ -45,7 +45,8 @@ def test_gap_closed_fraction_by_hand_and_the_converged_reference(tmp_path):
       # seed 0: IPC 10 evaluated full data for 3 epochs only; IPC 50's 150-epoch full arm is the seed's reference
       _results(tmp_path / "a", ipc=10, seed=0, full_epochs=3, d=[0.90, 0.92], r=[0.80, 0.80], f=[0.85, 0.85]),
       _results(tmp_path / "b", ipc=50, seed=0, full_epochs=150, d=[0.96, 0.96], r=[0.94, 0.94], f=[0.98, 0.98]),
-      _results(tmp_path / "c", ipc=10, seed=1, full_epochs=150, d=[0.88, 0.88], r=[0.78, 0.78], f=[0.98, 0.98]),
+      _results(tmp_path / "c", ipc=10, seed=1, full_epochs=150, d=[0.88, 0.88], r=[0.78, 0.78], f=[0.98, 0.98],
+               i=[0.83, 0.83]),
       # seed 2 has no converged reference: no fraction
       _results(tmp_path / "d", ipc=10, seed=2, full_epochs=3, d=[0.90, 0.90], r=[0.80, 0.80], f=[0.85, 0.85]),
   ]
@@ -54,6 +55,8 @@ def test_gap_closed_fraction_by_hand_and_the_converged_reference(tmp_path):
   assert s0["full"] == pytest.approx(0.98) and s0["full_from"].startswith(runs[1])
   assert s0["fraction"] == pytest.approx((0.91 - 0.80) / (0.98 - 0.80))  # 0.6111
   assert out["10"]["per_seed"][1]["fraction"] == pytest.approx(0.5)
+  assert out["10"]["per_seed"][1]["fraction_initial"] == pytest.approx(0.25)  # (0.83 − 0.78) / 0.20
+  assert out["10"]["per_seed"][0]["fraction_initial"] is None and out["10"]["fraction_initial"]["n"] == 1
   assert out["10"]["per_seed"][2]["fraction"] is None and "3 < 15" in out["10"]["per_seed"][2]["reference"]
   fr = out["10"]["fraction"]
   assert fr["n"] == 2 and fr["mean"] == pytest.approx((0.6111111 + 0.5) / 2)
