@@ -90,7 +90,7 @@ def _base(variant: str, seed: int) -> ml_collections.ConfigDict:
       # batch 64: 63 steps per MNIST-5k epoch (CIFAR at 256: 196), so an "epoch" moves the expert comparably far.
       # fwd_chunk_experts × fwd_chunk_images: the block of expert forward passes (initial-image selection, soft
       # labels, expert test accuracy) the device holds at once; one compiled shape, the last block padded.
-      # lr 0.03: stronger experts than at 0.01 (experiments/datm/README.md compares them). Every MNIST variant but
+      # lr 0.03: stronger experts than at 0.01 (experiments/datm/LOG.md compares them). Every MNIST variant but
       # ipc10_n10/ipc10_n25 shares them, so one buffer serves all (--config.experts.dir).
       experts=dict(
           num=F(3, **_COUNT),
@@ -217,7 +217,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif a.variant == "evaluate":  # --config.synthetic=PATH (required) --config.data.dataset=... to match the file
     c.eval.update(cross_arch=("mlp", "lenet", "resnet18"), init=False, cross=False, full=False)
   elif a.variant == "ipc10_n10":
-    # lr_img 30, not the 100 the other variants keep (experiments/datm/README.md compares 10 / 30 / 100)
+    # lr_img 30, not the 100 the other variants keep (experiments/datm/LOG.md compares 10 / 30 / 100)
     d.update(lr_img=30.0)
     c.experts.update(lr=0.01)
     d.update(lr_init=0.01)

@@ -64,6 +64,15 @@ def test_gap_closed_fraction_by_hand_and_the_converged_reference(tmp_path):
   assert out["50"]["per_seed"][0]["fraction"] == pytest.approx(0.5)
 
 
+def test_gap_closed_gives_no_fraction_when_the_gap_is_within_noise(tmp_path):
+  # full − random = 0.005 while the two arms' stds are 0.01: the ratio would divide by noise
+  p = _results(tmp_path / "n", ipc=100, seed=0, full_epochs=150, d=[0.97, 0.98], r=[0.965, 0.975],
+               f=[0.97, 0.98])
+  row = gc.summarize([gc.load(p)])["digits"]["100"]
+  assert row["per_seed"][0]["fraction"] is None and "noise" in row["per_seed"][0]["reference"]
+  assert row["fraction"] is None
+
+
 def test_gap_closed_refuses_a_run_without_the_random_or_full_arm(tmp_path):
   p = tmp_path / "r"
   os.makedirs(p)

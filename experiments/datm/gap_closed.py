@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -52,8 +53,9 @@ def load(path: str) -> dict:
 
 
 def summarize(runs: list[dict], min_full_epochs: int = 15) -> dict:
-  """Per dataset, IPC and seed: the fraction closed against the seed's longest-trained full-data arm; a seed whose
-  longest is under ``min_full_epochs`` (not converged) gets no fraction (None, ``reference`` says why)."""
+  """Per dataset, IPC and seed: the fraction closed against the seed's longest-trained full-data arm. No fraction
+  (None; ``reference`` says why) when that arm trained under ``min_full_epochs`` (not converged) or when the gap
+  full − random is not above 2 × the quadrature sum of the two arms' stds (the ratio would divide by noise)."""
   out: dict = {}
   for ds in sorted({r["dataset"] for r in runs}):
     mine = [r for r in runs if r["dataset"] == ds]
@@ -68,13 +70,20 @@ def summarize(runs: list[dict], min_full_epochs: int = 15) -> dict:
         f = ref[r["seed"]]
         d, rnd, full = r["distilled"]["mean"], r["random"]["mean"], f["full"]["mean"]
         converged = f["full_epochs"] >= min_full_epochs
+        # the gap must stand out of the two arms' noise, or the ratio divides by noise
+        gap_noise = float(np.hypot(f["full"].get("std") or 0.0, r["random"].get("std") or 0.0))
+        if converged and full - rnd <= 2 * gap_noise:
+          converged = False
+          why = f"gap to full data {100 * (full - rnd):.2f} points ≤ 2 × its noise ({100 * gap_noise:.2f})"
+        else:
+          why = "converged" if converged else f"full data trained {f['full_epochs']} < {min_full_epochs} epochs"
         per_seed[r["seed"]] = dict(
             distilled=d, random=rnd, full=full, initial=r.get("initial", {}).get("mean"),
             full_epochs=f["full_epochs"], full_from=f["path"], run=r["path"],
-            reference="converged" if converged else f"full data trained {f['full_epochs']} < {min_full_epochs} epochs",
+            reference=why, gap_noise=gap_noise,
             gap=full - rnd, closed=d - rnd,
             fraction=(d - rnd) / (full - rnd) if converged and full != rnd else None,
-            distilled_minus_full=d - full if converged else None,
+            distilled_minus_full=d - full if f["full_epochs"] >= min_full_epochs else None,
             # the same fraction for DATM's initialisation (no image update): what the matching itself adds is the
             # difference of the two
             fraction_initial=(r["initial"]["mean"] - rnd) / (full - rnd)

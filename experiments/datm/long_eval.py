@@ -1,4 +1,4 @@
-r"""Re-evaluate saved synthetic sets with a longer evaluation (the "450-epoch" rows of experiments/datm/README.md).
+r"""Re-evaluate saved synthetic sets with a longer evaluation (the "450-epoch" rows of experiments/datm/LOG.md).
 
     PYTHONPATH=. python experiments/datm/long_eval.py --workdir=runs/datm_ipc10 --other=runs/n10_it300 \
         --epochs=150,450 --nets=3 --out=ipc10_long_eval.json
