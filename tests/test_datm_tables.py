@@ -108,3 +108,15 @@ def test_beyond_noise_verdict_per_run(tmp_path):
   assert st.one(strong)["distilled_minus_initial"]["beyond_noise"] is True
   w = st.one(weak)["distilled_minus_initial"]
   assert w["beyond_noise"] is False and w["p_two_sided"] > 0.05 and w["in_combined_stds"] < 2
+
+
+def test_launch_resumes_finished_runs_and_stops_on_a_failed_one(tmp_path):
+  for seed in (0, 1):  # every run finished: nothing is launched, the workdirs come back in order
+    _results(tmp_path / f"digits_ipc10_seed{seed}", ipc=10, seed=seed, full_epochs=150, d=[0.9, 0.9], r=[0.8, 0.8],
+             f=[0.98, 0.98])
+  assert gc.launch("digits", str(tmp_path), [10], [0, 1]) == [str(tmp_path / "digits_ipc10_seed0"),
+                                                               str(tmp_path / "digits_ipc10_seed1")]
+  import sys
+  with pytest.raises(SystemExit, match="exit 3"):
+    gc.windows_sweep.run_once([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"],
+                              str(tmp_path / "new"))

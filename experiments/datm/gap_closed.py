@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [ROOT, HERE]
 
+import windows_sweep  # noqa: E402  (its run_once: the shared resumable launcher)
 from lmx.core.stages import mean_std  # noqa: E402
 
 LAUNCH = {"digits": "digits_ipc{ipc}"}  # dataset -> configs/datm.py variant per IPC
@@ -106,16 +106,9 @@ def launch(dataset: str, root: str, ipcs, seeds) -> list[str]:
     for ipc in ipcs:
       d = os.path.join(root, f"{dataset}_ipc{ipc}_seed{seed}")
       variant = LAUNCH[dataset].format(ipc=ipc)
-      if not os.path.exists(os.path.join(d, "results.json")):
-        cmd = [sys.executable, os.path.join(ROOT, "launch", "run.py"),
-               f"--config={os.path.join(ROOT, 'configs', 'datm.py')}:variant={variant},seed={seed}", f"--workdir={d}"]
-        if experts:
-          cmd.append(f"--config.experts.dir={experts}")
-        t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-        if r.returncode:
-          raise SystemExit(f"run {d} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-        print(f"{d}: {time.time() - t0:.0f} s", flush=True)
+      cmd = [sys.executable, os.path.join(ROOT, "launch", "run.py"),
+             f"--config={os.path.join(ROOT, 'configs', 'datm.py')}:variant={variant},seed={seed}", f"--workdir={d}"]
+      windows_sweep.run_once(cmd + ([f"--config.experts.dir={experts}"] if experts else []), d)
       experts = experts or os.path.join(d, "experts")
       dirs.append(d)
   return dirs

@@ -61,6 +61,18 @@ def command(root: str, ipc: int, window: str, seed: int, experts: str, eval_num:
   return cmd
 
 
+def run_once(cmd: list[str], workdir: str) -> None:
+  """Runs a ``launch/run.py`` command unless ``workdir`` already holds its results.json (so a sweep resumes); a
+  failed run stops the sweep with the end of its stderr."""
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return
+  t0 = time.time()
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  if r.returncode:
+    raise SystemExit(f"run {workdir} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+  print(f"{workdir}: {time.time() - t0:.0f} s", flush=True)
+
+
 def sweep(root: str, ipcs, seeds, windows, eval_num: int, smoke: bool = False) -> None:
   os.makedirs(root, exist_ok=True)
   for seed in seeds:
@@ -68,13 +80,7 @@ def sweep(root: str, ipcs, seeds, windows, eval_num: int, smoke: bool = False) -
     for ipc in ipcs:
       for window in windows:
         d = run_dir(root, ipc, window, seed)
-        if not os.path.exists(os.path.join(d, "results.json")):
-          t0 = time.time()
-          r = subprocess.run(command(root, ipc, window, seed, experts, eval_num, smoke), cwd=ROOT,
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-          if r.returncode:
-            raise SystemExit(f"run {d} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-          print(f"{d}: {time.time() - t0:.0f} s", flush=True)
+        run_once(command(root, ipc, window, seed, experts, eval_num, smoke), d)
         experts = experts or os.path.join(d, "experts")
 
 
